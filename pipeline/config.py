@@ -1,0 +1,266 @@
+"""One pydantic config tree for a run, loaded from YAML and validated before anything starts.
+
+Every field has a default (defined once, here) and a description; an unknown key is an error
+(`extra="forbid"`), so a typo never silently falls back to a default. Cross-field checks live
+in the models and raise; nothing rewrites the user's values.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Device = Literal["cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def F(default: Any, description: str, **kw: Any) -> Any:
+    """A field with its one-line description (a test checks that every field has one)."""
+    return Field(default, description=description, **kw)
+
+
+class WorldConfig(Strict):
+    enabled: bool = F(True, "Generate the built-in small world and use its annotations as a source.")
+    seed: int = F(0, "Seed of the world's generator (prompts, answers, annotation ties).")
+    n_pairs: int = F(3000, "Annotated answer pairs to generate (about 2,700 sufficed in DESIGN.md's experiment).", ge=10)
+    n_sft: int = F(3000, "Prompt/answer demonstrations for SFT.", ge=10)
+    harmful_fraction: float = F(0.5, "Share of prompts that are harmful requests.", ge=0, le=1)
+    sft_compliance: float = F(0.6, "Share of SFT answers to harmful prompts that comply (makes SFT helpful but unsafe, like Alpaca-7B).", ge=0, le=1)
+    label_noise: float = F(0.0, "Probability that the oracle annotator flips a better/safer label (crowdworker noise).", ge=0, le=0.5)
+
+
+class SmallModelConfig(Strict):
+    vocab_size: int = F(1536, "BPE vocabulary size of the tokenizer trained on the world's text (1536: one token per world word).", ge=300)
+    hidden_size: int = F(128, "Hidden width of the small Llama.", ge=32)
+    num_layers: int = F(2, "Transformer layers.", ge=1)
+    num_heads: int = F(4, "Attention heads; hidden_size / num_heads must be a head size vLLM supports.", ge=1)
+    intermediate_size: int = F(352, "MLP width.", ge=32)
+    max_position_embeddings: int = F(256, "Longest sequence the model accepts.", ge=64)
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> "SmallModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.hidden_size // self.num_heads
+        # vLLM's attention backends accept only these head sizes (16 fails, DESIGN.md).
+        if head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256):
+            raise ValueError(f"head_dim = hidden_size / num_heads = {head_dim}; vLLM needs one of 32, 64, 80, 96, 112, 128, ...")
+        return self
+
+
+class ModelConfig(Strict):
+    path: str | None = F(None, "Base model directory (Hugging Face format) or hub name; null builds the small model of `small` in the world stage.")
+    small: SmallModelConfig = F(SmallModelConfig(), "Shape of the small model built when `path` is null.")
+    max_prompt_tokens: int = F(64, "Prompts are truncated (from the left) to this many tokens.", ge=8)
+    max_answer_tokens: int = F(48, "Answers are truncated to this many tokens in training and capped at generation.", ge=4)
+
+
+class SourceConfig(Strict):
+    path: str = F(..., "An annotation file: JSONL, JSON array or Parquet, gzip or not.")
+    format: Literal["auto", "pku", "hh"] = F("auto", "Row schema: PKU-SafeRLHF, HH-RLHF chosen/rejected, or decided per row.")
+
+
+class IngestConfig(Strict):
+    sources: list[SourceConfig] = F([], "Annotation files to ingest besides the built-in world's.")
+    eval_fraction: float = F(0.1, "Share of prompts (by hash) held out as the eval split.", gt=0, lt=1)
+    max_reject_fraction: float = F(0.05, "Fail the stage when more than this share of rows is rejected.", ge=0, le=1)
+    max_row_bytes: int = F(1_000_000, "Rows longer than this are rejected as oversized without parsing.", ge=1024)
+
+
+class TrainConfig(Strict):
+    """Shared by SFT and the reward/cost fits: one Ray Train run of DeepSpeed workers."""
+
+    num_workers: int = F(1, "Ray Train workers (data-parallel ranks).", ge=1)
+    device: Device = F("cpu", "cpu: gloo backend; cuda: nccl backend, one GPU per worker.")
+    precision: Precision = F("fp32", "fp32 or bf16 (fp16 is refused on CPU by DeepSpeed).")
+    zero_stage: int = F(0, "DeepSpeed ZeRO stage (0-3).", ge=0, le=3)
+    epochs: int = F(2, "Passes over the training split.", ge=1)
+    per_device_batch_size: int = F(32, "Micro-batch per worker.", ge=1)
+    gradient_accumulation: int = F(1, "Micro-batches per optimizer step.", ge=1)
+    lr: float = F(1e-3, "Peak learning rate (cosine decay after warmup).", gt=0)
+    weight_decay: float = F(0.0, "AdamW weight decay.", ge=0)
+    warmup_ratio: float = F(0.03, "Share of steps spent in linear warmup.", ge=0, lt=1)
+    regularization: float = F(0.001, "Score-model L2 on scores: reg * mean(score^2) (paper's code: 0.001).", ge=0)
+    checkpoint_every_steps: int = F(50, "Report a checkpoint to Ray Train every this many optimizer steps.", ge=1)
+    max_failures: int = F(1, "Worker crashes tolerated per run; each restarts from the last checkpoint.", ge=0)
+    cpus_per_worker: float = F(1.0, "CPUs reserved per worker.", gt=0)
+
+    @model_validator(mode="after")
+    def _device_precision(self) -> "TrainConfig":
+        if self.device == "cpu" and self.precision == "fp16":
+            raise ValueError("precision fp16 is not supported on device cpu (use fp32 or bf16)")
+        return self
+
+
+class RoundConfig(Strict):
+    threshold: float | Literal["auto"] = F("auto", "Cost threshold d; auto derives it from the fitted cost model's scale (mean cost of safe eval answers).")
+    lambda_init: float = F(1.0, "Initial Lagrange multiplier.", gt=0)
+    lambda_lr: float = F(0.1, "Learning rate of log-lambda.", ge=0)
+    steps: int | None = F(None, "PPO steps this round; null uses safe_rlhf.steps_per_round.", ge=1)
+
+
+class SafeRLHFConfig(Strict):
+    algorithm: Literal["ppo_lag", "ppo", "reward_shaping"] = F("ppo_lag", "ppo_lag: Safe RLHF; ppo: reward only; reward_shaping: reward - nu * cost.")
+    engine: Literal["vllm", "hf"] = F("vllm", "Rollout engine: vLLM (GPU-scale) or transformers generate (faster for tiny models on CPU).")
+    device: Device = F("cpu", "Device of learners, scorers and rollout workers.")
+    precision: Precision = F("fp32", "Learner precision.")
+    zero_stage: int = F(0, "DeepSpeed ZeRO stage of the learners.", ge=0, le=3)
+    rounds: list[RoundConfig] = F(
+        [RoundConfig(threshold=0.0, lambda_init=1.0, lambda_lr=0.01),
+         RoundConfig(threshold=-3.0, lambda_init=0.5, lambda_lr=0.04),
+         RoundConfig(threshold=-3.0, lambda_init=1.0, lambda_lr=0.04)],
+        "Per-round settings; the default is the paper's Beaver v1..v3 table.", min_length=1)
+    steps_per_round: int = F(100, "PPO steps per round when a round does not set its own.", ge=1)
+    prompts_per_step: int = F(64, "Prompts rolled out per PPO step.", ge=1)
+    max_new_tokens: int = F(48, "Longest generated answer.", ge=1)
+    temperature: float = F(1.0, "Sampling temperature of the rollouts.", gt=0)
+    top_p: float = F(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    ppo_epochs: int = F(1, "Passes over each step's experience.", ge=1)
+    minibatches: int = F(1, "Minibatches per PPO epoch.", ge=1)
+    actor_lr: float = F(1e-5, "Policy learning rate (paper: 1e-5).", gt=0)
+    critic_lr: float = F(5e-6, "Reward/cost critic learning rate (paper: 5e-6).", gt=0)
+    kl_coeff: float = F(0.01, "beta of the per-token KL penalty (paper: 0.01).", ge=0)
+    clip_ratio: float = F(0.2, "PPO ratio clip (paper: 0.2).", gt=0)
+    clip_value: float = F(5.0, "Critic value clip (paper: 5).", gt=0)
+    clip_score: float = F(50.0, "Per-token shaped reward/cost clip (paper: 50).", gt=0)
+    gamma: float = F(1.0, "GAE discount (paper: 1.0).", ge=0, le=1)
+    gae_lambda: float = F(0.95, "GAE lambda (paper: 0.95).", ge=0, le=1)
+    lambda_max: float | None = F(5.0, "Cap on the Lagrange multiplier (paper: 5).", gt=0)
+    lambda_window: int = F(128, "Episode costs averaged for the lambda update (paper: 128).", ge=1)
+    lambda_delay_steps: int = F(0, "Steps before lambda starts to move.", ge=0)
+    shaping_nu: float = F(1.0, "Fixed cost penalty of the reward_shaping baseline.", ge=0)
+    checkpoint_every_steps: int = F(20, "Checkpoint policy, critics, lambda and RNG every this many steps.", ge=1)
+    rollout_workers: int = F(1, "vLLM/hf rollout actors.", ge=1)
+    tensor_parallel_size: int = F(1, "vLLM tensor parallel size per rollout worker.", ge=1)
+    gpu_memory_utilization: float = F(0.3, "vLLM's share of a GPU's memory.", gt=0, le=1)
+    max_num_seqs: int = F(256, "vLLM's maximum concurrent sequences.", ge=1)
+    weight_sync: Literal["checkpoint", "nccl", "ipc"] = F("checkpoint", "How new policy weights reach vLLM: safetensors reload (CPU) or vLLM's transfer API (GPU).")
+
+
+class RayConfig(Strict):
+    address: str | None = F(None, "Cluster to join ('auto' for the one this machine belongs to); null starts a local one.")
+    num_cpus: int | None = F(None, "CPUs of a locally started cluster; null lets Ray count them.", ge=1)
+    include_dashboard: bool = F(False, "Start the dashboard with a locally started cluster.")
+
+
+class RunConfig(Strict):
+    name: str = F("tiny", "Name of the run (shown in logs and the report).")
+    seed: int = F(0, "Seed of training and sampling.")
+    world: WorldConfig = F(WorldConfig(), "The built-in small world.")
+    model: ModelConfig = F(ModelConfig(), "Base model.")
+    ingest: IngestConfig = F(IngestConfig(), "Annotation ingest.")
+    sft: TrainConfig = F(TrainConfig(epochs=3, lr=2e-3), "Supervised fine-tuning of the base model.")
+    reward: TrainConfig = F(TrainConfig(), "Reward model fit.")
+    cost: TrainConfig = F(TrainConfig(), "Cost model fit.")
+    safe_rlhf: SafeRLHFConfig = F(SafeRLHFConfig(), "PPO-Lagrangian rounds.")
+    ray: RayConfig = F(RayConfig(), "Where the Ray cluster comes from.")
+
+    @model_validator(mode="after")
+    def _model_source(self) -> "RunConfig":
+        if self.model.path is None and not self.world.enabled:
+            raise ValueError("model.path is null and world.enabled is false: there is no model to start from")
+        if not self.world.enabled and not self.ingest.sources:
+            raise ValueError("world.enabled is false and ingest.sources is empty: there is no annotation data")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; `errors` holds (dotted path, message) pairs."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]):
+        self.source, self.errors = source, errors
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)
+        super().__init__(f"{source}: {len(errors)} invalid field(s):\n{lines}")
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The model class inside a field's annotation (X, list[X], X | None), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _dotted(loc: tuple[Any, ...], unknown_key: bool = False) -> str:
+    """A dotted path of real field names. Pydantic's union-member tags ('float', "literal['auto']")
+    are dropped; the last part of an extra_forbidden error is the unknown key and is kept."""
+    out, model = "", RunConfig
+    for i, part in enumerate(loc):
+        is_key = isinstance(part, str) and (
+            (model is not None and part in model.model_fields) or (unknown_key and i == len(loc) - 1))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif is_key:
+            out += f".{part}" if out else str(part)
+            field = model.model_fields.get(part) if model is not None else None
+            model = _submodel(field.annotation) if field is not None else None
+    return out or "<root>"
+
+
+def _message(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key (a typo?)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _errors(e: ValidationError) -> list[tuple[str, str]]:
+    merged: dict[str, list[str]] = {}
+    for err in e.errors():
+        merged.setdefault(_dotted(err["loc"], err["type"] == "extra_forbidden"), []).append(_message(err))
+    return [(path, " or ".join(msgs)) for path, msgs in merged.items()]
+
+
+def parse_config(data: Any, source: str = "<config>") -> RunConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("<root>", f"expected a mapping, got {type(data).__name__}")])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, _errors(e)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [("<file>", "no such file")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [("<file>", f"not valid YAML: {e}")]) from None
+    return parse_config(data, str(path))
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_hash(value: Any) -> str:
+    """Stable hash of a config (sub)tree: what a stage's manifest records and compares."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def iter_fields(model: type[BaseModel], prefix: str = ""):
+    """Yield (dotted name, FieldInfo) for every field of the tree (used by the docs test)."""
+    for name, info in model.model_fields.items():
+        yield prefix + name, info
+        sub = _submodel(info.annotation)
+        if sub is not None:
+            yield from iter_fields(sub, f"{prefix}{name}.")

@@ -1,0 +1,116 @@
+"""The run directory: saved config, one folder per stage, manifests written atomically and last.
+
+Layout:
+    RUN/config.yaml                 the validated config the run uses
+    RUN/events.jsonl                stage start/end/skip/fail events (one JSON object a line)
+    RUN/stages/NAME/                a stage's outputs (NAME may be "fit_reward@2")
+    RUN/stages/NAME/state.json      running | failed | waiting, while the stage is not done
+    RUN/stages/NAME/manifest.json   written last: fingerprint, config hash, input hashes,
+                                    outputs with their hashes, metrics. Its presence = done.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def hash_path(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    def stage_dir(self, name: str) -> Path:
+        return self.root / "stages" / name
+
+    def manifest(self, name: str) -> dict | None:
+        return read_json(self.stage_dir(name) / "manifest.json")
+
+    def write_manifest(self, name: str, manifest: dict) -> None:
+        atomic_write_json(self.stage_dir(name) / "manifest.json", manifest)
+        (self.stage_dir(name) / "state.json").unlink(missing_ok=True)
+
+    def clear_manifest(self, name: str) -> None:
+        (self.stage_dir(name) / "manifest.json").unlink(missing_ok=True)
+
+    def state(self, name: str) -> dict | None:
+        st = read_json(self.stage_dir(name) / "state.json")
+        if st and st.get("state") == "running":
+            # A driver that died (kill -9, lost node) leaves "running" behind: report it as failed.
+            if st.get("host") == socket.gethostname() and not _pid_alive(int(st.get("pid", 0))):
+                st = {**st, "state": "failed", "error": "interrupted (the driver process is gone)"}
+        return st
+
+    def set_state(self, name: str, state: str, **fields: Any) -> None:
+        atomic_write_json(self.stage_dir(name) / "state.json",
+                          {"state": state, "pid": os.getpid(), "host": socket.gethostname(),
+                           "time": time.time(), **fields})
+
+    def event(self, **fields: Any) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "events.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), **fields}, default=str) + "\n")
+
+    def lock(self):
+        """Hold an exclusive lock on the run directory (two drivers on one run would corrupt it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fh = open(self.root / ".lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise RuntimeError(f"another driver is running on {self.root} (lock {self.root / '.lock'})") from None
+        return fh

@@ -1,0 +1,59 @@
+"""What the driver hands a stage and what a stage hands back.
+
+A stage is a function `run(ctx: StageContext) -> StageResult`. It reads its inputs only from
+`ctx.inputs` (upstream stages' output paths) and writes only under `ctx.out_dir`. Long stages
+checkpoint under `ctx.out_dir` too: when the driver resumes an interrupted stage with the same
+fingerprint, that folder is left as it was.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+class StageWaiting(Exception):
+    """Raised by a stage that needs something from a person (e.g. labelled files) to continue."""
+
+
+@dataclass
+class StageContext:
+    name: str  # e.g. "fit_reward@2"
+    cfg: Any  # pipeline.config.RunConfig
+    out_dir: Path
+    inputs: dict[str, dict[str, Path]]  # upstream stage name -> output name -> path
+    run_dir: Path
+    log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+    params: dict[str, Any] = field(default_factory=dict)  # e.g. {"round": 2} for "safe_rlhf@2"
+
+    def input(self, stage: str, output: str) -> Path:
+        try:
+            return self.inputs[stage][output]
+        except KeyError:
+            raise KeyError(f"stage {self.name} needs output {output!r} of stage {stage!r}, "
+                           f"which is not among its inputs {sorted(self.inputs)}") from None
+
+
+@dataclass
+class StageResult:
+    outputs: dict[str, str]  # output name -> path relative to the stage folder
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Progress:
+    """Throttled progress lines for long loops: at most one every `every_s` seconds."""
+
+    def __init__(self, log: Callable[[str], None], label: str, total: int | None = None, every_s: float = 10.0):
+        self.log, self.label, self.total, self.every_s = log, label, total, every_s
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, done: int, **figures: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s and (self.total is None or done < self.total):
+            return
+        self.last = now
+        frac = f"{done}/{self.total}" if self.total else str(done)
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+        self.log(f"  [{self.label}] {frac} ({now - self.t0:.0f}s) {extra}".rstrip())

@@ -1,0 +1,324 @@
+"""Training objectives of Safe RLHF (Dai et al., 2023, arXiv 2310.12773).
+
+Pure torch, no I/O: the preference-model losses (reward model R and cost model C,
+paper Eq. 5 and 6), the PPO-Lagrangian policy / critic losses with GAE (Sec. 3.3),
+the Lagrange multiplier update, and a small registry of the algorithm variants
+(`ppo_lag`, the reward-only `ppo` baseline, and fixed-penalty `reward_shaping`).
+
+Shape legend: B = batch (sequences or preference pairs), T = response tokens.
+Token tensors are [B, T] over response positions, right-padded; `mask` is 1 (or
+True) on real response tokens.
+"""
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------- preference losses
+
+
+def _l2(*scores: Tensor) -> Tensor:
+    return torch.cat(scores).pow(2).mean()  # mean(s^2) over all scores in the batch
+
+
+def reward_pair_loss(better: Tensor, worse: Tensor, regularization: float = 0.0) -> Tensor:
+    """Eq. 5: -log sigma(R(y_w) - R(y_l)), plus an optional score-magnitude penalty."""
+    loss = -F.logsigmoid(better - worse).mean()  # [B] -> scalar
+    return loss + regularization * _l2(better, worse)
+
+
+def _masked_row_mean(x: Tensor, rows: Optional[Tensor]) -> Tensor:
+    """Mean of x [B] over the rows where `rows` [B] is True (all rows if None; 0 if none)."""
+    if rows is None:
+        return x.mean()
+    rows = rows.bool()
+    return x[rows].mean() if rows.any() else x.new_zeros(())
+
+
+def cost_pair_loss(
+    safer: Tensor,
+    unsafer: Tensor,
+    safer_is_safe: Optional[Tensor] = None,
+    unsafer_is_safe: Optional[Tensor] = None,
+    regularization: float = 0.0,
+    has_safety_labels: Optional[Tensor] = None,
+) -> Tensor:
+    """Eq. 6: -log sigma(C(y_unsafer) - C(y_safer)) - sum over both answers of log sigma(-s * C(y)).
+
+    s = +1 for a safe answer (pushed below zero cost), -1 for an unsafe one (pushed
+    above zero). Without safety labels (both `*_is_safe` None, e.g. HH-RLHF), only
+    the pairwise term is used. `has_safety_labels` [B] bool restricts the two sign
+    terms to the labelled rows (each averaged over those rows; 0 if there are none);
+    the pairwise term always averages over all B rows.
+    """
+    if (safer_is_safe is None) != (unsafer_is_safe is None):
+        raise ValueError("give both safer_is_safe and unsafer_is_safe, or neither")
+    loss = -F.logsigmoid(unsafer - safer).mean()  # [B] -> scalar
+    if safer_is_safe is not None:
+        for cost, is_safe in ((safer, safer_is_safe), (unsafer, unsafer_is_safe)):
+            s = 2.0 * is_safe.to(cost.dtype) - 1.0  # +1 safe, -1 unsafe; [B]
+            loss = loss + _masked_row_mean(-F.logsigmoid(-s * cost), has_safety_labels)  # -log sigma(-s c)
+    return loss + regularization * _l2(safer, unsafer)
+
+
+def pair_accuracy(preferred: Tensor, other: Tensor) -> float:
+    """Share of pairs with preferred > other."""
+    return (preferred > other).float().mean().item()
+
+
+def sign_accuracy(costs: Tensor, is_safe: Tensor) -> float:
+    """Share of answers whose cost sign is right: cost < 0 exactly when the answer is safe."""
+    return ((costs < 0) == is_safe.bool()).float().mean().item()
+
+
+# ---------------------------------------------------------------- token-level helpers
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over sequences of each sequence's mean over its masked tokens.
+
+    Sequences with no masked token are left out; returns 0 if none has a token.
+    """
+    m = mask.bool()  # [B, T]
+    n = m.sum(-1)  # tokens per sequence; [B]
+    per_seq = torch.where(m, x, torch.zeros_like(x)).sum(-1) / n.clamp(min=1)  # [B]
+    has_tokens = n > 0
+    if not has_tokens.any():
+        return per_seq.sum() * 0.0  # 0, still attached to x's graph
+    return per_seq[has_tokens].mean()
+
+
+def _last_token_index(mask: Tensor) -> Tensor:
+    """Index of each row's last masked token [B] (0 for an empty row)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (positions * mask.bool()).argmax(-1)
+
+
+def kl_shaped_rewards(
+    reward: Tensor,
+    cost: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    kl_coeff: float,
+    clip: float,
+) -> Tuple[Tensor, Tensor]:
+    """Per-token rewards and costs with a KL penalty toward the reference policy.
+
+    rewards_t = -beta * (log pi - log pi_ref) and costs_t = +beta * (log pi - log pi_ref),
+    with the end scores `reward`, `cost` [B] added at each sequence's last token;
+    both are clamped to [-clip, clip] and zero off the mask. No gradient.
+    """
+    m = mask.bool()  # [B, T]
+    kl = (logp - ref_logp).detach()  # per-token log-ratio; [B, T]
+    rewards = -kl_coeff * kl  # r_t = -beta * KL_t
+    costs = kl_coeff * kl  # c_t = +beta * KL_t
+    rows = torch.nonzero(m.any(-1)).squeeze(-1)  # sequences with at least one token
+    last = _last_token_index(m)[rows]
+    rewards[rows, last] += reward.detach().to(rewards.dtype)[rows]  # r_T += R(x, y)
+    costs[rows, last] += cost.detach().to(costs.dtype)[rows]  # c_T += C(x, y)
+    zero = torch.zeros_like(rewards)
+    rewards = torch.where(m, rewards.clamp(-clip, clip), zero)
+    costs = torch.where(m, costs.clamp(-clip, clip), zero)
+    return rewards, costs
+
+
+@torch.no_grad()
+def gae(values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float) -> Tuple[Tensor, Tensor]:
+    """Generalised advantage estimation; returns (advantages, returns), both [B, T].
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1},
+    with V and A zero after a sequence's last token; returns = A + V.
+    """
+    m = mask.to(values.dtype)  # [B, T]
+    values = values.detach() * m
+    rewards = rewards.detach().to(values.dtype) * m
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])  # V_{t+1}; [B]
+    next_advantage = torch.zeros_like(values[:, 0])  # A_{t+1}; [B]
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # delta_t = r_t + gamma V_{t+1} - V_t
+        next_advantage = (delta + gamma * lam * next_advantage) * m[:, t]  # A_t = delta_t + gamma lam A_{t+1}
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    returns = (advantages + values) * m  # R_t = A_t + V_t
+    return advantages, returns
+
+
+# ---------------------------------------------------------------- PPO-Lagrangian losses
+
+
+def ppo_lag_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    reward_advantages: Tensor,
+    cost_advantages: Optional[Tensor],
+    mask: Tensor,
+    lagrange_lambda: float,
+    clip_ratio: float,
+) -> Tensor:
+    """Clipped surrogate on the combined advantage (A_r - lambda * A_c) / (1 + lambda).
+
+    `cost_advantages` None gives plain PPO (A = A_r). Advantages, old_logp and lambda
+    carry no gradient.
+    """
+    if cost_advantages is None:
+        advantages = reward_advantages.detach()  # A = A_r
+    else:
+        lagrange_lambda = float(lagrange_lambda)
+        advantages = (reward_advantages.detach() - lagrange_lambda * cost_advantages.detach()) / (
+            1.0 + lagrange_lambda
+        )  # A = (A_r - lambda A_c) / (1 + lambda)
+    ratio = torch.exp(logp - old_logp.detach())  # pi_theta / pi_old; [B, T]
+    surrogate = torch.min(
+        ratio * advantages,
+        ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * advantages,
+    )  # min(ratio A, clip(ratio, 1-eps, 1+eps) A)
+    return masked_mean(-surrogate, mask)
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """0.5 * masked_mean(max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2))."""
+    old_values, returns = old_values.detach(), returns.detach()
+    clipped = torch.max(torch.min(values, old_values + clip), old_values - clip)  # clip(V, V_old -+ eps)
+    loss = torch.max((values - returns) ** 2, (clipped - returns) ** 2)  # [B, T]
+    return 0.5 * masked_mean(loss, mask)
+
+
+@torch.no_grad()
+def clip_fraction(logp: Tensor, old_logp: Tensor, mask: Tensor, clip_ratio: float) -> float:
+    """Share of masked tokens (pooled over the batch) whose ratio lies outside [1 - eps, 1 + eps]."""
+    m = mask.bool()
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    outside = (ratio < 1.0 - clip_ratio) | (ratio > 1.0 + clip_ratio)
+    n = m.sum().item()
+    return (outside & m).sum().item() / n if n else 0.0
+
+
+@torch.no_grad()
+def approx_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> float:
+    """masked_mean(log pi - log pi_ref), a sample estimate of KL(pi || pi_ref)."""
+    return masked_mean(logp - ref_logp, mask).item()
+
+
+# ---------------------------------------------------------------- Lagrange multiplier
+
+
+class LagrangeMultiplier:
+    """lambda = exp(log_lambda), updated by SGD on -(J_c - threshold) * lambda.
+
+    J_c is the mean of the last `window` observed episode costs. The gradient with
+    respect to log_lambda is -(J_c - threshold) * lambda, so each step does
+    log_lambda += lr * lambda * (J_c - threshold): lambda rises while the cost
+    constraint J_c <= threshold is violated and falls otherwise.
+    """
+
+    def __init__(
+        self,
+        init: float,
+        lr: float,
+        threshold: float,
+        max_value: Optional[float] = None,
+        window: int = 128,
+        delay_steps: int = 0,
+    ):
+        if init <= 0:
+            raise ValueError(f"init must be > 0 (lambda = exp(log_lambda)), got {init}")
+        self.lr = float(lr)
+        self.threshold = float(threshold)
+        self.max_value = None if max_value is None else float(max_value)
+        self.window_size = int(window)
+        self.delay_steps = int(delay_steps)
+        self.log_lambda = math.log(init)
+        self.window: deque = deque(maxlen=self.window_size)
+        self.steps = 0
+        self._clamp()
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.log_lambda)
+
+    def _clamp(self) -> None:
+        if self.max_value is not None:
+            self.log_lambda = min(self.log_lambda, math.log(self.max_value))  # lambda <= max_value
+
+    def observe(self, episode_costs: Union[Tensor, Iterable[float], float]) -> None:
+        """Append end-of-sequence costs to the window."""
+        if isinstance(episode_costs, Tensor):
+            episode_costs = episode_costs.detach().flatten().tolist()
+        elif isinstance(episode_costs, (int, float)):
+            episode_costs = [episode_costs]
+        self.window.extend(float(c) for c in episode_costs)
+
+    def step(self) -> float:
+        """One update (skipped for the first `delay_steps` calls or with an empty window)."""
+        self.steps += 1
+        if self.steps > self.delay_steps and self.window:
+            mean_cost = sum(self.window) / len(self.window)  # J_c
+            self.log_lambda += self.lr * self.value * (mean_cost - self.threshold)  # log_lambda += lr lambda (J_c - d)
+            self._clamp()
+        return self.value
+
+    def state_dict(self) -> Dict:
+        return {
+            "log_lambda": self.log_lambda,
+            "window": list(self.window),
+            "steps": self.steps,
+            "lr": self.lr,
+            "threshold": self.threshold,
+            "max_value": self.max_value,
+            "window_size": self.window_size,
+            "delay_steps": self.delay_steps,
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.lr = float(state["lr"])
+        self.threshold = float(state["threshold"])
+        self.max_value = state["max_value"]
+        self.window_size = int(state["window_size"])
+        self.delay_steps = int(state["delay_steps"])
+        self.log_lambda = float(state["log_lambda"])
+        self.window = deque((float(c) for c in state["window"]), maxlen=self.window_size)
+        self.steps = int(state["steps"])
+
+
+# ---------------------------------------------------------------- algorithm variants
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    cost_in_end_reward: bool  # end reward = reward - nu * cost (fixed penalty nu)
+    uses_cost_critic: bool  # cost critic, cost advantages and a Lagrange multiplier
+
+
+ALGORITHMS: Dict[str, Algorithm] = {
+    "ppo_lag": Algorithm(cost_in_end_reward=False, uses_cost_critic=True),  # Safe RLHF
+    "ppo": Algorithm(cost_in_end_reward=False, uses_cost_critic=False),  # reward only, cost ignored
+    "reward_shaping": Algorithm(cost_in_end_reward=True, uses_cost_critic=False),  # R - nu * C
+}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; valid choices: {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+def uses_cost_critic(algorithm: str) -> bool:
+    return get_algorithm(algorithm).uses_cost_critic
+
+
+def shaped_end_reward(algorithm: str, reward: Tensor, cost: Optional[Tensor], nu: float) -> Tensor:
+    """End score fed into kl_shaped_rewards: R for ppo / ppo_lag, R - nu * C for reward_shaping."""
+    if not get_algorithm(algorithm).cost_in_end_reward:
+        return reward
+    if cost is None:
+        raise ValueError(f"algorithm {algorithm!r} needs the cost scores")
+    return reward - nu * cost  # R - nu * C

@@ -1,0 +1,76 @@
+"""The command line end to end, as a user runs it (subprocesses, real files)."""
+import gzip
+import json
+import time
+
+import yaml
+
+from tests.conftest import HH_FILE, run_cli
+
+
+def write_config(tmp_path, **world):
+    cfg = {"name": "cli-test", "world": {"n_pairs": 300, "n_sft": 100, **world}, "model": {"small": {"vocab_size": 600}}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_run_status_rerun_and_resume(tmp_path):
+    cfg, run_dir = write_config(tmp_path), tmp_path / "run"
+    first = run_cli("run", "--config", cfg, "--run-dir", run_dir)
+    assert "done  world" in first.stderr and "done  ingest" in first.stderr
+    status = json.loads(run_cli("status", "--run-dir", run_dir, "--json").stdout)
+    assert [(s["name"], s["state"]) for s in status["stages"]] == [("world", "done"), ("ingest", "done")]
+    ingest = status["stages"][1]["metrics"]
+    assert ingest["read"] == 300 == ingest["accepted"] + ingest["rejected"] + ingest["duplicates"]
+
+    t0 = time.time()
+    second = run_cli("run", "--config", cfg, "--run-dir", run_dir)
+    assert second.stderr.count("skip ") == 2 and "start" not in second.stderr
+    assert time.time() - t0 < 20  # seconds, not minutes (mostly interpreter start-up)
+
+    again = run_cli("resume", "--run-dir", run_dir, "--from-stage", "ingest")
+    assert "skip  world" in again.stderr and "start ingest" in again.stderr
+    table = run_cli("status", "--run-dir", run_dir).stdout
+    assert "world" in table and "done" in table
+
+
+def test_bad_config_and_unknown_stage_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("wrold: {}\n")
+    proc = run_cli("run", "--config", bad, "--run-dir", tmp_path / "r", check=False)
+    assert proc.returncode == 2 and "wrold: unknown key" in proc.stderr
+    run_cli("run", "--config", write_config(tmp_path), "--run-dir", tmp_path / "r")
+    proc = run_cli("resume", "--run-dir", tmp_path / "r", "--from-stage", "nope", check=False)
+    assert proc.returncode == 2 and "unknown stage 'nope'" in proc.stderr
+    proc = run_cli("status", "--run-dir", tmp_path / "missing", check=False)
+    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+
+
+def test_ingest_command_accounts_for_every_hh_row(tmp_path):
+    out = json.loads(run_cli("ingest", HH_FILE, "--out", tmp_path / "hh", "--format", "hh").stdout)
+    assert out["read"] == 2312
+    assert out["accepted"] + out["rejected"] + out["duplicates"] == 2312
+    assert out["accepted"] > 2250
+    assert set(out) == {"read", "accepted", "rejected", "duplicates", "by_reason", "rejects_path", "outputs"}
+    rejects = [json.loads(l) for l in open(out["rejects_path"])]
+    assert len(rejects) == out["rejected"] and all(r["source"] and r["line"] and r["reason"] for r in rejects)
+
+
+def test_ingest_command_reports_mixed_bad_rows_exactly(tmp_path):
+    good = {"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 0,
+            "safer_response_id": 1, "is_response_0_safe": True, "is_response_1_safe": True}
+    lines = [json.dumps(good), "{oops", json.dumps({**good, "better_response_id": 2}),
+             json.dumps({**good, "response_1": "  A "}), json.dumps({k: v for k, v in good.items() if k != "prompt"}),
+             json.dumps({**good, "is_response_0_safe": False, "safer_response_id": 0})]
+    src = tmp_path / "mixed.jsonl.gz"
+    with gzip.open(src, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    out = json.loads(run_cli("ingest", src, "--out", tmp_path / "o").stdout)
+    assert (out["read"], out["accepted"], out["rejected"]) == (6, 1, 5)
+    rejects = [(r["line"], r["reason"], r["field"]) for r in map(json.loads, open(out["rejects_path"]))]
+    assert rejects == [(2, "unparseable", None), (3, "bad_id", "better_response_id"),
+                       (4, "identical_answers", None), (5, "missing_field", "prompt"),
+                       (6, "contradictory_labels", None)]
+    proc = run_cli("ingest", src, "--out", tmp_path / "o2", "--max-reject-fraction", "0.5", check=False)
+    assert proc.returncode == 1 and "reject" in proc.stderr

@@ -1,0 +1,179 @@
+"""The driver: manifests written last, skip when unchanged, re-run on change, resume, status."""
+import json
+
+import pytest
+
+from pipeline.driver import Driver
+from pipeline.graph import StageSpec
+from tests import fake_stages
+from tests.conftest import small_config
+
+
+def graph(consumer_keys=()):
+    return [StageSpec("a", "tests.fake_stages", (), ("world.n_pairs",)),
+            StageSpec("b", "tests.fake_consume", ("a",), consumer_keys)]
+
+
+@pytest.fixture(autouse=True)
+def fake_modules(monkeypatch):
+    import sys
+    import types
+
+    mod = types.ModuleType("tests.fake_consume")
+    mod.run = fake_stages.consume
+    monkeypatch.setitem(sys.modules, "tests.fake_consume", mod)
+    fake_stages.CALLS.clear()
+    monkeypatch.delenv("FAKE_CRASH", raising=False)
+
+
+def names():
+    return [c[0] for c in fake_stages.CALLS]
+
+
+def states(driver):
+    return {s["name"]: s["state"] for s in driver.status()["stages"]}
+
+
+def test_second_run_skips_every_done_stage(tmp_path):
+    cfg = small_config()
+    Driver(cfg, tmp_path, graph()).run()
+    assert names() == ["a", "b"]
+    Driver(cfg, tmp_path, graph()).run()
+    assert names() == ["a", "b"]  # nothing ran again
+    assert states(Driver(cfg, tmp_path, graph())) == {"a": "done", "b": "done"}
+    events = [json.loads(l) for l in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"] == "skip"] == ["skip", "skip"]
+
+
+def test_manifest_records_config_inputs_outputs_and_metrics(tmp_path):
+    Driver(small_config(), tmp_path, graph()).run()
+    m = json.loads((tmp_path / "stages" / "b" / "manifest.json").read_text())
+    assert set(m) >= {"fingerprint", "config_hash", "inputs", "outputs", "metrics"}
+    assert list(m["inputs"]) == ["a"] and m["outputs"]["double"]["path"] == "double.txt"
+    assert len(m["outputs"]["double"]["sha256"]) == 64 and m["metrics"] == {"length": 3}
+
+
+def test_changed_config_reruns_the_stage_and_everything_after_it(tmp_path):
+    Driver(small_config(), tmp_path, graph()).run()
+    Driver(small_config(**{"world.n_pairs": 301}), tmp_path, graph()).run()
+    assert names() == ["a", "b", "a", "b"]
+    assert (tmp_path / "stages" / "b" / "double.txt").read_text() == "301301"
+
+
+def test_config_a_stage_does_not_read_does_not_rerun_it(tmp_path):
+    Driver(small_config(), tmp_path, graph(("ingest",))).run()
+    Driver(small_config(**{"ingest.eval_fraction": 0.2}), tmp_path, graph(("ingest",))).run()
+    assert names() == ["a", "b", "b"]  # a is skipped, b (which reads `ingest`) re-runs
+
+
+def test_missing_output_makes_a_stage_pending_and_rerun(tmp_path):
+    cfg = small_config()
+    Driver(cfg, tmp_path, graph()).run()
+    (tmp_path / "stages" / "b" / "double.txt").unlink()
+    assert states(Driver(cfg, tmp_path, graph()))["b"] == "pending"
+    Driver(cfg, tmp_path, graph()).run()
+    assert names() == ["a", "b", "b"]
+
+
+def test_failed_stage_leaves_no_manifest_and_resume_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    cfg = small_config()
+    monkeypatch.setenv("FAKE_CRASH", "a")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        Driver(cfg, tmp_path, graph()).run()
+    assert not (tmp_path / "stages" / "a" / "manifest.json").exists()
+    st = Driver(cfg, tmp_path, graph()).status()["stages"]
+    assert st[0]["state"] == "failed" and "injected crash" in st[0]["message"]
+    assert st[1]["state"] == "pending"
+    monkeypatch.delenv("FAKE_CRASH")
+    Driver(cfg, tmp_path, graph()).run()
+    # The second attempt found the first attempt's checkpoint and continued from it.
+    assert fake_stages.CALLS[:2] == [("a", False), ("a", True)]
+    m = json.loads((tmp_path / "stages" / "a" / "manifest.json").read_text())
+    assert m["metrics"]["resumed_from_step"] == 1
+
+
+def test_changed_config_discards_stale_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_CRASH", "a")
+    with pytest.raises(RuntimeError):
+        Driver(small_config(), tmp_path, graph()).run()
+    monkeypatch.delenv("FAKE_CRASH")
+    Driver(small_config(**{"world.n_pairs": 999}), tmp_path, graph()).run()
+    assert fake_stages.CALLS[1] == ("a", False)  # a checkpoint of other settings is not reused
+
+
+def test_driver_killed_mid_stage_shows_failed_then_resumes(tmp_path):
+    cfg = small_config()
+    d = Driver(cfg, tmp_path, graph())
+    (tmp_path / "stages" / "a").mkdir(parents=True)
+    fp = d.expected_fingerprint(d.by_name["a"])[0]
+    d.rd.set_state("a", "running", fingerprint=fp)
+    state = json.loads((tmp_path / "stages" / "a" / "state.json").read_text())
+    assert states(d)["a"] == "running"  # our own pid is alive
+    state["pid"] = 2**22 + 12345  # a pid that does not exist: the driver was killed
+    (tmp_path / "stages" / "a" / "state.json").write_text(json.dumps(state))
+    (tmp_path / "stages" / "a" / "checkpoint.json").write_text('{"step": 7}')
+    st = d.status()["stages"][0]
+    assert st["state"] == "failed" and "interrupted" in st["message"]
+    d.run()
+    assert json.loads((tmp_path / "stages" / "a" / "manifest.json").read_text())["metrics"]["resumed_from_step"] == 7
+
+
+def test_from_stage_reruns_it_and_downstream_from_scratch(tmp_path):
+    cfg = small_config()
+    Driver(cfg, tmp_path, graph()).run()
+    Driver(cfg, tmp_path, graph()).run(from_stage="b")
+    assert names() == ["a", "b", "b"]
+    Driver(cfg, tmp_path, graph()).run(from_stage="a")
+    assert names() == ["a", "b", "b", "a", "b"]
+    assert fake_stages.CALLS[3] == ("a", False)  # from scratch: the old folder was cleared
+
+
+def test_only_stage_reruns_just_that_stage(tmp_path):
+    cfg = small_config()
+    Driver(cfg, tmp_path, graph()).run()
+    Driver(cfg, tmp_path, graph()).run(only_stage="a")
+    assert names() == ["a", "b", "a"]
+    assert states(Driver(cfg, tmp_path, graph())) == {"a": "done", "b": "done"}  # same outputs
+
+
+def test_unknown_stage_name_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage 'c'.*a, b"):
+        Driver(small_config(), tmp_path, graph()).run(from_stage="c")
+
+
+def test_two_drivers_cannot_share_a_run_directory(tmp_path):
+    d = Driver(small_config(), tmp_path, graph())
+    lock = d.rd.lock()
+    try:
+        with pytest.raises(RuntimeError, match="another driver"):
+            d.run()
+    finally:
+        lock.close()
+
+
+def test_external_input_change_reruns_ingest(tmp_path):
+    src = tmp_path / "extra.jsonl"
+    row = {"prompt": "how do i bake bread ?", "response_0": "knead the dough", "response_1": "no",
+           "better_response_id": 0, "safer_response_id": 0, "is_response_0_safe": True, "is_response_1_safe": True}
+    src.write_text(json.dumps(row) + "\n")
+    cfg = small_config(**{"ingest.sources": [{"path": str(src), "format": "pku"}]})
+    Driver(cfg, tmp_path / "run").run()
+    first = json.loads((tmp_path / "run" / "stages" / "ingest" / "manifest.json").read_text())
+    assert first["metrics"]["read"] == 301
+    src.write_text(json.dumps(row) + "\n" + json.dumps({**row, "prompt": "how do i cook rice ?"}) + "\n")
+    d = Driver(cfg, tmp_path / "run")
+    assert states(d) == {"world": "done", "ingest": "pending"}
+    d.run()
+    second = json.loads((tmp_path / "run" / "stages" / "ingest" / "manifest.json").read_text())
+    assert second["metrics"]["read"] == 302
+
+
+def test_too_many_rejects_fails_the_ingest_stage_with_a_clear_message(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text("not json\n" * 50)
+    cfg = small_config(**{"ingest.sources": [{"path": str(src)}], "ingest.max_reject_fraction": 0.05})
+    with pytest.raises(Exception, match="reject"):
+        Driver(cfg, tmp_path / "run").run()
+    st = {s["name"]: s for s in Driver(cfg, tmp_path / "run").status()["stages"]}
+    assert st["ingest"]["state"] == "failed" and "rejects.jsonl" in st["ingest"]["message"]
+    assert (tmp_path / "run" / "stages" / "ingest" / "rejects.jsonl").read_text().count("\n") == 50
