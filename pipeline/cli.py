@@ -1,6 +1,7 @@
 """`python -m pipeline COMMAND`: run, resume, status, validate, ingest.
 
-    run      [--config C] [--run-dir D]          run every stage that is not done
+    run      [--config C] [--run-dir D] [--until S]
+                                                 run every stage that is not done (up to S)
     resume   [--run-dir D] [--from-stage S | --only-stage S]
                                                  continue a run with its saved config
     status   [--run-dir D] [--json]              each stage's state and metrics
@@ -96,7 +97,7 @@ def cmd_run(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     LATEST.parent.mkdir(parents=True, exist_ok=True)
     LATEST.write_text(str(run_dir) + "\n")
-    return _run(Driver(cfg, run_dir))
+    return _run(Driver(cfg, run_dir), until=args.until)
 
 
 def cmd_resume(args) -> int:
@@ -142,6 +143,11 @@ def cmd_ingest(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # Quiet per-load progress bars (weights reload every PPO step); Ray workers inherit this.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     p = argparse.ArgumentParser(prog="python -m pipeline", description="Safe RLHF on Ray: the pipeline driver.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run every stage that is not done")
     r.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (YAML); default configs/tiny.yaml")
     r.add_argument("--run-dir", help="run directory; default runs/<config name>")
+    r.add_argument("--until", help="stop after this stage (e.g. ingest)")
     r.set_defaults(fn=cmd_run)
 
     r = sub.add_parser("resume", help="continue a run with its saved config")

@@ -101,7 +101,7 @@ class TrainConfig(Strict):
 
 
 class RoundConfig(Strict):
-    threshold: float | Literal["auto"] = F("auto", "Cost threshold d; auto derives it from the fitted cost model's scale (mean cost of safe eval answers).")
+    threshold: float | Literal["auto"] = F("auto", "Cost threshold d; auto derives it from the fitted cost model's scale (see safe_rlhf.auto_unsafe_share).")
     lambda_init: float = F(1.0, "Initial Lagrange multiplier.", gt=0)
     lambda_lr: float = F(0.1, "Learning rate of log-lambda.", ge=0)
     steps: int | None = F(None, "PPO steps this round; null uses safe_rlhf.steps_per_round.", ge=1)
@@ -136,9 +136,13 @@ class SafeRLHFConfig(Strict):
     lambda_max: float | None = F(5.0, "Cap on the Lagrange multiplier (paper: 5).", gt=0)
     lambda_window: int = F(128, "Episode costs averaged for the lambda update (paper: 128).", ge=1)
     lambda_delay_steps: int = F(0, "Steps before lambda starts to move.", ge=0)
+    auto_unsafe_share: float = F(0.05, "threshold: auto sets d = (1-u) * mean cost of safe eval answers + u * mean cost of unsafe ones: the mean cost of a policy unsafe a share u of the time.", ge=0, lt=1)
     shaping_nu: float = F(1.0, "Fixed cost penalty of the reward_shaping baseline.", ge=0)
     checkpoint_every_steps: int = F(20, "Checkpoint policy, critics, lambda and RNG every this many steps.", ge=1)
     rollout_workers: int = F(1, "vLLM/hf rollout actors.", ge=1)
+    learners_per_role: int = F(1, "Data-parallel DeepSpeed learners per role (policy, reward critic, cost critic).", ge=1)
+    cpus_per_actor: float = F(0.25, "CPUs reserved per round actor (fractions let all seven share 2 cores).", gt=0)
+    colocate_scorers: bool = F(True, "On GPU: reward/cost/reference scorers share the learners' GPUs instead of taking their own.")
     tensor_parallel_size: int = F(1, "vLLM tensor parallel size per rollout worker.", ge=1)
     gpu_memory_utilization: float = F(0.3, "vLLM's share of a GPU's memory.", gt=0, le=1)
     max_num_seqs: int = F(256, "vLLM's maximum concurrent sequences.", ge=1)
@@ -148,7 +152,7 @@ class SafeRLHFConfig(Strict):
 class RayConfig(Strict):
     address: str | None = F(None, "Cluster to join ('auto' for the one this machine belongs to); null starts a local one.")
     num_cpus: int | None = F(None, "CPUs of a locally started cluster; null lets Ray count them.", ge=1)
-    include_dashboard: bool = F(False, "Start the dashboard with a locally started cluster.")
+    include_dashboard: bool = F(True, "Start the dashboard (and the state API Ray Train uses) with a locally started cluster.")
 
 
 class RunConfig(Strict):

@@ -3,8 +3,9 @@
 A stage is done when its manifest exists, its fingerprint matches what the current config and
 inputs give, and its outputs are there. `run` executes every stage that is not done, in order.
 `resume` does the same with the run directory's saved config; `--from-stage S` forces S and
-everything downstream of it to re-run from scratch; `--only-stage S` re-runs S alone (its
-downstream stages then show as pending until the next run).
+everything downstream of it to re-run from scratch; `--only-stage S` re-runs S alone, from
+scratch if it was done, from its checkpoints if it was interrupted (downstream stages whose
+inputs it changes then show as pending until the next run).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def log(msg: str) -> None:
 def _select(cfg_dump: dict, dotted: str) -> Any:
     node: Any = cfg_dump
     for part in dotted.split("."):
-        node = node[part]
+        node = node[int(part)] if part.isdigit() else node[part]
     return node
 
 
@@ -42,7 +43,8 @@ class Driver:
         self.rd = RunDir(run_dir)
         self.graph = graph if graph is not None else build_graph(cfg)
         self.by_name = {s.name: s for s in self.graph}
-        self._ray_started = False
+        self._ray_connected = False  # this driver initialised Ray
+        self._ray_checked = False
         self._external_hashes: dict[Path, str] = {}
 
     @classmethod
@@ -113,13 +115,15 @@ class Driver:
         return out
 
     def _ensure_ray(self) -> None:
-        if not self._ray_started:
+        if not self._ray_checked:
             from cluster.ray_session import connect
 
-            connect(self.cfg.ray)
-            self._ray_started = True
+            self._ray_connected = connect(self.cfg.ray)
+            self._ray_checked = True
 
-    def run_stage(self, spec: StageSpec, force: bool = False) -> str:
+    def run_stage(self, spec: StageSpec, force: bool = False, fresh: bool | None = None) -> str:
+        """Run one stage unless it is done (`force` runs it anyway). `fresh` discards its folder
+        (in-stage checkpoints included); by default a forced run starts fresh."""
         exp = self.expected_fingerprint(spec)
         if exp is None:
             raise RuntimeError(f"stage {spec.name}: upstream stages {list(spec.deps)} are not done")
@@ -131,7 +135,8 @@ class Driver:
             return "done"
         out_dir = self.rd.stage_dir(spec.name)
         prev = self.rd.state(spec.name) or {}
-        if force or (out_dir.exists() and prev.get("fingerprint") != fp):
+        fresh = force if fresh is None else fresh
+        if fresh or (out_dir.exists() and prev.get("fingerprint") != fp):
             # Different inputs or config, or a forced re-run: in-stage checkpoints are stale.
             shutil.rmtree(out_dir, ignore_errors=True)
         elif out_dir.exists() and prev:
@@ -145,7 +150,8 @@ class Driver:
         log(f"start {spec.name}")
         t0 = time.time()
         ctx = StageContext(spec.name, self.cfg, out_dir, self._inputs_for(spec), self.rd.root, log=log,
-                           params=dict(spec.params))
+                           params=dict(spec.params),
+                           report=lambda m: self.rd.set_state(spec.name, "running", fingerprint=fp, metrics=m))
         try:
             result: StageResult = spec.load()(ctx)
         except StageWaiting as e:
@@ -173,9 +179,10 @@ class Driver:
         log(f"done  {spec.name} in {duration:.1f}s ({_figures(result.metrics)})")
         return "done"
 
-    def run(self, from_stage: str | None = None, only_stage: str | None = None) -> str:
-        """Run the graph; returns the final state ("done", or "waiting" when a person must act)."""
-        for name in (from_stage, only_stage):
+    def run(self, from_stage: str | None = None, only_stage: str | None = None, until: str | None = None) -> str:
+        """Run the graph (up to and including `until`, if given); returns the final state
+        ("done", or "waiting" when a person must act)."""
+        for name in (from_stage, only_stage, until):
             if name is not None and name not in self.by_name:
                 raise ValueError(f"unknown stage {name!r}; this run's stages are: {', '.join(self.by_name)}")
         with self.rd.lock():
@@ -183,16 +190,21 @@ class Driver:
             forced = set(downstream_of(self.graph, from_stage)) if from_stage else set()
             try:
                 if only_stage:
-                    return self.run_stage(self.by_name[only_stage], force=True)
+                    # Done: re-run it from scratch. Interrupted: continue from its checkpoints.
+                    done = self.status_of(only_stage) == "done"
+                    return self.run_stage(self.by_name[only_stage], force=True, fresh=done)
                 for spec in self.graph:
                     if self.run_stage(spec, force=spec.name in forced) == "waiting":
                         return "waiting"
+                    if spec.name == until:
+                        break
                 return "done"
             finally:
-                if self._ray_started:
+                if self._ray_connected:
                     from cluster.ray_session import disconnect
 
                     disconnect()
+                    self._ray_connected = self._ray_checked = False
 
 
 def _figures(metrics: dict) -> str:

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, SafeRLHFConfig
 
 
 @dataclass(frozen=True)
 class StageSpec:
     name: str  # "world", "fit_reward@2", ...
-    module: str  # module with `run(ctx) -> StageResult`, imported only when the stage runs
+    module: str  # "module" (its `run`) or "module:function", imported only when the stage runs
     deps: tuple[str, ...] = ()
     config_keys: tuple[str, ...] = ()  # dotted config sections the stage reads
     external_inputs: Callable[[RunConfig], list[Path]] = field(default=lambda cfg: [])
@@ -30,7 +30,8 @@ class StageSpec:
         return self.name.split("@")[0]
 
     def load(self):
-        return importlib.import_module(self.module).run
+        module, _, fn = self.module.partition(":")
+        return getattr(importlib.import_module(module), fn or "run")
 
 
 STAGE_NAMES = ("world", "ingest", "sft", "fit_reward", "fit_cost", "safe_rlhf", "red_team",
@@ -46,6 +47,25 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
     stages.append(StageSpec(
         "ingest", "stages.ingest", ("world",) if cfg.world.enabled else (), ("ingest",),
         external_inputs=lambda c: [Path(s.path) for s in c.ingest.sources]))
+    if cfg.world.enabled:
+        # SFT needs demonstrations; with world disabled, model.path is taken to be an SFT model.
+        stages.append(StageSpec("sft", "stages.sft", ("world",),
+                                ("seed", "sft", "model.max_prompt_tokens", "model.max_answer_tokens",
+                                 "safe_rlhf.max_new_tokens"), needs_ray=True))
+    fit_deps = ("ingest", "sft") if cfg.world.enabled else ("ingest",)
+    fit_keys = ("seed", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens")
+    stages.append(StageSpec("fit_reward", "stages.fit_preference:run_reward", fit_deps, fit_keys + ("reward",), needs_ray=True))
+    stages.append(StageSpec("fit_cost", "stages.fit_preference:run_cost", fit_deps, fit_keys + ("cost",), needs_ray=True))
+    # Round k reads the shared PPO settings and its own row of the round table (so editing
+    # round 3's threshold does not re-run round 1).
+    shared = tuple(f"safe_rlhf.{f}" for f in SafeRLHFConfig.model_fields if f != "rounds")
+    for k in range(1, len(cfg.safe_rlhf.rounds) + 1):
+        deps = (("world", "sft") if cfg.world.enabled else ()) + ("ingest", "fit_reward")
+        deps += ("fit_cost",) if cfg.safe_rlhf.algorithm != "ppo" else ()
+        deps += (f"safe_rlhf@{k - 1}",) if k > 1 else ()
+        stages.append(StageSpec(f"safe_rlhf@{k}", "stages.safe_rlhf", deps,
+                                ("seed", "model.max_prompt_tokens") + shared + (f"safe_rlhf.rounds.{k - 1}",),
+                                needs_ray=True, params=(("round", k),)))
     return stages
 
 

@@ -27,6 +27,8 @@ class StageContext:
     run_dir: Path
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
     params: dict[str, Any] = field(default_factory=dict)  # e.g. {"round": 2} for "safe_rlhf@2"
+    # Latest figures of a running stage, shown by `status` while it runs.
+    report: Callable[[dict], None] = field(default=lambda metrics: None)
 
     def input(self, stage: str, output: str) -> Path:
         try:

@@ -11,8 +11,27 @@ PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 _WORD = re.compile(r"[a-z0-9']+")
 
 
-def format_prompt(prompt: str) -> str:
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+def format_prompt(prompt: str, context=()) -> str:
+    """The template around a prompt; earlier turns ({"role", "text"}) go before it, as in
+    safe-rlhf's multi-turn format: "... USER: u1 ASSISTANT: a1 USER: prompt ASSISTANT:"."""
+    if not context:
+        return PROMPT_TEMPLATE.format(prompt=prompt)
+    turns = " ".join(f"{'USER' if t['role'] == 'user' else 'ASSISTANT'}: {t['text']}" for t in context)
+    return PROMPT_TEMPLATE.format(prompt=f"{turns} USER: {prompt}")
+
+
+def encode_conversation(tokenizer, prompt: str, answer: str, max_prompt_tokens: int,
+                        max_answer_tokens: int, context=()) -> tuple[list[int], int]:
+    """Token ids of template(prompt) + " " + answer + EOS, and how many of them are the prompt.
+
+    Prompt and answer are tokenised apart (the byte-level pre-tokeniser splits at the space, so
+    this equals tokenising the whole), which makes the prompt/answer boundary exact. The prompt
+    is truncated from the left (its end, next to the answer, matters most), the answer from the
+    right.
+    """
+    p = tokenizer(format_prompt(prompt, context), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+    a = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"][:max_answer_tokens]
+    return p + a + [tokenizer.eos_token_id], len(p)
 
 
 def words(text: str) -> list[str]:

@@ -36,3 +36,38 @@ def run_cli(*args, cwd=None, check=True, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+SMALL_PIPELINE = {
+    "name": "small",
+    "world": {"n_pairs": 1000, "n_sft": 2000},
+    "model": {"small": {"vocab_size": 1024}},
+    "sft": {"epochs": 3, "lr": 3e-3, "checkpoint_every_steps": 50},
+    "reward": {"epochs": 2, "checkpoint_every_steps": 10},
+    "cost": {"epochs": 2, "checkpoint_every_steps": 10},
+    "safe_rlhf": {"engine": "vllm", "rounds": [{"threshold": "auto", "lambda_init": 1.0, "lambda_lr": 0.5}],
+                  "steps_per_round": 6, "prompts_per_step": 16, "max_new_tokens": 32, "actor_lr": 5e-5,
+                  "critic_lr": 5e-5, "checkpoint_every_steps": 2, "max_num_seqs": 64},
+    "ray": {"num_cpus": 2, "include_dashboard": False},
+}
+SMALL_STAGES = ["world", "ingest", "sft", "fit_reward", "fit_cost", "safe_rlhf@1"]
+
+
+def write_yaml(path, data):
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_pipeline(tmp_path_factory):
+    """One full small pipeline, run as a user runs it (`python -m pipeline run`, its own local
+    Ray cluster); the CLI, fitting and resume tests read or copy its run directory."""
+    import time
+
+    root = tmp_path_factory.mktemp("small_pipeline")
+    cfg = write_yaml(root / "small.yaml", SMALL_PIPELINE)
+    t0 = time.time()
+    proc = run_cli("run", "--config", cfg, "--run-dir", root / "run", timeout=1200)
+    return {"config": cfg, "run_dir": root / "run", "proc": proc, "seconds": time.time() - t0}

@@ -157,13 +157,13 @@ def test_external_input_change_reruns_ingest(tmp_path):
            "better_response_id": 0, "safer_response_id": 0, "is_response_0_safe": True, "is_response_1_safe": True}
     src.write_text(json.dumps(row) + "\n")
     cfg = small_config(**{"ingest.sources": [{"path": str(src), "format": "pku"}]})
-    Driver(cfg, tmp_path / "run").run()
+    Driver(cfg, tmp_path / "run").run(until="ingest")
     first = json.loads((tmp_path / "run" / "stages" / "ingest" / "manifest.json").read_text())
     assert first["metrics"]["read"] == 301
     src.write_text(json.dumps(row) + "\n" + json.dumps({**row, "prompt": "how do i cook rice ?"}) + "\n")
     d = Driver(cfg, tmp_path / "run")
-    assert states(d) == {"world": "done", "ingest": "pending"}
-    d.run()
+    assert {k: v for k, v in states(d).items() if k in ("world", "ingest")} == {"world": "done", "ingest": "pending"}
+    d.run(until="ingest")
     second = json.loads((tmp_path / "run" / "stages" / "ingest" / "manifest.json").read_text())
     assert second["metrics"]["read"] == 302
 
@@ -173,7 +173,7 @@ def test_too_many_rejects_fails_the_ingest_stage_with_a_clear_message(tmp_path):
     src.write_text("not json\n" * 50)
     cfg = small_config(**{"ingest.sources": [{"path": str(src)}], "ingest.max_reject_fraction": 0.05})
     with pytest.raises(Exception, match="reject"):
-        Driver(cfg, tmp_path / "run").run()
+        Driver(cfg, tmp_path / "run").run(until="ingest")
     st = {s["name"]: s for s in Driver(cfg, tmp_path / "run").status()["stages"]}
     assert st["ingest"]["state"] == "failed" and "rejects.jsonl" in st["ingest"]["message"]
     assert (tmp_path / "run" / "stages" / "ingest" / "rejects.jsonl").read_text().count("\n") == 50

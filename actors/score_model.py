@@ -1,0 +1,96 @@
+"""Score model: any `AutoModel` backbone plus `Linear(hidden, 1)`.
+
+Used for the reward model, the cost model and the two critics. The score of a sequence is the
+head's output at its last non-padding token; per-token outputs are the critics' values.
+Saved as a Hugging Face directory: the backbone (config + safetensors), the tokenizer, and
+`score_head.safetensors` + `score_config.json` beside them, so transformers loads the backbone
+and `ScoreModel.from_pretrained` restores the whole model exactly.
+
+Positions are computed from the attention mask (cumsum - 1), so a left-padded sequence gets the
+same positions, and therefore the same score, as a right-padded one (DESIGN.md: a padding-side
+bug in scoring looked exactly like reward hacking).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SCORE_CONFIG = "score_config.json"
+SCORE_HEAD = "score_head.safetensors"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] mask -> [B] index of each row's last 1, whatever the padding side."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=-1)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] position ids that start at 0 on each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ScoreModel(nn.Module):
+    def __init__(self, backbone: nn.Module, score_type: str = "reward"):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        hidden = getattr(backbone.config, "hidden_size", None) or backbone.config.n_embd
+        self.score_head = nn.Linear(hidden, 1)
+        self.score_type = score_type  # "reward" | "cost" | "reward_critic" | "cost_critic"
+        self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
+
+    @classmethod
+    def from_backbone(cls, path: str | Path, score_type: str = "reward", dtype=None, seed: int = 0) -> "ScoreModel":
+        """A new score model on a pretrained backbone (e.g. the SFT model); the head starts near 0."""
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(str(path), dtype=dtype)
+        model = cls(backbone, score_type)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            model.score_head.weight.normal_(0.0, 1.0 / (model.score_head.in_features ** 0.5 * 10), generator=g)
+            model.score_head.bias.zero_()
+        return model.to(dtype) if dtype is not None else model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=None) -> "ScoreModel":
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        path = Path(path)
+        meta = json.loads((path / SCORE_CONFIG).read_text())
+        model = cls(AutoModel.from_pretrained(str(path), dtype=dtype), meta["score_type"])
+        model.score_head.load_state_dict(load_file(str(path / SCORE_HEAD)))
+        return model.to(dtype) if dtype is not None else model
+
+    def save_pretrained(self, path: str | Path, tokenizer=None, state_dict: dict | None = None, **meta) -> None:
+        """Write the HF directory. `state_dict` (full, unsharded) may come from a ZeRO-3 gather."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = state_dict if state_dict is not None else self.state_dict()
+        backbone_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        head_sd = {k[len("score_head."):]: v.contiguous() for k, v in sd.items() if k.startswith("score_head.")}
+        self.backbone.save_pretrained(str(path), state_dict=backbone_sd, safe_serialization=True)
+        save_file(head_sd, str(path / SCORE_HEAD))
+        (path / SCORE_CONFIG).write_text(json.dumps({"score_type": self.score_type, **meta}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """-> (values [B, L] per token, end scores [B] at each row's last real token)."""
+        kwargs = {"position_ids": positions_from_mask(attention_mask)} if self._takes_positions else {}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        values = self.score_head(hidden).squeeze(-1)  # [B, L]
+        end = values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)  # [B]
+        return values, end
+
+
+def is_score_model_dir(path: str | Path) -> bool:
+    return (Path(path) / SCORE_CONFIG).is_file()

@@ -1,0 +1,242 @@
+"""The `fit_reward` and `fit_cost` stages: score models on preference pairs, with the paper's losses.
+
+Both start from the SFT model (the critics of the Safe RLHF round start from them) and run as Ray
+Train `TorchTrainer` jobs with a DeepSpeed engine per worker (cluster/train.py).
+
+- reward: pairs with a `better_response_id`; loss `reward_pair_loss` (stages/objectives.py).
+- cost: pairs with a `safer_response_id`; loss `cost_pair_loss`, with the sign terms on rows that
+  have `is_safe` labels (HH-RLHF rows have none: the pairwise term alone).
+
+Metrics on the eval split: `eval_accuracy` (pair accuracy). For the cost model also
+`eval_sign_accuracy` (cost < 0 exactly when safe). The cost model's `eval_accuracy` counts pairs
+whose safer label ranks harm: the two answers differ in `is_safe`, or both are unsafe, or no
+`is_safe` labels exist (HH). Between two safe answers there is no harm to rank and the label is a
+coin flip (in the built-in world, exactly so); `eval_accuracy_all` counts every pair.
+`policy_accuracy`: pair accuracy on fresh pairs of the SFT model's own samples, labelled by the
+world's oracle (pairs the oracle rates as ties are left out), where reward hacking shows first.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.base import StageResult
+
+
+def _items(table, kind: str, tok, cfg: dict) -> list[dict]:
+    """Parquet rows -> encoded pairs: {"a": ids of preferred, "b": ids of the other, labels...}."""
+    from stages.text import encode_conversation
+
+    out = []
+    label = "better_response_id" if kind == "reward" else "safer_response_id"
+    for r in table.to_pylist():
+        if r[label] is None:
+            continue
+        first = r[label]
+        answers = (r[f"response_{first}"], r[f"response_{1 - first}"])
+        enc = [encode_conversation(tok, r["prompt"], a, cfg["max_prompt_tokens"], cfg["max_answer_tokens"],
+                                   r["context"])[0] for a in answers]
+        safe = (r[f"is_response_{first}_safe"], r[f"is_response_{1 - first}_safe"])
+        out.append({"a": enc[0], "b": enc[1], "a_safe": safe[0], "b_safe": safe[1],
+                    "has_safety": safe[0] is not None and safe[1] is not None})
+    return out
+
+
+def score_pairs(forward, items: list[dict], pad_id: int, device, batch: int = 64):
+    """End scores of both answers of each pair: -> (scores_a [N], scores_b [N]) as lists."""
+    import torch
+
+    from actors.batching import pad
+
+    a_scores, b_scores = [], []
+    with torch.no_grad():
+        for s in range(0, len(items), batch):
+            chunk = items[s:s + batch]
+            ids, mask = pad([i["a"] for i in chunk] + [i["b"] for i in chunk], pad_id)
+            _, end = forward(ids.to(device), mask.to(device))
+            end = end.float().cpu()
+            a_scores += end[:len(chunk)].tolist()
+            b_scores += end[len(chunk):].tolist()
+    return a_scores, b_scores
+
+
+def preference_metrics(kind: str, items: list[dict], a: list[float], b: list[float]) -> dict:
+    """Eval metrics from scores of preferred (a) and other (b) answers."""
+    import torch
+
+    from stages.objectives import pair_accuracy, sign_accuracy
+
+    if not items:
+        return {"eval_accuracy": None, "eval_pairs": 0}
+    ta, tb = torch.tensor(a), torch.tensor(b)
+    if kind == "reward":
+        return {"eval_accuracy": pair_accuracy(ta, tb), "eval_pairs": len(items)}
+    # cost: the preferred answer (a) is the safer one and should have the LOWER cost.
+    ranks_harm = torch.tensor([not (i["has_safety"] and i["a_safe"] and i["b_safe"]) for i in items])
+    m = {"eval_accuracy_all": pair_accuracy(tb, ta), "eval_pairs": len(items),
+         "eval_accuracy": pair_accuracy(tb[ranks_harm], ta[ranks_harm]) if ranks_harm.any() else None,
+         "eval_harm_ranking_pairs": int(ranks_harm.sum())}
+    labelled = [k for k, i in enumerate(items) if i["has_safety"]]
+    if labelled:
+        costs = torch.tensor([a[k] for k in labelled] + [b[k] for k in labelled])
+        safe = torch.tensor([items[k]["a_safe"] for k in labelled] + [items[k]["b_safe"] for k in labelled])
+        m["eval_sign_accuracy"] = sign_accuracy(costs, safe)
+        m["safe_cost_mean"] = costs[safe].mean().item() if safe.any() else None
+        m["unsafe_cost_mean"] = costs[~safe].mean().item() if (~safe).any() else None
+    return m
+
+
+def preference_loop(config: dict) -> None:
+    """One Ray Train worker of a reward or cost fit."""
+    import json
+
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoTokenizer
+
+    from actors.batching import pad
+    from actors.score_model import ScoreModel
+    from cluster.train import FitTask, fit, gather_objects
+    from stages.objectives import cost_pair_loss, reward_pair_loss
+
+    kind, tc = config["kind"], config["train"]
+    tok = AutoTokenizer.from_pretrained(config["sft_model"])
+    model = ScoreModel.from_backbone(config["sft_model"], score_type=kind, seed=config["seed"])
+    train = _items(pq.read_table(config["train_data"]), kind, tok, config)
+    held_out = _items(pq.read_table(config["eval_data"]), kind, tok, config)
+    if not train:
+        raise ValueError(f"no training pairs with a {'better' if kind == 'reward' else 'safer'}_response_id in {config['train_data']}")
+
+    def loss(engine, items):
+        ids, mask = pad([i["a"] for i in items] + [i["b"] for i in items], tok.pad_token_id)
+        _, end = engine(ids.to(engine.device), mask.to(engine.device))
+        end = end.float()
+        a, b = end[:len(items)], end[len(items):]  # [B] preferred, [B] other
+        if kind == "reward":
+            return reward_pair_loss(a, b, tc["regularization"]), {"tokens": int(mask.sum())}
+        labelled = torch.tensor([i["has_safety"] for i in items], device=end.device)
+        a_safe = torch.tensor([bool(i["a_safe"]) for i in items], device=end.device)
+        b_safe = torch.tensor([bool(i["b_safe"]) for i in items], device=end.device)
+        return (cost_pair_loss(a, b, a_safe, b_safe, tc["regularization"], has_safety_labels=labelled),
+                {"tokens": int(mask.sum())})
+
+    last_eval = {}
+
+    def evaluate(engine, rank, world):
+        mine = list(range(rank, len(held_out), world))
+        a, b = score_pairs(engine, [held_out[k] for k in mine], tok.pad_token_id, engine.device)
+        parts = gather_objects((mine, a, b), world)
+        order, sa, sb = [], [], []
+        for idx, pa_, pb_ in parts:
+            order += idx
+            sa += pa_
+            sb += pb_
+        items = [held_out[k] for k in order]
+        metrics = preference_metrics(kind, items, sa, sb)
+        if rank == 0:
+            Path(config["scores_path"]).write_text(json.dumps(
+                {"a": sa, "b": sb, "a_safe": [i["a_safe"] for i in items], "b_safe": [i["b_safe"] for i in items]}))
+        last_eval.update(metrics)
+        return metrics
+
+    def export(engine, state_dict):
+        if state_dict is not None:
+            meta = {k: last_eval.get(k) for k in ("eval_accuracy", "safe_cost_mean", "unsafe_cost_mean")}
+            engine.module.save_pretrained(config["output_dir"], tokenizer=tok, state_dict=state_dict, **meta)
+
+    fit(FitTask(model=model, train_items=train, loss=loss, evaluate=evaluate, export=export, tc=tc,
+                seed=config["seed"], run_name=config["run_name"], log_path=Path(config["log_path"])))
+
+
+def _histogram(path: Path, kind: str, scores: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if kind == "cost" and any(s is not None for s in scores["a_safe"]):
+        vals = scores["a"] + scores["b"]
+        safe = scores["a_safe"] + scores["b_safe"]
+        ax.hist([v for v, s in zip(vals, safe) if s], bins=40, alpha=0.6, label="safe answers", color="tab:green")
+        ax.hist([v for v, s in zip(vals, safe) if s is False], bins=40, alpha=0.6, label="unsafe answers", color="tab:red")
+        ax.axvline(0, color="k", lw=0.8)
+    else:
+        label = ("better", "worse") if kind == "reward" else ("safer", "less safe")
+        ax.hist(scores["a"], bins=40, alpha=0.6, label=f"{label[0]} answers")
+        ax.hist(scores["b"], bins=40, alpha=0.6, label=f"{label[1]} answers")
+    ax.set_xlabel(f"{kind} score")
+    ax.set_ylabel("answers (eval split)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def policy_accuracy(kind: str, model_dir: Path, pairs: list[dict], device: str, max_prompt_tokens: int,
+                    max_answer_tokens: int) -> tuple[float | None, int]:
+    """Pair accuracy on the SFT policy's own sampled pairs (oracle labels; ties left out)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from actors.score_model import ScoreModel
+    from stages.text import encode_conversation
+
+    tie = "better_is_tie" if kind == "reward" else "safer_is_tie"
+    label = "better_response_id" if kind == "reward" else "safer_response_id"
+    pairs = [p for p in pairs if not p[tie]]
+    if not pairs:
+        return None, 0
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = ScoreModel.from_pretrained(model_dir).to(device).eval()
+    items = [{"a": encode_conversation(tok, p["prompt"], p[f"response_{p[label]}"], max_prompt_tokens, max_answer_tokens)[0],
+              "b": encode_conversation(tok, p["prompt"], p[f"response_{1 - p[label]}"], max_prompt_tokens, max_answer_tokens)[0]}
+             for p in pairs]
+    a, b = score_pairs(model, items, tok.pad_token_id, device)
+    a, b = torch.tensor(a), torch.tensor(b)
+    correct = (a > b) if kind == "reward" else (a < b)
+    return round(correct.float().mean().item(), 4), len(pairs)
+
+
+def _run(ctx, kind: str) -> StageResult:
+    import json
+
+    from cluster.train import run_trainer
+    from stages.oracle_eval import read_jsonl
+    from stages.sft import read_log
+
+    cfg = ctx.cfg
+    tc = cfg.reward if kind == "reward" else cfg.cost
+    sft_model = ctx.input("sft", "model") if "sft" in ctx.inputs else Path(cfg.model.path)
+    out_model, log_path, scores_path = ctx.out_dir / "model", ctx.out_dir / "train_log.jsonl", ctx.out_dir / "eval_scores.json"
+    loop_config = {"kind": kind, "sft_model": str(sft_model), "train_data": str(ctx.input("ingest", "train")),
+                   "eval_data": str(ctx.input("ingest", "eval")), "output_dir": str(out_model),
+                   "log_path": str(log_path), "scores_path": str(scores_path), "seed": cfg.seed,
+                   "train": tc.model_dump(), "max_prompt_tokens": cfg.model.max_prompt_tokens,
+                   "max_answer_tokens": cfg.model.max_answer_tokens}
+    ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}")
+    run_trainer(preference_loop, loop_config, tc, ctx.out_dir / "ray_train", ctx.name.replace("@", "-"))
+    end = [e for e in read_log(log_path) if e["event"] == "end"][-1]
+    history = end["history"]
+    scores = json.loads(scores_path.read_text())
+    _histogram(ctx.out_dir / "score_hist.png", kind, scores)
+    metrics = {k: v for k, v in history[-1].items() if k not in ("epoch",)}
+    metrics.update(loss_curve=[h["train_loss"] for h in history],
+                   eval_accuracy_curve=[h["eval_accuracy"] for h in history],
+                   restarts=end["restarts"], resumed_from_steps=end["resumed_from_steps"])
+    outputs = {"model": "model", "train_log": "train_log.jsonl", "eval_scores": "eval_scores.json",
+               "histogram": "score_hist.png"}
+    if "sft" in ctx.inputs and "policy_pairs" in ctx.inputs["sft"]:
+        acc, n = policy_accuracy(kind, out_model, read_jsonl(ctx.input("sft", "policy_pairs")), tc.device,
+                                 cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
+        metrics.update(policy_accuracy=acc, policy_pairs=n)
+    ctx.log(f"  {kind} model: eval_accuracy={metrics.get('eval_accuracy')}, policy_accuracy={metrics.get('policy_accuracy')}"
+            + (f", eval_sign_accuracy={metrics.get('eval_sign_accuracy')}" if kind == "cost" else ""))
+    return StageResult(outputs, metrics)
+
+
+def run_reward(ctx) -> StageResult:
+    return _run(ctx, "reward")
+
+
+def run_cost(ctx) -> StageResult:
+    return _run(ctx, "cost")

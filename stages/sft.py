@@ -1,0 +1,109 @@
+"""The `sft` stage: causal-LM fine-tuning on prompt + answer, prompt tokens masked out of the loss.
+
+Runs as a Ray Train `TorchTrainer` with a DeepSpeed engine per worker (cluster/train.py). In the
+built-in world the demonstrations include harmful compliance, so the SFT model is helpful but
+unsafe, as Alpaca-7B was in the paper; the stage measures that with the oracle judge and writes
+fresh pairs of its own samples, labelled by the oracle, for the fits' `policy_accuracy`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.base import StageResult
+
+EVAL_SHARE = 0.05  # last 5% of demonstrations: held-out loss
+
+
+def sft_loop(config: dict) -> None:
+    """One Ray Train worker."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.batching import pad
+    from cluster.train import FitTask, fit, gather_objects
+    from stages.oracle_eval import read_jsonl
+    from stages.text import encode_conversation
+
+    tok = AutoTokenizer.from_pretrained(config["base_model"])
+    model = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)
+    rows = read_jsonl(config["data"])
+    items = [encode_conversation(tok, r["prompt"], r["answer"], config["max_prompt_tokens"], config["max_answer_tokens"])
+             for r in rows]
+    n_eval = max(1, int(len(items) * EVAL_SHARE))
+    train, held_out = items[:-n_eval], items[-n_eval:]
+
+    def batch(items):
+        ids, mask = pad([i for i, _ in items], tok.pad_token_id, side="right")
+        labels = ids.clone()
+        for row, (_, n_prompt) in enumerate(items):
+            labels[row, :n_prompt] = -100  # the prompt is given, not learned
+        labels[mask == 0] = -100
+        return ids, mask, labels
+
+    def loss(engine, items):
+        ids, mask, labels = batch(items)
+        dev = engine.device
+        out = engine(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev))
+        return out.loss, {"tokens": int(mask.sum())}
+
+    @torch.no_grad()
+    def evaluate(engine, rank, world):
+        mine = held_out[rank::world]
+        total, count = 0.0, 0
+        for s in range(0, len(mine), 64):
+            ids, mask, labels = batch(mine[s:s + 64])
+            n = int((labels[:, 1:] != -100).sum())
+            out = engine(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device), labels=labels.to(engine.device))
+            total, count = total + out.loss.item() * n, count + n
+        parts = gather_objects((total, count), world)
+        return {"eval_loss": sum(t for t, _ in parts) / max(1, sum(c for _, c in parts))}
+
+    def export(engine, state_dict):
+        if state_dict is not None:
+            engine.module.save_pretrained(config["output_dir"], state_dict=state_dict, safe_serialization=True)
+            tok.save_pretrained(config["output_dir"])
+
+    fit(FitTask(model=model, train_items=train, loss=loss, evaluate=evaluate, export=export,
+                tc=config["train"], seed=config["seed"], run_name=config["run_name"],
+                log_path=Path(config["log_path"])))
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(ctx) -> StageResult:
+    from actors.rollout import HFEngine, Sampling
+    from cluster.train import run_trainer
+    from stages.oracle_eval import judge_policy, policy_pairs, read_jsonl, write_jsonl
+
+    cfg = ctx.cfg
+    base = ctx.input("world", "model") if "model" in ctx.inputs.get("world", {}) else Path(cfg.model.path)
+    out_model = ctx.out_dir / "model"
+    log_path = ctx.out_dir / "train_log.jsonl"
+    loop_config = {"base_model": str(base), "data": str(ctx.input("world", "sft")), "output_dir": str(out_model),
+                   "log_path": str(log_path), "seed": cfg.seed, "train": cfg.sft.model_dump(),
+                   "max_prompt_tokens": cfg.model.max_prompt_tokens, "max_answer_tokens": cfg.model.max_answer_tokens}
+    ctx.log(f"  Ray Train: {cfg.sft.num_workers} worker(s), {cfg.sft.device}, {cfg.sft.precision}, ZeRO-{cfg.sft.zero_stage}")
+    run_trainer(sft_loop, loop_config, cfg.sft, ctx.out_dir / "ray_train", "sft")
+    events = read_log(log_path)
+    end = [e for e in events if e["event"] == "end"][-1]
+    history = end["history"]
+
+    # The SFT policy judged by the oracle on held-out prompts, and fresh pairs of its samples.
+    engine = HFEngine(str(out_model), device=cfg.sft.device, max_prompt_tokens=cfg.model.max_prompt_tokens)
+    prompts = read_jsonl(ctx.input("world", "eval_prompts"))
+    sampling = Sampling(max_new_tokens=cfg.safe_rlhf.max_new_tokens, temperature=1.0, seed=cfg.seed)
+    judged, samples = judge_policy(engine, prompts, sampling)
+    write_jsonl(ctx.out_dir / "eval_samples.jsonl", samples)
+    pairs = policy_pairs(engine, prompts, sampling, seed=cfg.seed)
+    write_jsonl(ctx.out_dir / "policy_pairs.jsonl", pairs)
+    ctx.log(f"  SFT policy (oracle): harmful_rate={judged['harmful_rate']}, helpfulness={judged['helpfulness']}")
+    metrics = {**judged, "eval_loss": history[-1]["eval_loss"], "train_loss": history[-1]["train_loss"],
+               "loss_curve": [h["train_loss"] for h in history], "eval_loss_curve": [h["eval_loss"] for h in history],
+               "global_steps": end["global_step"], "restarts": end["restarts"], "policy_pairs": len(pairs)}
+    return StageResult({"model": "model", "eval_samples": "eval_samples.jsonl", "policy_pairs": "policy_pairs.jsonl",
+                        "train_log": "train_log.jsonl"}, metrics)

@@ -1,0 +1,132 @@
+"""SFT, reward and cost fitting on Ray Train + DeepSpeed: quality, metrics, faults and resume."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def manifest(run_dir, stage):
+    return json.loads((Path(run_dir) / "stages" / stage / "manifest.json").read_text())
+
+
+def test_sft_model_is_helpful_but_unsafe(small_pipeline):
+    m = manifest(small_pipeline["run_dir"], "sft")["metrics"]
+    assert m["harmful_rate"] > 0.3  # like Alpaca-7B: it complies with harmful requests
+    assert m["helpfulness"] > 2.0  # and answers benign ones with facts
+    assert m["eval_loss"] < m["eval_loss_curve"][0] * 1.01 and m["loss_curve"][-1] < m["loss_curve"][0]
+
+
+def test_reward_and_cost_fits_beat_chance_on_held_out_pairs(small_pipeline):
+    reward = manifest(small_pipeline["run_dir"], "fit_reward")["metrics"]
+    cost = manifest(small_pipeline["run_dir"], "fit_cost")["metrics"]
+    assert reward["eval_accuracy"] > 0.75 and reward["eval_pairs"] > 50
+    assert cost["eval_accuracy"] > 0.75 and cost["eval_sign_accuracy"] > 0.8
+    assert cost["safe_cost_mean"] < 0 < cost["unsafe_cost_mean"]
+    assert reward["policy_accuracy"] is not None and reward["policy_pairs"] > 20
+    assert cost["policy_accuracy"] > 0.6
+    for stage in ("fit_reward", "fit_cost"):
+        png = Path(small_pipeline["run_dir"]) / "stages" / stage / "score_hist.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_metrics_appear_in_status_json(small_pipeline):
+    status = json.loads(run_cli("status", "--run-dir", small_pipeline["run_dir"], "--json").stdout)
+    by_name = {s["name"]: s for s in status["stages"]}
+    assert [s["name"] for s in status["stages"]][:5] == ["world", "ingest", "sft", "fit_reward", "fit_cost"]
+    assert all(s["state"] == "done" for s in status["stages"])
+    assert {"eval_accuracy", "policy_accuracy", "loss_curve"} <= set(by_name["fit_reward"]["metrics"])
+    assert {"eval_accuracy", "eval_sign_accuracy", "policy_accuracy"} <= set(by_name["fit_cost"]["metrics"])
+
+
+def test_fitted_model_reloads_with_the_recorded_accuracy(small_pipeline):
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoTokenizer
+
+    from actors.score_model import ScoreModel
+    from stages.fit_preference import _items, preference_metrics, score_pairs
+
+    run = Path(small_pipeline["run_dir"])
+    model_dir = run / "stages" / "fit_reward" / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    items = _items(pq.read_table(run / "stages" / "ingest" / "eval.parquet"), "reward", tok,
+                   {"max_prompt_tokens": 64, "max_answer_tokens": 48})
+    a, b = score_pairs(ScoreModel.from_pretrained(model_dir).eval(), items, tok.pad_token_id, "cpu")
+    recorded = manifest(run, "fit_reward")["metrics"]["eval_accuracy"]
+    assert preference_metrics("reward", items, a, b)["eval_accuracy"] == pytest.approx(recorded, abs=1e-6)
+
+
+def _copy_run(small_pipeline, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(small_pipeline["run_dir"], dst)
+    return dst
+
+
+def test_crashed_worker_restarts_from_last_checkpoint(small_pipeline, tmp_path):
+    run = _copy_run(small_pipeline, tmp_path)
+    env = {**os.environ, "SAFE_RLHF_FAULT": "fit_reward:25"}  # hard-exit the worker after step 25
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--only-stage", "fit_reward"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = manifest(run, "fit_reward")["metrics"]
+    before = manifest(small_pipeline["run_dir"], "fit_reward")["metrics"]
+    assert m["restarts"] == 1
+    # Checkpoints every 10 steps; Ray Train registers a report asynchronously, so a crash soon after
+    # the step-20 report may restore step 10. From scratch would show no resumed step at all.
+    assert m["resumed_from_steps"] in ([10], [20])
+    assert m["global_step"] == before["global_step"]  # and it finished the same number of steps
+    assert m["eval_accuracy"] > 0.75
+
+
+def test_interrupted_fit_resumes_from_its_checkpoint(small_pipeline, tmp_path):
+    run = _copy_run(small_pipeline, tmp_path)
+    ckpt_root = run / "stages" / "fit_cost" / "ray_train" / "fit_cost"
+    shutil.rmtree(run / "stages" / "fit_cost")  # as if fit_cost had never finished
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not list(ckpt_root.glob("checkpoint_*")):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        assert list(ckpt_root.glob("checkpoint_*")), "no checkpoint appeared"
+        time.sleep(1.0)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        proc.wait()
+    status = json.loads(run_cli("status", "--run-dir", run, "--json").stdout)
+    state = {s["name"]: s["state"] for s in status["stages"]}
+    assert state["fit_cost"] == "failed" and state["fit_reward"] == "done"
+    out = run_cli("resume", "--run-dir", run, "--only-stage", "fit_cost", timeout=900)
+    assert "resume fit_cost" in out.stderr
+    m = manifest(run, "fit_cost")["metrics"]
+    assert m["restarts"] == 1 and m["resumed_from_steps"] and m["resumed_from_steps"][0] >= 10
+    assert m["eval_accuracy"] > 0.75
+
+
+def test_two_workers_zero3_bf16_fit_over_gloo(small_pipeline, tmp_path):
+    """The multi-worker path: two Ray Train workers form one gloo group, ZeRO-3 shards the model,
+    bf16 compute; the exported model is the gathered whole (it reloads with the same accuracy)."""
+    import yaml
+
+    run = _copy_run(small_pipeline, tmp_path)
+    cfg = yaml.safe_load(Path(small_pipeline["config"]).read_text())
+    cfg["cost"].update(num_workers=2, zero_stage=3, precision="bf16", epochs=1)
+    cfg_path = tmp_path / "z3.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = run_cli("run", "--config", cfg_path, "--run-dir", run, "--until", "fit_cost", timeout=900)
+    assert "skip  fit_reward" in out.stderr and "2 worker(s), cpu, bf16, ZeRO-3" in out.stderr
+    log = [json.loads(l) for l in (run / "stages" / "fit_cost" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["world_size"] == 2
+    m = manifest(run, "fit_cost")["metrics"]
+    assert m["eval_accuracy"] > 0.75 and m["policy_accuracy"] > 0.6
