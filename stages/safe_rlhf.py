@@ -383,7 +383,7 @@ def ppo_step(roles, rl, lagrange, pool, step, round_k, seed, sampling_base, sync
         m.update(cost_mean=exp.cost.mean().item(), unsafe_share=(exp.cost > 0).float().mean().item())
     if O.uses_cost_critic(rl.algorithm):
         m.update({"lambda": lam, "episode_cost": sum(lagrange.window) / len(lagrange.window)})
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
+    return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in m.items()}
 
 
 def _maybe_fail(stage: str, step: int) -> None:
