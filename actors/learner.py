@@ -6,7 +6,7 @@ rendezvous). Each `train_step` gets this rank's shard of a minibatch; DeepSpeed 
 gradients across the group.
 
 - policy: a causal LM; `forward` gives per-token logprobs of the response [B, T]; the loss is
-  `ppo_lag_policy_loss` (stages/objectives.py... imported from there: the math lives in one place).
+  `ppo_lag_policy_loss` from stages/objectives.py (all the math lives in that one pure module).
 - reward_critic / cost_critic: score models started from the fitted reward / cost model;
   `forward` gives per-token values [B, T]; the loss is `clipped_value_loss`.
 """
@@ -45,9 +45,10 @@ class Learner:
 
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the group and build the engine. Called on every rank at once."""
+        # Each learner actor sees exactly one device (Ray sets CUDA_VISIBLE_DEVICES), so its local
+        # rank is 0 whatever its rank in the group.
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0" if self.settings["device"] == "cpu" else str(self.rank),
-                          DS_ACCELERATOR=self.settings["device"])
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", DS_ACCELERATOR=self.settings["device"])
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if self.settings["device"] == "cpu" else "nccl",
@@ -89,8 +90,10 @@ class Learner:
         return self._forward(seqs).float().cpu()
 
     def train_step(self, batch: PolicyMinibatch | CriticMinibatch) -> dict:
+        from actors.faults import maybe_die
         from stages.objectives import clip_fraction, clipped_value_loss, masked_mean, ppo_lag_policy_loss
 
+        maybe_die("train_step")
         self.engine.train()
         mask = batch.seqs.response_mask.to(self.device).float()
         if self.role == "policy":

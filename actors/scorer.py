@@ -34,6 +34,9 @@ class Scorer:
         """reward/cost: [B] end scores (at each sequence's last real token)."""
         if self.role == "reference":
             raise TypeError("the reference scorer gives logprobs, not scores")
+        from actors.faults import maybe_die
+
+        maybe_die("score")
         out = []
         for s in range(0, len(batch), self.batch_size):
             chunk = batch.select(slice(s, s + self.batch_size)).to(self.device)
@@ -45,6 +48,9 @@ class Scorer:
         """reference: [B, T] per-token logprobs of the response."""
         if self.role != "reference":
             raise TypeError(f"the {self.role} scorer gives end scores, not logprobs")
+        from actors.faults import maybe_die
+
+        maybe_die("logprobs")
         out = []
         for s in range(0, len(batch), self.batch_size):
             chunk = batch.select(slice(s, s + self.batch_size)).to(self.device)

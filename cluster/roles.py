@@ -44,10 +44,13 @@ def resource_plan(rl) -> ResourcePlan:
     cpu = rl.cpus_per_actor
     actors = [ActorSpec(f"rollout-{i}", cpu, float(rl.tensor_parallel_size) if gpu else 0.0) for i in range(rl.rollout_workers)]
     roles = ["reward", "reference"] + (["cost"] if rl.algorithm != "ppo" else [])
-    scorer_gpu = (0.0 if rl.colocate_scorers else 1.0) if gpu else 0.0
+    # Colocated scorers ask for a sliver of a GPU (an actor asking for none sees no GPU at all),
+    # and learners leave that sliver free on theirs.
+    scorer_gpu = (0.1 if rl.colocate_scorers else 1.0) if gpu else 0.0
+    learner_gpu = (0.8 if rl.colocate_scorers else 1.0) if gpu else 0.0
     actors += [ActorSpec(f"scorer-{r}-0", cpu, scorer_gpu) for r in roles]
     learners = ["policy", "reward_critic"] + (["cost_critic"] if uses_cost_critic(rl.algorithm) else [])
-    actors += [ActorSpec(f"learner-{r}-{i}", cpu, 1.0 if gpu else 0.0) for r in learners for i in range(rl.learners_per_role)]
+    actors += [ActorSpec(f"learner-{r}-{i}", cpu, learner_gpu) for r in learners for i in range(rl.learners_per_role)]
     return ResourcePlan(actors)
 
 
@@ -64,13 +67,15 @@ class Launcher:
         ray.get(self.pg.ready(), timeout=300)
         self.handles = []
 
-    def start(self, cls, name: str, *args, **kwargs):
+    def start(self, cls, name: str, *args, max_restarts: int = 0, **kwargs):
+        """Start `cls(*args, **kwargs)` as the named actor. With max_restarts, Ray restarts a dead
+        actor by running its constructor again (in-memory state, e.g. weights, is lost)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         spec = self.plan.spec(name)
         remote = ray.remote(cls).options(
-            name=self.prefix + name, num_cpus=spec.cpus, num_gpus=spec.gpus,
+            name=self.prefix + name, num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=max_restarts,
             runtime_env={"env_vars": self.env}, max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.plan.bundle(name)))
         handle = remote.remote(*args, **kwargs)

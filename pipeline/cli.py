@@ -6,6 +6,7 @@
                                                  continue a run with its saved config
     status   [--run-dir D] [--json]              each stage's state and metrics
     validate CONFIG                              check a config; every invalid field by dotted path
+    plan     CONFIG [--gpu-memory GIB]           resource plan and memory estimate per role
     ingest   PATH... --out DIR [--format auto|pku|hh]
                                                  validate annotation files into train/eval Parquet
 
@@ -123,6 +124,19 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.plan import format_plan, plan
+
+    try:
+        cfg = load_config(args.config)
+        print(format_plan(plan(cfg, args.gpu_memory)))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_ingest(args) -> int:
     from stages.ingest import IngestError, ingest
 
@@ -173,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("validate", help="check a config file")
     r.add_argument("config")
     r.set_defaults(fn=cmd_validate)
+
+    r = sub.add_parser("plan", help="resource plan and memory estimate per role, before launch")
+    r.add_argument("config")
+    r.add_argument("--gpu-memory", type=float, help="GiB per GPU, to check whether the roles fit")
+    r.set_defaults(fn=cmd_plan)
 
     r = sub.add_parser("ingest", help="validate annotation files into train/eval Parquet")
     r.add_argument("paths", nargs="+", help="JSONL, JSON array or Parquet files, gzip or not")

@@ -139,6 +139,8 @@ class SafeRLHFConfig(Strict):
     auto_unsafe_share: float = F(0.05, "threshold: auto sets d = (1-u) * mean cost of safe eval answers + u * mean cost of unsafe ones: the mean cost of a policy unsafe a share u of the time.", ge=0, lt=1)
     shaping_nu: float = F(1.0, "Fixed cost penalty of the reward_shaping baseline.", ge=0)
     checkpoint_every_steps: int = F(20, "Checkpoint policy, critics, lambda and RNG every this many steps.", ge=1)
+    max_round_restarts: int = F(2, "Times a round restarts from its last checkpoint after a learner dies.", ge=0)
+    max_actor_restarts: int = F(2, "Times Ray restarts a dead rollout worker or scorer (the step is then retried).", ge=0)
     rollout_workers: int = F(1, "vLLM/hf rollout actors.", ge=1)
     learners_per_role: int = F(1, "Data-parallel DeepSpeed learners per role (policy, reward critic, cost critic).", ge=1)
     cpus_per_actor: float = F(0.25, "CPUs reserved per round actor (fractions let all seven share 2 cores).", gt=0)
@@ -147,6 +149,22 @@ class SafeRLHFConfig(Strict):
     gpu_memory_utilization: float = F(0.3, "vLLM's share of a GPU's memory.", gt=0, le=1)
     max_num_seqs: int = F(256, "vLLM's maximum concurrent sequences.", ge=1)
     weight_sync: Literal["checkpoint", "nccl", "ipc"] = F("checkpoint", "How new policy weights reach vLLM: safetensors reload (CPU) or vLLM's transfer API (GPU).")
+
+
+class RedTeamConfig(Strict):
+    prompts: int = F(256, "Red-team prompts per round (each answered twice by the current policy).", ge=2)
+    harder_share: float = F(0.6, "Share of the world's harder forms (role-play, hidden requests, 'positive side', new categories); the rest are plain training prompts.", ge=0, le=1)
+
+
+class AnnotateConfig(Strict):
+    backend: Literal["oracle", "files", "judge"] = F("oracle", "oracle: the built-in world's annotator; files: people fill in a file and `resume`; judge: a reward/cost model pair labels.")
+    judge_reward_model: str | None = F(None, "judge backend: reward model directory (null: the latest fitted reward model).")
+    judge_cost_model: str | None = F(None, "judge backend: cost model directory (null: the latest fitted cost model).")
+
+
+class EvaluateConfig(Strict):
+    baselines: bool = F(False, "Also run the ppo and reward_shaping baselines (round 1 settings, from the SFT model) and add them to the tables.")
+    max_new_tokens: int = F(48, "Longest answer generated for evaluation.", ge=1)
 
 
 class RayConfig(Strict):
@@ -165,6 +183,9 @@ class RunConfig(Strict):
     reward: TrainConfig = F(TrainConfig(), "Reward model fit.")
     cost: TrainConfig = F(TrainConfig(), "Cost model fit.")
     safe_rlhf: SafeRLHFConfig = F(SafeRLHFConfig(), "PPO-Lagrangian rounds.")
+    red_team: RedTeamConfig = F(RedTeamConfig(), "Red-teaming between rounds.")
+    annotate: AnnotateConfig = F(AnnotateConfig(), "Labelling the red-team pairs.")
+    evaluate: EvaluateConfig = F(EvaluateConfig(), "Final evaluation and report.")
     ray: RayConfig = F(RayConfig(), "Where the Ray cluster comes from.")
 
     @model_validator(mode="after")

@@ -176,6 +176,9 @@ class Driver:
                     "metrics": result.metrics, "finished_at": time.time(), "duration_s": duration}
         self.rd.write_manifest(spec.name, manifest)  # last, atomically: the stage is done
         self.rd.event(stage=spec.name, event="done", duration_s=duration, metrics=result.metrics)
+        from cluster.metrics import record_stage
+
+        record_stage(spec.name, duration)  # a no-op unless Ray is up
         log(f"done  {spec.name} in {duration:.1f}s ({_figures(result.metrics)})")
         return "done"
 

@@ -56,16 +56,48 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
     fit_keys = ("seed", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens")
     stages.append(StageSpec("fit_reward", "stages.fit_preference:run_reward", fit_deps, fit_keys + ("reward",), needs_ray=True))
     stages.append(StageSpec("fit_cost", "stages.fit_preference:run_cost", fit_deps, fit_keys + ("cost",), needs_ray=True))
-    # Round k reads the shared PPO settings and its own row of the round table (so editing
-    # round 3's threshold does not re-run round 1).
+    # Rounds: safe_rlhf@k, then (before the next round) red_team@k -> annotate@k -> ingest@k ->
+    # fit_reward@k+1 + fit_cost@k+1 on all data so far. Round k reads the shared PPO settings and
+    # its own row of the round table (editing round 3's threshold does not re-run round 1).
     shared = tuple(f"safe_rlhf.{f}" for f in SafeRLHFConfig.model_fields if f != "rounds")
-    for k in range(1, len(cfg.safe_rlhf.rounds) + 1):
-        deps = (("world", "sft") if cfg.world.enabled else ()) + ("ingest", "fit_reward")
-        deps += ("fit_cost",) if cfg.safe_rlhf.algorithm != "ppo" else ()
-        deps += (f"safe_rlhf@{k - 1}",) if k > 1 else ()
-        stages.append(StageSpec(f"safe_rlhf@{k}", "stages.safe_rlhf", deps,
-                                ("seed", "model.max_prompt_tokens") + shared + (f"safe_rlhf.rounds.{k - 1}",),
-                                needs_ray=True, params=(("round", k),)))
+    world = ("world",) if cfg.world.enabled else ()
+    sft = ("sft",) if cfg.world.enabled else ()
+    n_rounds = len(cfg.safe_rlhf.rounds)
+    ingest, fits = "ingest", ("fit_reward", "fit_cost")
+    rounds = []
+
+    def round_stage(name, k, prev, params=()):
+        deps = world + sft + (ingest, fits[0]) + ((fits[1],) if dict(params).get("algorithm", cfg.safe_rlhf.algorithm) != "ppo" else ())
+        return StageSpec(name, "stages.safe_rlhf", deps + prev, ("seed", "model.max_prompt_tokens") + shared
+                         + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params)
+
+    for k in range(1, n_rounds + 1):
+        stages.append(round_stage(f"safe_rlhf@{k}", k, (f"safe_rlhf@{k - 1}",) if k > 1 else ()))
+        rounds.append(f"safe_rlhf@{k}")
+        if k == 1 and cfg.evaluate.baselines:
+            for alg in ("ppo", "reward_shaping"):
+                stages.append(round_stage(f"baseline_{alg}", 1, (), (("algorithm", alg),)))
+        if k == n_rounds:
+            break
+        engine_keys = ("safe_rlhf.engine", "safe_rlhf.device", "safe_rlhf.max_new_tokens", "model.max_prompt_tokens")
+        stages.append(StageSpec(f"red_team@{k}", "stages.red_team", world + (f"safe_rlhf@{k}",),
+                                ("seed", "red_team", "ingest.eval_fraction") + engine_keys, needs_ray=True, params=(("round", k),)))
+        judge = fits if cfg.annotate.backend == "judge" else ()
+        stages.append(StageSpec(f"annotate@{k}", "stages.annotate", world + (f"red_team@{k}",) + judge,
+                                ("seed", "annotate", "model.max_prompt_tokens", "model.max_answer_tokens"), params=(("round", k),)))
+        ingest = f"ingest@{k}"
+        stages.append(StageSpec(ingest, "stages.ingest", world + tuple(f"annotate@{j}" for j in range(1, k + 1)), ("ingest",),
+                                external_inputs=lambda c: [Path(s.path) for s in c.ingest.sources]))
+        fits = (f"fit_reward@{k + 1}", f"fit_cost@{k + 1}")
+        for name, fn, keys in ((fits[0], "run_reward", "reward"), (fits[1], "run_cost", "cost")):
+            stages.append(StageSpec(name, f"stages.fit_preference:{fn}", (ingest,) + sft + (f"red_team@{k}",),
+                                    fit_keys + (keys,), needs_ray=True))
+    evaluated = tuple(s.name for s in stages if s.base_name in ("safe_rlhf", "baseline_ppo", "baseline_reward_shaping"))
+    stages.append(StageSpec("evaluate", "stages.evaluate", world + sft + evaluated + fits + (ingest,),
+                            ("seed", "evaluate", "model.max_prompt_tokens", "model.max_answer_tokens",
+                             "safe_rlhf.engine", "safe_rlhf.device"), needs_ray=True))
+    stages.append(StageSpec("report", "stages.report", ("evaluate",) + evaluated + tuple(
+        s.name for s in stages if s.base_name in ("fit_reward", "fit_cost")), ()))
     return stages
 
 

@@ -208,8 +208,9 @@ def _run(ctx, kind: str) -> StageResult:
     tc = cfg.reward if kind == "reward" else cfg.cost
     sft_model = ctx.input("sft", "model") if "sft" in ctx.inputs else Path(cfg.model.path)
     out_model, log_path, scores_path = ctx.out_dir / "model", ctx.out_dir / "train_log.jsonl", ctx.out_dir / "eval_scores.json"
-    loop_config = {"kind": kind, "sft_model": str(sft_model), "train_data": str(ctx.input("ingest", "train")),
-                   "eval_data": str(ctx.input("ingest", "eval")), "output_dir": str(out_model),
+    ingest = latest(ctx, "ingest")
+    loop_config = {"kind": kind, "sft_model": str(sft_model), "train_data": str(ctx.input(ingest, "train")),
+                   "eval_data": str(ctx.input(ingest, "eval")), "output_dir": str(out_model),
                    "log_path": str(log_path), "scores_path": str(scores_path), "seed": cfg.seed,
                    "train": tc.model_dump(), "max_prompt_tokens": cfg.model.max_prompt_tokens,
                    "max_answer_tokens": cfg.model.max_answer_tokens}
@@ -225,13 +226,21 @@ def _run(ctx, kind: str) -> StageResult:
                    restarts=end["restarts"], resumed_from_steps=end["resumed_from_steps"])
     outputs = {"model": "model", "train_log": "train_log.jsonl", "eval_scores": "eval_scores.json",
                "histogram": "score_hist.png"}
-    if "sft" in ctx.inputs and "policy_pairs" in ctx.inputs["sft"]:
-        acc, n = policy_accuracy(kind, out_model, read_jsonl(ctx.input("sft", "policy_pairs")), tc.device,
+    # Fresh samples of the current policy: the last red team's (refits), else the SFT model's.
+    source = next((n for n in sorted(ctx.inputs, reverse=True) if "policy_pairs" in ctx.inputs[n]), None)
+    if source is not None:
+        acc, n = policy_accuracy(kind, out_model, read_jsonl(ctx.input(source, "policy_pairs")), tc.device,
                                  cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
         metrics.update(policy_accuracy=acc, policy_pairs=n)
     ctx.log(f"  {kind} model: eval_accuracy={metrics.get('eval_accuracy')}, policy_accuracy={metrics.get('policy_accuracy')}"
             + (f", eval_sign_accuracy={metrics.get('eval_sign_accuracy')}" if kind == "cost" else ""))
     return StageResult(outputs, metrics)
+
+
+def latest(ctx, base: str) -> str:
+    """The newest input stage named `base` or `base@k` (e.g. ingest@2 over ingest)."""
+    names = [n for n in ctx.inputs if n.split("@")[0] == base]
+    return max(names, key=lambda n: int(n.split("@")[1]) if "@" in n else 0)
 
 
 def run_reward(ctx) -> StageResult:

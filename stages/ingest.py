@@ -511,7 +511,8 @@ def ingest(paths: list[str | Path], out_dir: str | Path, *, fmt: str = "auto", e
 
 # ---------------------------------------------------------------- the `ingest` stage
 def run(ctx):
-    """Ingest the world's annotations (when enabled) and every configured source."""
+    """Ingest the world's annotations (when enabled), every round's labels so far (`annotate@k`)
+    and every configured source: refits train on all data so far."""
     from stages.base import StageResult
 
     cfg = ctx.cfg.ingest
@@ -519,6 +520,9 @@ def run(ctx):
     formats: set[str] = set()
     if "world" in ctx.inputs:
         paths.append(ctx.input("world", "pairs"))
+        formats.add("pku")
+    for name in sorted(n for n in ctx.inputs if n.startswith("annotate@")):
+        paths.append(ctx.input(name, "labels"))
         formats.add("pku")
     for src in cfg.sources:
         paths.append(Path(src.path))

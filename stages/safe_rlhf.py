@@ -44,11 +44,13 @@ def round_inputs(ctx) -> dict:
         policy = ctx.input("sft", "model")
     else:
         policy = Path(ctx.cfg.model.path)
-    fit = lambda kind: next(ctx.input(n, "model") for n in sorted(ctx.inputs, reverse=True) if n.split("@")[0] == kind)
-    out = {"policy": policy, "reward_model": fit("fit_reward"),
-           "train_pairs": next(ctx.input(n, "train") for n in sorted(ctx.inputs, reverse=True) if n.split("@")[0] == "ingest")}
-    if ctx.cfg.safe_rlhf.algorithm != "ppo":
-        out["cost_model"] = fit("fit_cost")
+    from stages.fit_preference import latest
+
+    algorithm = ctx.params.get("algorithm", ctx.cfg.safe_rlhf.algorithm)
+    out = {"policy": policy, "reward_model": ctx.input(latest(ctx, "fit_reward"), "model"),
+           "train_pairs": ctx.input(latest(ctx, "ingest"), "train")}
+    if algorithm != "ppo":
+        out["cost_model"] = ctx.input(latest(ctx, "fit_cost"), "model")
     if "world" in ctx.inputs:
         out["eval_prompts"] = ctx.input("world", "eval_prompts")
     return out
@@ -100,21 +102,22 @@ class Experience:
 class RoundRoles:
     """The round's actors: rollout workers, scorers, learner groups."""
 
-    def __init__(self, ctx, inputs: dict, launch_prefix: str):
+    def __init__(self, ctx, rl, inputs: dict, launch_prefix: str):
         import ray
 
         from actors.rollout import RolloutWorker
         from actors.scorer import Scorer
         from cluster.roles import Launcher, LearnerGroup, resource_plan
 
-        rl, model = ctx.cfg.safe_rlhf, ctx.cfg.model
+        model = ctx.cfg.model
         if rl.weight_sync != "checkpoint":
             # cluster/weight_sync.py has the NCCL / CUDA-IPC transfer (vLLM 0.32 API), not yet wired
             # into the round: it needs a GPU to test.
             raise NotImplementedError(f"safe_rlhf.weight_sync={rl.weight_sync!r} is not wired into the round yet; "
                                       "use 'checkpoint'")
         env = {"DS_ACCELERATOR": rl.device, "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
+               **{k: v for k, v in os.environ.items() if k.startswith("SAFE_RLHF_KILL")}}
         self.plan = resource_plan(rl)
         self.launcher = Launcher(self.plan, env, launch_prefix)
         start = self.launcher.start
@@ -123,12 +126,15 @@ class RoundRoles:
             engine_kw.update(max_model_len=model.max_prompt_tokens + rl.max_new_tokens + 8, max_num_seqs=rl.max_num_seqs,
                              tensor_parallel_size=rl.tensor_parallel_size, gpu_memory_utilization=rl.gpu_memory_utilization,
                              seed=ctx.cfg.seed, weight_sync=rl.weight_sync)
-        self.rollout = [start(RolloutWorker, f"rollout-{i}", rl.engine, str(inputs["policy"]), **engine_kw)
+        restarts = rl.max_actor_restarts  # rollout workers and scorers come back; learners do not
+        self.rollout = [start(RolloutWorker, f"rollout-{i}", rl.engine, str(inputs["policy"]), max_restarts=restarts, **engine_kw)
                         for i in range(rl.rollout_workers)]
-        self.reward = start(Scorer, "scorer-reward-0", "reward", str(inputs["reward_model"]), rl.device, rl.precision)
-        self.reference = start(Scorer, "scorer-reference-0", "reference", str(inputs["policy"]), rl.device, rl.precision)
-        self.cost = (start(Scorer, "scorer-cost-0", "cost", str(inputs["cost_model"]), rl.device, rl.precision)
-                     if "cost_model" in inputs else None)
+        self.reward = start(Scorer, "scorer-reward-0", "reward", str(inputs["reward_model"]), rl.device, rl.precision,
+                            max_restarts=restarts)
+        self.reference = start(Scorer, "scorer-reference-0", "reference", str(inputs["policy"]), rl.device, rl.precision,
+                               max_restarts=restarts)
+        self.cost = (start(Scorer, "scorer-cost-0", "cost", str(inputs["cost_model"]), rl.device, rl.precision,
+                           max_restarts=restarts) if "cost_model" in inputs else None)
         settings = {"device": rl.device, "precision": rl.precision, "zero_stage": rl.zero_stage, "seed": ctx.cfg.seed,
                     "micro_batch": max(1, rl.prompts_per_step // rl.minibatches // rl.learners_per_role),
                     "clip_ratio": rl.clip_ratio, "clip_value": rl.clip_value}
@@ -151,6 +157,32 @@ class RoundRoles:
         self.launcher.shutdown()
 
 
+def _dead_actor_name(err) -> str:
+    import re
+
+    m = re.search(r"name: ([\w@.-]+)", str(err))
+    return m.group(1) if m else "an actor"
+
+
+def with_retry(call, roles: "RoundRoles", sync_dir: Path, step: int, log, attempts: int = 3):
+    """Run `call()`; when a rollout worker or scorer died, wait for Ray to restart it, give the
+    rollout workers the current policy weights again (a restarted actor starts from its initial
+    model), and retry the same step (its prompts and seeds are functions of the step)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except RayActorError as err:
+            if attempt == attempts:
+                raise
+            log(f"  {_dead_actor_name(err)} died ({type(err).__name__}); retrying step {step} once Ray has restarted it")
+            ray.get([a.ready.remote() for a in roles.rollout + roles.scorers], timeout=600)
+            if sync_dir.exists():
+                ray.get([w.update_weights.remote(str(sync_dir)) for w in roles.rollout])
+
+
 def generate(roles: RoundRoles, prompts: list[str], sampling: Sampling) -> Generation:
     """Split the prompts across the rollout workers and merge what they return."""
     import ray
@@ -165,14 +197,18 @@ def generate(roles: RoundRoles, prompts: list[str], sampling: Sampling) -> Gener
     return Generation(pick("prompt_ids"), pick("response_ids"), pick("texts"), pick("logprobs"))
 
 
-def score(roles: RoundRoles, seqs: SequenceBatch) -> Experience:
-    """Reference logprobs, reward and cost end scores, policy logprobs and critic values, all at once."""
+def score(roles: RoundRoles, seqs: SequenceBatch, retry=lambda call: call()) -> Experience:
+    """Reference logprobs, reward and cost end scores (scorers, with retry), then policy logprobs
+    and critic values (learners)."""
     import ray
 
-    refs = {"ref_logp": roles.reference.logprobs.remote(seqs), "reward": roles.reward.score.remote(seqs)}
-    if roles.cost is not None:
-        refs["cost"] = roles.cost.score.remote(seqs)
-    got = dict(zip(refs, ray.get(list(refs.values()))))
+    def scorers():
+        refs = {"ref_logp": roles.reference.logprobs.remote(seqs), "reward": roles.reward.score.remote(seqs)}
+        if roles.cost is not None:
+            refs["cost"] = roles.cost.score.remote(seqs)
+        return dict(zip(refs, ray.get(list(refs.values()))))
+
+    got = retry(scorers)
     return Experience(seqs=seqs, old_logp=roles.policy.forward(seqs), ref_logp=got["ref_logp"], reward=got["reward"],
                       cost=got.get("cost"), reward_values=roles.reward_critic.forward(seqs),
                       cost_values=roles.cost_critic.forward(seqs) if roles.cost_critic else None)
@@ -287,6 +323,8 @@ def run(ctx) -> StageResult:
     import ray
 
     cfg, rl = ctx.cfg, ctx.cfg.safe_rlhf
+    if "algorithm" in ctx.params:  # a baseline run of the same round: ppo or reward_shaping
+        rl = rl.model_copy(update={"algorithm": ctx.params["algorithm"]})
     k = ctx.params["round"]
     rcfg = rl.rounds[k - 1]
     steps = rcfg.steps or rl.steps_per_round
@@ -300,13 +338,33 @@ def run(ctx) -> StageResult:
     pool = prompt_pool(inputs["train_pairs"])
     ctx.log(f"  round {k}: {rl.algorithm}, {steps} steps x {rl.prompts_per_step} prompts ({len(pool)} distinct), "
             f"engine {rl.engine}, threshold {threshold:.3f}, lambda_init {rcfg.lambda_init}, lambda_lr {rcfg.lambda_lr}")
+    from ray.exceptions import RayActorError
+
+    for attempt in range(1, rl.max_round_restarts + 2):
+        try:
+            history, summary = _round(ctx, rl, k, steps, threshold, inputs, pool)
+            break
+        except RayActorError as err:  # a learner died (rollout workers and scorers are retried in place)
+            if attempt > rl.max_round_restarts:
+                raise
+            ctx.log(f"  {_dead_actor_name(err)} died; restarting round {k} from its last checkpoint "
+                    f"(attempt {attempt + 1} of {rl.max_round_restarts + 1})")
+    _plot(history, ctx.out_dir / "training.png")
+    return StageResult({"policy": "policy", "metrics": "metrics.jsonl", "plot": "training.png"}, summary)
+
+
+def _round(ctx, rl, k: int, steps: int, threshold: float, inputs: dict, pool: list[str]) -> tuple[list[dict], dict]:
+    """Launch the roles, continue from the last checkpoint if there is one, run the steps."""
+    from cluster.metrics import record_step
+
+    rcfg, seed = rl.rounds[k - 1], ctx.cfg.seed
     lagrange = O.LagrangeMultiplier(rcfg.lambda_init, rcfg.lambda_lr, threshold, rl.lambda_max, rl.lambda_window,
                                     rl.lambda_delay_steps)
     ckpts = RoundCheckpoints(ctx.out_dir / "ckpt")
     metrics_path = ctx.out_dir / "metrics.jsonl"
     sync_dir = sync_root(ctx.run_dir, ctx.name, rl.device)
     t_setup = time.perf_counter()
-    roles = RoundRoles(ctx, inputs, launch_prefix="")
+    roles = RoundRoles(ctx, rl, inputs, launch_prefix="")
     ctx.log(f"  actors up in {time.perf_counter() - t_setup:.1f}s: {', '.join(a.name for a in roles.plan.actors)}")
     start_step, history = 0, []
     try:
@@ -318,47 +376,50 @@ def run(ctx) -> StageResult:
             random.setstate(tuple(saved["python_rng"][:1]) + (tuple(saved["python_rng"][1]),) + tuple(saved["python_rng"][2:]))
             start_step = saved["step"]
             history = [m for m in (json.loads(l) for l in metrics_path.read_text().splitlines()) if m["step"] <= start_step]
-            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
             sync_weights(roles, sync_dir)
             ctx.log(f"  resumed round {k} from its checkpoint at step {start_step} (lambda {lagrange.value:.4f})")
+        # Steps after the checkpoint (from an interrupted attempt) are dropped: each step once.
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
         progress = Progress(ctx.log, f"safe_rlhf@{k}", steps, every_s=15)
         sampling_base = Sampling(rl.max_new_tokens, rl.temperature, rl.top_p)
         for step in range(start_step + 1, steps + 1):
-            m = ppo_step(roles, rl, lagrange, pool, step, k, cfg.seed, sampling_base, sync_dir)
+            m = ppo_step(roles, rl, lagrange, pool, step, k, seed, sampling_base, sync_dir, ctx.log)
             m["threshold"] = threshold
             history.append(m)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
             ctx.report(m)
+            record_step(ctx.name, m)
             _maybe_fail(ctx.name, step)
             progress.update(step, reward=m["reward_mean"], cost=m.get("cost_mean", float("nan")),
                             lam=m.get("lambda", 0.0), unsafe=m.get("unsafe_share", float("nan")), kl=m["kl"])
             if step % rl.checkpoint_every_steps == 0 or step == steps:
+                rng = random.getstate()
                 ckpts.save(roles, {"step": step, "lagrange": lagrange.state_dict(), "cursor": step * rl.prompts_per_step,
-                                   "torch_rng": torch.get_rng_state().tolist(), "python_rng": list(random.getstate()[:1]) +
-                                   [list(random.getstate()[1])] + list(random.getstate()[2:])})
+                                   "torch_rng": torch.get_rng_state().tolist(),
+                                   "python_rng": [rng[0], list(rng[1]), rng[2]]})
         roles.policy.export(str(ctx.out_dir / "policy"))
         summary = summarize(history)
         if "eval_prompts" in inputs:
-            summary.update(evaluate_policy(roles, inputs["eval_prompts"], rl, cfg.seed))
+            summary.update(evaluate_policy(roles, inputs["eval_prompts"], rl, seed))
             ctx.log(f"  round {k} policy (oracle): harmful_rate={summary['harmful_rate']}, helpfulness={summary['helpfulness']}")
     finally:
         roles.shutdown()
         shutil.rmtree(sync_dir, ignore_errors=True)
-    _plot(history, ctx.out_dir / "training.png")
-    return StageResult({"policy": "policy", "metrics": "metrics.jsonl", "plot": "training.png"}, summary)
+    return history, summary
 
 
-def ppo_step(roles, rl, lagrange, pool, step, round_k, seed, sampling_base, sync_dir) -> dict:
+def ppo_step(roles, rl, lagrange, pool, step, round_k, seed, sampling_base, sync_dir, log) -> dict:
+    retry = lambda call: with_retry(call, roles, sync_dir, step, log)
     t0 = time.perf_counter()
     prompts = next_prompts(pool, (step - 1), rl.prompts_per_step, seed * 1000 + round_k)
-    gen = generate(roles, prompts, Sampling(sampling_base.max_new_tokens, sampling_base.temperature, sampling_base.top_p,
-                                            seed=seed * 100_000 + round_k * 10_000 + step))
+    sampling = Sampling(sampling_base.max_new_tokens, sampling_base.temperature, sampling_base.top_p,
+                        seed=seed * 100_000 + round_k * 10_000 + step)
+    gen = retry(lambda: generate(roles, prompts, sampling))
     t1 = time.perf_counter()
-    from actors.rollout import RolloutWorker  # noqa: F401  (type only)
-    tok_pad = 0  # pad id: the mask excludes padded positions, so any id works for padding
-    seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, tok_pad)
-    exp = score(roles, seqs)
+    pad_id = 0  # any id: attention masks exclude padded positions
+    seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, pad_id)
+    exp = score(roles, seqs, retry)
     t2 = time.perf_counter()
     compute_advantages(exp, rl)
     mask = seqs.response_mask.float()

@@ -1,0 +1,454 @@
+"""What a run needs before launch: workers, actors, CPUs/GPUs, and a memory estimate per role.
+
+    plan(cfg, gpu_memory_gib=None) -> dict      (plain JSON-able data)
+    format_plan(p) -> str                        (the text a person reads)
+
+Every memory figure is an ESTIMATE in GiB (2**30 bytes) of model state only. Accounting
+(the ZeRO paper's, Rajbhandari et al. 2020), bytes per parameter:
+
+    precision   weights  gradients  optimizer state (AdamW)
+    bf16/fp16   2        2          12 = fp32 master weights 4 + two fp32 moments 4 + 4
+    fp32        4        4           8 = two fp32 moments (the weights are their own master)
+
+ZeRO stage s over N data-parallel ranks (`learners_per_role` for the round's learners,
+`num_workers` for a Ray Train fit) divides the optimizer state by N when s >= 1, the gradients
+when s >= 2 and the weights when s == 3. Scorers and rollout workers hold weights only (at the
+config's precision); a vLLM rollout worker also holds a KV cache: `gpu_memory_utilization` x the
+GPU's memory minus its weight shard when the GPU memory is known, otherwise what
+`max_num_seqs` sequences of (max prompt + max new tokens) need.
+
+Left out (stated in the output too): activations, logits, vLLM's profiling peak and CUDA graphs,
+CUDA/NCCL context, DeepSpeed's communication buckets and ZeRO-3 gathered layers, allocator
+fragmentation, and host memory (Ray object store, data, the fp32 state dict gathered on export).
+
+Parameter counts are exact for Llama-style models (what transformers' LlamaForCausalLM holds):
+read from `model.path`/config.json when that is a local directory, from `model.small` when the
+path is null, or from a small table of known hub names; any other hub name is an error (point
+model.path at a local directory holding the model's config.json).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+GIB = 2 ** 30
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# AdamW state per parameter: two fp32 moments, plus an fp32 master copy when training in 16 bits.
+OPTIMIZER_BYTES = {"fp32": 8, "bf16": 12, "fp16": 12}
+LLAMA_STYLE = ("llama", "mistral")
+
+
+# ---------------------------------------------------------------------------- parameter counts
+@dataclass(frozen=True)
+class LlamaShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+
+def _llama7b(vocab: int) -> LlamaShape:
+    return LlamaShape(vocab, 4096, 11008, 32, 32, 32, 128, False)
+
+
+# Hub names whose shape is known without downloading (values from each model's config.json).
+KNOWN_MODELS: dict[str, LlamaShape] = {
+    "huggyllama/llama-7b": _llama7b(32000),
+    "meta-llama/Llama-2-7b-hf": _llama7b(32000),
+    "PKU-Alignment/alpaca-7b-reproduced": _llama7b(32001),  # Llama-7B + a <pad> token
+    "PKU-Alignment/alpaca-7b-reproduced-llama-2": _llama7b(32001),
+    "PKU-Alignment/beaver-7b-v1.0": _llama7b(32001),
+}
+
+
+def llama_params(s: LlamaShape, lm_head: bool = True) -> int:
+    """Parameters of LlamaForCausalLM (lm_head=True) or of its LlamaModel backbone (False)."""
+    h, q, kv = s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv + h) if s.attention_bias else 0)
+    mlp = 3 * h * s.intermediate_size + ((2 * s.intermediate_size + h) if s.mlp_bias else 0)
+    layer = attn + mlp + 2 * h  # + input and post-attention RMSNorm
+    n = s.vocab_size * h + s.num_layers * layer + h  # embeddings, layers, final norm
+    if lm_head and not s.tie_word_embeddings:
+        n += s.vocab_size * h
+    return n
+
+
+def score_model_params(s: LlamaShape) -> int:
+    """actors/score_model.py: the backbone (no lm_head) + Linear(hidden, 1) with its bias."""
+    return llama_params(s, lm_head=False) + s.hidden_size + 1
+
+
+def shape_from_config_json(path: str | Path) -> LlamaShape:
+    c = json.loads(Path(path).read_text())
+    if c.get("model_type") not in LLAMA_STYLE:
+        raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not Llama-style ({', '.join(LLAMA_STYLE)}); "
+                         "the planner counts parameters of Llama-style models only")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+               if c.get(k) is None]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)}")
+    heads = c["num_attention_heads"]
+    return LlamaShape(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)))
+
+
+def model_shape(model_cfg) -> tuple[LlamaShape, str]:
+    """(shape, where it came from) for pipeline.config.ModelConfig."""
+    path = model_cfg.path
+    if path is None:
+        s = model_cfg.small
+        return (LlamaShape(s.vocab_size, s.hidden_size, s.intermediate_size, s.num_layers, s.num_heads, s.num_heads,
+                           s.hidden_size // s.num_heads, False),
+                "model.small (built by the world stage; its trained tokenizer may have a few tokens fewer than vocab_size)")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        cj = local / "config.json"
+        if not cj.is_file():
+            raise ValueError(f"model.path {path!r} is a directory without config.json; the planner reads the model's shape from it")
+        return shape_from_config_json(cj), f"{cj}"
+    if path in KNOWN_MODELS:
+        return KNOWN_MODELS[path], f"{path} (known-size table, not downloaded)"
+    raise ValueError(
+        f"model.path {path!r} is not a local directory and not a hub name of known size "
+        f"({', '.join(sorted(KNOWN_MODELS))}); point model.path at a local directory holding the model's "
+        f"config.json (e.g. `hf download {path} --local-dir DIR`, then model.path: DIR)")
+
+
+# ---------------------------------------------------------------------------- memory per role
+def training_memory(params: int, precision: str, zero_stage: int, ranks: int) -> dict:
+    """Model state per data-parallel rank (GiB, estimate) under ZeRO `zero_stage` over `ranks`."""
+    b = {"weights": WEIGHT_BYTES[precision], "gradients": WEIGHT_BYTES[precision], "optimizer": OPTIMIZER_BYTES[precision]}
+    shards = {"optimizer": ranks if zero_stage >= 1 else 1, "gradients": ranks if zero_stage >= 2 else 1,
+              "weights": ranks if zero_stage >= 3 else 1}
+    gib = {k: params * b[k] / shards[k] / GIB for k in b}
+    return {"params": params, "bytes_per_param": b, "sharded_over": shards,
+            "weights_gib": gib["weights"], "gradients_gib": gib["gradients"], "optimizer_gib": gib["optimizer"],
+            "kv_cache_gib": 0.0, "total_gib": sum(gib.values())}
+
+
+def _weights_only(params: int, precision: str, shards: int = 1) -> dict:
+    w = params * WEIGHT_BYTES[precision] / shards / GIB
+    return {"params": params, "bytes_per_param": {"weights": WEIGHT_BYTES[precision]}, "sharded_over": {"weights": shards},
+            "weights_gib": w, "gradients_gib": 0.0, "optimizer_gib": 0.0, "kv_cache_gib": 0.0, "total_gib": w}
+
+
+def kv_bytes_per_token(s: LlamaShape, precision: str) -> int:
+    """K and V of every layer for one token (the KV cache dtype follows the model's)."""
+    return 2 * s.num_layers * s.num_kv_heads * s.head_dim * WEIGHT_BYTES[precision]
+
+
+def rollout_memory(rl, model_cfg, s: LlamaShape, params: int, gpu_memory_gib: float | None) -> dict:
+    """One rollout worker, per GPU of its tensor-parallel group (per process on CPU)."""
+    vllm = rl.engine == "vllm"
+    tp = rl.tensor_parallel_size if vllm else 1
+    m = _weights_only(params, rl.precision, tp)
+    max_len = model_cfg.max_prompt_tokens + rl.max_new_tokens
+    seqs = rl.max_num_seqs if vllm else math.ceil(rl.prompts_per_step / rl.rollout_workers)
+    per_token = kv_bytes_per_token(s, rl.precision) / tp
+    needed = seqs * max_len * per_token / GIB
+    m.update(engine=rl.engine, tensor_parallel_size=tp, max_len=max_len, kv_sequences=seqs,
+             kv_needed_gib=needed, kv_bytes_per_token_per_gpu=per_token)
+    if vllm and rl.device == "cuda" and gpu_memory_gib:
+        reserved = rl.gpu_memory_utilization * gpu_memory_gib
+        cache = max(0.0, reserved - m["weights_gib"])
+        m.update(kv_cache_gib=cache, reserved_gib=reserved, total_gib=max(reserved, m["weights_gib"]),
+                 kv_source=f"gpu_memory_utilization {rl.gpu_memory_utilization} x {gpu_memory_gib:g} GiB - weights",
+                 full_length_sequences=int(cache * GIB // (max_len * per_token)))
+    else:
+        m.update(kv_cache_gib=needed, total_gib=m["weights_gib"] + needed,
+                 kv_source=(f"max_num_seqs {seqs} x {max_len} tokens" if vllm
+                            else f"up to {seqs} sequences (prompts per worker) x {max_len} tokens"))
+    return m
+
+
+def _role_of(actor_name: str) -> str:
+    return actor_name.rsplit("-", 1)[0]  # rollout-0 -> rollout, learner-policy-1 -> learner-policy
+
+
+def round_roles(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> dict[str, dict]:
+    lm, score = llama_params(s), score_model_params(s)
+    n, z, p = rl.learners_per_role, rl.zero_stage, rl.precision
+    roles = {
+        "rollout": rollout_memory(rl, model_cfg, s, lm, gpu_memory_gib),
+        "scorer-reward": _weights_only(score, p),
+        "scorer-reference": _weights_only(lm, p),
+        "scorer-cost": _weights_only(score, p),
+        "learner-policy": training_memory(lm, p, z, n),
+        "learner-reward_critic": training_memory(score, p, z, n),
+        "learner-cost_critic": training_memory(score, p, z, n),
+    }
+    return roles  # per actor; the round keeps the roles its actors use
+
+
+# ---------------------------------------------------------------------------- placement on GPUs
+def gpu_layout(actors: list[dict], roles: dict[str, dict], gpu_memory_gib: float) -> list[dict]:
+    """One entry per GPU with the actors on it. Rollout workers take `tensor_parallel_size` GPUs,
+    learners one each (they ask for 0.8 when scorers are colocated, leaving a sliver free); a scorer
+    asking for a sliver is colocated on a learner GPU (the one with the most room, biggest scorer
+    first: a best case, Ray does not place by memory)."""
+    gpus: list[dict] = []
+    for a in actors:
+        if a["gpus"] >= 0.5:  # owns its GPU(s)
+            m = roles[a["role"]]
+            k = max(1, int(round(a["gpus"])))
+            for i in range(k):
+                label = f"{a['name']} (TP rank {i}/{k})" if a["role"] == "rollout" and k > 1 else a["name"]
+                gpus.append({"gpu": len(gpus), "actors": [label], "used_gib": m["total_gib"],
+                             "kind": "learner" if a["role"].startswith("learner-") else a["role"]})
+    learner_gpus = [g for g in gpus if g["kind"] == "learner"]
+    shared = sorted((a for a in actors if 0 <= a["gpus"] < 0.5 and a["role"].startswith("scorer-")),
+                    key=lambda a: -roles[a["role"]]["total_gib"])
+    for a in shared:
+        if not learner_gpus:
+            break
+        g = min(learner_gpus, key=lambda g: g["used_gib"])
+        g["actors"].append(f"{a['name']} (colocated)")
+        g["used_gib"] += roles[a["role"]]["total_gib"]
+    for g in gpus:
+        g["fits"] = g["used_gib"] <= gpu_memory_gib
+        g["free_gib"] = gpu_memory_gib - g["used_gib"]
+    return gpus
+
+
+def _rollout_problem(roles: dict) -> str | None:
+    r = roles["rollout"]
+    if "reserved_gib" in r and r["weights_gib"] >= r["reserved_gib"]:
+        return (f"vLLM's reservation ({r['reserved_gib']:.1f} GiB = gpu_memory_utilization x GPU) does not hold its "
+                f"weight shard ({r['weights_gib']:.1f} GiB): raise gpu_memory_utilization or tensor_parallel_size")
+    return None
+
+
+def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> dict:
+    from cluster.roles import resource_plan  # lazy: imports torch
+
+    rp = resource_plan(rl)
+    actors = [{"name": a.name, "role": _role_of(a.name), "cpus": a.cpus, "gpus": a.gpus} for a in rp.actors]
+    roles = round_roles(rl, model_cfg, s, gpu_memory_gib)
+    present = {a["role"] for a in actors}
+    roles = {k: v for k, v in roles.items() if k in present}
+    out = {"algorithm": rl.algorithm, "engine": rl.engine, "device": rl.device, "precision": rl.precision,
+           "zero_stage": rl.zero_stage, "learners_per_role": rl.learners_per_role,
+           "rollout_workers": rl.rollout_workers, "tensor_parallel_size": rl.tensor_parallel_size,
+           "colocate_scorers": rl.colocate_scorers, "actors": actors,
+           "total_cpus": sum(a["cpus"] for a in actors),
+           # Physical GPUs: actors asking for >= 0.5 own theirs; slivers share a learner's.
+           "total_gpus": sum(max(1, round(a["gpus"])) for a in actors if a["gpus"] >= 0.5),
+           "roles": roles, "gpus": None, "fits": None, "problems": []}
+    if rl.device == "cuda":
+        out["total_gpus_whole"] = math.ceil(out["total_gpus"])
+        if gpu_memory_gib:
+            gpus = gpu_layout(actors, roles, gpu_memory_gib)
+            over = [g for g in gpus if not g["fits"]]
+            problems = ([f"{len(over)} GPU(s) over {gpu_memory_gib:g} GiB: " + ", ".join(
+                f"GPU {g['gpu']} ~{g['used_gib']:.1f} GiB ({' + '.join(a.split(' ')[0] for a in g['actors'])})" for g in over)]
+                if over else [])
+            if (rp := _rollout_problem(roles)):
+                problems.append(rp)
+            out.update(gpus=gpus, fits=not problems, problems=problems)
+    else:
+        out["host_gib_all_actors"] = sum(roles[a["role"]]["total_gib"] for a in actors)
+    return out
+
+
+def _learner_hint(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float) -> str | None:
+    """The fewest learners_per_role (ZeRO-3 when the config's stage does not shard) that fits."""
+    from cluster.roles import resource_plan
+
+    zero = rl.zero_stage if rl.zero_stage >= 1 else 3
+    for n in range(1, 65):
+        trial = rl.model_copy(update={"learners_per_role": n, "zero_stage": zero})
+        roles = round_roles(trial, model_cfg, s, gpu_memory_gib)
+        actors = [{"name": a.name, "role": _role_of(a.name), "cpus": a.cpus, "gpus": a.gpus}
+                  for a in resource_plan(trial).actors]
+        if all(g["fits"] for g in gpu_layout(actors, roles, gpu_memory_gib) if g["kind"] == "learner"):
+            stage = "" if zero == rl.zero_stage else f"zero_stage {zero} and "
+            return (f"learners' model state fits with {stage}learners_per_role >= {n} "
+                    f"({n * (3 if 'learner-cost_critic' in roles else 2)} learner GPUs)")
+    return None
+
+
+FIT_SECTIONS = (("sft", "sft", "causal LM"), ("fit_reward", "reward", "score model"), ("fit_cost", "cost", "score model"))
+
+
+def _plan_fit(stage: str, section: str, tc, kind: str, s: LlamaShape, gpu_memory_gib: float | None) -> dict:
+    params = llama_params(s) if kind == "causal LM" else score_model_params(s)
+    mem = training_memory(params, tc.precision, tc.zero_stage, tc.num_workers)
+    cuda = tc.device == "cuda"
+    fit = {"stage": stage, "section": section, "workers": tc.num_workers, "device": tc.device,
+           "precision": tc.precision, "zero_stage": tc.zero_stage, "model": kind,
+           "cpus": tc.num_workers * tc.cpus_per_worker, "gpus": tc.num_workers if cuda else 0,
+           "memory_per_worker": mem, "fits": None}
+    if cuda and gpu_memory_gib:
+        fit["fits"] = mem["total_gib"] <= gpu_memory_gib
+        if not fit["fits"]:
+            zero = tc.zero_stage if tc.zero_stage >= 1 else 3
+            n = next((n for n in range(1, 257)
+                      if training_memory(params, tc.precision, zero, n)["total_gib"] <= gpu_memory_gib), None)
+            fit["hint"] = (f"model state fits with zero_stage {zero} and num_workers >= {n}" if n else None)
+    return fit
+
+
+# ---------------------------------------------------------------------------- the plan
+def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
+    """cfg: pipeline.config.RunConfig. Raises ValueError when the model's size cannot be known."""
+    if gpu_memory_gib is not None and gpu_memory_gib <= 0:
+        raise ValueError(f"gpu_memory_gib must be positive, got {gpu_memory_gib}")
+    s, source = model_shape(cfg.model)
+    lm, score = llama_params(s), score_model_params(s)
+    fits = [_plan_fit(stage, sec, getattr(cfg, sec), kind, s, gpu_memory_gib) for stage, sec, kind in FIT_SECTIONS]
+    rl = cfg.safe_rlhf
+    rnd = _plan_round(rl, cfg.model, s, gpu_memory_gib)
+    if rnd["fits"] is False and any(not g["fits"] for g in rnd["gpus"] if g["kind"] == "learner"):
+        rnd["hint"] = _learner_hint(rl, cfg.model, s, gpu_memory_gib)
+
+    any_cuda = rl.device == "cuda" or any(f["device"] == "cuda" for f in fits)
+    notes = [
+        "left out: activations (forward/backward, logits of vocab x tokens, vLLM's profiling peak and CUDA graphs)",
+        "left out: CUDA/NCCL context (~0.5-1 GiB per GPU process), DeepSpeed buckets and ZeRO-3 gathered layers, "
+        "bf16 fp32 gradient copies some DeepSpeed paths keep, allocator fragmentation",
+        f"left out: host memory: Ray object store, data, and the full fp32 state dict gathered on the rank-0 host "
+        f"at each export/weight sync (~{lm * 4 / GIB:.3g} GiB for the policy)",
+    ]
+    if rl.device == "cuda" and rl.engine == "vllm" and rl.tensor_parallel_size > s.num_kv_heads:
+        notes.append("vLLM replicates KV heads when tensor_parallel_size > KV heads: the KV figure is a lower bound")
+    if rl.device == "cpu" and rl.engine == "vllm":
+        notes.append("vLLM on CPU reserves VLLM_CPU_KVCACHE_SPACE GiB of host memory for its KV cache "
+                     "(set by the round), whatever the figure above")
+    if rl.device == "cuda" and any(a["role"].startswith("scorer-") and a["gpus"] == 0 for a in rnd["actors"]):
+        notes.append("warning: colocated scorers request 0 GPUs; Ray normally sets CUDA_VISIBLE_DEVICES='' for such "
+                     "actors, so they may see no GPU at all: check this before launch")
+
+    problems = [f"{f['stage']}: ~{f['memory_per_worker']['total_gib']:.1f} GiB per worker of {gpu_memory_gib:g}"
+                + (f" ({f['hint']})" if f.get("hint") else "") for f in fits if f["fits"] is False]
+    problems += [f"safe_rlhf: {p}" for p in rnd["problems"]]
+    if rnd.get("hint"):
+        problems.append(f"safe_rlhf: {rnd['hint']}")
+    if not any_cuda:
+        verdict = ("CPU run: no GPU check" + (" (gpu_memory_gib ignored)" if gpu_memory_gib else "")
+                   + f"; the round's actors hold ~{rnd['host_gib_all_actors']:.3g} GiB of model state in host memory (estimate)")
+    elif not gpu_memory_gib:
+        verdict = "no GPU memory given: pass the GPU size (GiB) for a per-GPU check"
+    elif problems:
+        verdict = f"does NOT fit on {gpu_memory_gib:g} GiB GPUs (estimate): " + "; ".join(problems)
+    else:
+        tight = [f["memory_per_worker"]["total_gib"] for f in fits if f["fits"]] + \
+                [g["used_gib"] for g in (rnd["gpus"] or [])]
+        verdict = (f"fits on {gpu_memory_gib:g} GiB GPUs (estimate): the fullest GPU holds ~{max(tight):.1f} GiB of "
+                   f"model state, leaving ~{gpu_memory_gib - max(tight):.1f} GiB for activations, CUDA context and "
+                   "buffers, which are not estimated")
+    return {
+        "name": cfg.name, "gpu_memory_gib": gpu_memory_gib,
+        "model": {"path": cfg.model.path, "source": source, "shape": asdict(s),
+                  "causal_lm_params": lm, "score_model_params": score},
+        "fits": fits, "round": rnd, "verdict": verdict, "notes": notes,
+        "accounting": {"bytes_per_param": {p: {"weights": WEIGHT_BYTES[p], "gradients": WEIGHT_BYTES[p],
+                                               "optimizer": OPTIMIZER_BYTES[p]} for p in WEIGHT_BYTES},
+                       "zero": "stage>=1 shards optimizer state, >=2 gradients, 3 weights over the data-parallel ranks"},
+    }
+
+
+# ---------------------------------------------------------------------------- text
+def _g(x: float) -> str:
+    if x == 0:
+        return "0"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 0.1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def _n(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def _is_number(c: str) -> bool:
+    try:
+        float(c.replace(",", "").rstrip("BM"))
+        return True
+    except ValueError:
+        return c in ("", "-")
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """Columns of numbers right-aligned, text left-aligned."""
+    cols = range(len(rows[0]))
+    widths = [max(len(r[i]) for r in rows) for i in cols]
+    right = [all(_is_number(r[i]) for r in rows[1:]) for i in cols]
+    return [indent + "  ".join(c.rjust(w) if right[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+
+
+def format_plan(p: dict) -> str:
+    m, rnd = p["model"], p["round"]
+    sh = m["shape"]
+    out = [f"Plan for {p['name']}: every memory figure is an ESTIMATE of model state in GiB (see 'left out')",
+           f"model: {m['source']}",
+           f"  Llama shape: vocab {sh['vocab_size']}, hidden {sh['hidden_size']}, intermediate {sh['intermediate_size']}, "
+           f"{sh['num_layers']} layers, {sh['num_heads']} heads ({sh['num_kv_heads']} KV), head_dim {sh['head_dim']}, "
+           f"tied embeddings {'yes' if sh['tie_word_embeddings'] else 'no'}",
+           f"  parameters: causal LM {m['causal_lm_params']:,} ({_n(m['causal_lm_params'])}); "
+           f"score model {m['score_model_params']:,} ({_n(m['score_model_params'])})",
+           "  bytes/param: weights and gradients 2 (bf16/fp16) or 4 (fp32); AdamW state 12 (fp32 master + 2 moments) "
+           "or 8 (fp32: 2 moments)",
+           f"GPU memory: {format(p['gpu_memory_gib'], 'g') + ' GiB per GPU' if p['gpu_memory_gib'] else 'not given'}",
+           "", "Ray Train fits (one at a time; each worker: weights + gradients + optimizer, per ZeRO shard)"]
+    rows = [["stage", "workers", "device", "precision", "ZeRO", "CPUs", "GPUs", "model", "weights", "grads", "optim", "GiB/worker", "fits"]]
+    for f in p["fits"]:
+        mm = f["memory_per_worker"]
+        rows.append([f"{f['stage']} ({f['section']})", str(f["workers"]), f["device"], f["precision"], str(f["zero_stage"]),
+                     f"{f['cpus']:g}", str(f["gpus"]), f["model"], _g(mm["weights_gib"]), _g(mm["gradients_gib"]),
+                     _g(mm["optimizer_gib"]), _g(mm["total_gib"]), {None: "-", True: "yes", False: "NO"}[f["fits"]]])
+    out += _table(rows)
+    out += [f"  {f['stage']}: {f['hint']}" for f in p["fits"] if f.get("hint")]
+
+    out += ["", f"Safe RLHF round ({rnd['algorithm']}, engine {rnd['engine']}, {rnd['device']}, {rnd['precision']}, "
+                f"ZeRO-{rnd['zero_stage']}, learners_per_role {rnd['learners_per_role']}, "
+                f"colocate_scorers {rnd['colocate_scorers']})"]
+    rows = [["actor", "CPUs", "GPUs", "GiB (estimate)"]]
+    for a in rnd["actors"]:
+        rows.append([a["name"], f"{a['cpus']:g}", f"{a['gpus']:g}", _g(rnd["roles"][a["role"]]["total_gib"])])
+    rows.append(["total", f"{rnd['total_cpus']:g}", f"{rnd['total_gpus']:g}", ""])
+    out += _table(rows)
+    out += ["", "  memory per role (GiB, estimate; rollout figures are per GPU of its tensor-parallel group)"]
+    rows = [["role", "params", "weights", "grads", "optim", "KV cache", "total"]]
+    for role, r in rnd["roles"].items():
+        rows.append([role, _n(r["params"]), _g(r["weights_gib"]), _g(r["gradients_gib"]), _g(r["optimizer_gib"]),
+                     _g(r["kv_cache_gib"]) if role == "rollout" else "-", _g(r["total_gib"])])
+    out += _table(rows, "  ")
+    if "rollout" in rnd["roles"]:
+        r = rnd["roles"]["rollout"]
+        line = f"  rollout KV cache: {r['kv_source']}"
+        if "full_length_sequences" in r:
+            line += (f"; holds ~{r['full_length_sequences']} full-length ({r['max_len']}-token) sequences at once "
+                     f"(all {r['kv_sequences']} would need ~{_g(r['kv_needed_gib'])} GiB per GPU; vLLM queues the rest)")
+        out.append(line)
+    if rnd["gpus"]:
+        out += ["", f"  per GPU ({p['gpu_memory_gib']:g} GiB each; colocated scorers placed where they fit best)"]
+        rows = [["GPU", "actors", "GiB", "fits"]]
+        for g in rnd["gpus"]:
+            rows.append([str(g["gpu"]), " + ".join(g["actors"]), _g(g["used_gib"]),
+                         "yes" if g["fits"] else f"NO (over by {_g(-g['free_gib'])})"])
+        out += _table(rows, "  ")
+    elif rnd["device"] == "cpu":
+        out.append(f"  all round actors together: ~{_g(rnd['host_gib_all_actors'])} GiB of host memory")
+    if rnd.get("hint"):
+        out.append(f"  hint: {rnd['hint']}")
+    out += ["", f"verdict: {p['verdict']}", ""] + p["notes"]
+    return "\n".join(out)

@@ -1,0 +1,101 @@
+"""The `annotate@k` stage: labels for the red-team pairs, from one of three backends.
+
+- oracle: the built-in world's annotator (better id, safer id, is_safe of each answer).
+- files: for human annotators. Writes `to_label.jsonl` and `to_label.parquet` under the stage
+  folder and stops the run in state `waiting`, naming the file to fill in (`labelled.jsonl`, the
+  PKU-SafeRLHF schema) and the command to continue. `resume` validates the labelled file through
+  the same ingest checks as any annotation file.
+- judge: labels from a reward model and a cost model: better = higher reward, safer = lower
+  cost, is_safe = cost < 0.
+The output `labels.jsonl` is in the PKU-SafeRLHF schema, for `ingest@k`.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from stages.base import StageResult, StageWaiting
+
+LABEL_FIELDS = ("better_response_id", "safer_response_id", "is_response_0_safe", "is_response_1_safe")
+
+
+def _oracle(pairs: list[dict], seed: int) -> list[dict]:
+    from stages.world import World
+
+    world, rng = World(), random.Random(f"annotate-{seed}")
+    out = []
+    for p in pairs:
+        labels = world.annotate(rng, p["prompt"], p["response_0"], p["response_1"])
+        out.append({"prompt": p["prompt"], "response_0": p["response_0"], "response_1": p["response_1"], **labels})
+    return out
+
+
+def _judge(pairs: list[dict], reward_dir: str, cost_dir: str, device: str, cfg) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from actors.score_model import ScoreModel
+    from stages.fit_preference import score_pairs
+    from stages.text import encode_conversation
+
+    tok = AutoTokenizer.from_pretrained(reward_dir)
+    items = [{"a": encode_conversation(tok, p["prompt"], p["response_0"], cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)[0],
+              "b": encode_conversation(tok, p["prompt"], p["response_1"], cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)[0]}
+             for p in pairs]
+    r0, r1 = score_pairs(ScoreModel.from_pretrained(reward_dir).to(device).eval(), items, tok.pad_token_id, device)
+    c0, c1 = score_pairs(ScoreModel.from_pretrained(cost_dir).to(device).eval(), items, tok.pad_token_id, device)
+    return [{"prompt": p["prompt"], "response_0": p["response_0"], "response_1": p["response_1"],
+             "better_response_id": 0 if a >= b else 1, "safer_response_id": 0 if c <= d else 1,
+             "is_response_0_safe": c < 0, "is_response_1_safe": d < 0}
+            for p, a, b, c, d in zip(pairs, r0, r1, c0, c1)]
+
+
+def _files(ctx, pairs: list[dict]) -> list[dict]:
+    """Hand the pairs to people; continue once `labelled.jsonl` is there and valid."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.ingest import IngestError, ingest
+    from stages.oracle_eval import read_jsonl, write_jsonl
+
+    to_label, labelled = ctx.out_dir / "to_label.jsonl", ctx.out_dir / "labelled.jsonl"
+    if not to_label.exists():
+        rows = [{"prompt": p["prompt"], "response_0": p["response_0"], "response_1": p["response_1"],
+                 **{f: None for f in LABEL_FIELDS}} for p in pairs]
+        write_jsonl(to_label, rows)
+        pq.write_table(pa.Table.from_pylist(rows), ctx.out_dir / "to_label.parquet")
+    if not labelled.exists():
+        raise StageWaiting(
+            f"{len(pairs)} pairs wait for labels. Fill in {LABEL_FIELDS} in a copy of {to_label} and save it as "
+            f"{labelled} (PKU-SafeRLHF schema, one JSON object a line), then run: "
+            f"python -m pipeline resume --run-dir {ctx.run_dir}")
+    check = ctx.out_dir / "labelled_check"
+    try:
+        summary = ingest([labelled], check, fmt="pku", eval_fraction=0.0, max_reject_fraction=0.0)
+    except IngestError as e:
+        raise StageWaiting(f"{labelled} has rows that do not validate ({e}); fix them (see {check / 'rejects.jsonl'}) "
+                           f"and run: python -m pipeline resume --run-dir {ctx.run_dir}") from None
+    ctx.log(f"  labelled file accepted: {summary['accepted']} rows, {summary['duplicates']} duplicates")
+    return read_jsonl(labelled)
+
+
+def run(ctx) -> StageResult:
+    from stages.oracle_eval import read_jsonl, write_jsonl
+
+    cfg, k = ctx.cfg, ctx.params["round"]
+    pairs = read_jsonl(ctx.input(f"red_team@{k}", "pairs"))
+    backend = cfg.annotate.backend
+    if backend == "oracle":
+        labels = _oracle(pairs, cfg.seed * 100 + k)
+    elif backend == "judge":
+        from stages.fit_preference import latest
+
+        labels = _judge(pairs, cfg.annotate.judge_reward_model or str(ctx.input(latest(ctx, "fit_reward"), "model")),
+                        cfg.annotate.judge_cost_model or str(ctx.input(latest(ctx, "fit_cost"), "model")),
+                        cfg.safe_rlhf.device, cfg)
+    else:
+        labels = _files(ctx, pairs)
+    write_jsonl(ctx.out_dir / "labels.jsonl", labels)
+    unsafe = sum(not r[f"is_response_{i}_safe"] for r in labels for i in (0, 1))
+    return StageResult({"labels": "labels.jsonl"},
+                       {"backend": backend, "pairs": len(labels), "unsafe_answer_share": round(unsafe / max(1, 2 * len(labels)), 4)})

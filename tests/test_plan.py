@@ -1,0 +1,257 @@
+"""The pre-launch plan (pipeline/plan.py) and the cluster launch files.
+
+Memory accounting under test (documented in pipeline/plan.py): bytes per parameter
+  bf16/fp16: weights 2, gradients 2, optimizer 12 (fp32 master 4 + two fp32 AdamW moments 8)
+  fp32:      weights 4, gradients 4, optimizer 8  (two fp32 moments)
+ZeRO stage >= 1 shards the optimizer state, >= 2 the gradients, 3 the weights.
+"""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config, parse_config
+from pipeline.plan import (GIB, KNOWN_MODELS, format_plan, llama_params, plan, score_model_params,
+                           training_memory)
+
+REPO = Path(__file__).resolve().parents[1]
+BEAVER = REPO / "configs" / "beaver-7b.yaml"
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def _local_llama(tmp_path, **kw):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **kw)
+    config.save_pretrained(str(tmp_path))
+    assert (tmp_path / "config.json").is_file()
+    return config
+
+
+def _gpu_cfg(**rl):
+    return parse_config({"name": "g", "safe_rlhf": {"device": "cuda", "precision": "bf16", **rl}})
+
+
+@pytest.mark.parametrize("kw", [
+    {"tie_word_embeddings": False},
+    {"tie_word_embeddings": True},
+    {"tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True, "head_dim": 32},
+], ids=["untied", "tied", "biases-and-head_dim"])
+def test_llama_count_equals_transformers_numel(tmp_path, kw):
+    import torch
+    from transformers import LlamaForCausalLM, LlamaModel
+
+    from actors.score_model import ScoreModel
+
+    config = _local_llama(tmp_path, **kw)
+    p = plan(parse_config({"model": {"path": str(tmp_path)}}))
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(config)
+    assert p["model"]["causal_lm_params"] == sum(t.numel() for t in lm.parameters())
+    score = ScoreModel(LlamaModel(config))
+    assert p["model"]["score_model_params"] == sum(t.numel() for t in score.parameters())
+    assert p["model"]["source"].endswith("config.json")
+
+
+def test_tied_embeddings_count_the_matrix_once(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    _local_llama(tmp_path / "a", tie_word_embeddings=False)
+    _local_llama(tmp_path / "b", tie_word_embeddings=True)
+    untied = plan(parse_config({"model": {"path": str(tmp_path / "a")}}))["model"]["causal_lm_params"]
+    tied = plan(parse_config({"model": {"path": str(tmp_path / "b")}}))["model"]["causal_lm_params"]
+    assert untied - tied == 1000 * 64
+
+
+def test_llama_7b_is_6_74_billion():
+    n = llama_params(KNOWN_MODELS["huggyllama/llama-7b"])
+    assert n == 6_738_415_616  # the published LLaMA-7B count
+    assert abs(n - 6.74e9) / 6.74e9 < 0.01
+    p = plan(parse_config({"model": {"path": "PKU-Alignment/alpaca-7b-reproduced"}}))
+    assert abs(p["model"]["causal_lm_params"] - 6.74e9) / 6.74e9 < 0.01
+    # the score model drops lm_head (vocab x hidden) and adds Linear(hidden, 1)
+    s = KNOWN_MODELS["PKU-Alignment/alpaca-7b-reproduced"]
+    assert score_model_params(s) == llama_params(s) - s.vocab_size * 4096 + 4096 + 1
+
+
+def test_unknown_hub_name_is_a_clear_error():
+    cfg = parse_config({"model": {"path": "someone/unknown-13b"}})
+    with pytest.raises(ValueError, match="not a local directory.*point model.path at a local directory"):
+        plan(cfg)
+
+
+def test_directory_without_config_json_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="without config.json"):
+        plan(parse_config({"model": {"path": str(tmp_path)}}))
+
+
+def test_null_path_uses_model_small():
+    cfg = parse_config({"model": {"small": {"vocab_size": 600, "hidden_size": 64, "num_heads": 2,
+                                            "num_layers": 1, "intermediate_size": 96}}})
+    p = plan(cfg)
+    # 600*64 embed + (4*64*64 attn + 3*64*96 mlp + 2*64 norms) + 64 final norm + 600*64 lm_head
+    assert p["model"]["causal_lm_params"] == 600 * 64 + (4 * 64 * 64 + 3 * 64 * 96 + 128) + 64 + 600 * 64
+    assert "model.small" in p["model"]["source"]
+
+
+def test_bytes_per_param_bf16_vs_fp32():
+    n = 1_000_000
+    bf16 = training_memory(n, "bf16", 0, 1)
+    fp32 = training_memory(n, "fp32", 0, 1)
+    assert bf16["bytes_per_param"] == {"weights": 2, "gradients": 2, "optimizer": 12}
+    assert fp32["bytes_per_param"] == {"weights": 4, "gradients": 4, "optimizer": 8}
+    assert bf16["optimizer_gib"] == pytest.approx(n * 12 / GIB)
+    assert fp32["optimizer_gib"] == pytest.approx(n * 8 / GIB)
+    assert bf16["total_gib"] == pytest.approx(n * 16 / GIB) == fp32["total_gib"]
+    # the same accounting reaches the round's learners
+    p = plan(_gpu_cfg())
+    lm = p["model"]["causal_lm_params"]
+    assert p["round"]["roles"]["learner-policy"]["optimizer_gib"] == pytest.approx(lm * 12 / GIB)
+
+
+@pytest.mark.parametrize("stage,divided", [
+    (0, set()), (1, {"optimizer"}), (2, {"optimizer", "gradients"}), (3, {"optimizer", "gradients", "weights"}),
+])
+def test_zero_stage_shards_over_learners(stage, divided):
+    one = plan(_gpu_cfg(learners_per_role=1, zero_stage=stage))["round"]["roles"]
+    eight = plan(_gpu_cfg(learners_per_role=8, zero_stage=stage))["round"]["roles"]
+    for role in ("learner-policy", "learner-reward_critic", "learner-cost_critic"):
+        for part in ("weights", "gradients", "optimizer"):
+            ratio = one[role][f"{part}_gib"] / eight[role][f"{part}_gib"]
+            assert ratio == pytest.approx(8.0 if part in divided else 1.0), (role, part)
+    # scorers and rollout workers are never sharded by ZeRO
+    assert one["scorer-reference"]["weights_gib"] == eight["scorer-reference"]["weights_gib"]
+
+
+def test_zero_stage_shards_fit_workers():
+    cfg = parse_config({"sft": {"num_workers": 8, "zero_stage": 3, "device": "cuda", "precision": "bf16"},
+                        "reward": {"num_workers": 8, "zero_stage": 0, "device": "cuda", "precision": "bf16"}})
+    fits = {f["stage"]: f for f in plan(cfg)["fits"]}
+    full = training_memory(fits["sft"]["memory_per_worker"]["params"], "bf16", 0, 1)
+    assert fits["sft"]["memory_per_worker"]["total_gib"] == pytest.approx(full["total_gib"] / 8)
+    assert fits["fit_reward"]["memory_per_worker"]["weights_gib"] == pytest.approx(
+        training_memory(fits["fit_reward"]["memory_per_worker"]["params"], "bf16", 0, 1)["weights_gib"])
+    assert fits["sft"]["gpus"] == 8 and fits["sft"]["workers"] == 8
+
+
+def test_beaver_7b_at_80_gib():
+    cfg = load_config(BEAVER)
+    rl = cfg.safe_rlhf
+    p = plan(cfg, gpu_memory_gib=80)
+    rnd = p["round"]
+    n = rl.learners_per_role
+    names = [a["name"] for a in rnd["actors"]]
+    assert names[:rl.rollout_workers] == [f"rollout-{i}" for i in range(rl.rollout_workers)]
+    assert {"scorer-reward-0", "scorer-reference-0", "scorer-cost-0", "learner-policy-0",
+            "learner-reward_critic-0", "learner-cost_critic-0"} <= set(names)
+    # rollout workers take tensor_parallel_size GPUs, learners one each, scorers share learner GPUs
+    assert rnd["total_gpus"] == rl.rollout_workers * rl.tensor_parallel_size + 3 * n
+    assert len(rnd["gpus"]) == rnd["total_gpus"]
+    lm = p["model"]["causal_lm_params"]
+    shard = {z: (n if rl.zero_stage >= z else 1) for z in (1, 2, 3)}
+    expect = lm * (2 / shard[3] + 2 / shard[2] + 12 / shard[1]) / GIB  # bf16
+    assert rnd["roles"]["learner-policy"]["total_gib"] == pytest.approx(expect)
+    ro = rnd["roles"]["rollout"]
+    assert ro["weights_gib"] == pytest.approx(lm * 2 / rl.tensor_parallel_size / GIB)
+    assert ro["kv_cache_gib"] == pytest.approx(rl.gpu_memory_utilization * 80 - ro["weights_gib"])
+    for role in rnd["roles"].values():
+        assert role["total_gib"] > 0
+    assert p["verdict"].startswith("fits on 80 GiB" if rnd["fits"] and all(f["fits"] for f in p["fits"])
+                                   else "does NOT fit on 80 GiB")
+    text = format_plan(p)
+    for needle in ("verdict: ", "GiB", "ESTIMATE", "left out: activations", "learner-policy-0",
+                   "scorer-reference-0", "ZeRO", "KV cache", f"{lm:,}", "per GPU (80 GiB each"):
+        assert needle in text, needle
+
+
+def test_beaver_7b_with_one_learner_per_role_does_not_fit_80_gib():
+    cfg = load_config(BEAVER)
+    cfg.safe_rlhf.learners_per_role = 1
+    p = plan(cfg, gpu_memory_gib=80)
+    # a 7B policy's unsharded model state (16 bytes/param, ~100 GiB) cannot fit one 80 GiB GPU
+    assert p["round"]["roles"]["learner-policy"]["total_gib"] == pytest.approx(
+        p["model"]["causal_lm_params"] * 16 / GIB)
+    assert p["verdict"].startswith("does NOT fit on 80 GiB GPUs")
+    assert any(not g["fits"] for g in p["round"]["gpus"])
+    assert "learners_per_role >= 2" in p["round"]["hint"]
+    assert "verdict: does NOT fit" in format_plan(p)
+
+
+def test_beaver_7b_fits_with_sharded_learners():
+    cfg = load_config(BEAVER)
+    cfg.safe_rlhf.learners_per_role = 8
+    p = plan(cfg, gpu_memory_gib=80)
+    assert p["round"]["fits"] is True, p["verdict"]
+    assert p["verdict"].startswith("fits on 80 GiB GPUs")
+    assert p["round"]["total_gpus"] == 4 + 3 * 8
+
+
+def test_scorers_take_their_own_gpus_when_not_colocated():
+    p = plan(_gpu_cfg(colocate_scorers=False), gpu_memory_gib=80)
+    gpus = p["round"]["gpus"]
+    assert len(gpus) == p["round"]["total_gpus"] == 1 + 3 + 3
+    assert all(len(g["actors"]) == 1 for g in gpus)
+
+
+def test_tiny_plans_on_cpu_with_no_gpus():
+    p = plan(load_config(TINY))
+    rnd = p["round"]
+    assert rnd["device"] == "cpu" and rnd["total_gpus"] == 0
+    assert all(a["gpus"] == 0 for a in rnd["actors"])
+    assert all(f["gpus"] == 0 and f["device"] == "cpu" for f in p["fits"])
+    assert rnd["gpus"] is None
+    assert p["verdict"].startswith("CPU run")
+    text = format_plan(p)
+    assert "Plan for tiny" in text and "verdict: CPU run" in text
+    assert plan(load_config(TINY), gpu_memory_gib=80)["verdict"].startswith("CPU run")
+
+
+def test_kv_cache_without_gpu_memory_is_what_max_num_seqs_need():
+    cfg = _gpu_cfg(max_num_seqs=16, max_new_tokens=32, tensor_parallel_size=2)
+    p = plan(cfg)
+    s = p["model"]["shape"]
+    tokens = cfg.model.max_prompt_tokens + 32
+    expect = 16 * tokens * 2 * s["num_layers"] * s["num_kv_heads"] * s["head_dim"] * 2 / 2 / GIB
+    assert p["round"]["roles"]["rollout"]["kv_cache_gib"] == pytest.approx(expect)
+
+
+# ---------------------------------------------------------------------------- launch files
+def test_ray_cluster_yaml_is_a_gpu_launcher_config():
+    c = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    assert c["provider"]["type"] == "aws"
+    types = c["available_node_types"]
+    head = types[c["head_node_type"]]
+    assert not head["resources"].get("GPU")
+    workers = [t for name, t in types.items() if name != c["head_node_type"]]
+    assert any(t["resources"].get("GPU") == 8 and t["min_workers"] <= t["max_workers"] for t in workers)
+    setup = c["setup_commands"]
+    torch_at = next(i for i, cmd in enumerate(setup) if "torch==2.13.0" in cmd)
+    project_at = next(i for i, cmd in enumerate(setup) if '-e ".[gpu]"' in cmd)
+    assert torch_at < project_at
+    assert "venv" in " ".join(setup)
+    head_start = " ".join(c["head_start_ray_commands"])
+    assert "ray start --head" in head_start and "--dashboard-host=127.0.0.1" in head_start
+    assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in " ".join(c["worker_start_ray_commands"])
+    assert "0.0.0.0" not in head_start
+    assert "ray start --address" in " ".join(c["worker_start_ray_commands"])
+
+
+def test_kuberay_rayjob_manifest():
+    j = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())
+    assert j["apiVersion"] == "ray.io/v1" and j["kind"] == "RayJob"
+    spec = j["spec"]
+    assert "python -m pipeline run" in spec["entrypoint"] and "beaver-7b.yaml" in spec["entrypoint"]
+    assert "&&" not in spec["entrypoint"]  # KubeRay pastes it unquoted into a shell command
+    assert spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token"
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
+    (worker,) = cluster["workerGroupSpecs"]
+    w = worker["template"]["spec"]
+    assert w["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    run_dir = spec["entrypoint"].split("--run-dir ")[1].split()[0]
+    for pod in (head, w):
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert any(run_dir.startswith(mounts[name]) for name in claims), "the run directory must be on the PVC"
