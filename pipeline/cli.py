@@ -2,7 +2,7 @@
 
     run      [--config C] [--run-dir D] [--until S]
                                                  run every stage that is not done (up to S)
-    resume   [--run-dir D] [--from-stage S | --only-stage S]
+    resume   [--run-dir D] [--from-stage S | --only-stage S] [--until S]
                                                  continue a run with its saved config
     status   [--run-dir D] [--json]              each stage's state and metrics
     validate CONFIG                              check a config; every invalid field by dotted path
@@ -109,7 +109,7 @@ def cmd_resume(args) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return _run(driver, from_stage=args.from_stage, only_stage=args.only_stage)
+    return _run(driver, from_stage=args.from_stage, only_stage=args.only_stage, until=args.until)
 
 
 def cmd_status(args) -> int:
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--run-dir", help="run directory; default: the last one `run` used (runs/LATEST)")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--from-stage", help="re-run this stage and everything after it, from scratch")
-    g.add_argument("--only-stage", help="re-run this stage alone, from its inputs")
+    g.add_argument("--only-stage", help="re-run this stage alone (from its checkpoints if it was interrupted)")
+    r.add_argument("--until", help="stop after this stage")
     r.set_defaults(fn=cmd_resume)
 
     r = sub.add_parser("status", help="each stage's state and metrics")

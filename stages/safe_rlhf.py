@@ -164,20 +164,41 @@ def _dead_actor_name(err) -> str:
     return m.group(1) if m else "an actor"
 
 
+class ActorCallFailed(Exception):
+    """A call to a named rollout worker or scorer failed because the actor died."""
+
+    def __init__(self, name: str, err: Exception):
+        super().__init__(f"{name}: {type(err).__name__}")
+        self.name = name
+
+
+def gather(named_refs: dict) -> dict:
+    """ray.get each actor's result, naming the actor whose call failed."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    out = {}
+    for name, ref in named_refs.items():
+        try:
+            out[name] = ray.get(ref)
+        except RayActorError as err:
+            raise ActorCallFailed(name, err) from err
+    return out
+
+
 def with_retry(call, roles: "RoundRoles", sync_dir: Path, step: int, log, attempts: int = 3):
     """Run `call()`; when a rollout worker or scorer died, wait for Ray to restart it, give the
     rollout workers the current policy weights again (a restarted actor starts from its initial
     model), and retry the same step (its prompts and seeds are functions of the step)."""
     import ray
-    from ray.exceptions import RayActorError
 
     for attempt in range(1, attempts + 1):
         try:
             return call()
-        except RayActorError as err:
+        except ActorCallFailed as err:
             if attempt == attempts:
                 raise
-            log(f"  {_dead_actor_name(err)} died ({type(err).__name__}); retrying step {step} once Ray has restarted it")
+            log(f"  {err.name} died; retrying step {step} once Ray has restarted it")
             ray.get([a.ready.remote() for a in roles.rollout + roles.scorers], timeout=600)
             if sync_dir.exists():
                 ray.get([w.update_weights.remote(str(sync_dir)) for w in roles.rollout])
@@ -189,9 +210,9 @@ def generate(roles: RoundRoles, prompts: list[str], sampling: Sampling) -> Gener
 
     n = len(roles.rollout)
     parts = [prompts[i::n] for i in range(n)]
-    gens = ray.get([w.generate.remote(p, Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p,
-                                                  sampling.seed * 131 + i))
-                    for i, (w, p) in enumerate(zip(roles.rollout, parts))])
+    gens = list(gather({f"rollout-{i}": w.generate.remote(p, Sampling(sampling.max_new_tokens, sampling.temperature,
+                                                                        sampling.top_p, sampling.seed * 131 + i))
+                        for i, (w, p) in enumerate(zip(roles.rollout, parts))}).values())
     order = [(i, j) for j in range(max(len(p) for p in parts)) for i in range(n) if j < len(parts[i])]
     pick = lambda field: [getattr(gens[i], field)[j] for i, j in order]
     return Generation(pick("prompt_ids"), pick("response_ids"), pick("texts"), pick("logprobs"))
@@ -203,10 +224,11 @@ def score(roles: RoundRoles, seqs: SequenceBatch, retry=lambda call: call()) -> 
     import ray
 
     def scorers():
-        refs = {"ref_logp": roles.reference.logprobs.remote(seqs), "reward": roles.reward.score.remote(seqs)}
+        refs = {"scorer-reference-0": roles.reference.logprobs.remote(seqs), "scorer-reward-0": roles.reward.score.remote(seqs)}
         if roles.cost is not None:
-            refs["cost"] = roles.cost.score.remote(seqs)
-        return dict(zip(refs, ray.get(list(refs.values()))))
+            refs["scorer-cost-0"] = roles.cost.score.remote(seqs)
+        got = gather(refs)
+        return {"ref_logp": got["scorer-reference-0"], "reward": got["scorer-reward-0"], "cost": got.get("scorer-cost-0")}
 
     got = retry(scorers)
     return Experience(seqs=seqs, old_logp=roles.policy.forward(seqs), ref_logp=got["ref_logp"], reward=got["reward"],

@@ -46,11 +46,11 @@ SMALL_PIPELINE = {
     "reward": {"epochs": 2, "checkpoint_every_steps": 10},
     "cost": {"epochs": 2, "checkpoint_every_steps": 10},
     "safe_rlhf": {"engine": "vllm", "rounds": [{"threshold": "auto", "lambda_init": 1.0, "lambda_lr": 0.5}],
-                  "steps_per_round": 6, "prompts_per_step": 16, "max_new_tokens": 32, "actor_lr": 5e-5,
+                  "steps_per_round": 6, "prompts_per_step": 16, "max_new_tokens": 40, "actor_lr": 5e-5,
                   "critic_lr": 5e-5, "checkpoint_every_steps": 2, "max_num_seqs": 64},
     "ray": {"num_cpus": 2, "include_dashboard": False},
 }
-SMALL_STAGES = ["world", "ingest", "sft", "fit_reward", "fit_cost", "safe_rlhf@1"]
+SMALL_STAGES = ["world", "ingest", "sft", "fit_reward", "fit_cost", "safe_rlhf@1", "evaluate", "report"]
 
 
 def write_yaml(path, data):

@@ -53,7 +53,8 @@ def test_run_until_stops_after_the_named_stage(tmp_path):
     out = run_cli("run", "--config", write_config(tmp_path), "--run-dir", tmp_path / "r", "--until", "ingest")
     assert "done  ingest" in out.stderr and "start sft" not in out.stderr
     status = json.loads(run_cli("status", "--run-dir", tmp_path / "r", "--json").stdout)
-    assert [s["state"] for s in status["stages"]] == ["done", "done"] + ["pending"] * 4
+    states = [s["state"] for s in status["stages"]]
+    assert states[:2] == ["done", "done"] and set(states[2:]) == {"pending"} and len(states) > 5
 
 
 def test_ingest_command_accounts_for_every_hh_row(tmp_path):

@@ -22,7 +22,7 @@ def manifest(run_dir, stage):
 def test_sft_model_is_helpful_but_unsafe(small_pipeline):
     m = manifest(small_pipeline["run_dir"], "sft")["metrics"]
     assert m["harmful_rate"] > 0.3  # like Alpaca-7B: it complies with harmful requests
-    assert m["helpfulness"] > 2.0  # and answers benign ones with facts
+    assert m["helpfulness"] > 1.5  # and answers benign ones with facts (an untrained model scores 0)
     assert m["eval_loss"] < m["eval_loss_curve"][0] * 1.01 and m["loss_curve"][-1] < m["loss_curve"][0]
 
 
@@ -43,6 +43,7 @@ def test_fit_metrics_appear_in_status_json(small_pipeline):
     status = json.loads(run_cli("status", "--run-dir", small_pipeline["run_dir"], "--json").stdout)
     by_name = {s["name"]: s for s in status["stages"]}
     assert [s["name"] for s in status["stages"]][:5] == ["world", "ingest", "sft", "fit_reward", "fit_cost"]
+    assert len(status["stages"]) == 8
     assert all(s["state"] == "done" for s in status["stages"])
     assert {"eval_accuracy", "policy_accuracy", "loss_curve"} <= set(by_name["fit_reward"]["metrics"])
     assert {"eval_accuracy", "eval_sign_accuracy", "policy_accuracy"} <= set(by_name["fit_cost"]["metrics"])

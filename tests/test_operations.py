@@ -23,7 +23,6 @@ def _two_round_config(tmp_path, **annotate):
     cfg["safe_rlhf"]["rounds"].append({"threshold": "auto", "lambda_init": 0.5, "lambda_lr": 0.5, "steps": 3})
     cfg["red_team"] = {"prompts": 32}
     cfg["annotate"] = {"backend": "files", **annotate}
-    cfg["reward"]["epochs"] = cfg["cost"]["epochs"] = 1
     path = tmp_path / "two_rounds.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -84,12 +83,17 @@ def _free_port():
 def test_ray_job_submit_of_a_short_pipeline(tmp_path):
     """A cluster the test starts (`ray start --head --block`, stopped by killing that process
     group), a real `ray job submit --working-dir .`, and the job's log."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    import tempfile
+
+    # As a user with the venv activated: the job's `python` is the project's interpreter.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     gcs, dash = _free_port(), _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
                              "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-                             f"--temp-dir={tmp_path / 'ray'}"], env=env, stdout=subprocess.PIPE,
+                             f"--temp-dir={ray_tmp}"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
@@ -98,6 +102,7 @@ def test_ray_job_submit_of_a_short_pipeline(tmp_path):
             probe = subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True, text=True)
             if probe.returncode == 0:
                 break
+            assert head.poll() is None, head.stdout.read()[-3000:]
             time.sleep(2)
         cfg = tmp_path / "job.yaml"
         cfg.write_text(yaml.safe_dump({"name": "job", "world": {"n_pairs": 200, "n_sft": 100},
@@ -118,6 +123,7 @@ def test_ray_job_submit_of_a_short_pipeline(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _round_again(small_pipeline, tmp_path, kill: str):
