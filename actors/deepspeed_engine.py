@@ -26,9 +26,12 @@ def full_state_dict(engine, rank: int) -> dict | None:
     import deepspeed
     import torch
 
-    params = list(engine.module.parameters())
+    def gather() -> dict | None:
+        if rank != 0:
+            return None
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()}
+
     if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()} if rank == 0 else None
-        return sd
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()} if rank == 0 else None
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            return gather()
+    return gather()

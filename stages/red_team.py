@@ -37,11 +37,9 @@ def run(ctx) -> StageResult:
     cfg, rl, k = ctx.cfg, ctx.cfg.safe_rlhf, ctx.params["round"]
     policy = ctx.input(f"safe_rlhf@{k}", "policy")
     prompts = red_team_prompts(cfg, k, None)
-    engine_kw = {"device": rl.device, "dtype": rl.precision, "max_prompt_tokens": cfg.model.max_prompt_tokens}
-    if rl.engine == "vllm":
-        engine_kw.update(max_model_len=cfg.model.max_prompt_tokens + rl.max_new_tokens + 8, max_num_seqs=rl.max_num_seqs,
-                         tensor_parallel_size=rl.tensor_parallel_size, gpu_memory_utilization=rl.gpu_memory_utilization,
-                         seed=cfg.seed)
+    from stages.safe_rlhf import rollout_engine_kwargs
+
+    engine_kw = rollout_engine_kwargs(cfg, rl)
     worker = ray.remote(RolloutWorker).options(
         name=f"redteam-rollout-{k}", num_cpus=rl.cpus_per_actor, num_gpus=rl.tensor_parallel_size if rl.device == "cuda" else 0,
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}},

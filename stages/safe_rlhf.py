@@ -99,6 +99,16 @@ class Experience:
     cost_returns: torch.Tensor | None = None
 
 
+def rollout_engine_kwargs(cfg, rl) -> dict:
+    """RolloutWorker settings from the config (shared with red teaming)."""
+    kw = {"device": rl.device, "dtype": rl.precision, "max_prompt_tokens": cfg.model.max_prompt_tokens}
+    if rl.engine == "vllm":
+        kw.update(max_model_len=cfg.model.max_prompt_tokens + rl.max_new_tokens + 8, max_num_seqs=rl.max_num_seqs,
+                  tensor_parallel_size=rl.tensor_parallel_size, gpu_memory_utilization=rl.gpu_memory_utilization,
+                  seed=cfg.seed, weight_sync=rl.weight_sync)
+    return kw
+
+
 class RoundRoles:
     """The round's actors: rollout workers, scorers, learner groups."""
 
@@ -121,11 +131,7 @@ class RoundRoles:
         self.plan = resource_plan(rl)
         self.launcher = Launcher(self.plan, env, launch_prefix)
         start = self.launcher.start
-        engine_kw = {"device": rl.device, "dtype": rl.precision, "max_prompt_tokens": model.max_prompt_tokens}
-        if rl.engine == "vllm":
-            engine_kw.update(max_model_len=model.max_prompt_tokens + rl.max_new_tokens + 8, max_num_seqs=rl.max_num_seqs,
-                             tensor_parallel_size=rl.tensor_parallel_size, gpu_memory_utilization=rl.gpu_memory_utilization,
-                             seed=ctx.cfg.seed, weight_sync=rl.weight_sync)
+        engine_kw = rollout_engine_kwargs(ctx.cfg, rl)
         restarts = rl.max_actor_restarts  # rollout workers and scorers come back; learners do not
         self.rollout = [start(RolloutWorker, f"rollout-{i}", rl.engine, str(inputs["policy"]), max_restarts=restarts, **engine_kw)
                         for i in range(rl.rollout_workers)]
