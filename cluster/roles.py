@@ -92,6 +92,18 @@ class Launcher:
         remove_placement_group(self.pg)
 
 
+class RemoteEngine:
+    """A rollout actor seen as an engine (`generate(prompts, sampling)`), for code that takes one."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def generate(self, prompts, sampling):
+        import ray
+
+        return ray.get(self.actor.generate.remote(prompts, sampling))
+
+
 def _split(n: int, parts: int) -> list[slice]:
     """Contiguous row ranges of a batch of n for `parts` ranks."""
     size = -(-n // parts)

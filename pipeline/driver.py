@@ -23,8 +23,6 @@ from pipeline.graph import StageSpec, build_graph, downstream_of
 from pipeline.rundir import RunDir, atomic_write_text, hash_path
 from stages.base import StageContext, StageResult, StageWaiting
 
-STATES = ("done", "running", "failed", "pending", "waiting")
-
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -88,10 +88,8 @@ def run(ctx) -> StageResult:
     if backend == "oracle":
         labels = _oracle(pairs, cfg.seed * 100 + k)
     elif backend == "judge":
-        from stages.fit_preference import latest
-
-        labels = _judge(pairs, cfg.annotate.judge_reward_model or str(ctx.input(latest(ctx, "fit_reward"), "model")),
-                        cfg.annotate.judge_cost_model or str(ctx.input(latest(ctx, "fit_cost"), "model")),
+        labels = _judge(pairs, cfg.annotate.judge_reward_model or str(ctx.input(ctx.latest("fit_reward"), "model")),
+                        cfg.annotate.judge_cost_model or str(ctx.input(ctx.latest("fit_cost"), "model")),
                         cfg.safe_rlhf.device, cfg)
     else:
         labels = _files(ctx, pairs)

@@ -30,6 +30,13 @@ class StageContext:
     # Latest figures of a running stage, shown by `status` while it runs.
     report: Callable[[dict], None] = field(default=lambda metrics: None)
 
+    def latest(self, base: str) -> str:
+        """The newest input stage named `base` or `base@k` (e.g. ingest@2 over ingest)."""
+        names = [n for n in self.inputs if n.split("@")[0] == base]
+        if not names:
+            raise KeyError(f"stage {self.name} has no input stage named {base!r} among {sorted(self.inputs)}")
+        return max(names, key=lambda n: int(n.split("@")[1]) if "@" in n else 0)
+
     def input(self, stage: str, output: str) -> Path:
         try:
             return self.inputs[stage][output]

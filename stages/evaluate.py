@@ -69,14 +69,13 @@ def arena(a: list[dict], b: list[dict]) -> dict:
 
 def run(ctx) -> StageResult:
     from actors.rollout import HFEngine, Sampling
-    from stages.fit_preference import latest
     from stages.oracle_eval import read_jsonl, write_jsonl
     from stages.text import format_prompt
     from stages.world import World
 
     cfg = ctx.cfg
     prompts = read_jsonl(ctx.input("world", "eval_prompts"))
-    reward_dir, cost_dir = ctx.input(latest(ctx, "fit_reward"), "model"), ctx.input(latest(ctx, "fit_cost"), "model")
+    reward_dir, cost_dir = ctx.input(ctx.latest("fit_reward"), "model"), ctx.input(ctx.latest("fit_cost"), "model")
     world = World()
     samples: dict[str, list[dict]] = {}
     for name, model_dir in _policies(ctx).items():

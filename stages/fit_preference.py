@@ -202,13 +202,12 @@ def _run(ctx, kind: str) -> StageResult:
 
     from cluster.train import run_trainer
     from stages.oracle_eval import read_jsonl
-    from stages.sft import read_log
 
     cfg = ctx.cfg
     tc = cfg.reward if kind == "reward" else cfg.cost
     sft_model = ctx.input("sft", "model") if "sft" in ctx.inputs else Path(cfg.model.path)
     out_model, log_path, scores_path = ctx.out_dir / "model", ctx.out_dir / "train_log.jsonl", ctx.out_dir / "eval_scores.json"
-    ingest = latest(ctx, "ingest")
+    ingest = ctx.latest("ingest")
     loop_config = {"kind": kind, "sft_model": str(sft_model), "train_data": str(ctx.input(ingest, "train")),
                    "eval_data": str(ctx.input(ingest, "eval")), "output_dir": str(out_model),
                    "log_path": str(log_path), "scores_path": str(scores_path), "seed": cfg.seed,
@@ -216,7 +215,7 @@ def _run(ctx, kind: str) -> StageResult:
                    "max_answer_tokens": cfg.model.max_answer_tokens}
     ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}")
     run_trainer(preference_loop, loop_config, tc, ctx.out_dir / "ray_train", ctx.name.replace("@", "-"))
-    end = [e for e in read_log(log_path) if e["event"] == "end"][-1]
+    end = [e for e in read_jsonl(log_path) if e["event"] == "end"][-1]
     history = end["history"]
     scores = json.loads(scores_path.read_text())
     _histogram(ctx.out_dir / "score_hist.png", kind, scores)
@@ -235,12 +234,6 @@ def _run(ctx, kind: str) -> StageResult:
     ctx.log(f"  {kind} model: eval_accuracy={metrics.get('eval_accuracy')}, policy_accuracy={metrics.get('policy_accuracy')}"
             + (f", eval_sign_accuracy={metrics.get('eval_sign_accuracy')}" if kind == "cost" else ""))
     return StageResult(outputs, metrics)
-
-
-def latest(ctx, base: str) -> str:
-    """The newest input stage named `base` or `base@k` (e.g. ingest@2 over ingest)."""
-    names = [n for n in ctx.inputs if n.split("@")[0] == base]
-    return max(names, key=lambda n: int(n.split("@")[1]) if "@" in n else 0)
 
 
 def run_reward(ctx) -> StageResult:

@@ -54,11 +54,9 @@ def run(ctx) -> StageResult:
         outputs = {"pairs": "pairs_to_label.jsonl"}
         metrics = {"prompts": len(prompts), "pairs": len(pairs), "harder_prompts": sum(p["form"] == "red_team" for p in prompts)}
         if "world" in ctx.inputs:
-            class _Remote:
-                def generate(self, prompts, sampling):
-                    return ray.get(worker.generate.remote(prompts, sampling))
+            from cluster.roles import RemoteEngine
 
-            fresh = policy_pairs(_Remote(), read_jsonl(ctx.input("world", "eval_prompts")),
+            fresh = policy_pairs(RemoteEngine(worker), read_jsonl(ctx.input("world", "eval_prompts")),
                                  Sampling(rl.max_new_tokens, 1.0, 1.0), seed=cfg.seed * 100 + k)
             write_jsonl(ctx.out_dir / "policy_pairs.jsonl", fresh)
             outputs["policy_pairs"] = "policy_pairs.jsonl"

@@ -44,13 +44,11 @@ def round_inputs(ctx) -> dict:
         policy = ctx.input("sft", "model")
     else:
         policy = Path(ctx.cfg.model.path)
-    from stages.fit_preference import latest
-
     algorithm = ctx.params.get("algorithm", ctx.cfg.safe_rlhf.algorithm)
-    out = {"policy": policy, "reward_model": ctx.input(latest(ctx, "fit_reward"), "model"),
-           "train_pairs": ctx.input(latest(ctx, "ingest"), "train")}
+    out = {"policy": policy, "reward_model": ctx.input(ctx.latest("fit_reward"), "model"),
+           "train_pairs": ctx.input(ctx.latest("ingest"), "train")}
     if algorithm != "ppo":
-        out["cost_model"] = ctx.input(latest(ctx, "fit_cost"), "model")
+        out["cost_model"] = ctx.input(ctx.latest("fit_cost"), "model")
     if "world" in ctx.inputs:
         out["eval_prompts"] = ctx.input("world", "eval_prompts")
     return out
@@ -212,8 +210,6 @@ def with_retry(call, roles: "RoundRoles", sync_dir: Path, step: int, log, attemp
 
 def generate(roles: RoundRoles, prompts: list[str], sampling: Sampling) -> Generation:
     """Split the prompts across the rollout workers and merge what they return."""
-    import ray
-
     n = len(roles.rollout)
     parts = [prompts[i::n] for i in range(n)]
     gens = list(gather({f"rollout-{i}": w.generate.remote(p, Sampling(sampling.max_new_tokens, sampling.temperature,
@@ -227,8 +223,6 @@ def generate(roles: RoundRoles, prompts: list[str], sampling: Sampling) -> Gener
 def score(roles: RoundRoles, seqs: SequenceBatch, retry=lambda call: call()) -> Experience:
     """Reference logprobs, reward and cost end scores (scorers, with retry), then policy logprobs
     and critic values (learners)."""
-    import ray
-
     def scorers():
         refs = {"scorer-reference-0": roles.reference.logprobs.remote(seqs), "scorer-reward-0": roles.reward.score.remote(seqs)}
         if roles.cost is not None:
@@ -348,8 +342,6 @@ def next_prompts(pool: list[str], step: int, batch: int, seed: int) -> list[str]
 
 
 def run(ctx) -> StageResult:
-    import ray
-
     cfg, rl = ctx.cfg, ctx.cfg.safe_rlhf
     if "algorithm" in ctx.params:  # a baseline run of the same round: ppo or reward_shaping
         rl = rl.model_copy(update={"algorithm": ctx.params["algorithm"]})
@@ -483,15 +475,10 @@ def _maybe_fail(stage: str, step: int) -> None:
 
 def evaluate_policy(roles: RoundRoles, eval_prompts: Path, rl, seed: int) -> dict:
     """The round's policy judged by the world's oracle on held-out prompts (rollout worker 0)."""
-    import ray
-
+    from cluster.roles import RemoteEngine
     from stages.oracle_eval import judge_policy, read_jsonl
 
-    class _Remote:
-        def generate(self, prompts, sampling):
-            return ray.get(roles.rollout[0].generate.remote(prompts, sampling))
-
-    metrics, _ = judge_policy(_Remote(), read_jsonl(eval_prompts), Sampling(rl.max_new_tokens, 1.0, 1.0, seed=seed + 17))
+    metrics, _ = judge_policy(RemoteEngine(roles.rollout[0]), read_jsonl(eval_prompts), Sampling(rl.max_new_tokens, 1.0, 1.0, seed=seed + 17))
     return metrics
 
 

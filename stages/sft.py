@@ -7,7 +7,6 @@ fresh pairs of its own samples, labelled by the oracle, for the fits' `policy_ac
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from stages.base import StageResult
@@ -69,12 +68,6 @@ def sft_loop(config: dict) -> None:
                 log_path=Path(config["log_path"])))
 
 
-def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run(ctx) -> StageResult:
     from actors.rollout import HFEngine, Sampling
     from cluster.train import run_trainer
@@ -89,7 +82,7 @@ def run(ctx) -> StageResult:
                    "max_prompt_tokens": cfg.model.max_prompt_tokens, "max_answer_tokens": cfg.model.max_answer_tokens}
     ctx.log(f"  Ray Train: {cfg.sft.num_workers} worker(s), {cfg.sft.device}, {cfg.sft.precision}, ZeRO-{cfg.sft.zero_stage}")
     run_trainer(sft_loop, loop_config, cfg.sft, ctx.out_dir / "ray_train", "sft")
-    events = read_log(log_path)
+    events = read_jsonl(log_path)
     end = [e for e in events if e["event"] == "end"][-1]
     history = end["history"]
 

@@ -13,6 +13,19 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory):
+    """The world's tokenizer (one token per world word) and a small untrained Llama, as one HF directory."""
+    from pipeline.config import SmallModelConfig
+    from stages.model_factory import build_small_llama, train_tokenizer
+    from stages.world import World
+
+    out = tmp_path_factory.mktemp("small_model")
+    tok = train_tokenizer(World().corpus(), 1536, out)
+    build_small_llama(SmallModelConfig(vocab_size=1536), tok, out, seed=0)
+    return out
+
+
 def small_config(**overrides):
     """A fast variant of configs/tiny.yaml for tests."""
     from pipeline.config import parse_config

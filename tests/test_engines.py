@@ -4,18 +4,12 @@ import torch
 
 from actors.experience import SequenceBatch, response_logprobs
 from actors.rollout import HFEngine, Sampling
-from pipeline.config import SmallModelConfig
-from stages.model_factory import build_small_llama, train_tokenizer
 from stages.text import format_prompt
-from stages.world import World
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engine_model")
-    tok = train_tokenizer(World().corpus(), 600, out)
-    build_small_llama(SmallModelConfig(vocab_size=600), tok, out, seed=1)
-    return out
+def model_dir(small_model_dir):
+    return small_model_dir
 
 
 def test_hf_engine_logprobs_equal_learner_logprobs_on_left_padded_prompts(model_dir):

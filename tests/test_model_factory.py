@@ -5,18 +5,12 @@ import sys
 
 import pytest
 
-from pipeline.config import SmallModelConfig
-from stages.model_factory import build_small_llama, train_tokenizer
 from stages.text import format_prompt
-from stages.world import World
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("small_model")
-    tok = train_tokenizer(World().corpus(), 1536, out)
-    build_small_llama(SmallModelConfig(vocab_size=1536), tok, out, seed=0)
-    return out
+def model_dir(small_model_dir):
+    return small_model_dir
 
 
 def test_tokenizer_round_trips_world_text_and_has_special_tokens(model_dir):
