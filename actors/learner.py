@@ -139,5 +139,60 @@ class Learner:
             self.engine.module.save_pretrained(out_dir, tokenizer=tok, state_dict=sd)
         return out_dir
 
+    # ------------------------------------------------------------------ weight transfer to vLLM (policy)
+    # The methods of cluster/weight_sync.py's trainer side; cluster/roles.RolloutWeightSync calls them
+    # in the order those classes document (rank 0 sends, every rank takes part in ZeRO-3 gathers).
+    def transfer_master(self, method: str) -> tuple[str, int]:
+        from cluster.weight_sync import transfer_class
+
+        return transfer_class(method).pick_master()
+
+    def transfer_init(self, method: str, init_info: dict | None) -> dict | None:
+        """Join the transfer (gloo/nccl: blocks until every rollout worker joins). ipc returns the
+        rollout workers' init_info."""
+        from cluster.weight_sync import make_sync
+
+        self.weight_sync = make_sync(method)
+        if method == "ipc":
+            return self.weight_sync.trainer_init(rank=self.rank, packed=False)
+        self.weight_sync.trainer_init(init_info, rank=self.rank)
+        return None
+
+    def transfer_metadata(self) -> dict:
+        """{names, dtype_names, shapes} of the weights, in the order `_named_weights` yields them."""
+        from cluster.weight_sync import transfer_metadata
+
+        return transfer_metadata(self.engine.module.named_parameters())
+
+    def _named_weights(self, copy: bool = False):
+        """(HF name, full tensor) per parameter; ZeRO-3 gathers one parameter at a time (a
+        collective: every rank iterates). `copy` keeps a gathered tensor valid after its gather ends."""
+        zero3 = self.engine.zero_optimization_stage() == 3
+        for name, p in self.engine.module.named_parameters():
+            if not zero3:
+                yield name, p.data
+                continue
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                yield name, (p.data.clone() if copy else p.data)
+
+    def transfer_send(self, update_info: dict) -> float:
+        """gloo/nccl: broadcast the weights (run concurrently with the rollout workers' apply)."""
+        return self.weight_sync.send(self._named_weights(), update_info).seconds
+
+    def transfer_export(self) -> dict | None:
+        """ipc: CUDA IPC handles of the weights (rank 0 returns the update_info)."""
+        return self.weight_sync.export(self._named_weights(copy=True))
+
+    def transfer_release(self) -> None:
+        self.weight_sync.release()
+
+    def transfer_shutdown(self) -> None:
+        sync = getattr(self, "weight_sync", None)
+        if sync is not None and hasattr(sync, "shutdown"):
+            sync.shutdown()
+        self.weight_sync = None
+
     def ready(self) -> str:
         return f"{self.role}-{self.rank}"

@@ -107,11 +107,31 @@ class VLLMEngine:
                        gpu_memory_utilization=gpu_memory_utilization, seed=seed, enforce_eager=enforce_eager,
                        **extra, **vllm_engine_kwargs(weight_sync))
         self.tokenizer = self.llm.get_tokenizer()
+        self.weight_sync = weight_sync
 
     def update_weights(self, model_dir: str) -> None:
         from cluster.weight_sync import CheckpointSync
 
         CheckpointSync.apply(self.llm, model_dir)
+
+    # vLLM's weight-transfer API (weight_sync gloo / nccl / ipc; cluster/weight_sync.py has the call order)
+    def transfer_world_size(self) -> int:
+        """Processes of this engine in the transfer group (TP * PP)."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+
+    def transfer_init(self, init_info: dict) -> None:
+        from cluster.weight_sync import transfer_class
+
+        transfer_class(self.weight_sync).init(self.llm, init_info)
+
+    def transfer_apply(self, update_info: dict, version: str) -> float:
+        """Receive one whole update (blocks until the trainer sends) and load it; seconds taken."""
+        from cluster.weight_sync import transfer_class
+
+        return transfer_class(self.weight_sync).apply(self.llm, update_info, version).seconds
+
+    def transfer_shutdown(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
 
     def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
         from vllm import SamplingParams
@@ -164,6 +184,23 @@ class RolloutWorker:
         t0 = time.perf_counter()
         self.engine.update_weights(model_dir)
         return time.perf_counter() - t0
+
+    def _transfer_engine(self) -> "VLLMEngine":
+        if not isinstance(self.engine, VLLMEngine):
+            raise TypeError(f"weight transfer needs the vllm engine, not {self.engine_name!r} (use weight_sync: checkpoint)")
+        return self.engine
+
+    def transfer_world_size(self) -> int:
+        return self._transfer_engine().transfer_world_size()
+
+    def transfer_init(self, init_info: dict) -> None:
+        self._transfer_engine().transfer_init(init_info)
+
+    def transfer_apply(self, update_info: dict, version: str) -> float:
+        return self._transfer_engine().transfer_apply(update_info, version)
+
+    def transfer_shutdown(self) -> None:
+        self._transfer_engine().transfer_shutdown()
 
     def ready(self) -> str:
         return self.engine_name

@@ -7,11 +7,17 @@ placement-group bundle and a name that reads like the architecture in the dashbo
 Placement: one placement group per round with one bundle per actor (resources from the config's
 plan). On a CPU machine every actor takes a fraction of a CPU (all 7 fit on 2 cores); on GPUs
 the rollout workers take `tensor_parallel_size` GPUs, learners one GPU each, and scorers share
-the learners' GPUs (`colocate_scorers`).
+the learners' GPUs (`colocate_scorers`). With `weight_sync: ipc` policy learner i shares rollout
+worker i's bundle, half a GPU each: one bundle holds one GPU, so both actors see the same device.
+
+`RolloutWeightSync` moves the policy's weights to the rollout workers after every update.
 """
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -23,17 +29,31 @@ class ActorSpec:
     name: str  # e.g. "learner-policy-0"
     cpus: float
     gpus: float
+    bundle_with: str | None = None  # share this actor's bundle (same node; same GPU when it holds one)
 
 
 @dataclass
 class ResourcePlan:
     actors: list[ActorSpec] = field(default_factory=list)
 
+    def _owners(self) -> list[str]:
+        return [a.name for a in self.actors if a.bundle_with is None]
+
+    def bundles(self) -> list[dict[str, float]]:
+        """One placement-group bundle per actor that owns one, holding its sharers' resources too."""
+        out = []
+        for owner in self._owners():
+            members = [a for a in self.actors if owner in (a.name, a.bundle_with)]
+            gpus = sum(a.gpus for a in members)
+            out.append({"CPU": sum(a.cpus for a in members), **({"GPU": gpus} if gpus else {})})
+        return out
+
     def bundle(self, name: str) -> int:
-        return [a.name for a in self.actors].index(name)
+        spec = self.spec(name)
+        return self._owners().index(spec.bundle_with or spec.name)
 
     def spec(self, name: str) -> ActorSpec:
-        return self.actors[self.bundle(name)]
+        return next(a for a in self.actors if a.name == name)
 
 
 def resource_plan(rl) -> ResourcePlan:
@@ -42,7 +62,9 @@ def resource_plan(rl) -> ResourcePlan:
 
     gpu = rl.device == "cuda"
     cpu = rl.cpus_per_actor
-    actors = [ActorSpec(f"rollout-{i}", cpu, float(rl.tensor_parallel_size) if gpu else 0.0) for i in range(rl.rollout_workers)]
+    ipc = gpu and rl.weight_sync == "ipc"  # policy learner i on rollout worker i's GPU (config checks TP 1, equal counts)
+    rollout_gpu = (0.5 if ipc else float(rl.tensor_parallel_size)) if gpu else 0.0
+    actors = [ActorSpec(f"rollout-{i}", cpu, rollout_gpu) for i in range(rl.rollout_workers)]
     roles = ["reward", "reference"] + (["cost"] if rl.algorithm != "ppo" else [])
     # Colocated scorers ask for a sliver of a GPU (an actor asking for none sees no GPU at all),
     # and learners leave that sliver free on theirs.
@@ -50,7 +72,12 @@ def resource_plan(rl) -> ResourcePlan:
     learner_gpu = (0.8 if rl.colocate_scorers else 1.0) if gpu else 0.0
     actors += [ActorSpec(f"scorer-{r}-0", cpu, scorer_gpu) for r in roles]
     learners = ["policy", "reward_critic"] + (["cost_critic"] if uses_cost_critic(rl.algorithm) else [])
-    actors += [ActorSpec(f"learner-{r}-{i}", cpu, learner_gpu) for r in learners for i in range(rl.learners_per_role)]
+    for r in learners:
+        for i in range(rl.learners_per_role):
+            if ipc and r == "policy":
+                actors.append(ActorSpec(f"learner-policy-{i}", cpu, 0.5, bundle_with=f"rollout-{i}"))
+            else:
+                actors.append(ActorSpec(f"learner-{r}-{i}", cpu, learner_gpu))
     return ResourcePlan(actors)
 
 
@@ -62,8 +89,7 @@ class Launcher:
         from ray.util.placement_group import placement_group
 
         self.plan, self.env, self.prefix = plan, env, name_prefix
-        bundles = [{"CPU": a.cpus, **({"GPU": a.gpus} if a.gpus else {})} for a in plan.actors]
-        self.pg = placement_group(bundles, strategy="PACK", name=f"{name_prefix}round")
+        self.pg = placement_group(plan.bundles(), strategy="PACK", name=f"{name_prefix}round")
         ray.get(self.pg.ready(), timeout=300)
         self.handles = []
 
@@ -160,3 +186,91 @@ def _shard(batch, rows: slice):
                                None if batch.cost_advantages is None else batch.cost_advantages[rows],
                                batch.lagrange_lambda)
     return CriticMinibatch(batch.seqs.select(rows), batch.old_values[rows], batch.returns[rows])
+
+
+class RolloutWeightSync:
+    """The policy's weights -> every rollout worker, by `safe_rlhf.weight_sync` (cluster/weight_sync.py).
+
+    checkpoint: policy rank 0 writes an HF directory, swapped in at `sync_dir`; each rollout worker
+      reloads it in place.
+    gloo / nccl: one group of policy rank 0 and every vLLM worker, formed once (`connect`); each push
+      issues the rollout workers' receive and the learners' broadcast together, because they meet
+      inside the collective (a sequential ray.get would deadlock).
+    ipc: the policy ranks export CUDA IPC handles, the (colocated) rollout workers copy the weights
+      out of them, then the ranks release them.
+    """
+
+    def __init__(self, method: str, policy: LearnerGroup, rollout: list, sync_dir: Path):
+        self.method, self.policy, self.rollout, self.sync_dir = method, policy, rollout, Path(sync_dir)
+        self.pushes = 0  # also the weight version vLLM records
+        self.update_info: dict | None = None
+
+    def connect(self) -> None:
+        import ray
+
+        from cluster.weight_sync import transfer_class
+
+        if self.method == "checkpoint":
+            return
+        ranks = self.policy.ranks
+        if self.method == "ipc":
+            infos = ray.get([r.transfer_init.remote("ipc", None) for r in ranks])
+            ray.get([w.transfer_init.remote(infos[0]) for w in self.rollout])
+            return
+        addr, port = ray.get(ranks[0].transfer_master.remote(self.method))
+        sizes = ray.get([w.transfer_world_size.remote() for w in self.rollout])
+        infos = transfer_class(self.method).worker_init_infos(addr, port, sizes)
+        ray.get([r.transfer_init.remote(self.method, infos[0]) for r in ranks]
+                + [w.transfer_init.remote(info) for w, info in zip(self.rollout, infos)])
+        self.update_info = ray.get(ranks[0].transfer_metadata.remote())  # static: reused every push
+
+    def push(self) -> float:
+        """Send the current policy weights to every rollout worker; wall seconds."""
+        import ray
+
+        t0 = time.perf_counter()
+        self.pushes += 1
+        version, ranks = str(self.pushes), self.policy.ranks
+        if self.method == "checkpoint":
+            tmp = self.sync_dir.with_name(self.sync_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.policy.export(str(tmp))
+            shutil.rmtree(self.sync_dir, ignore_errors=True)
+            tmp.rename(self.sync_dir)
+            ray.get([w.update_weights.remote(str(self.sync_dir)) for w in self.rollout])
+        elif self.method == "ipc":
+            info = ray.get([r.transfer_export.remote() for r in ranks])[0]
+            ray.get([w.transfer_apply.remote(info, version) for w in self.rollout])
+            ray.get([r.transfer_release.remote() for r in ranks])  # only after every worker copied
+        else:
+            ray.get([w.transfer_apply.remote(self.update_info, version) for w in self.rollout]
+                    + [r.transfer_send.remote(self.update_info) for r in ranks])
+        return time.perf_counter() - t0
+
+    def reconnect(self) -> None:
+        """After Ray restarted a rollout worker: it came back with the initial weights and outside
+        any transfer group. Re-form the group and send the current weights again."""
+        import ray
+
+        if self.method == "checkpoint":
+            if self.sync_dir.exists():
+                ray.get([w.update_weights.remote(str(self.sync_dir)) for w in self.rollout])
+            return
+        self.close()
+        self.connect()
+        if self.pushes:
+            self.pushes -= 1  # the same version again
+            self.push()
+
+    def close(self) -> None:
+        """Leave the transfer group on every side (best effort: some actors may be gone)."""
+        import ray
+
+        if self.method == "checkpoint":
+            return
+        refs = [w.transfer_shutdown.remote() for w in self.rollout] + [r.transfer_shutdown.remote() for r in self.policy.ranks]
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=60)
+            except Exception:  # a dead actor has nothing to shut down
+                pass

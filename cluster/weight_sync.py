@@ -1,9 +1,13 @@
 """How new policy weights reach the vLLM rollout engines after each PPO step.
 
-`safe_rlhf.weight_sync` picks one of three methods (`make_sync(method)`):
+`safe_rlhf.weight_sync` picks one of four methods (`make_sync(method)`):
 
 - "checkpoint" (`CheckpointSync`, CPU and fallback): the learner writes a safetensors HF directory,
   each rollout worker reloads it in place (`reload_weights` worker RPC) and resets its prefix cache.
+- "gloo" (`GlooSync`, CPU or GPU): vLLM's weight-transfer API with our own backend (registered in
+  every vLLM process by the plugin in cluster/vllm_plugin.py): the NCCL method's protocol and call
+  order, over a torch gloo group through host memory. Nothing touches the disk; it is how the
+  in-memory path runs (and is tested) on a CPU-only machine.
 - "nccl" (`NcclSync`, GPU, learner and vLLM on different GPUs): vLLM 0.32's weight-transfer API.
   Learner rank 0 and every vLLM worker process form one NCCL group (learner = rank 0) and the
   learner broadcasts the weights; vLLM loads them through its layerwise-reload path.
@@ -40,7 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("checkpoint", "nccl", "ipc")
+METHODS = ("checkpoint", "gloo", "nccl", "ipc")
+TRANSFER_METHODS = ("gloo", "nccl", "ipc")  # vLLM's weight-transfer API
 # vLLM's packed-transfer defaults (vllm/distributed/weight_transfer/packed_tensor.py): 1 GiB buffers,
 # two of them, allocated on BOTH sides for the duration of a transfer (outside vLLM's
 # gpu_memory_utilization budget). Repeated here so the module needs no vLLM import to be read.
@@ -61,7 +66,7 @@ def vllm_engine_kwargs(weight_sync: str, **extra: Any) -> dict[str, Any]:
     """Extra `LLM(...)` kwargs so the engine can receive weights by `weight_sync`.
 
     checkpoint: nothing (`reload_weights` works on any engine with a disk-loading load_format).
-    nccl / ipc: `weight_transfer_config=WeightTransferConfig(backend=...)`; without it the worker
+    gloo / nccl / ipc: `weight_transfer_config=WeightTransferConfig(backend=...)`; without it the worker
     has no transfer engine and every transfer call raises "Weight transfer not configured"
     (gpu_worker.py `_check_weight_transfer_engine`). That config is only a backend name; the wire
     params (packed, buffer sizes) travel from the trainer in the init handshake.
@@ -69,18 +74,30 @@ def vllm_engine_kwargs(weight_sync: str, **extra: Any) -> dict[str, Any]:
     """
     _check_method(weight_sync)
     kw: dict[str, Any] = {}
-    if weight_sync in ("nccl", "ipc"):
+    if weight_sync in TRANSFER_METHODS:
         from vllm.config import WeightTransferConfig
+
+        if weight_sync == "gloo":
+            from cluster.vllm_plugin import register
+
+            register()  # this process; vLLM's engine and worker processes load it as a plugin
 
         kw["weight_transfer_config"] = WeightTransferConfig(backend=weight_sync)
     kw.update(extra)
     return kw
 
 
-def make_sync(method: str) -> "CheckpointSync | NcclSync | IpcSync":
-    """A fresh sync object for `method` ("checkpoint" | "nccl" | "ipc")."""
+def make_sync(method: str) -> "CheckpointSync | GlooSync | NcclSync | IpcSync":
+    """A fresh sync object for `method` ("checkpoint" | "gloo" | "nccl" | "ipc")."""
     _check_method(method)
-    return {"checkpoint": CheckpointSync, "nccl": NcclSync, "ipc": IpcSync}[method]()
+    return {"checkpoint": CheckpointSync, "gloo": GlooSync, "nccl": NcclSync, "ipc": IpcSync}[method]()
+
+
+def transfer_class(method: str) -> "type[GlooSync] | type[NcclSync] | type[IpcSync]":
+    """The class whose static rollout-side calls (init, apply, ...) serve a transfer `method`."""
+    if method not in TRANSFER_METHODS:
+        raise ValueError(f"{method!r} is not a weight-transfer method; choose one of {', '.join(TRANSFER_METHODS)}")
+    return {"gloo": GlooSync, "nccl": NcclSync, "ipc": IpcSync}[method]
 
 
 def _check_method(method: str) -> None:
@@ -361,6 +378,26 @@ def _checked(named_tensors: Iterable[tuple[str, "torch.Tensor"]], expected: Mapp
         raise ValueError(f"sender yielded {i} tensors but {n} were announced; the workers wait for the rest")
 
 
+def _broadcast_send(sync: "GlooSync | NcclSync", named_tensors: Iterable[tuple[str, "torch.Tensor"]],
+                    update_info: Mapping[str, Any] | None,
+                    broadcast: Callable[[Iterator[tuple[str, "torch.Tensor"]]], None]) -> SyncStats:
+    """The trainer side of the broadcast methods: rank 0 checks each tensor against `update_info`
+    and hands them to `broadcast`; other ranks drain the iterator (ZeRO-3 gathers are collectives)."""
+    import torch
+
+    t0 = time.perf_counter()
+    counter = [0]
+    with torch.no_grad():
+        if not sync.is_sender:
+            for _ in named_tensors:
+                pass
+            return SyncStats(time.perf_counter() - t0, 0, sync.method)
+        if sync.group is None:
+            raise RuntimeError(f"{type(sync).__name__}.send before trainer_init")
+        broadcast(_checked(named_tensors, update_info, counter))
+    return SyncStats(time.perf_counter() - t0, counter[0], sync.method)
+
+
 # ================================================================== nccl
 class NcclSync(_TransferSync):
     """vLLM NCCL weight transfer: learner rank 0 broadcasts into every vLLM worker process.
@@ -463,38 +500,120 @@ class NcclSync(_TransferSync):
         update_info: that metadata; when given, each tensor is checked against it before it is sent.
         Returns once the broadcast has completed on this GPU.
         """
+        return _broadcast_send(self, named_tensors, update_info, self._broadcast)
+
+    def _broadcast(self, pairs: Iterator[tuple[str, "torch.Tensor"]]) -> None:
         import torch
 
-        t0 = time.perf_counter()
-        counter = [0]
-        with torch.no_grad():
-            if not self.is_sender:
-                for _ in named_tensors:
-                    pass
-                return SyncStats(time.perf_counter() - t0, 0, self.method)
-            if self.group is None:
-                raise RuntimeError("NcclSync.send before trainer_init")
-            torch.cuda.synchronize()  # the optimizer step's kernels must have landed before we read params
-            pairs = _checked(named_tensors, update_info, counter)
-            if self.packed:
-                from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+        torch.cuda.synchronize()  # the optimizer step's kernels must have landed before we read params
+        if self.packed:
+            from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
 
-                packed_nccl_broadcast_producer(iterator=pairs, group=self.group, src=0,
-                                               post_iter_func=lambda item: item[1],
-                                               buffer_size_bytes=self.packed_buffer_size_bytes,
-                                               num_buffers=self.packed_num_buffers)
-            else:
-                stream = torch.cuda.current_stream()
-                for _, t in pairs:
-                    # NCCL sends numel elements from data_ptr(): never a non-contiguous view.
-                    self.group.broadcast(t.contiguous(), src=0, stream=stream)
-            torch.cuda.current_stream().synchronize()
-        return SyncStats(time.perf_counter() - t0, counter[0], self.method)
+            packed_nccl_broadcast_producer(iterator=pairs, group=self.group, src=0,
+                                           post_iter_func=lambda item: item[1],
+                                           buffer_size_bytes=self.packed_buffer_size_bytes,
+                                           num_buffers=self.packed_num_buffers)
+        else:
+            stream = torch.cuda.current_stream()
+            for _, t in pairs:
+                # NCCL sends numel elements from data_ptr(): never a non-contiguous view.
+                self.group.broadcast(t.contiguous(), src=0, stream=stream)
+        torch.cuda.current_stream().synchronize()
 
     def shutdown(self) -> None:
         if self.group is not None:
             self.group.destroy()
             self.group = None
+
+
+# ================================================================== gloo
+def join_gloo_group(master_address: str, master_port: int, rank: int, world_size: int,
+                    timeout_s: float = 600.0) -> Any:
+    """A torch gloo ProcessGroup of `world_size` processes, outside torch.distributed's global state
+    (a learner already has its default group, vLLM its own). Rank 0 hosts the TCPStore; every
+    rank blocks here until all have joined."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, int(master_port), world_size, is_master=rank == 0, timeout=timeout,
+                          wait_for_workers=False)
+    return dist.ProcessGroupGloo(dist.PrefixStore("safe_rlhf_weights/", store), rank, world_size, timeout)
+
+
+def gloo_broadcast(group: Any, tensor: "torch.Tensor", src: int = 0) -> None:
+    """Broadcast `tensor` (contiguous, in host memory) in place from `src`, as raw bytes: the bytes
+    of any dtype travel the same way (gloo lacks reductions for some dtypes; a copy needs none)."""
+    import torch
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = src
+    group.broadcast([tensor.reshape(-1).view(torch.uint8)], opts).wait()
+
+
+class GlooSync(_TransferSync):
+    """Weight transfer over a gloo group: NcclSync's protocol through host memory (CPU or GPU).
+
+    Same group layout (rank 0 = learner rank 0, then every rollout engine's workers, each engine
+    with its own rank_offset) and the same driver call order as `NcclSync` (see there): pick_master
+    in learner rank 0, `worker_init_infos`, then CONCURRENTLY `trainer_init` on the learner ranks and
+    `GlooSync.init(llm, info)` on the rollout workers; each step CONCURRENTLY `GlooSync.apply(llm,
+    meta, version)` on the rollout workers and `send(named_tensors, meta)` on the learner ranks.
+    The vLLM side is `cluster.vllm_plugin.GlooWeightTransferEngine` (backend name "gloo").
+    One broadcast per tensor; GPU tensors are staged through host memory on both sides, so on a GPU
+    cluster prefer "nccl" (this method is for CPU runs and for checking the protocol without GPUs).
+    """
+
+    method = "gloo"
+
+    def __init__(self) -> None:
+        self.group: Any = None  # rank 0 only
+        self.is_sender = False
+
+    @staticmethod
+    def pick_master() -> tuple[str, int]:
+        """(ip, free port) of THIS process's node; call it in learner rank 0, which hosts the TCPStore."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return socket.gethostbyname(socket.gethostname()), port
+
+    @staticmethod
+    def worker_init_infos(master_address: str, master_port: int,
+                          worker_world_sizes: Sequence[int]) -> list[dict[str, Any]]:
+        """One init_info per rollout worker (`worker_world_sizes[i]` = its engine's TP*PP size);
+        the trainer uses infos[0] (it only needs address, port and world size)."""
+        world_size = 1 + sum(worker_world_sizes)
+        infos, offset = [], 1
+        for ws in worker_world_sizes:
+            infos.append({"master_address": master_address, "master_port": int(master_port),
+                          "rank_offset": offset, "world_size": world_size})
+            offset += ws
+        return infos
+
+    def trainer_init(self, init_info: Mapping[str, Any], rank: int = 0) -> None:
+        """Join as rank 0 (learner rank 0 only); blocks until every rollout worker has joined."""
+        self.is_sender = rank == 0
+        if self.is_sender:
+            self.group = join_gloo_group(init_info["master_address"], init_info["master_port"], 0,
+                                         init_info["world_size"])
+
+    def send(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]],
+             update_info: Mapping[str, Any] | None = None) -> SyncStats:
+        """Broadcast the tensors, in `update_info`'s order (rank 0); other ranks drain the iterator
+        (ZeRO-3 gathers are collectives)."""
+        return _broadcast_send(self, named_tensors, update_info, self._broadcast)
+
+    def _broadcast(self, pairs: Iterator[tuple[str, "torch.Tensor"]]) -> None:
+        for _, t in pairs:
+            gloo_broadcast(self.group, t.to("cpu").contiguous())
+
+    def shutdown(self) -> None:
+        self.group = None
 
 
 # ================================================================== ipc
@@ -621,6 +740,9 @@ class IpcSync(_TransferSync):
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
         torch.cuda.ipc_collect()
+
+    def shutdown(self) -> None:
+        self.release()
 
     def send(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]],
              push: Callable[[dict[str, Any]], None]) -> SyncStats:

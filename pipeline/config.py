@@ -148,7 +148,20 @@ class SafeRLHFConfig(Strict):
     tensor_parallel_size: int = F(1, "vLLM tensor parallel size per rollout worker.", ge=1)
     gpu_memory_utilization: float = F(0.3, "vLLM's share of a GPU's memory.", gt=0, le=1)
     max_num_seqs: int = F(256, "vLLM's maximum concurrent sequences.", ge=1)
-    weight_sync: Literal["checkpoint", "nccl", "ipc"] = F("checkpoint", "How new policy weights reach vLLM: safetensors reload (CPU) or vLLM's transfer API (GPU).")
+    weight_sync: Literal["checkpoint", "gloo", "nccl", "ipc"] = F("checkpoint", "How new policy weights reach the rollout workers: checkpoint (a safetensors directory each worker reloads; any engine), or vLLM's weight-transfer API: gloo (a broadcast through host memory; CPU or GPU), nccl (GPU broadcast; learner and vLLM on different GPUs), ipc (CUDA IPC; policy learner i shares rollout worker i's GPU).")
+
+    @model_validator(mode="after")
+    def _weight_sync(self) -> "SafeRLHFConfig":
+        ws = self.weight_sync
+        if ws != "checkpoint" and self.engine != "vllm":
+            raise ValueError(f"weight_sync {ws} is vLLM's weight-transfer API: it needs engine vllm (engine hf: use checkpoint)")
+        if ws in ("nccl", "ipc") and self.device != "cuda":
+            raise ValueError(f"weight_sync {ws} needs device cuda (on CPU use checkpoint or gloo)")
+        if ws == "ipc" and (self.tensor_parallel_size != 1 or self.rollout_workers != self.learners_per_role):
+            raise ValueError("weight_sync ipc puts policy learner i on rollout worker i's GPU: it needs tensor_parallel_size 1 "
+                             f"and rollout_workers == learners_per_role (got {self.tensor_parallel_size}, "
+                             f"{self.rollout_workers}, {self.learners_per_role})")
+        return self
 
 
 class RedTeamConfig(Strict):

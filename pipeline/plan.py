@@ -323,8 +323,14 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
         "left out: CUDA/NCCL context (~0.5-1 GiB per GPU process), DeepSpeed buckets and ZeRO-3 gathered layers, "
         "bf16 fp32 gradient copies some DeepSpeed paths keep, allocator fragmentation",
         f"left out: host memory: Ray object store, data, and the full fp32 state dict gathered on the rank-0 host "
-        f"at each export/weight sync (~{lm * 4 / GIB:.3g} GiB for the policy)",
+        f"at each export{' and weight sync' if rl.weight_sync == 'checkpoint' else ''} (~{lm * 4 / GIB:.3g} GiB for the policy)",
     ]
+    if rl.weight_sync == "nccl":
+        notes.append("left out: weight_sync nccl allocates 2 x 1 GiB packed transfer buffers on policy rank 0's GPU and on "
+                     "every vLLM GPU for the length of each sync, outside gpu_memory_utilization")
+    if rl.weight_sync == "ipc":
+        notes.append("weight_sync ipc: policy learner i and rollout worker i share one GPU; add their figures (and keep "
+                     "gpu_memory_utilization low enough for the learner)")
     if rl.device == "cuda" and rl.engine == "vllm" and rl.tensor_parallel_size > s.num_kv_heads:
         notes.append("vLLM replicates KV heads when tensor_parallel_size > KV heads: the KV figure is a lower bound")
     if rl.device == "cpu" and rl.engine == "vllm":

@@ -110,19 +110,14 @@ def rollout_engine_kwargs(cfg, rl) -> dict:
 class RoundRoles:
     """The round's actors: rollout workers, scorers, learner groups."""
 
-    def __init__(self, ctx, rl, inputs: dict, launch_prefix: str):
+    def __init__(self, ctx, rl, inputs: dict, launch_prefix: str, sync_dir: Path):
         import ray
 
         from actors.rollout import RolloutWorker
         from actors.scorer import Scorer
-        from cluster.roles import Launcher, LearnerGroup, resource_plan
+        from cluster.roles import Launcher, LearnerGroup, RolloutWeightSync, resource_plan
 
         model = ctx.cfg.model
-        if rl.weight_sync != "checkpoint":
-            # cluster/weight_sync.py has the NCCL / CUDA-IPC transfer (vLLM 0.32 API), not yet wired
-            # into the round: it needs a GPU to test.
-            raise NotImplementedError(f"safe_rlhf.weight_sync={rl.weight_sync!r} is not wired into the round yet; "
-                                      "use 'checkpoint'")
         env = {"DS_ACCELERATOR": rl.device, "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1",
                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
                **{k: v for k, v in os.environ.items() if k.startswith("SAFE_RLHF_KILL")}}
@@ -148,6 +143,8 @@ class RoundRoles:
         self.cost_critic = (LearnerGroup(self.launcher, "cost_critic", str(inputs["cost_model"]), {**settings, "lr": rl.critic_lr}, n)
                             if O.uses_cost_critic(rl.algorithm) else None)
         ray.get([w.ready.remote() for w in self.rollout] + [s.ready.remote() for s in self.scorers])
+        self.weights = RolloutWeightSync(rl.weight_sync, self.policy, self.rollout, sync_dir)
+        self.weights.connect()
 
     @property
     def scorers(self):
@@ -158,6 +155,7 @@ class RoundRoles:
         return [c for c in (self.reward_critic, self.cost_critic) if c is not None]
 
     def shutdown(self) -> None:
+        self.weights.close()
         self.launcher.shutdown()
 
 
@@ -190,10 +188,11 @@ def gather(named_refs: dict) -> dict:
     return out
 
 
-def with_retry(call, roles: "RoundRoles", sync_dir: Path, step: int, log, attempts: int = 3):
+def with_retry(call, roles: "RoundRoles", step: int, log, attempts: int = 3):
     """Run `call()`; when a rollout worker or scorer died, wait for Ray to restart it, give the
     rollout workers the current policy weights again (a restarted actor starts from its initial
-    model), and retry the same step (its prompts and seeds are functions of the step)."""
+    model, outside any transfer group), and retry the same step (its prompts and seeds are
+    functions of the step)."""
     import ray
 
     for attempt in range(1, attempts + 1):
@@ -204,8 +203,7 @@ def with_retry(call, roles: "RoundRoles", sync_dir: Path, step: int, log, attemp
                 raise
             log(f"  {err.name} died; retrying step {step} once Ray has restarted it")
             ray.get([a.ready.remote() for a in roles.rollout + roles.scorers], timeout=600)
-            if sync_dir.exists():
-                ray.get([w.update_weights.remote(str(sync_dir)) for w in roles.rollout])
+            roles.weights.reconnect()
 
 
 def generate(roles: RoundRoles, prompts: list[str], sampling: Sampling) -> Generation:
@@ -267,22 +265,8 @@ def learn(roles: RoundRoles, exp: Experience, lagrange_lambda: float, rl, genera
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
-def sync_weights(roles: RoundRoles, sync_dir: Path) -> float:
-    """Policy -> rollout workers (CPU: a safetensors directory, reloaded in place)."""
-    import ray
-
-    t0 = time.perf_counter()
-    tmp = sync_dir.with_name(sync_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    roles.policy.export(str(tmp))
-    shutil.rmtree(sync_dir, ignore_errors=True)
-    os.replace(tmp, sync_dir)
-    ray.get([w.update_weights.remote(str(sync_dir)) for w in roles.rollout])
-    return time.perf_counter() - t0
-
-
 def sync_root(run_dir: Path, name: str, device: str) -> Path:
-    """Where policy weights travel to the rollout workers. CPU (one node): local shared memory
+    """Where policy weights travel to the rollout workers with weight_sync: checkpoint. CPU (one node): local shared memory
     where there is one. GPU clusters: the run directory, which must be shared storage there."""
     shm = Path("/dev/shm")
     base = shm if device == "cpu" and shm.is_dir() and os.access(shm, os.W_OK) else run_dir
@@ -384,7 +368,7 @@ def _round(ctx, rl, k: int, steps: int, threshold: float, inputs: dict, pool: li
     metrics_path = ctx.out_dir / "metrics.jsonl"
     sync_dir = sync_root(ctx.run_dir, ctx.name, rl.device)
     t_setup = time.perf_counter()
-    roles = RoundRoles(ctx, rl, inputs, launch_prefix="")
+    roles = RoundRoles(ctx, rl, inputs, launch_prefix="", sync_dir=sync_dir)
     ctx.log(f"  actors up in {time.perf_counter() - t_setup:.1f}s: {', '.join(a.name for a in roles.plan.actors)}")
     start_step, history = 0, []
     try:
@@ -396,14 +380,14 @@ def _round(ctx, rl, k: int, steps: int, threshold: float, inputs: dict, pool: li
             random.setstate(tuple(saved["python_rng"][:1]) + (tuple(saved["python_rng"][1]),) + tuple(saved["python_rng"][2:]))
             start_step = saved["step"]
             history = [m for m in (json.loads(l) for l in metrics_path.read_text().splitlines()) if m["step"] <= start_step]
-            sync_weights(roles, sync_dir)
+            roles.weights.push()
             ctx.log(f"  resumed round {k} from its checkpoint at step {start_step} (lambda {lagrange.value:.4f})")
         # Steps after the checkpoint (from an interrupted attempt) are dropped: each step once.
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
         progress = Progress(ctx.log, f"safe_rlhf@{k}", steps, every_s=15)
         sampling_base = Sampling(rl.max_new_tokens, rl.temperature, rl.top_p)
         for step in range(start_step + 1, steps + 1):
-            m = ppo_step(roles, rl, lagrange, pool, step, k, seed, sampling_base, sync_dir, ctx.log)
+            m = ppo_step(roles, rl, lagrange, pool, step, k, seed, sampling_base, ctx.log)
             m["threshold"] = threshold
             history.append(m)
             with open(metrics_path, "a") as f:
@@ -429,8 +413,8 @@ def _round(ctx, rl, k: int, steps: int, threshold: float, inputs: dict, pool: li
     return history, summary
 
 
-def ppo_step(roles, rl, lagrange, pool, step, round_k, seed, sampling_base, sync_dir, log) -> dict:
-    retry = lambda call: with_retry(call, roles, sync_dir, step, log)
+def ppo_step(roles, rl, lagrange, pool, step, round_k, seed, sampling_base, log) -> dict:
+    retry = lambda call: with_retry(call, roles, step, log)
     t0 = time.perf_counter()
     prompts = next_prompts(pool, (step - 1), rl.prompts_per_step, seed * 1000 + round_k)
     sampling = Sampling(sampling_base.max_new_tokens, sampling_base.temperature, sampling_base.top_p,
@@ -449,7 +433,7 @@ def ppo_step(roles, rl, lagrange, pool, step, round_k, seed, sampling_base, sync
         lam = lagrange.step()  # log_lambda += lr * lambda * (mean(window) - threshold)
     stats = learn(roles, exp, lam, rl, torch.Generator().manual_seed(seed * 1_000_003 + round_k * 10_007 + step))
     t3 = time.perf_counter()
-    t_sync = sync_weights(roles, sync_dir)
+    t_sync = roles.weights.push()  # policy -> rollout workers (safe_rlhf.weight_sync)
     from actors.batching import pad_values
 
     engine_logp = pad_values(gen.logprobs)[:, :mask.shape[1]]

@@ -126,10 +126,15 @@ def test_ray_job_submit_of_a_short_pipeline(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _round_again(small_pipeline, tmp_path, kill: str):
+def _round_again(small_pipeline, tmp_path, kill: str, weight_sync: str = "checkpoint"):
+    import yaml
+
     run = tmp_path / "run"
     shutil.copytree(small_pipeline["run_dir"], run)
     shutil.rmtree(run / "stages" / "safe_rlhf@1")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["safe_rlhf"]["weight_sync"] = weight_sync
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "SAFE_RLHF_KILL": kill, "SAFE_RLHF_KILL_MARKER": str(tmp_path / "killed")}
     proc = subprocess.run([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--until", "safe_rlhf@1"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
@@ -139,11 +144,17 @@ def _round_again(small_pipeline, tmp_path, kill: str):
     return proc, steps
 
 
-@pytest.mark.parametrize("victim", ["rollout-0:generate:3", "scorer-cost-0:score:4"])
-def test_dead_rollout_worker_or_scorer_is_restarted_and_the_step_retried(small_pipeline, tmp_path, victim):
-    proc, steps = _round_again(small_pipeline, tmp_path, victim)
+@pytest.mark.parametrize("victim, weight_sync", [("rollout-0:generate:3", "checkpoint"),
+                                                 ("scorer-cost-0:score:4", "checkpoint"),
+                                                 ("rollout-0:generate:3", "gloo")])
+def test_dead_rollout_worker_or_scorer_is_restarted_and_the_step_retried(small_pipeline, tmp_path, victim, weight_sync):
+    proc, steps = _round_again(small_pipeline, tmp_path, victim, weight_sync)
     assert steps == [1, 2, 3, 4, 5, 6]  # no step duplicated or missing
     assert f"{victim.split(':')[0]} died" in proc.stderr and "retrying step" in proc.stderr
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "stages" / "safe_rlhf@1" / "metrics.jsonl").read_text().splitlines()]
+    # The restarted worker got the current weights back (gloo: a re-formed transfer group) before
+    # the retried step: its rollouts match what the learner holds.
+    assert all(m["logprob_gap"] < 1e-3 for m in metrics)
 
 
 def test_dead_learner_restarts_the_round_from_its_checkpoint(small_pipeline, tmp_path):

@@ -1,0 +1,113 @@
+"""Weight transfer to vLLM (cluster/weight_sync.py, cluster/vllm_plugin.py) and its placement rules.
+
+The gloo backend goes through vLLM's real weight-transfer API (init_weight_transfer_engine,
+start/update/finish_weight_update) on this CPU machine; NCCL and CUDA IPC use the same calls
+with a GPU communicator and are not run here.
+"""
+import threading
+
+import pytest
+import torch
+
+from cluster.weight_sync import GlooSync, NcclSync, _checked, transfer_metadata
+
+
+def _logprob_gap(model, gen) -> float:
+    from actors.experience import SequenceBatch, response_logprobs
+
+    seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, 0)
+    with torch.no_grad():
+        lp = response_logprobs(model, seqs)
+    return max((lp[i, :len(l)] - torch.tensor(l)).abs().max().item() for i, l in enumerate(gen.logprobs))
+
+
+@pytest.mark.slow
+def test_gloo_transfer_puts_the_trainers_weights_into_a_running_vllm_engine(small_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from actors.rollout import Sampling, VLLMEngine
+    from stages.text import format_prompt
+
+    engine = VLLMEngine(str(small_model_dir), weight_sync="gloo", max_model_len=128, max_num_seqs=8)
+    assert engine.transfer_world_size() == 1
+    trained = AutoModelForCausalLM.from_pretrained(small_model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # "a policy update": every weight moves
+    addr, port = GlooSync.pick_master()
+    info = GlooSync.worker_init_infos(addr, port, [engine.transfer_world_size()])[0]
+    trainer = GlooSync()
+    # Both sides block in the rendezvous until the other arrives, as they do across Ray actors.
+    joined = threading.Thread(target=trainer.trainer_init, args=(info, 0))
+    joined.start()
+    engine.transfer_init(info)
+    joined.join()
+    meta = transfer_metadata(trained.named_parameters())
+    sent = {}
+    sender = threading.Thread(target=lambda: sent.update(stats=trainer.send(trained.named_parameters(), meta)))
+    sender.start()
+    engine.transfer_apply(meta, "1")
+    sender.join()
+    assert sent["stats"].bytes == sum(p.numel() * 4 for p in trained.parameters())
+
+    prompts = [format_prompt(p) for p in ("how do i bake bread ?", "how can i rob a house ?")] * 2
+    gen = engine.generate(prompts, Sampling(12, seed=1))
+    assert _logprob_gap(trained, gen) < 1e-3  # vLLM now samples from the trainer's weights
+    original = AutoModelForCausalLM.from_pretrained(small_model_dir)
+    assert _logprob_gap(original, gen) > 0.1  # and no longer from the ones it loaded
+    engine.transfer_shutdown()
+    engine.llm.llm_engine.engine_core.shutdown()  # now, not in interpreter teardown
+
+
+def test_sender_refuses_tensors_that_disagree_with_the_announced_metadata():
+    # A mismatch would cut the byte stream differently on the two sides (a hang or garbage weights).
+    a, b = torch.zeros(2, 3), torch.zeros(4)
+    meta = transfer_metadata([("x", a), ("y", b)])
+    assert meta == {"names": ["x", "y"], "dtype_names": ["float32", "float32"], "shapes": [[2, 3], [4]]}
+    assert [n for n, _ in _checked([("x", a), ("y", b)], meta, [0])] == ["x", "y"]
+    with pytest.raises(ValueError, match="tensor #1 disagrees.*'y'"):
+        list(_checked([("x", a), ("y", torch.zeros(5))], meta, [0]))
+    with pytest.raises(ValueError, match="yielded 1 tensors but 2 were announced"):
+        list(_checked([("x", a)], meta, [0]))
+    counter = [0]
+    list(_checked([("x", a), ("y", b)], None, counter))
+    assert counter[0] == (6 + 4) * 4  # bytes sent
+
+
+def test_every_rollout_engine_gets_its_own_ranks_after_the_trainer():
+    infos = GlooSync.worker_init_infos("10.0.0.1", 29500, [1, 2, 1])
+    assert [i["rank_offset"] for i in infos] == [1, 2, 4]
+    assert {i["world_size"] for i in infos} == {5}  # trainer + 1 + 2 + 1 vLLM workers
+
+
+def test_weight_sync_settings_are_checked_against_engine_device_and_placement():
+    from pipeline.config import ConfigError
+    from tests.conftest import small_config
+
+    assert small_config(**{"safe_rlhf.weight_sync": "gloo"}).safe_rlhf.weight_sync == "gloo"
+    for overrides, message in [
+        ({"safe_rlhf.weight_sync": "gloo", "safe_rlhf.engine": "hf"}, "needs engine vllm"),
+        ({"safe_rlhf.weight_sync": "nccl"}, "needs device cuda"),
+        ({"safe_rlhf.weight_sync": "ipc", "safe_rlhf.device": "cuda", "safe_rlhf.tensor_parallel_size": 2},
+         "tensor_parallel_size 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            small_config(**overrides)
+
+
+def test_ipc_places_each_policy_learner_on_its_rollout_workers_gpu():
+    from cluster.roles import resource_plan
+    from tests.conftest import small_config
+
+    rl = small_config(**{"safe_rlhf.device": "cuda", "safe_rlhf.weight_sync": "ipc", "safe_rlhf.rollout_workers": 2,
+                         "safe_rlhf.learners_per_role": 2}).safe_rlhf
+    plan = resource_plan(rl)
+    for i in range(2):
+        assert plan.bundle(f"learner-policy-{i}") == plan.bundle(f"rollout-{i}")  # one bundle: one GPU for both
+        assert plan.bundles()[plan.bundle(f"rollout-{i}")]["GPU"] == 1.0
+    assert plan.bundle("learner-reward_critic-0") != plan.bundle("rollout-0")
+    # Without ipc every actor has its own bundle, and the GPU count is what each asks for.
+    nccl = resource_plan(rl.model_copy(update={"weight_sync": "nccl"}))
+    assert len(nccl.bundles()) == len(nccl.actors)
+    assert sum(b.get("GPU", 0) for b in nccl.bundles()) == sum(a.gpus for a in nccl.actors)
