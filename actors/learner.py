@@ -24,10 +24,12 @@ from actors.experience import (CriticMinibatch, PolicyMinibatch, SequenceBatch, 
 ROLES = ("policy", "reward_critic", "cost_critic")
 
 
-def _free_port() -> int:
+def host_and_free_port() -> tuple[str, int]:
+    """This node's address and a free port: a rendezvous point hosted by the calling process."""
     with socket.socket() as s:
         s.bind(("", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    return socket.gethostbyname(socket.gethostname()), port
 
 
 class Learner:
@@ -38,10 +40,11 @@ class Learner:
         self.role, self.model_dir, self.settings = role, model_dir, settings
         self.rank, self.world_size = rank, world_size
         self.engine = None
+        self.weight_sync = None  # cluster/weight_sync.py sender (policy, weight_sync != checkpoint)
 
     def master_address(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the group's rendezvous."""
-        return socket.gethostbyname(socket.gethostname()), _free_port()
+        return host_and_free_port()
 
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the group and build the engine. Called on every rank at once."""
@@ -189,9 +192,8 @@ class Learner:
         self.weight_sync.release()
 
     def transfer_shutdown(self) -> None:
-        sync = getattr(self, "weight_sync", None)
-        if sync is not None and hasattr(sync, "shutdown"):
-            sync.shutdown()
+        if self.weight_sync is not None:
+            self.weight_sync.shutdown()
         self.weight_sync = None
 
     def ready(self) -> str:

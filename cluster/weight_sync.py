@@ -90,7 +90,7 @@ def vllm_engine_kwargs(weight_sync: str, **extra: Any) -> dict[str, Any]:
 def make_sync(method: str) -> "CheckpointSync | GlooSync | NcclSync | IpcSync":
     """A fresh sync object for `method` ("checkpoint" | "gloo" | "nccl" | "ipc")."""
     _check_method(method)
-    return {"checkpoint": CheckpointSync, "gloo": GlooSync, "nccl": NcclSync, "ipc": IpcSync}[method]()
+    return CheckpointSync() if method == "checkpoint" else transfer_class(method)()
 
 
 def transfer_class(method: str) -> "type[GlooSync] | type[NcclSync] | type[IpcSync]":
@@ -575,12 +575,9 @@ class GlooSync(_TransferSync):
     @staticmethod
     def pick_master() -> tuple[str, int]:
         """(ip, free port) of THIS process's node; call it in learner rank 0, which hosts the TCPStore."""
-        import socket
+        from actors.learner import host_and_free_port
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return socket.gethostbyname(socket.gethostname()), port
+        return host_and_free_port()
 
     @staticmethod
     def worker_init_infos(master_address: str, master_port: int,
