@@ -94,7 +94,7 @@ def cmd_run(args) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    run_dir = Path(args.run_dir) if args.run_dir else RUNS / cfg.name
+    run_dir = (Path(args.run_dir) if args.run_dir else RUNS / cfg.name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     LATEST.parent.mkdir(parents=True, exist_ok=True)
     LATEST.write_text(str(run_dir) + "\n")

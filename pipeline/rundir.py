@@ -67,7 +67,9 @@ def _pid_alive(pid: int) -> bool:
 
 class RunDir:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        # Absolute: stage paths travel to Ray actors and Ray Train workers, whose working
+        # directory is not the driver's (a relative runs/tiny would not resolve there).
+        self.root = Path(root).resolve()
 
     @property
     def config_path(self) -> Path:

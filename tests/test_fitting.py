@@ -125,7 +125,9 @@ def test_two_workers_zero3_bf16_fit_over_gloo(small_pipeline, tmp_path):
     cfg["cost"].update(num_workers=2, zero_stage=3, precision="bf16", epochs=1)
     cfg_path = tmp_path / "z3.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    out = run_cli("run", "--config", cfg_path, "--run-dir", run, "--until", "fit_cost", timeout=900)
+    # A relative --run-dir, as the README's `runs/tiny`: Ray Train workers do not share the driver's cwd.
+    out = run_cli("run", "--config", cfg_path, "--run-dir", run.relative_to(tmp_path), "--until", "fit_cost",
+                  cwd=tmp_path, timeout=900)
     assert "skip  fit_reward" in out.stderr and "2 worker(s), cpu, bf16, ZeRO-3" in out.stderr
     log = [json.loads(l) for l in (run / "stages" / "fit_cost" / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["world_size"] == 2
