@@ -1,4 +1,5 @@
-"""What roles exchange: small frozen dataclasses whose fields say their shape and meaning.
+"""What roles exchange: small frozen dataclasses whose fields say their shape and meaning, and
+the one place that decides padding. A leaf module: torch only, no import from this project.
 
 Sequence layout (B sequences, P prompt columns, T response columns):
 
@@ -14,7 +15,37 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.batching import pad, pad_values
+
+def pad(seqs: list[list[int]], pad_id: int, side: str = "right", dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids [B, L], attention mask [B, L]) with L the longest sequence."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=dtype)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, sl] = torch.as_tensor(s, dtype=dtype)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def pad_values(rows: list[list[float]], side: str = "right", value: float = 0.0, dtype=torch.float32) -> torch.Tensor:
+    """Ragged float rows -> [B, L], padded with `value`."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        if r:
+            sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+            out[i, sl] = torch.as_tensor(r, dtype=dtype)
+    return out
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] position ids that start at 0 on each row's first real token (any padding side)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass(frozen=True)
@@ -43,28 +74,6 @@ class SequenceBatch:
         return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_width)
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_logprobs(model, batch: SequenceBatch) -> torch.Tensor:
-    """Log-probabilities of the response tokens under a causal LM: [B, T] (0 past each response)."""
-    P = batch.prompt_width
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=position_ids(batch.attention_mask)).logits  # [B, P+T, V]
-    logits = logits[:, P - 1:-1].float()  # the logits that predict response tokens: [B, T, V]
-    targets = batch.input_ids[:, P:]  # [B, T]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp * batch.response_mask
-
-
-def response_values(score_model, batch: SequenceBatch) -> torch.Tensor:
-    """A critic's value of the state before each response token: [B, T] (0 past each response)."""
-    P = batch.prompt_width
-    values, _ = score_model(batch.input_ids, batch.attention_mask)  # [B, P+T]
-    return values[:, P - 1:-1].float() * batch.response_mask
-
-
 @dataclass(frozen=True)
 class PolicyMinibatch:
     seqs: SequenceBatch
@@ -73,6 +82,11 @@ class PolicyMinibatch:
     cost_advantages: torch.Tensor | None  # [B, T]; None for reward-only algorithms
     lagrange_lambda: float  # lambda of this step (no gradient)
 
+    def select(self, rows) -> "PolicyMinibatch":
+        return PolicyMinibatch(self.seqs.select(rows), self.old_logp[rows], self.reward_advantages[rows],
+                               None if self.cost_advantages is None else self.cost_advantages[rows],
+                               self.lagrange_lambda)
+
 
 @dataclass(frozen=True)
 class CriticMinibatch:
@@ -80,6 +94,5 @@ class CriticMinibatch:
     old_values: torch.Tensor  # [B, T] critic values at rollout time
     returns: torch.Tensor  # [B, T] GAE returns
 
-
-__all__ = ["SequenceBatch", "PolicyMinibatch", "CriticMinibatch", "response_logprobs", "response_values",
-           "position_ids", "pad", "pad_values"]
+    def select(self, rows) -> "CriticMinibatch":
+        return CriticMinibatch(self.seqs.select(rows), self.old_values[rows], self.returns[rows])

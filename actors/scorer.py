@@ -1,60 +1,100 @@
 """The scorer role: batched forward only, no gradients.
 
-- `reward`, `cost`: a score model's end score per sequence, [B].
+- `reward`, `cost`: a score model's end score per sequence, [B] (`score`), or per (prompt, answer)
+  text pair (`score_texts`: evaluation, judge annotation, fresh-sample accuracy).
 - `reference`: per-token logprobs of the response under the reference policy, [B, T].
+- `safety`: an evaluation judge: a score-model directory (unsafe when its score > 0, like the cost
+  model) or a Hugging Face sequence-classification safety classifier (`score_texts` gives the
+  log-odds of its unsafe label, so > 0 again means unsafe). The unsafe label is the one whose name
+  contains "unsafe", "harm" or "toxic", else label 1.
 """
 from __future__ import annotations
 
 import torch
 
-from actors.experience import SequenceBatch, response_logprobs
+from actors.experience import SequenceBatch
+from actors.models import response_logprobs, torch_dtype
+from actors.score_model import end_scores
+from stages.text import encode_conversation, format_prompt
 
-ROLES = ("reward", "cost", "reference")
+ROLES = ("reward", "cost", "reference", "safety")
+UNSAFE_LABEL_WORDS = ("unsafe", "harm", "toxic")
 
 
 class Scorer:
-    def __init__(self, role: str, model_dir: str, device: str = "cpu", dtype: str = "fp32", batch_size: int = 128):
+    def __init__(self, role: str, model_dir: str, device: str = "cpu", dtype: str = "fp32", batch_size: int = 128,
+                 logprob_chunk: int | None = None):
         if role not in ROLES:
             raise ValueError(f"unknown scorer role {role!r}; choose one of {ROLES}")
-        from actors.rollout import _dtype
+        from actors.score_model import ScoreModel, is_score_model_dir
 
-        self.role, self.device, self.batch_size = role, device, batch_size
+        self.role, self.model_dir, self.device, self.batch_size = role, model_dir, device, batch_size
+        self.logprob_chunk = logprob_chunk  # reference: tokens whose logprobs are computed at once
+        self.classifier = role == "safety" and not is_score_model_dir(model_dir)
         if role == "reference":
             from transformers import AutoModelForCausalLM
 
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(dtype))
-        else:
-            from actors.score_model import ScoreModel
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+        elif self.classifier:
+            from transformers import AutoModelForSequenceClassification
 
-            self.model = ScoreModel.from_pretrained(model_dir, dtype=_dtype(dtype))
+            self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+            names = {i: str(n).lower() for i, n in self.model.config.id2label.items()}
+            self.unsafe_label = next((i for i, n in names.items() if any(w in n for w in UNSAFE_LABEL_WORDS)), 1)
+        else:
+            self.model = ScoreModel.from_pretrained(model_dir, dtype=torch_dtype(dtype))
         self.model.to(device).eval()
+        self._tokenizer = None
 
     @torch.no_grad()
     def score(self, batch: SequenceBatch) -> torch.Tensor:
         """reward/cost: [B] end scores (at each sequence's last real token)."""
         if self.role == "reference":
             raise TypeError("the reference scorer gives logprobs, not scores")
-        from actors.faults import maybe_die
-
-        maybe_die("score")
         out = []
         for s in range(0, len(batch), self.batch_size):
             chunk = batch.select(slice(s, s + self.batch_size)).to(self.device)
             out.append(self.model(chunk.input_ids, chunk.attention_mask)[1].float().cpu())
         return torch.cat(out)
 
+    def score_texts(self, prompts: list[str], answers: list[str], max_prompt_tokens: int, max_answer_tokens: int,
+                    contexts: list | None = None) -> list[float]:
+        """reward/cost: the end score of each answer to its prompt, encoded as in training
+        (template, answer, EOS; prompt truncated from the left, answer from the right)."""
+        if self.role == "reference":
+            raise TypeError("the reference scorer gives logprobs, not scores")
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        tok, contexts = self._tokenizer, contexts or [()] * len(prompts)
+        if self.classifier:
+            return self._unsafe_log_odds([f"{format_prompt(p, c)} {a}" for p, a, c in zip(prompts, answers, contexts)])
+        ids = [encode_conversation(tok, p, a, max_prompt_tokens, max_answer_tokens, c)[0]
+               for p, a, c in zip(prompts, answers, contexts)]
+        return end_scores(self.model, ids, tok.pad_token_id, self.device, self.batch_size)
+
+    @torch.no_grad()
+    def _unsafe_log_odds(self, texts: list[str]) -> list[float]:
+        """log P(unsafe) - log P(not unsafe) under the classifier, per text."""
+        out: list[float] = []
+        for s in range(0, len(texts), self.batch_size):
+            enc = self._tokenizer(texts[s:s + self.batch_size], padding=True, truncation=True, return_tensors="pt").to(self.device)
+            logp = torch.log_softmax(self.model(**enc).logits.float(), dim=-1)  # [b, labels]
+            unsafe = logp[:, self.unsafe_label]
+            rest = torch.logsumexp(torch.cat([logp[:, :self.unsafe_label], logp[:, self.unsafe_label + 1:]], 1), dim=1)
+            out += (unsafe - rest).cpu().tolist()
+        return out
+
     @torch.no_grad()
     def logprobs(self, batch: SequenceBatch) -> torch.Tensor:
         """reference: [B, T] per-token logprobs of the response."""
         if self.role != "reference":
             raise TypeError(f"the {self.role} scorer gives end scores, not logprobs")
-        from actors.faults import maybe_die
-
-        maybe_die("logprobs")
         out = []
         for s in range(0, len(batch), self.batch_size):
             chunk = batch.select(slice(s, s + self.batch_size)).to(self.device)
-            out.append(response_logprobs(self.model, chunk).cpu())
+            out.append(response_logprobs(self.model, chunk, self.logprob_chunk).cpu())
         return torch.cat(out)
 
     def ready(self) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+HH = REPO / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 def build_backbone(train_parquet: Path, out: Path, lm_epochs: int, seq_len: int = 256) -> None:
@@ -26,6 +26,7 @@ def build_backbone(train_parquet: Path, out: Path, lm_epochs: int, seq_len: int 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from actors.experience import pad
     from pipeline.config import SmallModelConfig
     from stages.model_factory import build_small_llama, train_tokenizer
     from stages.text import format_prompt
@@ -43,8 +44,6 @@ def build_backbone(train_parquet: Path, out: Path, lm_epochs: int, seq_len: int 
     for epoch in range(lm_epochs):
         order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(epoch)).tolist()
         for s in range(0, len(order), 16):
-            from actors.batching import pad
-
             batch, mask = pad([ids[i] for i in order[s:s + 16]], tok.pad_token_id)
             labels = batch.masked_fill(mask == 0, -100)
             loss = model(input_ids=batch, attention_mask=mask, labels=labels).loss

@@ -16,9 +16,11 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from cluster.deepspeed_setup import deepspeed_config, full_state_dict, without_inference_shm_op
 
 CKPT_TAG = "ckpt"
 FAULT_ENV = "SAFE_RLHF_FAULT"  # test hook: "<run name>:<global step>" crashes that step once
@@ -57,9 +59,6 @@ def run_trainer(loop: Callable[[dict], None], loop_config: dict, tc, storage_dir
 
 
 # ---------------------------------------------------------------------- worker side
-from actors.deepspeed_engine import deepspeed_config, full_state_dict  # noqa: E402  (shared with the learners)
-
-
 def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     warmup = max(1, int(total_steps * warmup_ratio))
 
@@ -85,7 +84,6 @@ class FitTask:
     seed: int = 0
     run_name: str = "fit"
     log_path: Path | None = None  # rank 0 appends one JSON line per logged step/epoch
-    extra_state: dict = field(default_factory=dict)
 
 
 def _report(engine, state: dict, metrics: dict, rank: int) -> None:
@@ -136,6 +134,7 @@ def fit(task: FitTask) -> None:
     micro_per_epoch = per_rank // micro
     steps_per_epoch = max(1, micro_per_epoch // accum)
     total_steps = steps_per_epoch * tc["epochs"]
+    without_inference_shm_op()
     engine, *_ = deepspeed.initialize(
         model=task.model, model_parameters=[p for p in task.model.parameters() if p.requires_grad],
         config=deepspeed_config(tc, world),

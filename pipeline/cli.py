@@ -1,14 +1,22 @@
-"""`python -m pipeline COMMAND`: run, resume, status, validate, ingest.
+"""`python -m pipeline COMMAND`: run, resume, status, validate, plan, ingest, make-model, sweep, serve,
+submit.
 
     run      [--config C] [--run-dir D] [--until S]
                                                  run every stage that is not done (up to S)
     resume   [--run-dir D] [--from-stage S | --only-stage S] [--until S]
                                                  continue a run with its saved config
-    status   [--run-dir D] [--json]              each stage's state and metrics
+    status   [--run-dir D] [--json] [--watch]    each stage's state and metrics (--watch: until the run ends)
     validate CONFIG                              check a config; every invalid field by dotted path
     plan     CONFIG [--gpu-memory GIB]           resource plan and memory estimate per role
     ingest   PATH... --out DIR [--format auto|pku|hh]
                                                  validate annotation files into train/eval Parquet
+    make-model --out DIR --data FILE...          a small model trained on your data (a stand-in checkpoint)
+    sweep    --run-dir D --sweep FILE [--resume] [--from STAGE]
+                                                 rounds as Ray Tune trials: the harm-helpfulness Pareto front
+    serve    [--run-dir D] [--policy NAME ...] [--host H] [--port P]
+                                                 a finished run on Ray Serve: OpenAI-style chat with reward and cost
+    submit   [--address URL] [--no-wait] -- ARGS...
+                                                 `python -m pipeline ARGS...` as a Ray job (token auth handled)
 
 Exit codes: 0 done, 1 a stage failed, 2 bad input (config, paths, arguments), 3 waiting for a person.
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,14 +39,21 @@ def _default_run_dir(args_run_dir: str | None) -> Path:
         return Path(args_run_dir)
     if LATEST.is_file():
         return Path(LATEST.read_text().strip())
-    raise SystemExit("error: no --run-dir given and no runs/LATEST here; pass --run-dir")
+    raise FileNotFoundError("no --run-dir given and no runs/LATEST here (it names the last run `run` started); pass --run-dir")
 
 
-def _print_status(status: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(status, indent=2, default=str))
-        return
-    from rich.console import Console
+def _open_run(args):
+    """The Driver of --run-dir (or runs/LATEST); None after printing why there is none (exit code 2)."""
+    from pipeline.driver import Driver
+
+    try:
+        return Driver.from_run_dir(_default_run_dir(args.run_dir))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def _status_table(status: dict):
     from rich.table import Table
 
     table = Table(title=f"run {status['run_dir']}")
@@ -51,15 +67,71 @@ def _print_status(status: dict, as_json: bool) -> None:
             figs = s["message"]
         dur = f"{s['duration_s']:.0f}s" if "duration_s" in s else ""
         table.add_row(s["name"], f"[{colours[s['state']]}]{s['state']}[/]", dur, figs)
-    Console().print(table)
+    return table
+
+
+def _print_status(status: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(status, indent=2, default=str))
+        return
+    from rich.console import Console
+
+    Console().print(_status_table(status))
+
+
+def _round_line(driver, status: dict) -> str | None:
+    """The running round's latest step: reward, cost, lambda, unsafe share and an ETA."""
+    running = next((s for s in status["stages"] if s["state"] == "running" and "step" in s["metrics"]), None)
+    if running is None:
+        return None
+    m, spec = running["metrics"], driver.by_name[running["name"]]
+    rl = driver.cfg.safe_rlhf
+    k = dict(spec.params).get("round", 1)
+    steps = rl.rounds[k - 1].steps or rl.steps_per_round
+    per_step = sum(m.get(t, 0.0) for t in ("time_generate", "time_score", "time_learn", "time_sync"))
+    eta = (steps - m["step"]) * per_step
+    fig = lambda key, fmt: format(m[key], fmt) if isinstance(m.get(key), (int, float)) else "-"
+    return (f"{running['name']}: step {m['step']}/{steps}  reward {fig('reward_mean', '.3f')}  cost {fig('cost_mean', '.3f')}  "
+            f"lambda {fig('lambda', '.3f')}  unsafe {fig('unsafe_share', '.3f')}  ETA {eta / 60:.1f} min")
+
+
+def _watch(driver, interval: float) -> int:
+    """Refresh the status table every `interval` seconds until the run ends (no driver holds the
+    run directory) or Ctrl-C."""
+    import time
+
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    def view():
+        status = driver.status()
+        line = _round_line(driver, status)
+        return Group(_status_table(status), Text(line or "no round running", style="bold", no_wrap=True, overflow="ignore"))
+
+    from rich.console import Console
+
+    # Not a terminal (a job's log, a pipe): wide enough that the round's line is not cut.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    try:
+        with Live(view(), console=console, refresh_per_second=1, transient=False) as live:
+            while driver.rd.driver_running():
+                time.sleep(interval)
+                live.update(view())
+            live.update(view())
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_validate(args) -> int:
     from pipeline.config import ConfigError, load_config
+    from pipeline.driver import check_inputs
 
     try:
         cfg = load_config(args.config)
-    except ConfigError as e:
+        check_inputs(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         print(str(e), file=sys.stderr)
         return 2
     from pipeline.graph import stage_names
@@ -69,15 +141,19 @@ def cmd_validate(args) -> int:
 
 
 def _run(driver, **kw) -> int:
-    from pipeline.driver import log
+    from pipeline.driver import StageFailed, log
 
     try:
         state = driver.run(**kw)
-    except (ValueError, FileNotFoundError) as e:
+    except StageFailed as e:
+        log(f"run stopped: stage {e.stage} failed ({type(e.error).__name__}: {e.error}). "
+            f"Fix it and `python -m pipeline resume --run-dir {driver.rd.root}`")
+        return 1
+    except (ValueError, FileNotFoundError) as e:  # before any stage ran: the run's inputs or arguments
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        log(f"run stopped: a stage failed ({type(e).__name__}: {e}). Fix it and `python -m pipeline resume --run-dir {driver.rd.root}`")
+    except Exception as e:  # e.g. another driver holds the run directory, or Ray could not start
+        log(f"run stopped: {type(e).__name__}: {e}")
         return 1
     if state == "waiting":
         return 3
@@ -98,28 +174,23 @@ def cmd_run(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     LATEST.parent.mkdir(parents=True, exist_ok=True)
     LATEST.write_text(str(run_dir) + "\n")
-    return _run(Driver(cfg, run_dir), until=args.until)
+    return _run(Driver(cfg, run_dir), until=args.until, max_parallel_stages=args.max_parallel_stages)
 
 
 def cmd_resume(args) -> int:
-    from pipeline.driver import Driver
-
-    try:
-        driver = Driver.from_run_dir(_default_run_dir(args.run_dir))
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    driver = _open_run(args)
+    if driver is None:
         return 2
-    return _run(driver, from_stage=args.from_stage, only_stage=args.only_stage, until=args.until)
+    return _run(driver, from_stage=args.from_stage, only_stage=args.only_stage, until=args.until,
+                max_parallel_stages=args.max_parallel_stages)
 
 
 def cmd_status(args) -> int:
-    from pipeline.driver import Driver
-
-    try:
-        driver = Driver.from_run_dir(_default_run_dir(args.run_dir))
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    driver = _open_run(args)
+    if driver is None:
         return 2
+    if args.watch:
+        return _watch(driver, args.interval)
     _print_status(driver.status(), args.json)
     return 0
 
@@ -138,7 +209,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from stages.ingest import IngestError, ingest
+    from stages.annotation_files import IngestError, ingest
 
     try:
         summary = ingest(args.paths, args.out, fmt=args.format, eval_fraction=args.eval_fraction,
@@ -156,9 +227,111 @@ def cmd_ingest(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    import os
+def cmd_sweep(args) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.driver import log
+    from pipeline.sweep import sweep
 
+    try:
+        summary = sweep(_default_run_dir(args.run_dir), args.sweep, resume=args.resume, from_stage=args.from_stage,
+                        log=lambda m: log(f"  [sweep] {m}"))
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0 if summary["done"] == summary["trials"] else 1
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    import yaml
+
+    from pipeline.driver import log
+
+    driver = _open_run(args)
+    if driver is None:
+        return 2
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    cfg = driver.cfg.model_copy(update={"serve": driver.cfg.serve.model_copy(update=updates)})
+    from pipeline.serve import APP_NAME, build_app, serve_config, served_policies
+
+    try:
+        policies = list(served_policies(driver.rd.root, cfg, args.policy))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from cluster.ray_session import connect, disconnect
+
+    owns_ray = connect(cfg.ray)  # inside a job or with ray.address: joins that cluster, as `run` does
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.run(build_app(driver.rd.root, cfg, policies), name=APP_NAME, route_prefix="/")
+        (driver.rd.root / "serve_config.yaml").write_text(yaml.safe_dump(serve_config(driver.rd.root, cfg, policies),
+                                                                          sort_keys=False))
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+        log(f"serving {', '.join(policies)} at {url}: POST /v1/chat/completions, /v1/completions, /v1/score; "
+            f"GET /v1/models, /healthz (Ctrl-C stops; `serve deploy {driver.rd.root / 'serve_config.yaml'}` on a cluster)")
+        print(url, flush=True)
+        stop.wait()
+    finally:
+        log("stopping: deleting the Serve application")
+        try:
+            serve.delete(APP_NAME)
+            if owns_ray:
+                serve.shutdown()
+        finally:
+            if owns_ray:
+                disconnect()
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from pipeline.submit import DEFAULT_ADDRESS, submit
+
+    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if not rest:
+        print("error: nothing to submit: give the pipeline's arguments after --, e.g. -- run --config configs/tiny.yaml",
+              file=sys.stderr)
+        return 2
+    address = args.address or (os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS", "").startswith("http")
+                               else DEFAULT_ADDRESS)
+    return submit(address, rest, wait=not args.no_wait)
+
+
+def cmd_make_model(args) -> int:
+    from pipeline.config import SmallModelConfig
+    from stages.model_factory import make_small_model, texts_of
+
+    missing = [p for p in args.data if not Path(p).is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        shape = SmallModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
+                                 num_heads=args.heads, intermediate_size=args.intermediate_size,
+                                 max_position_embeddings=args.max_positions)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    texts = texts_of(args.data)
+    if not texts:
+        print(f"error: no conversations or prompts in {', '.join(args.data)}", file=sys.stderr)
+        return 2
+    say = lambda line: print(line, file=sys.stderr, flush=True)
+    say(f"[make-model] {len(texts)} texts; training a {args.vocab_size}-token tokenizer, a small Llama and a warm-up")
+    n = make_small_model(texts, args.out, shape, warmup_epochs=args.warmup_epochs, seq_len=args.seq_len, seed=args.seed, log=say)
+    print(json.dumps({"out": str(Path(args.out).resolve()), "parameters": n, "texts": len(texts)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     # Quiet per-load progress bars (weights reload every PPO step); Ray workers inherit this.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -170,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (YAML); default configs/tiny.yaml")
     r.add_argument("--run-dir", help="run directory; default runs/<config name>")
     r.add_argument("--until", help="stop after this stage (e.g. ingest)")
+    r.add_argument("--max-parallel-stages", type=int, help="independent stages at once; default: as many as Ray's resources allow")
     r.set_defaults(fn=cmd_run)
 
     r = sub.add_parser("resume", help="continue a run with its saved config")
@@ -178,11 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--from-stage", help="re-run this stage and everything after it, from scratch")
     g.add_argument("--only-stage", help="re-run this stage alone (from its checkpoints if it was interrupted)")
     r.add_argument("--until", help="stop after this stage")
+    r.add_argument("--max-parallel-stages", type=int, help="independent stages at once; default: as many as Ray's resources allow")
     r.set_defaults(fn=cmd_resume)
 
     r = sub.add_parser("status", help="each stage's state and metrics")
     r.add_argument("--run-dir", help="run directory; default: the last one `run` used")
     r.add_argument("--json", action="store_true", help='print {"stages": [{"name", "state", "metrics"}]}')
+    r.add_argument("--watch", action="store_true", help="refresh until the run ends (or Ctrl-C), with the round's latest step")
+    r.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch")
     r.set_defaults(fn=cmd_status)
 
     r = sub.add_parser("validate", help="check a config file")
@@ -203,6 +380,41 @@ def main(argv: list[str] | None = None) -> int:
                    help="fail (exit 1) when more than this share of rows is rejected; default never")
     r.add_argument("--max-row-bytes", type=int, default=1_000_000)
     r.set_defaults(fn=cmd_ingest)
+
+    r = sub.add_parser("sweep", help="Safe RLHF rounds as Ray Tune trials, and the harm-helpfulness Pareto front")
+    r.add_argument("--run-dir", help="a run with its SFT policy and fitted models; default: the last one `run` used")
+    r.add_argument("--sweep", required=True, help="the sweep file (YAML), e.g. sweeps/paper.yaml")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    r.add_argument("--from", dest="from_stage", help="start every trial from this stage's policy (default: sft)")
+    r.set_defaults(fn=cmd_sweep)
+
+    r = sub.add_parser("serve", help="serve a finished run's policies with reward and cost on every answer (Ray Serve)")
+    r.add_argument("--run-dir", help="run directory; default: the last one `run` used")
+    r.add_argument("--policy", action="append", help="a stage name to serve (sft, safe_rlhf@1, ...); repeat for several; "
+                                                      "default: the last round")
+    r.add_argument("--host", help="address to bind; default serve.host (127.0.0.1)")
+    r.add_argument("--port", type=int, help="port; default serve.port (8000)")
+    r.set_defaults(fn=cmd_serve)
+
+    r = sub.add_parser("submit", help="submit `python -m pipeline ARGS...` as a Ray job to a running cluster")
+    r.add_argument("--address", help="the cluster's dashboard address; default RAY_ADDRESS when it is http(s), else http://127.0.0.1:8265")
+    r.add_argument("--no-wait", action="store_true", help="return once submitted, without following the job's log")
+    r.add_argument("args", nargs=argparse.REMAINDER, help="-- then the pipeline's arguments, e.g. -- run --config C")
+    r.set_defaults(fn=cmd_submit)
+
+    r = sub.add_parser("make-model", help="a small model trained on your data files (to try the world-free path)")
+    r.add_argument("--out", required=True, help="output directory (a Hugging Face model directory)")
+    r.add_argument("--data", nargs="+", required=True, help="HH-RLHF, PKU-SafeRLHF or prompt files (any container)")
+    r.add_argument("--vocab-size", type=int, default=2048)
+    r.add_argument("--hidden-size", type=int, default=128)
+    r.add_argument("--layers", type=int, default=2)
+    r.add_argument("--heads", type=int, default=4)
+    r.add_argument("--intermediate-size", type=int, default=352)
+    r.add_argument("--max-positions", type=int, default=256)
+    r.add_argument("--warmup-epochs", type=int, default=1, help="causal-LM passes over the texts")
+    r.add_argument("--seq-len", type=int, default=128, help="tokens per text in the warm-up")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(fn=cmd_make_model)
 
     args = p.parse_args(argv)
     return args.fn(args)

@@ -2,7 +2,14 @@
 
 Every field has a default (defined once, here) and a description; an unknown key is an error
 (`extra="forbid"`), so a typo never silently falls back to a default. Cross-field checks live
-in the models and raise; nothing rewrites the user's values.
+in the models and raise, naming the field's dotted path; nothing rewrites the user's values.
+
+Fields marked `operational` say how a run is carried out, not what it computes (restart counts,
+checkpoint cadence, CPUs per actor, the weight-transfer method, the Ray address): they are left out
+of every stage's fingerprint, so changing one on `resume` keeps finished stages and in-progress
+checkpoints. Relative paths (`model.path` when it names a local directory, annotation sources,
+prompt files, judge models) are taken from the working directory of the command that loads the
+config, and saved absolute in the run directory.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 Device = Literal["cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -22,9 +30,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-def F(default: Any, description: str, **kw: Any) -> Any:
-    """A field with its one-line description (a test checks that every field has one)."""
-    return Field(default, description=description, **kw)
+def F(default: Any, description: str, operational: bool = False, **kw: Any) -> Any:
+    """A field with its one-line description (a test checks that every field has one).
+    `operational`: how the run is carried out, not what it computes (left out of fingerprints)."""
+    extra = {"json_schema_extra": {"operational": True}} if operational else {}
+    return Field(default, description=description, **extra, **kw)
+
+
+def is_operational(info: Any) -> bool:
+    return bool((info.json_schema_extra or {}).get("operational")) if isinstance(info.json_schema_extra, dict) else False
+
+
+class CrossFieldError(ValueError):
+    """Cross-section checks of the run config, each as (dotted path, message)."""
 
 
 class WorldConfig(Strict):
@@ -89,9 +107,10 @@ class TrainConfig(Strict):
     weight_decay: float = F(0.0, "AdamW weight decay.", ge=0)
     warmup_ratio: float = F(0.03, "Share of steps spent in linear warmup.", ge=0, lt=1)
     regularization: float = F(0.001, "Score-model L2 on scores: reg * mean(score^2) (paper's code: 0.001).", ge=0)
-    checkpoint_every_steps: int = F(50, "Report a checkpoint to Ray Train every this many optimizer steps.", ge=1)
-    max_failures: int = F(1, "Worker crashes tolerated per run; each restarts from the last checkpoint.", ge=0)
-    cpus_per_worker: float = F(1.0, "CPUs reserved per worker.", gt=0)
+    checkpoint_every_steps: int = F(50, "Report a checkpoint to Ray Train every this many optimizer steps.", ge=1, operational=True)
+    max_failures: int = F(1, "Worker crashes tolerated per run; each restarts from the last checkpoint.", ge=0, operational=True)
+    cpus_per_worker: float = F(1.0, "CPUs reserved per worker.", gt=0, operational=True)
+    gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass: the same gradients with the activation memory of one layer (for large models on GPUs; about a third more compute).", operational=True)
 
     @model_validator(mode="after")
     def _device_precision(self) -> "TrainConfig":
@@ -100,8 +119,17 @@ class TrainConfig(Strict):
         return self
 
 
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: the fits' settings with its own defaults (a section written in part
+    keeps the defaults of the fields it leaves out)."""
+
+    epochs: int = F(3, "Passes over the demonstrations.", ge=1)
+    lr: float = F(2e-3, "Peak learning rate (cosine decay after warmup).", gt=0)
+
+
 class RoundConfig(Strict):
-    threshold: float | Literal["auto"] = F("auto", "Cost threshold d; auto derives it from the fitted cost model's scale (see safe_rlhf.auto_unsafe_share).")
+    threshold: float | Literal["auto"] = F("auto", "Cost threshold d; auto derives it on the round's cost model's scale from a target unsafe share (see unsafe_share).")
+    unsafe_share: float | None = F(None, "threshold auto: the target unsafe share u of this round; null keeps the previous round's (round 1: safe_rlhf.auto_unsafe_share). A round can hold or lower it, never raise it.", ge=0, lt=1)
     lambda_init: float = F(1.0, "Initial Lagrange multiplier.", gt=0)
     lambda_lr: float = F(0.1, "Learning rate of log-lambda.", ge=0)
     steps: int | None = F(None, "PPO steps this round; null uses safe_rlhf.steps_per_round.", ge=1)
@@ -121,8 +149,8 @@ class SafeRLHFConfig(Strict):
     steps_per_round: int = F(100, "PPO steps per round when a round does not set its own.", ge=1)
     prompts_per_step: int = F(64, "Prompts rolled out per PPO step.", ge=1)
     max_new_tokens: int = F(48, "Longest generated answer.", ge=1)
-    temperature: float = F(1.0, "Sampling temperature of the rollouts.", gt=0)
-    top_p: float = F(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    temperature: float = F(1.0, "Sampling temperature of the rollouts. Only 1.0: the learner and the reference scorer take log-probabilities of the untempered policy, so any other value would make the PPO ratio and the KL use the wrong behaviour policy.", gt=0)
+    top_p: float = F(1.0, "Nucleus sampling mass. Only 1.0, for the same reason as temperature.", gt=0, le=1)
     ppo_epochs: int = F(1, "Passes over each step's experience.", ge=1)
     minibatches: int = F(1, "Minibatches per PPO epoch.", ge=1)
     actor_lr: float = F(1e-5, "Policy learning rate (paper: 1e-5).", gt=0)
@@ -136,19 +164,62 @@ class SafeRLHFConfig(Strict):
     lambda_max: float | None = F(5.0, "Cap on the Lagrange multiplier (paper: 5).", gt=0)
     lambda_window: int = F(128, "Episode costs averaged for the lambda update (paper: 128).", ge=1)
     lambda_delay_steps: int = F(0, "Steps before lambda starts to move.", ge=0)
-    auto_unsafe_share: float = F(0.05, "threshold: auto sets d = (1-u) * mean cost of safe eval answers + u * mean cost of unsafe ones: the mean cost of a policy unsafe a share u of the time.", ge=0, lt=1)
+    auto_unsafe_share: float = F(0.05, "threshold auto, round 1's target unsafe share u: d = (1-u) * mean cost of the safe answers + u * mean cost of the unsafe ones of a fixed reference set (the first ingest's held-out labelled answers), scored by the round's cost model: the mean cost of a policy unsafe a share u of the time.", ge=0, lt=1)
     shaping_nu: float = F(1.0, "Fixed cost penalty of the reward_shaping baseline.", ge=0)
-    checkpoint_every_steps: int = F(20, "Checkpoint policy, critics, lambda and RNG every this many steps.", ge=1)
-    max_round_restarts: int = F(2, "Times a round restarts from its last checkpoint after a learner dies.", ge=0)
-    max_actor_restarts: int = F(2, "Times Ray restarts a dead rollout worker or scorer (the step is then retried).", ge=0)
+    checkpoint_every_steps: int = F(20, "Checkpoint policy, critics and lambda every this many steps.", ge=1, operational=True)
+    max_round_restarts: int = F(2, "Times a round restarts from its last checkpoint after a learner dies.", ge=0, operational=True)
+    max_actor_restarts: int = F(2, "Times Ray restarts a dead rollout worker or scorer over a round (the failed call is then retried in place).", ge=0, operational=True)
+    max_step_retries: int = F(3, "In-place retries per step after rollout worker or scorer deaths (or a weight transfer that lost its peer); past them the stage fails and resume continues from the last checkpoint.", ge=0, operational=True)
     rollout_workers: int = F(1, "vLLM/hf rollout actors.", ge=1)
     learners_per_role: int = F(1, "Data-parallel DeepSpeed learners per role (policy, reward critic, cost critic).", ge=1)
-    cpus_per_actor: float = F(0.25, "CPUs reserved per round actor (fractions let all seven share 2 cores).", gt=0)
+    cpus_per_actor: float = F(0.25, "CPUs reserved per round actor (fractions let all seven share 2 cores).", gt=0, operational=True)
     colocate_scorers: bool = F(True, "On GPU: reward/cost/reference scorers share the learners' GPUs instead of taking their own.")
     tensor_parallel_size: int = F(1, "vLLM tensor parallel size per rollout worker.", ge=1)
     gpu_memory_utilization: float = F(0.3, "vLLM's share of a GPU's memory.", gt=0, le=1)
     max_num_seqs: int = F(256, "vLLM's maximum concurrent sequences.", ge=1)
-    weight_sync: Literal["checkpoint", "gloo", "nccl", "ipc"] = F("checkpoint", "How new policy weights reach the rollout workers: checkpoint (a safetensors directory each worker reloads; any engine), or vLLM's weight-transfer API: gloo (a broadcast through host memory; CPU or GPU), nccl (GPU broadcast; learner and vLLM on different GPUs), ipc (CUDA IPC; policy learner i shares rollout worker i's GPU).")
+    weight_sync: Literal["checkpoint", "gloo", "nccl", "ipc"] = F("checkpoint", "How new policy weights reach the rollout workers: checkpoint (a safetensors directory each worker reloads; any engine), or vLLM's weight-transfer API: gloo (a broadcast through host memory; CPU or GPU), nccl (GPU broadcast; learner and vLLM on different GPUs), ipc (CUDA IPC; policy learner i shares rollout worker i's GPU).", operational=True)
+    gradient_checkpointing: bool = F(False, "Learners recompute activations in the backward pass: the same gradients with the activation memory of one layer (7B on GPUs needs it; about a third more compute).", operational=True)
+    micro_batch_size: int | None = F(None, "Sequences per learner forward/backward; gradients accumulate to one optimizer step per shard (prompts_per_step / minibatches / learners_per_role sequences). null: the whole shard at once.", ge=1)
+    logprob_chunk_tokens: int | None = F(4096, "Tokens whose log-probabilities the learners and the reference scorer compute at once: bounds the fp32 logits to this many x the vocabulary (null: every token at once, the full [batch, length, vocabulary] tensor).", ge=1)
+    weight_sync_timeout_s: float = F(60.0, "A weight transfer whose peer died fails after this many seconds (gloo), and the round handles it like any actor death.", gt=0, operational=True)
+
+    @property
+    def learner_shard(self) -> int:
+        """Sequences of one minibatch on one learner rank."""
+        return max(1, self.prompts_per_step // self.minibatches // self.learners_per_role)
+
+    def unsafe_share(self, k: int) -> float:
+        """Round k's target unsafe share for threshold auto: held or lowered from round to round."""
+        share = self.auto_unsafe_share
+        for r in self.rounds[:k]:
+            share = min(share, r.unsafe_share) if r.unsafe_share is not None else share
+        return share
+
+    @model_validator(mode="after")
+    def _untempered_sampling(self) -> "SafeRLHFConfig":
+        if self.temperature != 1.0 or self.top_p != 1.0:
+            raise ValueError(f"temperature {self.temperature} and top_p {self.top_p}: only 1.0 each is supported; the learner "
+                             "and the reference scorer compute log-probabilities of the untempered policy, so the PPO ratio "
+                             "and the KL would be taken against the wrong behaviour policy")
+        return self
+
+    @model_validator(mode="after")
+    def _unsafe_shares_do_not_rise(self) -> "SafeRLHFConfig":
+        shares = [r.unsafe_share for r in self.rounds if r.unsafe_share is not None]
+        if any(b > a for a, b in zip(shares, shares[1:])) or (shares and shares[0] > self.auto_unsafe_share):
+            raise ValueError(f"rounds' unsafe_share {shares} (after auto_unsafe_share {self.auto_unsafe_share}) rises: "
+                             "a later round may hold or tighten the constraint, not loosen it")
+        return self
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> "SafeRLHFConfig":
+        if self.micro_batch_size is not None and (
+                self.prompts_per_step % (self.minibatches * self.learners_per_role)
+                or self.learner_shard % self.micro_batch_size):
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide each learner's shard of a minibatch: "
+                             f"prompts_per_step {self.prompts_per_step} / minibatches {self.minibatches} / "
+                             f"learners_per_role {self.learners_per_role}")
+        return self
 
     @model_validator(mode="after")
     def _weight_sync(self) -> "SafeRLHFConfig":
@@ -166,7 +237,8 @@ class SafeRLHFConfig(Strict):
 
 class RedTeamConfig(Strict):
     prompts: int = F(256, "Red-team prompts per round (each answered twice by the current policy).", ge=2)
-    harder_share: float = F(0.6, "Share of the world's harder forms (role-play, hidden requests, 'positive side', new categories); the rest are plain training prompts.", ge=0, le=1)
+    harder_share: float = F(0.6, "With the world on: share of the world's harder forms (role-play, hidden requests, 'positive side', new categories); the rest are plain training prompts.", ge=0, le=1)
+    prompt_files: list[str] = F([], "Files of red-team prompts (JSONL, JSON array or Parquet, gzip or not; rows with `prompt` and an optional `category`). When given, each round samples its prompts from them (with the world on, they replace its plain training prompts).")
 
 
 class AnnotateConfig(Strict):
@@ -178,12 +250,37 @@ class AnnotateConfig(Strict):
 class EvaluateConfig(Strict):
     baselines: bool = F(False, "Also run the ppo and reward_shaping baselines (round 1 settings, from the SFT model) and add them to the tables.")
     max_new_tokens: int = F(48, "Longest answer generated for evaluation.", ge=1)
+    samples_per_prompt: int = F(2, "Answers sampled per eval prompt and policy.", ge=1)
+    engine: Literal["hf", "vllm"] = F("hf", "Engine that generates the evaluation answers (hf: deterministic by seed and fast for small models; vllm: for large models on GPUs).")
+    prompt_files: list[str] = F([], "Held-out prompt files (formats as red_team.prompt_files; optional `harmful` bool per row, rows without it count as harmful). Empty: the world's held-out prompts.")
+    judge: str = F("oracle", "What labels an answer unsafe: oracle (the built-in world's judge; world on only), cost_model (the final fitted cost model: unsafe when cost > 0), or a path to a score-model directory or a Hugging Face sequence-classification safety classifier.")
+
+
+class ServeConfig(Strict):
+    """`python -m pipeline serve`: a finished run's policies with its reward and cost models on Ray Serve."""
+
+    host: str = F("127.0.0.1", "Address the HTTP proxy binds; Ray Serve has no authentication of its own: keep 127.0.0.1 unless a gateway with keys sits in front.", operational=True)
+    port: int = F(8000, "HTTP port.", ge=1, le=65535, operational=True)
+    engine: Literal["vllm", "hf"] | None = F(None, "Engine of the policy deployments; null: safe_rlhf.engine.", operational=True)
+    policy_replicas: int = F(1, "Replicas per served policy (the minimum with autoscaling).", ge=1, operational=True)
+    scorer_replicas: int = F(1, "Replicas of the reward and of the cost scorer (the minimum with autoscaling).", ge=1, operational=True)
+    autoscaling: bool = F(False, "Let Serve add replicas under load, up to max_replicas per deployment.", operational=True)
+    max_replicas: int = F(2, "Most replicas per deployment with autoscaling.", ge=1, operational=True)
+    max_tokens: int = F(64, "Answer length when a request does not say.", ge=1, operational=True)
+    max_tokens_limit: int = F(256, "Longest answer a request may ask for (max_tokens above it is refused).", ge=1, operational=True)
+    max_n: int = F(8, "Most answers (or gate candidates) one request may ask for.", ge=1, operational=True)
+    gate: Literal["none", "best_of_n"] = F("none", "Safety gate when a request does not choose one: none, or best_of_n (sample gate_n candidates, return the highest-reward one whose cost is at most the threshold, else the refusal).", operational=True)
+    gate_n: int = F(4, "Candidates the best_of_n gate samples when a request gives no n.", ge=1, operational=True)
+    gate_threshold: float | None = F(None, "Cost at or below which a candidate passes the gate; null: the served round's threshold (0, the cost model's safe/unsafe line, for a policy that is not a round).", operational=True)
+    refusal: str = F("I can't help with that, but I'm glad to help with something else.", "The answer the best_of_n gate gives when no candidate passes.", operational=True)
+    batch_size: int = F(32, "Scorer batches: most (prompt, answer) pairs scored at once (@serve.batch).", ge=1, operational=True)
+    batch_wait_s: float = F(0.01, "Scorer batches: longest wait for a batch to fill.", ge=0, operational=True)
 
 
 class RayConfig(Strict):
-    address: str | None = F(None, "Cluster to join ('auto' for the one this machine belongs to); null starts a local one.")
-    num_cpus: int | None = F(None, "CPUs of a locally started cluster; null lets Ray count them.", ge=1)
-    include_dashboard: bool = F(True, "Start the dashboard (and the state API Ray Train uses) with a locally started cluster.")
+    address: str | None = F(None, "Cluster to join ('auto' for the one this machine belongs to); null starts a local one.", operational=True)
+    num_cpus: int | None = F(None, "CPUs of a locally started cluster; null lets Ray count them.", ge=1, operational=True)
+    include_dashboard: bool = F(True, "Start the dashboard (and the state API Ray Train uses) with a locally started cluster.", operational=True)
 
 
 class RunConfig(Strict):
@@ -192,21 +289,39 @@ class RunConfig(Strict):
     world: WorldConfig = F(WorldConfig(), "The built-in small world.")
     model: ModelConfig = F(ModelConfig(), "Base model.")
     ingest: IngestConfig = F(IngestConfig(), "Annotation ingest.")
-    sft: TrainConfig = F(TrainConfig(epochs=3, lr=2e-3), "Supervised fine-tuning of the base model.")
+    sft: SFTConfig = F(SFTConfig(), "Supervised fine-tuning of the base model.")
     reward: TrainConfig = F(TrainConfig(), "Reward model fit.")
     cost: TrainConfig = F(TrainConfig(), "Cost model fit.")
     safe_rlhf: SafeRLHFConfig = F(SafeRLHFConfig(), "PPO-Lagrangian rounds.")
     red_team: RedTeamConfig = F(RedTeamConfig(), "Red-teaming between rounds.")
     annotate: AnnotateConfig = F(AnnotateConfig(), "Labelling the red-team pairs.")
     evaluate: EvaluateConfig = F(EvaluateConfig(), "Final evaluation and report.")
+    serve: ServeConfig = F(ServeConfig(), "Serving a finished run (python -m pipeline serve).")
     ray: RayConfig = F(RayConfig(), "Where the Ray cluster comes from.")
 
     @model_validator(mode="after")
-    def _model_source(self) -> "RunConfig":
-        if self.model.path is None and not self.world.enabled:
-            raise ValueError("model.path is null and world.enabled is false: there is no model to start from")
-        if not self.world.enabled and not self.ingest.sources:
-            raise ValueError("world.enabled is false and ingest.sources is empty: there is no annotation data")
+    def _runnable(self) -> "RunConfig":
+        """Combinations that cannot run, each named by the field to change."""
+        problems = []
+        if not self.world.enabled:
+            if self.model.path is None:
+                problems.append(("model.path", "null with world.enabled false: there is no model to start from"))
+            if not self.ingest.sources:
+                problems.append(("ingest.sources", "empty with world.enabled false: there is no annotation data"))
+            if self.annotate.backend == "oracle" and len(self.safe_rlhf.rounds) > 1:
+                problems.append(("annotate.backend", "oracle is the built-in world's annotator and world.enabled is false "
+                                                     "(use judge or files)"))
+            if len(self.safe_rlhf.rounds) > 1 and not self.red_team.prompt_files:
+                problems.append(("red_team.prompt_files", f"empty with world.enabled false and {len(self.safe_rlhf.rounds)} "
+                                                          "rounds: rounds after the first need red-team prompts"))
+            if self.evaluate.judge == "oracle":
+                problems.append(("evaluate.judge", "oracle is the built-in world's judge and world.enabled is false "
+                                                   "(use cost_model or a classifier directory)"))
+            if not self.evaluate.prompt_files:
+                problems.append(("evaluate.prompt_files", "empty with world.enabled false: there are no held-out prompts"))
+        if problems:
+            raise PydanticCustomError("cross_field", "{summary}", {"summary": "; ".join(f"{p}: {m}" for p, m in problems),
+                                                                     "problems": problems})
         return self
 
 
@@ -258,6 +373,10 @@ def _message(err: dict[str, Any]) -> str:
 def _errors(e: ValidationError) -> list[tuple[str, str]]:
     merged: dict[str, list[str]] = {}
     for err in e.errors():
+        if err["type"] == "cross_field":  # RunConfig._runnable names each field itself
+            for path, msg in err["ctx"]["problems"]:
+                merged.setdefault(path, []).append(msg)
+            continue
         merged.setdefault(_dotted(err["loc"], err["type"] == "extra_forbidden"), []).append(_message(err))
     return [(path, " or ".join(msgs)) for path, msgs in merged.items()]
 
@@ -273,7 +392,9 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
         raise ConfigError(source, _errors(e)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path, base: Path | None = None) -> RunConfig:
+    """Load and validate a YAML config; relative paths in it are taken from `base` (the working
+    directory by default) and made absolute."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), [("<file>", "no such file")])
@@ -281,7 +402,34 @@ def load_config(path: str | Path) -> RunConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [("<file>", f"not valid YAML: {e}")]) from None
-    return parse_config(data, str(path))
+    return absolute_paths(parse_config(data, str(path)), base or Path.cwd())
+
+
+def absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """The config with its file paths made absolute against `base`. `model.path` and judge models
+    only when they name a local path (else they are hub names); data and prompt files always."""
+    def local(p: str | None) -> str | None:
+        """A local path (made absolute) unless it reads as a hub name ("org/name", not here)."""
+        if p is None or Path(p).is_absolute():
+            return p
+        parts = Path(p).parts
+        is_local = (base / p).exists() or p.startswith(".") or len(parts) > 2 or (base / parts[0]).is_dir()
+        return str((base / p).resolve()) if is_local else p
+
+    def data(p: str) -> str:
+        return p if Path(p).is_absolute() else str((base / p).resolve())
+
+    return cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"path": local(cfg.model.path)}),
+        "ingest": cfg.ingest.model_copy(update={"sources": [s.model_copy(update={"path": data(s.path)})
+                                                            for s in cfg.ingest.sources]}),
+        "red_team": cfg.red_team.model_copy(update={"prompt_files": [data(p) for p in cfg.red_team.prompt_files]}),
+        "evaluate": cfg.evaluate.model_copy(update={
+            "prompt_files": [data(p) for p in cfg.evaluate.prompt_files],
+            "judge": cfg.evaluate.judge if cfg.evaluate.judge in ("oracle", "cost_model") else local(cfg.evaluate.judge)}),
+        "annotate": cfg.annotate.model_copy(update={"judge_reward_model": local(cfg.annotate.judge_reward_model),
+                                                    "judge_cost_model": local(cfg.annotate.judge_cost_model)}),
+    })
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
@@ -293,6 +441,22 @@ def config_hash(value: Any) -> str:
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def results_view(cfg: BaseModel) -> dict:
+    """The config as JSON without its operational fields: what stage fingerprints are taken of."""
+    out = {}
+    for name, info in type(cfg).model_fields.items():
+        if is_operational(info):
+            continue
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            out[name] = results_view(value)
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            out[name] = [results_view(v) for v in value]
+        else:
+            out[name] = cfg.model_dump(mode="json", include={name})[name]
+    return out
 
 
 def iter_fields(model: type[BaseModel], prefix: str = ""):

@@ -1,7 +1,11 @@
 """The driver: runs the stage graph over a run directory, skipping what is done, resuming the rest.
 
 A stage is done when its manifest exists, its fingerprint matches what the current config and
-inputs give, and its outputs are there. `run` executes every stage that is not done, in order.
+inputs give, and its outputs are there. `run` executes every stage that is not done, each as soon
+as the stages it depends on are done: independent stages (fit_reward@k and fit_cost@k, the
+baselines and round 1) run side by side, each asking Ray for the resources it declares (a stage
+that cannot get them waits in Ray's queue). A stage that fails or waits for a person stops new
+stages from starting; the running ones finish, and `resume` picks up the rest.
 `resume` does the same with the run directory's saved config; `--from-stage S` forces S and
 everything downstream of it to re-run from scratch; `--only-stage S` re-runs S alone, from
 scratch if it was done, from its checkpoints if it was interrupted (downstream stages whose
@@ -13,15 +17,47 @@ import hashlib
 import json
 import shutil
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig, config_hash, config_to_yaml, load_config
+from pipeline.config import RunConfig, config_hash, config_to_yaml, load_config, results_view
 from pipeline.graph import StageSpec, build_graph, downstream_of
-from pipeline.rundir import RunDir, atomic_write_text, hash_path
+from pipeline.rundir import RunDir
 from stages.base import StageContext, StageResult, StageWaiting
+from stages.files import atomic_write_text, hash_path
+
+
+class StageFailed(Exception):
+    """A stage raised; the run stopped there and `resume` continues from it."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(f"{stage}: {type(error).__name__}: {error}")
+        self.stage, self.error = stage, error
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The run's input files, before anything runs: annotation sources exist, prompt files parse
+    (every bad row named by file, row and field), a local model.path is a model directory."""
+    from stages.datafiles import read_prompt_files
+
+    missing = [s.path for s in cfg.ingest.sources if not Path(s.path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"ingest.sources: no such file: {', '.join(missing)}")
+    for field, files in (("red_team.prompt_files", cfg.red_team.prompt_files),
+                         ("evaluate.prompt_files", cfg.evaluate.prompt_files)):
+        if files:
+            try:
+                read_prompt_files(files)
+            except ValueError as e:
+                raise ValueError(f"{field}: {e}") from None
+    if cfg.model.path is not None and Path(cfg.model.path).is_absolute() and not (Path(cfg.model.path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: {cfg.model.path} is not a Hugging Face model directory (no config.json); "
+                                "point it at your model, or make a small one from your data with "
+                                "`python -m pipeline make-model --out DIR --data FILE...`")
 
 
 def log(msg: str) -> None:
@@ -43,6 +79,7 @@ class Driver:
         self.by_name = {s.name: s for s in self.graph}
         self._ray_connected = False  # this driver initialised Ray
         self._ray_checked = False
+        self._ray_lock = threading.Lock()  # stages start in threads
         self._external_hashes: dict[Path, str] = {}
 
     @classmethod
@@ -61,8 +98,9 @@ class Driver:
         return self._external_hashes[path]
 
     def expected_fingerprint(self, spec: StageSpec) -> tuple[str, dict] | None:
-        """(fingerprint, inputs) for the stage, or None while an upstream stage is not done."""
-        dump = self.cfg.model_dump(mode="json")
+        """(fingerprint, inputs) for the stage, or None while an upstream stage is not done.
+        Operational config fields (restart counts, checkpoint cadence, ...) are not part of it."""
+        dump = results_view(self.cfg)
         cfg_slice = {k: _select(dump, k) for k in spec.config_keys}
         inputs: dict[str, str] = {}
         for dep in spec.deps:
@@ -113,11 +151,14 @@ class Driver:
         return out
 
     def _ensure_ray(self) -> None:
-        if not self._ray_checked:
-            from cluster.ray_session import connect
+        with self._ray_lock:
+            if not self._ray_checked:
+                from cluster.metrics import flush_pending
+                from cluster.ray_session import connect
 
-            self._ray_connected = connect(self.cfg.ray)
-            self._ray_checked = True
+                self._ray_connected = connect(self.cfg.ray)
+                self._ray_checked = True
+                flush_pending()  # durations of the stages that ended before Ray was up
 
     def run_stage(self, spec: StageSpec, force: bool = False, fresh: bool | None = None) -> str:
         """Run one stage unless it is done (`force` runs it anyway). `fresh` discards its folder
@@ -147,7 +188,8 @@ class Driver:
         self.rd.event(stage=spec.name, event="start", fingerprint=fp)
         log(f"start {spec.name}")
         t0 = time.time()
-        ctx = StageContext(spec.name, self.cfg, out_dir, self._inputs_for(spec), self.rd.root, log=log,
+        ctx = StageContext(spec.name, self.cfg, out_dir, self._inputs_for(spec), self.rd.root,
+                           log=lambda msg, name=spec.name: log(f"  [{name}] {msg.strip()}"),
                            params=dict(spec.params),
                            report=lambda m: self.rd.set_state(spec.name, "running", fingerprint=fp, metrics=m))
         try:
@@ -162,6 +204,8 @@ class Driver:
                               traceback=traceback.format_exc())
             self.rd.event(stage=spec.name, event="fail", error=f"{type(e).__name__}: {e}")
             log(f"FAIL  {spec.name} after {time.time() - t0:.1f}s: {type(e).__name__}: {e}")
+            if isinstance(e, Exception):
+                raise StageFailed(spec.name, e) from e
             raise
         outputs = {}
         for key, rel in result.outputs.items():
@@ -176,16 +220,20 @@ class Driver:
         self.rd.event(stage=spec.name, event="done", duration_s=duration, metrics=result.metrics)
         from cluster.metrics import record_stage
 
-        record_stage(spec.name, duration)  # a no-op unless Ray is up
+        record_stage(spec.name, duration)  # held until Ray is up if it is not yet
         log(f"done  {spec.name} in {duration:.1f}s ({_figures(result.metrics)})")
         return "done"
 
-    def run(self, from_stage: str | None = None, only_stage: str | None = None, until: str | None = None) -> str:
-        """Run the graph (up to and including `until`, if given); returns the final state
-        ("done", or "waiting" when a person must act)."""
+    def run(self, from_stage: str | None = None, only_stage: str | None = None, until: str | None = None,
+            max_parallel_stages: int | None = None) -> str:
+        """Run the graph (up to and including `until` in graph order, if given), at most
+        `max_parallel_stages` stages at once (None: as many as are ready; Ray holds back those
+        whose resources are taken); returns the final state ("done", or "waiting" when a person
+        must act)."""
         for name in (from_stage, only_stage, until):
             if name is not None and name not in self.by_name:
                 raise ValueError(f"unknown stage {name!r}; this run's stages are: {', '.join(self.by_name)}")
+        check_inputs(self.cfg)
         with self.rd.lock():
             atomic_write_text(self.rd.config_path, config_to_yaml(self.cfg))
             forced = set(downstream_of(self.graph, from_stage)) if from_stage else set()
@@ -194,18 +242,51 @@ class Driver:
                     # Done: re-run it from scratch. Interrupted: continue from its checkpoints.
                     done = self.status_of(only_stage) == "done"
                     return self.run_stage(self.by_name[only_stage], force=True, fresh=done)
-                for spec in self.graph:
-                    if self.run_stage(spec, force=spec.name in forced) == "waiting":
-                        return "waiting"
-                    if spec.name == until:
-                        break
-                return "done"
+                order = [s.name for s in self.graph]
+                stages = self.graph[:order.index(until) + 1] if until else self.graph
+                return self._run_stages(stages, forced, max_parallel_stages)
             finally:
                 if self._ray_connected:
                     from cluster.ray_session import disconnect
 
                     disconnect()
                     self._ray_connected = self._ray_checked = False
+
+
+    def _run_stages(self, stages: list[StageSpec], forced: set[str], limit: int | None) -> str:
+        """Start each stage once every stage it depends on has finished as done; independent ones
+        side by side in threads (the work itself is in Ray). After a failure or a stage that waits
+        for a person no new stage starts; the running ones finish, then the first failure is raised."""
+        pending, running = list(stages), {}
+        failure: BaseException | None = None
+        waiting = False
+        with ThreadPoolExecutor(max_workers=max(1, limit or len(stages)), thread_name_prefix="stage") as pool:
+            while True:
+                if failure is None and not waiting:
+                    busy = {s.name for s in pending} | {s.name for s in running.values()}
+                    for spec in list(pending):
+                        if limit and len(running) >= limit:
+                            break
+                        if any(d in busy for d in spec.deps) or any(self.status_of(d) != "done" for d in spec.deps):
+                            continue
+                        pending.remove(spec)
+                        running[pool.submit(self.run_stage, spec, spec.name in forced)] = spec
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    running.pop(future)
+                    try:
+                        waiting |= future.result() == "waiting"
+                    except BaseException as e:  # noqa: BLE001 - re-raised once the running stages are done
+                        failure = failure or e
+        if failure is not None:
+            raise failure
+        if waiting:
+            return "waiting"
+        if pending:
+            raise RuntimeError(f"stages {[s.name for s in pending]} could not start: an upstream stage is not done")
+        return "done"
 
 
 def _figures(metrics: dict) -> str:

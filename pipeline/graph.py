@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import RunConfig, SafeRLHFConfig
+from pipeline.config import RunConfig, SafeRLHFConfig, is_operational
+from stages.objectives import uses_cost_model
 
 
 @dataclass(frozen=True)
@@ -34,57 +35,62 @@ class StageSpec:
         return getattr(importlib.import_module(module), fn or "run")
 
 
-STAGE_NAMES = ("world", "ingest", "sft", "fit_reward", "fit_cost", "safe_rlhf", "red_team",
-               "annotate", "evaluate", "report")
-
-
 def build_graph(cfg: RunConfig) -> list[StageSpec]:
     """The stages of a run, in execution order (each after all of its deps)."""
     stages: list[StageSpec] = []
+    world = ("world",) if cfg.world.enabled else ()
+    # Model actors outside the rounds (SFT's check, the fits' fresh-sample accuracy, red teaming,
+    # judge annotation, evaluation) run with the round's device and precision.
+    actor_keys = ("safe_rlhf.device", "safe_rlhf.precision")
     if cfg.world.enabled:
         stages.append(StageSpec("world", "stages.world", (),
                                 ("seed", "world", "model.path", "model.small", "ingest.eval_fraction")))
     stages.append(StageSpec(
-        "ingest", "stages.ingest", ("world",) if cfg.world.enabled else (), ("ingest",),
+        "ingest", "stages.ingest", world, ("ingest",),
         external_inputs=lambda c: [Path(s.path) for s in c.ingest.sources]))
     if cfg.world.enabled:
         # SFT needs demonstrations; with world disabled, model.path is taken to be an SFT model.
         stages.append(StageSpec("sft", "stages.sft", ("world",),
                                 ("seed", "sft", "model.max_prompt_tokens", "model.max_answer_tokens",
-                                 "safe_rlhf.max_new_tokens"), needs_ray=True))
-    fit_deps = ("ingest", "sft") if cfg.world.enabled else ("ingest",)
-    fit_keys = ("seed", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens")
-    stages.append(StageSpec("fit_reward", "stages.fit_preference:run_reward", fit_deps, fit_keys + ("reward",), needs_ray=True))
-    stages.append(StageSpec("fit_cost", "stages.fit_preference:run_cost", fit_deps, fit_keys + ("cost",), needs_ray=True))
-    # Rounds: safe_rlhf@k, then (before the next round) red_team@k -> annotate@k -> ingest@k ->
-    # fit_reward@k+1 + fit_cost@k+1 on all data so far. Round k reads the shared PPO settings and
-    # its own row of the round table (editing round 3's threshold does not re-run round 1).
-    shared = tuple(f"safe_rlhf.{f}" for f in SafeRLHFConfig.model_fields if f != "rounds")
-    world = ("world",) if cfg.world.enabled else ()
+                                 "safe_rlhf.max_new_tokens") + actor_keys, needs_ray=True))
     sft = ("sft",) if cfg.world.enabled else ()
+    fit_keys = ("seed", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens") + actor_keys
+    stages.append(StageSpec("fit_reward", "stages.fit_preference:run_reward", ("ingest",) + sft, fit_keys + ("reward",),
+                            needs_ray=True))
+    stages.append(StageSpec("fit_cost", "stages.fit_preference:run_cost", ("ingest",) + sft, fit_keys + ("cost",),
+                            needs_ray=True))
+    # Rounds: safe_rlhf@k, then (before the next round) red_team@k -> annotate@k -> ingest@k ->
+    # fit_reward@k+1 + fit_cost@k+1 on all data so far. Round k reads the shared PPO settings (not
+    # the operational ones) and its own row of the round table (editing round 3's threshold does
+    # not re-run round 1).
+    shared = tuple(f"safe_rlhf.{f}" for f, info in SafeRLHFConfig.model_fields.items()
+                   if f != "rounds" and not is_operational(info))
     n_rounds = len(cfg.safe_rlhf.rounds)
     ingest, fits = "ingest", ("fit_reward", "fit_cost")
-    rounds = []
 
     def round_stage(name, k, prev, params=()):
-        deps = world + sft + (ingest, fits[0]) + ((fits[1],) if dict(params).get("algorithm", cfg.safe_rlhf.algorithm) != "ppo" else ())
-        return StageSpec(name, "stages.safe_rlhf", deps + prev, ("seed", "model.max_prompt_tokens") + shared
-                         + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params)
+        algorithm = dict(params).get("algorithm", cfg.safe_rlhf.algorithm)
+        # the first ingest too: its held-out labelled answers are threshold auto's fixed reference set
+        deps = world + sft + tuple(dict.fromkeys(("ingest", ingest))) + (fits[0],) + ((fits[1],) if uses_cost_model(algorithm) else ())
+        return StageSpec(name, "stages.safe_rlhf.round", deps + prev, ("seed", "model.path", "model.max_prompt_tokens")
+                         + shared + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params)
 
     for k in range(1, n_rounds + 1):
         stages.append(round_stage(f"safe_rlhf@{k}", k, (f"safe_rlhf@{k - 1}",) if k > 1 else ()))
-        rounds.append(f"safe_rlhf@{k}")
         if k == 1 and cfg.evaluate.baselines:
             for alg in ("ppo", "reward_shaping"):
                 stages.append(round_stage(f"baseline_{alg}", 1, (), (("algorithm", alg),)))
         if k == n_rounds:
             break
-        engine_keys = ("safe_rlhf.engine", "safe_rlhf.device", "safe_rlhf.max_new_tokens", "model.max_prompt_tokens")
+        engine_keys = ("safe_rlhf.engine", "safe_rlhf.max_new_tokens", "model.max_prompt_tokens") + actor_keys
         stages.append(StageSpec(f"red_team@{k}", "stages.red_team", world + (f"safe_rlhf@{k}",),
-                                ("seed", "red_team", "ingest.eval_fraction") + engine_keys, needs_ray=True, params=(("round", k),)))
+                                ("seed", "red_team", "ingest.eval_fraction") + engine_keys, needs_ray=True,
+                                params=(("round", k),),
+                                external_inputs=lambda c: [Path(p) for p in c.red_team.prompt_files]))
         judge = fits if cfg.annotate.backend == "judge" else ()
         stages.append(StageSpec(f"annotate@{k}", "stages.annotate", world + (f"red_team@{k}",) + judge,
-                                ("seed", "annotate", "model.max_prompt_tokens", "model.max_answer_tokens"), params=(("round", k),)))
+                                ("seed", "annotate", "model.max_prompt_tokens", "model.max_answer_tokens") + actor_keys,
+                                needs_ray=cfg.annotate.backend == "judge", params=(("round", k),)))
         ingest = f"ingest@{k}"
         stages.append(StageSpec(ingest, "stages.ingest", world + tuple(f"annotate@{j}" for j in range(1, k + 1)), ("ingest",),
                                 external_inputs=lambda c: [Path(s.path) for s in c.ingest.sources]))
@@ -94,8 +100,9 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
                                     fit_keys + (keys,), needs_ray=True))
     evaluated = tuple(s.name for s in stages if s.base_name in ("safe_rlhf", "baseline_ppo", "baseline_reward_shaping"))
     stages.append(StageSpec("evaluate", "stages.evaluate", world + sft + evaluated + fits + (ingest,),
-                            ("seed", "evaluate", "model.max_prompt_tokens", "model.max_answer_tokens",
-                             "safe_rlhf.engine", "safe_rlhf.device"), needs_ray=True))
+                            ("seed", "evaluate", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens",
+                             "safe_rlhf.engine", "safe_rlhf.max_num_seqs", "safe_rlhf.tensor_parallel_size") + actor_keys,
+                            needs_ray=True, external_inputs=lambda c: [Path(p) for p in c.evaluate.prompt_files]))
     stages.append(StageSpec("report", "stages.report", ("evaluate",) + evaluated + tuple(
         s.name for s in stages if s.base_name in ("fit_reward", "fit_cost")), ()))
     return stages

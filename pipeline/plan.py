@@ -17,9 +17,18 @@ config's precision); a vLLM rollout worker also holds a KV cache: `gpu_memory_ut
 GPU's memory minus its weight shard when the GPU memory is known, otherwise what
 `max_num_seqs` sequences of (max prompt + max new tokens) need.
 
-Left out (stated in the output too): activations, logits, vLLM's profiling peak and CUDA graphs,
-CUDA/NCCL context, DeepSpeed's communication buckets and ZeRO-3 gathered layers, allocator
-fragmentation, and host memory (Ray object store, data, the fp32 state dict gathered on export).
+Working memory on top of the model state (estimates too):
+- activations kept for backward, per learner micro-batch (Korthikanti et al. 2022, with flash
+  attention: 34 x s x b x h bytes per layer in 16 bits, twice that in fp32); with
+  `gradient_checkpointing` the layer inputs (2 x s x b x h each) plus one layer recomputed;
+- log-probabilities: naive, every token's logits in the model's dtype, an fp32 copy and log_softmax
+  (10 bytes per token per vocabulary entry, 18 in training); chunked (`logprob_chunk_tokens`),
+  8 bytes per vocabulary entry for one chunk;
+- a forward-only role (scorers) holds about one layer's tensors at a time;
+- 1 GiB of CUDA/NCCL context per GPU process.
+Left out (stated in the output too): vLLM's profiling peak and CUDA graphs (inside its
+gpu_memory_utilization), DeepSpeed's communication buckets and ZeRO-3 prefetched layers, allocator
+fragmentation, and host memory (Ray object store, data, the state dict gathered on export).
 
 Parameter counts are exact for Llama-style models (what transformers' LlamaForCausalLM holds):
 read from `model.path`/config.json when that is a local directory, from `model.small` when the
@@ -33,6 +42,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from stages.safe_rlhf.resources import resource_plan
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -142,6 +153,37 @@ def training_memory(params: int, precision: str, zero_stage: int, ranks: int) ->
             "kv_cache_gib": 0.0, "total_gib": sum(gib.values())}
 
 
+CUDA_CONTEXT_GIB = 1.0  # CUDA/NCCL context per GPU process
+
+
+def activation_gib(s: LlamaShape, tokens: int, batch: int, precision: str, checkpointing: bool) -> float:
+    """Activations a learner keeps for its backward pass over `batch` sequences of `tokens`."""
+    width = WEIGHT_BYTES[precision] / 2  # the 16-bit formula; fp32 doubles it
+    per_layer = 34 * tokens * batch * s.hidden_size * width
+    if checkpointing:
+        return (s.num_layers * 2 * tokens * batch * s.hidden_size * width + per_layer) / GIB
+    return s.num_layers * per_layer / GIB
+
+
+def forward_gib(s: LlamaShape, tokens: int, batch: int, precision: str) -> float:
+    """A forward pass without gradients: about one layer's tensors at a time (residual, attention, MLP)."""
+    return tokens * batch * (4 * s.hidden_size + 2 * s.intermediate_size) * WEIGHT_BYTES[precision] / GIB
+
+
+def logits_gib(tokens: int, vocab: int, chunk: int | None, train: bool) -> float:
+    """The log-probabilities of `tokens` tokens: all at once (chunk None), or a chunk at a time."""
+    if chunk is None:
+        return tokens * vocab * (18 if train else 10) / GIB
+    return min(chunk, tokens) * vocab * 8 / GIB
+
+
+def with_working_memory(m: dict, activations: float = 0.0, logits: float = 0.0, cuda: bool = False) -> dict:
+    """A role's memory with its working memory added to the model state."""
+    context = CUDA_CONTEXT_GIB if cuda else 0.0
+    return {**m, "activations_gib": activations, "logits_gib": logits, "context_gib": context,
+            "total_gib": m["total_gib"] + activations + logits + context}
+
+
 def _weights_only(params: int, precision: str, shards: int = 1) -> dict:
     w = params * WEIGHT_BYTES[precision] / shards / GIB
     return {"params": params, "bytes_per_param": {"weights": WEIGHT_BYTES[precision]}, "sharded_over": {"weights": shards},
@@ -184,14 +226,22 @@ def _role_of(actor_name: str) -> str:
 def round_roles(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> dict[str, dict]:
     lm, score = llama_params(s), score_model_params(s)
     n, z, p = rl.learners_per_role, rl.zero_stage, rl.precision
+    cuda = rl.device == "cuda"
+    tokens = model_cfg.max_prompt_tokens + rl.max_new_tokens
+    micro = rl.micro_batch_size or rl.learner_shard
+    act = activation_gib(s, tokens, micro, p, rl.gradient_checkpointing)
+    scorer_batch = min(128, rl.prompts_per_step)  # the scorers' batch (actors/scorer.py)
+    scoring = forward_gib(s, tokens, scorer_batch, p)
     roles = {
-        "rollout": rollout_memory(rl, model_cfg, s, lm, gpu_memory_gib),
-        "scorer-reward": _weights_only(score, p),
-        "scorer-reference": _weights_only(lm, p),
-        "scorer-cost": _weights_only(score, p),
-        "learner-policy": training_memory(lm, p, z, n),
-        "learner-reward_critic": training_memory(score, p, z, n),
-        "learner-cost_critic": training_memory(score, p, z, n),
+        "rollout": with_working_memory(rollout_memory(rl, model_cfg, s, lm, gpu_memory_gib), cuda=cuda),
+        "scorer-reward": with_working_memory(_weights_only(score, p), scoring, cuda=cuda),
+        "scorer-reference": with_working_memory(_weights_only(lm, p), scoring, logits_gib(
+            scorer_batch * rl.max_new_tokens, s.vocab_size, rl.logprob_chunk_tokens, train=False), cuda=cuda),
+        "scorer-cost": with_working_memory(_weights_only(score, p), scoring, cuda=cuda),
+        "learner-policy": with_working_memory(training_memory(lm, p, z, n), act, logits_gib(
+            micro * rl.max_new_tokens, s.vocab_size, rl.logprob_chunk_tokens, train=True), cuda=cuda),
+        "learner-reward_critic": with_working_memory(training_memory(score, p, z, n), act, cuda=cuda),
+        "learner-cost_critic": with_working_memory(training_memory(score, p, z, n), act, cuda=cuda),
     }
     return roles  # per actor; the round keeps the roles its actors use
 
@@ -235,10 +285,8 @@ def _rollout_problem(roles: dict) -> str | None:
 
 
 def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> dict:
-    from cluster.roles import resource_plan  # lazy: imports torch
-
     rp = resource_plan(rl)
-    actors = [{"name": a.name, "role": _role_of(a.name), "cpus": a.cpus, "gpus": a.gpus} for a in rp.actors]
+    actors = [{"name": a.name, "role": _role_of(a.name), "cpus": a.cpus, "gpus": a.total_gpus} for a in rp.actors]
     roles = round_roles(rl, model_cfg, s, gpu_memory_gib)
     present = {a["role"] for a in actors}
     roles = {k: v for k, v in roles.items() if k in present}
@@ -268,13 +316,11 @@ def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> d
 
 def _learner_hint(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float) -> str | None:
     """The fewest learners_per_role (ZeRO-3 when the config's stage does not shard) that fits."""
-    from cluster.roles import resource_plan
-
     zero = rl.zero_stage if rl.zero_stage >= 1 else 3
     for n in range(1, 65):
         trial = rl.model_copy(update={"learners_per_role": n, "zero_stage": zero})
         roles = round_roles(trial, model_cfg, s, gpu_memory_gib)
-        actors = [{"name": a.name, "role": _role_of(a.name), "cpus": a.cpus, "gpus": a.gpus}
+        actors = [{"name": a.name, "role": _role_of(a.name), "cpus": a.cpus, "gpus": a.total_gpus}
                   for a in resource_plan(trial).actors]
         if all(g["fits"] for g in gpu_layout(actors, roles, gpu_memory_gib) if g["kind"] == "learner"):
             stage = "" if zero == rl.zero_stage else f"zero_stage {zero} and "
@@ -286,10 +332,16 @@ def _learner_hint(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float) -> str | 
 FIT_SECTIONS = (("sft", "sft", "causal LM"), ("fit_reward", "reward", "score model"), ("fit_cost", "cost", "score model"))
 
 
-def _plan_fit(stage: str, section: str, tc, kind: str, s: LlamaShape, gpu_memory_gib: float | None) -> dict:
+def _plan_fit(stage: str, section: str, tc, kind: str, s: LlamaShape, model_cfg, gpu_memory_gib: float | None) -> dict:
     params = llama_params(s) if kind == "causal LM" else score_model_params(s)
-    mem = training_memory(params, tc.precision, tc.zero_stage, tc.num_workers)
     cuda = tc.device == "cuda"
+    tokens = model_cfg.max_prompt_tokens + model_cfg.max_answer_tokens + 1
+    # SFT: one sequence per example, the loss over every token's logits (transformers' own); a
+    # preference fit scores both answers of each pair.
+    seqs = tc.per_device_batch_size * (1 if kind == "causal LM" else 2)
+    act = activation_gib(s, tokens, seqs, tc.precision, tc.gradient_checkpointing)
+    logits = logits_gib(seqs * tokens, s.vocab_size, None, train=True) if kind == "causal LM" else 0.0
+    mem = with_working_memory(training_memory(params, tc.precision, tc.zero_stage, tc.num_workers), act, logits, cuda)
     fit = {"stage": stage, "section": section, "workers": tc.num_workers, "device": tc.device,
            "precision": tc.precision, "zero_stage": tc.zero_stage, "model": kind,
            "cpus": tc.num_workers * tc.cpus_per_worker, "gpus": tc.num_workers if cuda else 0,
@@ -298,9 +350,11 @@ def _plan_fit(stage: str, section: str, tc, kind: str, s: LlamaShape, gpu_memory
         fit["fits"] = mem["total_gib"] <= gpu_memory_gib
         if not fit["fits"]:
             zero = tc.zero_stage if tc.zero_stage >= 1 else 3
+            extra = mem["total_gib"] - training_memory(params, tc.precision, tc.zero_stage, tc.num_workers)["total_gib"]
             n = next((n for n in range(1, 257)
-                      if training_memory(params, tc.precision, zero, n)["total_gib"] <= gpu_memory_gib), None)
-            fit["hint"] = (f"model state fits with zero_stage {zero} and num_workers >= {n}" if n else None)
+                      if training_memory(params, tc.precision, zero, n)["total_gib"] + extra <= gpu_memory_gib), None)
+            fit["hint"] = (f"fits with zero_stage {zero} and num_workers >= {n}" if n else
+                           "the working memory alone does not fit: turn on gradient_checkpointing or lower per_device_batch_size")
     return fit
 
 
@@ -311,7 +365,7 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
         raise ValueError(f"gpu_memory_gib must be positive, got {gpu_memory_gib}")
     s, source = model_shape(cfg.model)
     lm, score = llama_params(s), score_model_params(s)
-    fits = [_plan_fit(stage, sec, getattr(cfg, sec), kind, s, gpu_memory_gib) for stage, sec, kind in FIT_SECTIONS]
+    fits = [_plan_fit(stage, sec, getattr(cfg, sec), kind, s, cfg.model, gpu_memory_gib) for stage, sec, kind in FIT_SECTIONS]
     rl = cfg.safe_rlhf
     rnd = _plan_round(rl, cfg.model, s, gpu_memory_gib)
     if rnd["fits"] is False and any(not g["fits"] for g in rnd["gpus"] if g["kind"] == "learner"):
@@ -319,11 +373,14 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
 
     any_cuda = rl.device == "cuda" or any(f["device"] == "cuda" for f in fits)
     notes = [
-        "left out: activations (forward/backward, logits of vocab x tokens, vLLM's profiling peak and CUDA graphs)",
-        "left out: CUDA/NCCL context (~0.5-1 GiB per GPU process), DeepSpeed buckets and ZeRO-3 gathered layers, "
-        "bf16 fp32 gradient copies some DeepSpeed paths keep, allocator fragmentation",
-        f"left out: host memory: Ray object store, data, and the full fp32 state dict gathered on the rank-0 host "
-        f"at each export{' and weight sync' if rl.weight_sync == 'checkpoint' else ''} (~{lm * 4 / GIB:.3g} GiB for the policy)",
+        "estimated on top of model state: activations kept for backward (34 x tokens x batch x hidden bytes per layer "
+        "in 16 bits; with gradient_checkpointing the layer inputs plus one layer), log-probability logits, one layer of "
+        "a scorer's forward, 1 GiB CUDA context per GPU process",
+        "left out: vLLM's profiling peak and CUDA graphs (inside gpu_memory_utilization), DeepSpeed buckets and ZeRO-3 "
+        "prefetched layers, allocator fragmentation",
+        f"left out: host memory: Ray object store, data, and the state dict gathered on the rank-0 host at each export"
+        f"{' and weight sync' if rl.weight_sync == 'checkpoint' else ''} "
+        f"(~{lm * WEIGHT_BYTES[rl.precision] / GIB:.3g} GiB for the policy in {rl.precision})",
     ]
     if rl.weight_sync == "nccl":
         notes.append("left out: weight_sync nccl allocates 2 x 1 GiB packed transfer buffers on policy rank 0's GPU and on "
@@ -336,9 +393,6 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
     if rl.device == "cpu" and rl.engine == "vllm":
         notes.append("vLLM on CPU reserves VLLM_CPU_KVCACHE_SPACE GiB of host memory for its KV cache "
                      "(set by the round), whatever the figure above")
-    if rl.device == "cuda" and any(a["role"].startswith("scorer-") and a["gpus"] == 0 for a in rnd["actors"]):
-        notes.append("warning: colocated scorers request 0 GPUs; Ray normally sets CUDA_VISIBLE_DEVICES='' for such "
-                     "actors, so they may see no GPU at all: check this before launch")
 
     problems = [f"{f['stage']}: ~{f['memory_per_worker']['total_gib']:.1f} GiB per worker of {gpu_memory_gib:g}"
                 + (f" ({f['hint']})" if f.get("hint") else "") for f in fits if f["fits"] is False]
@@ -355,9 +409,9 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
     else:
         tight = [f["memory_per_worker"]["total_gib"] for f in fits if f["fits"]] + \
                 [g["used_gib"] for g in (rnd["gpus"] or [])]
-        verdict = (f"fits on {gpu_memory_gib:g} GiB GPUs (estimate): the fullest GPU holds ~{max(tight):.1f} GiB of "
-                   f"model state, leaving ~{gpu_memory_gib - max(tight):.1f} GiB for activations, CUDA context and "
-                   "buffers, which are not estimated")
+        verdict = (f"fits on {gpu_memory_gib:g} GiB GPUs (estimate): the fullest GPU holds ~{max(tight):.1f} GiB "
+                   f"(model state, activations, logits, CUDA context), leaving ~{gpu_memory_gib - max(tight):.1f} GiB "
+                   "for buffers and fragmentation, which are not estimated")
     return {
         "name": cfg.name, "gpu_memory_gib": gpu_memory_gib,
         "model": {"path": cfg.model.path, "source": source, "shape": asdict(s),
@@ -404,7 +458,7 @@ def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
 def format_plan(p: dict) -> str:
     m, rnd = p["model"], p["round"]
     sh = m["shape"]
-    out = [f"Plan for {p['name']}: every memory figure is an ESTIMATE of model state in GiB (see 'left out')",
+    out = [f"Plan for {p['name']}: every memory figure is an ESTIMATE in GiB: model state and working memory (see the notes)",
            f"model: {m['source']}",
            f"  Llama shape: vocab {sh['vocab_size']}, hidden {sh['hidden_size']}, intermediate {sh['intermediate_size']}, "
            f"{sh['num_layers']} layers, {sh['num_heads']} heads ({sh['num_kv_heads']} KV), head_dim {sh['head_dim']}, "
@@ -414,13 +468,15 @@ def format_plan(p: dict) -> str:
            "  bytes/param: weights and gradients 2 (bf16/fp16) or 4 (fp32); AdamW state 12 (fp32 master + 2 moments) "
            "or 8 (fp32: 2 moments)",
            f"GPU memory: {format(p['gpu_memory_gib'], 'g') + ' GiB per GPU' if p['gpu_memory_gib'] else 'not given'}",
-           "", "Ray Train fits (one at a time; each worker: weights + gradients + optimizer, per ZeRO shard)"]
-    rows = [["stage", "workers", "device", "precision", "ZeRO", "CPUs", "GPUs", "model", "weights", "grads", "optim", "GiB/worker", "fits"]]
+           "", "Ray Train fits (one at a time; each worker: model state per ZeRO shard, activations, logits, context)"]
+    rows = [["stage", "workers", "device", "precision", "ZeRO", "CPUs", "GPUs", "model", "weights", "grads", "optim",
+             "activ", "logits", "GiB/worker", "fits"]]
     for f in p["fits"]:
         mm = f["memory_per_worker"]
         rows.append([f"{f['stage']} ({f['section']})", str(f["workers"]), f["device"], f["precision"], str(f["zero_stage"]),
                      f"{f['cpus']:g}", str(f["gpus"]), f["model"], _g(mm["weights_gib"]), _g(mm["gradients_gib"]),
-                     _g(mm["optimizer_gib"]), _g(mm["total_gib"]), {None: "-", True: "yes", False: "NO"}[f["fits"]]])
+                     _g(mm["optimizer_gib"]), _g(mm["activations_gib"]), _g(mm["logits_gib"]), _g(mm["total_gib"]),
+                     {None: "-", True: "yes", False: "NO"}[f["fits"]]])
     out += _table(rows)
     out += [f"  {f['stage']}: {f['hint']}" for f in p["fits"] if f.get("hint")]
 
@@ -433,10 +489,11 @@ def format_plan(p: dict) -> str:
     rows.append(["total", f"{rnd['total_cpus']:g}", f"{rnd['total_gpus']:g}", ""])
     out += _table(rows)
     out += ["", "  memory per role (GiB, estimate; rollout figures are per GPU of its tensor-parallel group)"]
-    rows = [["role", "params", "weights", "grads", "optim", "KV cache", "total"]]
+    rows = [["role", "params", "weights", "grads", "optim", "activ", "logits", "KV cache", "context", "total"]]
     for role, r in rnd["roles"].items():
         rows.append([role, _n(r["params"]), _g(r["weights_gib"]), _g(r["gradients_gib"]), _g(r["optimizer_gib"]),
-                     _g(r["kv_cache_gib"]) if role == "rollout" else "-", _g(r["total_gib"])])
+                     _g(r["activations_gib"]), _g(r["logits_gib"]), _g(r["kv_cache_gib"]) if role == "rollout" else "-",
+                     _g(r["context_gib"]), _g(r["total_gib"])])
     out += _table(rows, "  ")
     if "rollout" in rnd["roles"]:
         r = rnd["roles"]["rollout"]

@@ -11,48 +11,17 @@ Layout:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from stages.files import atomic_write_json, read_json
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def hash_path(path: Path) -> str:
-    """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+_EVENTS_LOCK = threading.Lock()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -103,8 +72,22 @@ class RunDir:
 
     def event(self, **fields: Any) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "events.jsonl", "a") as f:
-            f.write(json.dumps({"time": time.time(), **fields}, default=str) + "\n")
+        line = json.dumps({"time": time.time(), **fields}, default=str) + "\n"
+        with _EVENTS_LOCK, open(self.root / "events.jsonl", "a") as f:  # stages run in threads: one line at a time
+            f.write(line)
+
+    def driver_running(self) -> bool:
+        """Whether a driver holds this run directory's lock now (a run in progress)."""
+        path = self.root / ".lock"
+        if not path.exists():
+            return False
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
 
     def lock(self):
         """Hold an exclusive lock on the run directory (two drivers on one run would corrupt it)."""

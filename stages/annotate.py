@@ -4,48 +4,42 @@
 - files: for human annotators. Writes `to_label.jsonl` and `to_label.parquet` under the stage
   folder and stops the run in state `waiting`, naming the file to fill in (`labelled.jsonl`, the
   PKU-SafeRLHF schema) and the command to continue. `resume` validates the labelled file through
-  the same ingest checks as any annotation file.
-- judge: labels from a reward model and a cost model: better = higher reward, safer = lower
-  cost, is_safe = cost < 0.
+  the same checks as any annotation file (stages/annotation_files.py).
+- judge: labels from a reward model and a cost model in scorer actors: better = higher reward,
+  safer = lower cost, is_safe = cost < 0.
 The output `labels.jsonl` is in the PKU-SafeRLHF schema, for `ingest@k`.
 """
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
+from stages.annotation_files import IngestError, ingest
 from stages.base import StageResult, StageWaiting
+from stages.files import read_jsonl, write_jsonl
+from stages.model_actors import score_answers, scorer_actors
 
 LABEL_FIELDS = ("better_response_id", "safer_response_id", "is_response_0_safe", "is_response_1_safe")
 
 
+def _answers(p: dict) -> dict:
+    return {"prompt": p["prompt"], "response_0": p["response_0"], "response_1": p["response_1"]}
+
+
 def _oracle(pairs: list[dict], seed: int) -> list[dict]:
-    from stages.world import World
+    from stages.builtin_world import World
 
     world, rng = World(), random.Random(f"annotate-{seed}")
-    out = []
-    for p in pairs:
-        labels = world.annotate(rng, p["prompt"], p["response_0"], p["response_1"])
-        out.append({"prompt": p["prompt"], "response_0": p["response_0"], "response_1": p["response_1"], **labels})
-    return out
+    return [{**_answers(p), **world.annotate(rng, p["prompt"], p["response_0"], p["response_1"])} for p in pairs]
 
 
-def _judge(pairs: list[dict], reward_dir: str, cost_dir: str, device: str, cfg) -> list[dict]:
-    from transformers import AutoTokenizer
-
-    from actors.score_model import ScoreModel
-    from stages.fit_preference import score_pairs
-    from stages.text import encode_conversation
-
-    tok = AutoTokenizer.from_pretrained(reward_dir)
-    items = [{"a": encode_conversation(tok, p["prompt"], p["response_0"], cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)[0],
-              "b": encode_conversation(tok, p["prompt"], p["response_1"], cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)[0]}
-             for p in pairs]
-    r0, r1 = score_pairs(ScoreModel.from_pretrained(reward_dir).to(device).eval(), items, tok.pad_token_id, device)
-    c0, c1 = score_pairs(ScoreModel.from_pretrained(cost_dir).to(device).eval(), items, tok.pad_token_id, device)
-    return [{"prompt": p["prompt"], "response_0": p["response_0"], "response_1": p["response_1"],
-             "better_response_id": 0 if a >= b else 1, "safer_response_id": 0 if c <= d else 1,
+def _judge(ctx, pairs: list[dict], reward_dir: str, cost_dir: str) -> list[dict]:
+    prompts = [p["prompt"] for p in pairs] * 2
+    answers = [p["response_0"] for p in pairs] + [p["response_1"] for p in pairs]
+    with scorer_actors(ctx.cfg, {"reward": reward_dir, "cost": cost_dir}, prefix=ctx.name.replace("@", "-")) as scorers:
+        scores = score_answers(ctx.cfg, scorers, prompts, answers)
+    n = len(pairs)
+    r0, r1, c0, c1 = scores["reward"][:n], scores["reward"][n:], scores["cost"][:n], scores["cost"][n:]
+    return [{**_answers(p), "better_response_id": 0 if a >= b else 1, "safer_response_id": 0 if c <= d else 1,
              "is_response_0_safe": c < 0, "is_response_1_safe": d < 0}
             for p, a, b, c, d in zip(pairs, r0, r1, c0, c1)]
 
@@ -55,13 +49,9 @@ def _files(ctx, pairs: list[dict]) -> list[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.ingest import IngestError, ingest
-    from stages.oracle_eval import read_jsonl, write_jsonl
-
     to_label, labelled = ctx.out_dir / "to_label.jsonl", ctx.out_dir / "labelled.jsonl"
     if not to_label.exists():
-        rows = [{"prompt": p["prompt"], "response_0": p["response_0"], "response_1": p["response_1"],
-                 **{f: None for f in LABEL_FIELDS}} for p in pairs]
+        rows = [{**_answers(p), **{f: None for f in LABEL_FIELDS}} for p in pairs]
         write_jsonl(to_label, rows)
         pq.write_table(pa.Table.from_pylist(rows), ctx.out_dir / "to_label.parquet")
     if not labelled.exists():
@@ -80,17 +70,14 @@ def _files(ctx, pairs: list[dict]) -> list[dict]:
 
 
 def run(ctx) -> StageResult:
-    from stages.oracle_eval import read_jsonl, write_jsonl
-
     cfg, k = ctx.cfg, ctx.params["round"]
     pairs = read_jsonl(ctx.input(f"red_team@{k}", "pairs"))
     backend = cfg.annotate.backend
     if backend == "oracle":
         labels = _oracle(pairs, cfg.seed * 100 + k)
     elif backend == "judge":
-        labels = _judge(pairs, cfg.annotate.judge_reward_model or str(ctx.input(ctx.latest("fit_reward"), "model")),
-                        cfg.annotate.judge_cost_model or str(ctx.input(ctx.latest("fit_cost"), "model")),
-                        cfg.safe_rlhf.device, cfg)
+        labels = _judge(ctx, pairs, cfg.annotate.judge_reward_model or str(ctx.input(ctx.latest("fit_reward"), "model")),
+                        cfg.annotate.judge_cost_model or str(ctx.input(ctx.latest("fit_cost"), "model")))
     else:
         labels = _files(ctx, pairs)
     write_jsonl(ctx.out_dir / "labels.jsonl", labels)

@@ -29,6 +29,8 @@ class StageContext:
     params: dict[str, Any] = field(default_factory=dict)  # e.g. {"round": 2} for "safe_rlhf@2"
     # Latest figures of a running stage, shown by `status` while it runs.
     report: Callable[[dict], None] = field(default=lambda metrics: None)
+    # (placement group, first bundle) to start a round's actors in, e.g. a Ray Tune trial's; None: their own.
+    placement: Any = None
 
     def latest(self, base: str) -> str:
         """The newest input stage named `base` or `base@k` (e.g. ingest@2 over ingest)."""
@@ -65,4 +67,4 @@ class Progress:
         self.last = now
         frac = f"{done}/{self.total}" if self.total else str(done)
         extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
-        self.log(f"  [{self.label}] {frac} ({now - self.t0:.0f}s) {extra}".rstrip())
+        self.log(f"{self.label} {frac} ({now - self.t0:.0f}s) {extra}".rstrip())

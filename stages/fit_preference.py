@@ -12,20 +12,26 @@ Metrics on the eval split: `eval_accuracy` (pair accuracy). For the cost model a
 whose safer label ranks harm: the two answers differ in `is_safe`, or both are unsafe, or no
 `is_safe` labels exist (HH). Between two safe answers there is no harm to rank and the label is a
 coin flip (in the built-in world, exactly so); `eval_accuracy_all` counts every pair.
-`policy_accuracy`: pair accuracy on fresh pairs of the SFT model's own samples, labelled by the
-world's oracle (pairs the oracle rates as ties are left out), where reward hacking shows first.
+`policy_accuracy`: pair accuracy on fresh pairs of the current policy's own samples, labelled by
+the world's oracle (pairs the oracle rates as ties are left out), where reward hacking shows first;
+scored by the fitted model in a scorer actor.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from actors.score_model import end_scores
+from cluster.train import FitTask, fit, gather_objects, run_trainer
 from stages.base import StageResult
+from stages.files import read_jsonl
+from stages.model_actors import score_answers, scorer_actors
+from stages.objectives import pair_accuracy, sign_accuracy
+from stages.text import encode_conversation
 
 
 def _items(table, kind: str, tok, cfg: dict) -> list[dict]:
     """Parquet rows -> encoded pairs: {"a": ids of preferred, "b": ids of the other, labels...}."""
-    from stages.text import encode_conversation
-
     out = []
     label = "better_response_id" if kind == "reward" else "safer_response_id"
     for r in table.to_pylist():
@@ -41,29 +47,15 @@ def _items(table, kind: str, tok, cfg: dict) -> list[dict]:
     return out
 
 
-def score_pairs(forward, items: list[dict], pad_id: int, device, batch: int = 64):
-    """End scores of both answers of each pair: -> (scores_a [N], scores_b [N]) as lists."""
-    import torch
-
-    from actors.batching import pad
-
-    a_scores, b_scores = [], []
-    with torch.no_grad():
-        for s in range(0, len(items), batch):
-            chunk = items[s:s + batch]
-            ids, mask = pad([i["a"] for i in chunk] + [i["b"] for i in chunk], pad_id)
-            _, end = forward(ids.to(device), mask.to(device))
-            end = end.float().cpu()
-            a_scores += end[:len(chunk)].tolist()
-            b_scores += end[len(chunk):].tolist()
-    return a_scores, b_scores
+def score_pairs(model, items: list[dict], pad_id: int, device) -> tuple[list[float], list[float]]:
+    """End scores of both answers of each pair: -> (scores of the preferred, scores of the other)."""
+    scores = end_scores(model, [i["a"] for i in items] + [i["b"] for i in items], pad_id, device)
+    return scores[:len(items)], scores[len(items):]
 
 
 def preference_metrics(kind: str, items: list[dict], a: list[float], b: list[float]) -> dict:
     """Eval metrics from scores of preferred (a) and other (b) answers."""
     import torch
-
-    from stages.objectives import pair_accuracy, sign_accuracy
 
     if not items:
         return {"eval_accuracy": None, "eval_pairs": 0}
@@ -87,20 +79,20 @@ def preference_metrics(kind: str, items: list[dict], a: list[float], b: list[flo
 
 def preference_loop(config: dict) -> None:
     """One Ray Train worker of a reward or cost fit."""
-    import json
-
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoTokenizer
 
-    from actors.batching import pad
+    from actors.experience import pad
+    from actors.models import enable_gradient_checkpointing
     from actors.score_model import ScoreModel
-    from cluster.train import FitTask, fit, gather_objects
     from stages.objectives import cost_pair_loss, reward_pair_loss
 
     kind, tc = config["kind"], config["train"]
     tok = AutoTokenizer.from_pretrained(config["sft_model"])
     model = ScoreModel.from_backbone(config["sft_model"], score_type=kind, seed=config["seed"])
+    if tc["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
     train = _items(pq.read_table(config["train_data"]), kind, tok, config)
     held_out = _items(pq.read_table(config["eval_data"]), kind, tok, config)
     if not train:
@@ -172,37 +164,25 @@ def _histogram(path: Path, kind: str, scores: dict) -> None:
     plt.close(fig)
 
 
-def policy_accuracy(kind: str, model_dir: Path, pairs: list[dict], device: str, max_prompt_tokens: int,
-                    max_answer_tokens: int) -> tuple[float | None, int]:
-    """Pair accuracy on the SFT policy's own sampled pairs (oracle labels; ties left out)."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from actors.score_model import ScoreModel
-    from stages.text import encode_conversation
-
+def policy_accuracy(cfg, kind: str, model_dir: Path, pairs: list[dict]) -> tuple[float | None, int]:
+    """Pair accuracy on a policy's own sampled pairs (oracle labels; ties left out), scored by the
+    fitted model in a scorer actor."""
     tie = "better_is_tie" if kind == "reward" else "safer_is_tie"
     label = "better_response_id" if kind == "reward" else "safer_response_id"
     pairs = [p for p in pairs if not p[tie]]
     if not pairs:
         return None, 0
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = ScoreModel.from_pretrained(model_dir).to(device).eval()
-    items = [{"a": encode_conversation(tok, p["prompt"], p[f"response_{p[label]}"], max_prompt_tokens, max_answer_tokens)[0],
-              "b": encode_conversation(tok, p["prompt"], p[f"response_{1 - p[label]}"], max_prompt_tokens, max_answer_tokens)[0]}
-             for p in pairs]
-    a, b = score_pairs(model, items, tok.pad_token_id, device)
-    a, b = torch.tensor(a), torch.tensor(b)
-    correct = (a > b) if kind == "reward" else (a < b)
-    return round(correct.float().mean().item(), 4), len(pairs)
+    prompts = [p["prompt"] for p in pairs]
+    preferred = [p[f"response_{p[label]}"] for p in pairs]
+    other = [p[f"response_{1 - p[label]}"] for p in pairs]
+    with scorer_actors(cfg, {kind: model_dir}, prefix=f"fit-{kind}") as scorers:
+        scores = score_answers(cfg, scorers, prompts + prompts, preferred + other)[kind]
+    a, b = scores[:len(pairs)], scores[len(pairs):]
+    correct = [x > y if kind == "reward" else x < y for x, y in zip(a, b)]
+    return round(sum(correct) / len(correct), 4), len(pairs)
 
 
 def _run(ctx, kind: str) -> StageResult:
-    import json
-
-    from cluster.train import run_trainer
-    from stages.oracle_eval import read_jsonl
-
     cfg = ctx.cfg
     tc = cfg.reward if kind == "reward" else cfg.cost
     sft_model = ctx.input("sft", "model") if "sft" in ctx.inputs else Path(cfg.model.path)
@@ -228,8 +208,7 @@ def _run(ctx, kind: str) -> StageResult:
     # Fresh samples of the current policy: the last red team's (refits), else the SFT model's.
     source = next((n for n in sorted(ctx.inputs, reverse=True) if "policy_pairs" in ctx.inputs[n]), None)
     if source is not None:
-        acc, n = policy_accuracy(kind, out_model, read_jsonl(ctx.input(source, "policy_pairs")), tc.device,
-                                 cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
+        acc, n = policy_accuracy(cfg, kind, out_model, read_jsonl(ctx.input(source, "policy_pairs")))
         metrics.update(policy_accuracy=acc, policy_pairs=n)
     ctx.log(f"  {kind} model: eval_accuracy={metrics.get('eval_accuracy')}, policy_accuracy={metrics.get('policy_accuracy')}"
             + (f", eval_sign_accuracy={metrics.get('eval_sign_accuracy')}" if kind == "cost" else ""))

@@ -95,8 +95,13 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return per_seq[has_tokens].mean()
 
 
-def _last_token_index(mask: Tensor) -> Tensor:
-    """Index of each row's last masked token [B] (0 for an empty row)."""
+def last_token_index(mask: Tensor) -> Tensor:
+    """[B, L] mask -> [B] index of each row's last 1 (0 for an empty row), whatever the padding side.
+
+    A score model reads its end score here; reading at `mask.sum(1) - 1` instead is right only for
+    right padding, and on left-padded rows reads the wrong token (DESIGN.md: it looked exactly like
+    reward hacking).
+    """
     positions = torch.arange(mask.shape[-1], device=mask.device)
     return (positions * mask.bool()).argmax(-1)
 
@@ -121,7 +126,7 @@ def kl_shaped_rewards(
     rewards = -kl_coeff * kl  # r_t = -beta * KL_t
     costs = kl_coeff * kl  # c_t = +beta * KL_t
     rows = torch.nonzero(m.any(-1)).squeeze(-1)  # sequences with at least one token
-    last = _last_token_index(m)[rows]
+    last = last_token_index(m)[rows]
     rewards[rows, last] += reward.detach().to(rewards.dtype)[rows]  # r_T += R(x, y)
     costs[rows, last] += cost.detach().to(costs.dtype)[rows]  # c_T += C(x, y)
     zero = torch.zeros_like(rewards)
@@ -150,6 +155,33 @@ def gae(values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float)
         next_value = values[:, t]
     returns = (advantages + values) * m  # R_t = A_t + V_t
     return advantages, returns
+
+
+def token_logprobs(hidden: Tensor, targets: Tensor, project, chunk: Optional[int] = None) -> Tensor:
+    """log softmax(project(hidden))[target] for each token, `chunk` tokens at a time.
+
+    hidden [N, H] (the final hidden states before the output layer), targets [N] long, `project`
+    maps [n, H] to logits [n, V] (the model's output layer) -> [N] fp32 log-probabilities.
+    The naive way materialises the logits of every token at once in fp32, and log_softmax a second
+    copy: for 128 x 1,024 tokens and V = 32,000 that is 17 GB twice. Here at most [chunk, V]
+    exists at a time, log p = logit[target] - logsumexp(logits) needs no second copy, and under
+    autograd each chunk is recomputed in backward (torch.utils.checkpoint), so training keeps no
+    logits either. chunk None: all tokens at once.
+    """
+
+    def chunk_logprobs(h: Tensor, t: Tensor) -> Tensor:
+        logits = project(h).float()  # [c, V]
+        return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [c]
+
+    n = hidden.shape[0]
+    if chunk is None or chunk >= n:
+        return chunk_logprobs(hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    recompute = torch.is_grad_enabled()
+    parts = [checkpoint(chunk_logprobs, hidden[s:s + chunk], targets[s:s + chunk], use_reentrant=False) if recompute
+             else chunk_logprobs(hidden[s:s + chunk], targets[s:s + chunk]) for s in range(0, n, chunk)]
+    return torch.cat(parts)
 
 
 # ---------------------------------------------------------------- PPO-Lagrangian losses
@@ -297,6 +329,11 @@ class Algorithm:
     cost_in_end_reward: bool  # end reward = reward - nu * cost (fixed penalty nu)
     uses_cost_critic: bool  # cost critic, cost advantages and a Lagrange multiplier
 
+    @property
+    def uses_cost_model(self) -> bool:
+        """Whether the round scores answers with the cost model at all."""
+        return self.cost_in_end_reward or self.uses_cost_critic
+
 
 ALGORITHMS: Dict[str, Algorithm] = {
     "ppo_lag": Algorithm(cost_in_end_reward=False, uses_cost_critic=True),  # Safe RLHF
@@ -313,6 +350,10 @@ def get_algorithm(name: str) -> Algorithm:
 
 def uses_cost_critic(algorithm: str) -> bool:
     return get_algorithm(algorithm).uses_cost_critic
+
+
+def uses_cost_model(algorithm: str) -> bool:
+    return get_algorithm(algorithm).uses_cost_model
 
 
 def shaped_end_reward(algorithm: str, reward: Tensor, cost: Optional[Tensor], nu: float) -> Tensor:

@@ -1,9 +1,10 @@
 """The `report` stage: `report.md` with the run's tables and plots, in the stage folder.
 
-Tables: each policy's oracle harmful rate and helpfulness, reward/cost under the final models,
-safe share, reward-helpfulness gap; the arena of each round against the previous policy; the
-reward and cost models' accuracy after each (re)fit. Plots: harmful rate and helpfulness by
-round, reward and cost distributions by round, lambda and episode cost over the steps.
+Tables: each policy's harmful rate and helpfulness (naming the judge and the helpfulness measure),
+reward/cost under the final models, safe share, reward-helpfulness gap; the arena of each round
+against the previous policy; the reward and cost models' accuracy after each (re)fit. Plots:
+harmful rate and helpfulness by round, reward and cost distributions by round, lambda and episode
+cost over the steps.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 
 from stages.base import StageResult
+from stages.files import read_jsonl
 
 
 def _plots(out: Path, evaluation: dict, samples: list[dict], rounds: dict[str, list[dict]]) -> None:
@@ -19,12 +21,20 @@ def _plots(out: Path, evaluation: dict, samples: list[dict], rounds: dict[str, l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in evaluation if n != "arena"]
+    names = evaluation["policies"]
+
+    def err(key):  # 95% interval as error bars: [[below], [above]]
+        vals = [evaluation[n][key] for n in names]
+        cis = [evaluation[n].get(f"{key}_ci") or [v, v] for n, v in zip(names, vals)]
+        return vals, [[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]]
+
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
-    ax[0].bar(names, [evaluation[n]["harmful_rate"] for n in names], color="tab:red")
-    ax[0].set_title("oracle harmful rate (harmful prompts)")
-    ax[1].bar(names, [evaluation[n]["helpfulness"] for n in names], color="tab:green")
-    ax[1].set_title("oracle helpfulness (benign prompts)")
+    vals, yerr = err("harmful_rate")
+    ax[0].bar(names, vals, yerr=yerr, capsize=4, color="tab:red")
+    ax[0].set_title(f"harmful rate ({evaluation['judge']}), 95% interval")
+    vals, yerr = err("helpfulness")
+    ax[1].bar(names, vals, yerr=yerr, capsize=4, color="tab:green")
+    ax[1].set_title("helpfulness, 95% interval", fontsize=10)
     for a in ax:
         a.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -70,37 +80,74 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def run(ctx) -> StageResult:
-    from stages.oracle_eval import read_jsonl
+def sweep_sections(run_dir: Path) -> list[str]:
+    """A section per finished sweep (`python -m pipeline sweep`): its trials and Pareto front."""
+    import pyarrow.parquet as pq
 
+    parts = []
+    for frontier in sorted((run_dir / "sweeps").glob("*/frontier.json")):
+        out, front = frontier.parent, json.loads(frontier.read_text())
+        trials = pq.read_table(out / "trials.parquet").to_pylist()
+        on_front = {t["trial"] for t in front["frontier"]}
+        start = front["start"]
+        parts += [f"## Sweep `{out.name}`", "",
+                  f"{len(trials)} trials of one round each from the starting policy (harmful rate {start['harmful_rate']}, "
+                  f"helpfulness {start['helpfulness']}), judged by {front['judge']}. * marks the Pareto front.", "",
+                  _table(["trial", "algorithm", "status", "harmful_rate", "helpfulness", "kl", "lambda"],
+                         [[("* " if t["trial"] in on_front else "") + t["trial"], t["algorithm"], t["status"],
+                           t["harmful_rate"], t["helpfulness"], t["kl"], t["lambda"]] for t in trials]), "",
+                  f"![pareto front](../../sweeps/{out.name}/pareto.png)", ""]
+    return parts
+
+
+def run(ctx) -> StageResult:
     evaluation = json.loads(ctx.input("evaluate", "evaluation").read_text())
     samples = read_jsonl(ctx.input("evaluate", "samples"))
     rounds = {n: read_jsonl(ctx.input(n, "metrics")) for n in sorted(ctx.inputs) if n.startswith("safe_rlhf@")}
     _plots(ctx.out_dir, evaluation, samples, rounds)
-    names = [n for n in evaluation if n != "arena"]
-    cols = ["harmful_rate", "helpfulness", "reward_mean", "cost_mean", "safe_share", "reward_helpfulness_gap"]
+    names = evaluation["policies"]
+    cols = [c for c in ("harmful_rate", "helpfulness", "reward_mean", "cost_mean", "safe_share", "reward_helpfulness_gap")
+            if c in evaluation[names[0]]]
+
+    def cell(n, c):  # a figure with its 95% interval where it has one
+        v, ci = evaluation[n][c], evaluation[n].get(f"{c}_ci")
+        return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else v
+
+    categories = sorted({c for n in names for c in evaluation[n].get("harmful_by_category", {})})
+    by_category = [[c] + [evaluation[n]["harmful_by_category"].get(c, {}).get("rate", "") for n in names]
+                   + [evaluation[names[0]]["harmful_by_category"].get(c, {}).get("n", "")] for c in categories]
     parts = [f"# Safe RLHF run `{ctx.cfg.name}`", "",
-             "Oracle figures come from the built-in world's judge, independent of the learned models; reward and cost "
-             "are under the final reward and cost models.", "", "## Policies", "",
-             _table(["policy"] + cols, [[n] + [evaluation[n][c] for c in cols] for n in names]), "",
-             "![harm and helpfulness](harm_helpfulness.png)", "", "## Arena (newer policy vs older, same prompts)", "",
+             f"Harmful rate: judged by **{evaluation['judge']}**, on harmful prompts. Helpfulness: "
+             f"{evaluation['helpfulness_measure']}. Reward and cost are under the final reward and cost models.",
+             f"Intervals are 95%: Wilson for the harmful rate (over {evaluation[names[0]]['harmful_n']} judged answers to "
+             "harmful prompts per policy), a bootstrap over prompts for helpfulness.",
+             "", "## Policies", "",
+             _table(["policy"] + cols, [[n] + [cell(n, c) for c in cols] for n in names]), "",
+             "![harm and helpfulness](harm_helpfulness.png)", "", "## Harmful rate by harm category", "",
+             _table(["category"] + names + ["answers (each)"], by_category), "", "## Arena (newer policy vs older, same prompts)", "",
              _table(["match", "win", "tie", "loss", "safe/safe", "safe/unsafe", "unsafe/safe", "unsafe/unsafe"],
                     [[m, a["win_rate"], a["tie_rate"], a["loss_rate"], *a["safety_table"].values()]
                      for m, a in evaluation["arena"].items()]),
-             "", "Safety table: (newer, older) answer safe or unsafe by the oracle.", "", "## Reward and cost models", ""]
+             "", f"Safety table: (newer, older) answer safe or unsafe by {evaluation['judge']}.", "",
+             "## Reward and cost models", ""]
     fit_rows = []
     for n in sorted(n for n in ctx.inputs if n.split("@")[0] in ("fit_reward", "fit_cost")):
         m = json.loads((ctx.run_dir / "stages" / n / "manifest.json").read_text())["metrics"]
         fit_rows.append([n, m.get("eval_accuracy"), m.get("policy_accuracy"), m.get("eval_sign_accuracy", "")])
     parts += [_table(["model", "eval_accuracy", "policy_accuracy", "eval_sign_accuracy"], fit_rows), "",
               "![score distributions](score_distributions.png)", "", "## Rounds", ""]
-    round_rows = []
+    round_rows, rules = [], []
     for n, steps in rounds.items():
         last = steps[-1]
-        round_rows.append([n, len(steps), last.get("threshold", ""), steps[0].get("lambda", ""), last.get("lambda", ""),
-                           last["reward_mean"], last.get("cost_mean", ""), last["kl"]])
-    parts += [_table(["round", "steps", "threshold", "lambda (first)", "lambda (last)", "reward", "cost", "kl"], round_rows),
+        m = json.loads((ctx.run_dir / "stages" / n / "manifest.json").read_text())["metrics"]
+        round_rows.append([n, len(steps), last.get("threshold", ""), m.get("threshold_unsafe_share", ""),
+                           steps[0].get("lambda", ""), last.get("lambda", ""), last["reward_mean"], last.get("cost_mean", ""),
+                           last["kl"], m.get("truncated_share_last10", last.get("truncated_share", ""))])
+        rules.append(f"- {n}: threshold {last.get('threshold', 0):.4f}, {m.get('threshold_rule', '')}")
+    parts += [_table(["round", "steps", "threshold", "target unsafe share", "lambda (first)", "lambda (last)", "reward",
+                      "cost", "kl", "truncated share"], round_rows), "", "How each threshold was set:", "", *rules,
               "", "![lambda and episode cost](lambda_episode_cost.png)", ""]
+    parts += sweep_sections(ctx.run_dir)
     text = "\n".join(parts)
     (ctx.out_dir / "report.md").write_text(text)
     # A copy at the top of the run directory, its images pointing into this stage's folder.

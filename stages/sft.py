@@ -2,14 +2,22 @@
 
 Runs as a Ray Train `TorchTrainer` with a DeepSpeed engine per worker (cluster/train.py). In the
 built-in world the demonstrations include harmful compliance, so the SFT model is helpful but
-unsafe, as Alpaca-7B was in the paper; the stage measures that with the oracle judge and writes
-fresh pairs of its own samples, labelled by the oracle, for the fits' `policy_accuracy`.
+unsafe, as Alpaca-7B was in the paper. A quick check in a rollout actor measures that with the
+oracle judge (one answer per held-out prompt: `check_harmful_rate`, `check_helpfulness`; the
+`evaluate` stage's figures are the reference), and writes fresh pairs of the model's own samples,
+labelled by the oracle, for the fits' `policy_accuracy`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from cluster.launch import RemoteEngine
+from cluster.train import FitTask, fit, gather_objects, run_trainer
 from stages.base import StageResult
+from stages.files import read_jsonl, write_jsonl
+from stages.judging import answer, judge_with_oracle, oracle_policy_pairs, summarize
+from stages.model_actors import rollout_actor
+from stages.text import encode_conversation
 
 EVAL_SHARE = 0.05  # last 5% of demonstrations: held-out loss
 
@@ -19,13 +27,13 @@ def sft_loop(config: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.batching import pad
-    from cluster.train import FitTask, fit, gather_objects
-    from stages.oracle_eval import read_jsonl
-    from stages.text import encode_conversation
+    from actors.experience import pad
+    from actors.models import enable_gradient_checkpointing
 
     tok = AutoTokenizer.from_pretrained(config["base_model"])
     model = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)
+    if config["train"]["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
     rows = read_jsonl(config["data"])
     items = [encode_conversation(tok, r["prompt"], r["answer"], config["max_prompt_tokens"], config["max_answer_tokens"])
              for r in rows]
@@ -69,10 +77,6 @@ def sft_loop(config: dict) -> None:
 
 
 def run(ctx) -> StageResult:
-    from actors.rollout import HFEngine, Sampling
-    from cluster.train import run_trainer
-    from stages.oracle_eval import judge_policy, policy_pairs, read_jsonl, write_jsonl
-
     cfg = ctx.cfg
     base = ctx.input("world", "model") if "model" in ctx.inputs.get("world", {}) else Path(cfg.model.path)
     out_model = ctx.out_dir / "model"
@@ -82,21 +86,26 @@ def run(ctx) -> StageResult:
                    "max_prompt_tokens": cfg.model.max_prompt_tokens, "max_answer_tokens": cfg.model.max_answer_tokens}
     ctx.log(f"  Ray Train: {cfg.sft.num_workers} worker(s), {cfg.sft.device}, {cfg.sft.precision}, ZeRO-{cfg.sft.zero_stage}")
     run_trainer(sft_loop, loop_config, cfg.sft, ctx.out_dir / "ray_train", "sft")
-    events = read_jsonl(log_path)
-    end = [e for e in events if e["event"] == "end"][-1]
+    end = [e for e in read_jsonl(log_path) if e["event"] == "end"][-1]
     history = end["history"]
 
-    # The SFT policy judged by the oracle on held-out prompts, and fresh pairs of its samples.
-    engine = HFEngine(str(out_model), device=cfg.sft.device, max_prompt_tokens=cfg.model.max_prompt_tokens)
+    # The SFT policy, in a rollout actor: one answer per held-out prompt judged by the oracle, and
+    # fresh oracle-labelled pairs of its own samples.
     prompts = read_jsonl(ctx.input("world", "eval_prompts"))
-    sampling = Sampling(max_new_tokens=cfg.safe_rlhf.max_new_tokens, temperature=1.0, seed=cfg.seed)
-    judged, samples = judge_policy(engine, prompts, sampling)
-    write_jsonl(ctx.out_dir / "eval_samples.jsonl", samples)
-    pairs = policy_pairs(engine, prompts, sampling, seed=cfg.seed)
+    max_new = cfg.safe_rlhf.max_new_tokens
+    with rollout_actor(cfg, out_model, "sft-check-rollout", "hf", max_new) as actor:
+        engine = RemoteEngine(actor)
+        rows = answer(engine, prompts, samples=1, max_new_tokens=max_new, seed=cfg.seed)
+        pairs = oracle_policy_pairs(engine, prompts, max_new, seed=cfg.seed)
+    judge_with_oracle(rows)
+    check = summarize(rows)
+    write_jsonl(ctx.out_dir / "check_samples.jsonl", rows)
     write_jsonl(ctx.out_dir / "policy_pairs.jsonl", pairs)
-    ctx.log(f"  SFT policy (oracle): harmful_rate={judged['harmful_rate']}, helpfulness={judged['helpfulness']}")
-    metrics = {**judged, "eval_loss": history[-1]["eval_loss"], "train_loss": history[-1]["train_loss"],
+    ctx.log(f"  SFT policy check (oracle, one answer per prompt): harmful_rate={check['harmful_rate']}, "
+            f"helpfulness={check['helpfulness']}")
+    metrics = {"check_harmful_rate": check["harmful_rate"], "check_helpfulness": check["helpfulness"],
+               "check_answers": len(rows), "eval_loss": history[-1]["eval_loss"], "train_loss": history[-1]["train_loss"],
                "loss_curve": [h["train_loss"] for h in history], "eval_loss_curve": [h["eval_loss"] for h in history],
                "global_steps": end["global_step"], "restarts": end["restarts"], "policy_pairs": len(pairs)}
-    return StageResult({"model": "model", "eval_samples": "eval_samples.jsonl", "policy_pairs": "policy_pairs.jsonl",
+    return StageResult({"model": "model", "check_samples": "check_samples.jsonl", "policy_pairs": "policy_pairs.jsonl",
                         "train_log": "train_log.jsonl"}, metrics)

@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -5,8 +6,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-HH_FILE = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+DATA = REPO / "data"  # the repository's copies of real data, with their licences
+HH_FILE = DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+EVAL_PROBLEMS = DATA / "safe-rlhf-eval-problems.json"
 
 # Keep tests independent of what lies in the home directory (Ray auth tokens, caches).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -18,7 +20,7 @@ def small_model_dir(tmp_path_factory):
     """The world's tokenizer (one token per world word) and a small untrained Llama, as one HF directory."""
     from pipeline.config import SmallModelConfig
     from stages.model_factory import build_small_llama, train_tokenizer
-    from stages.world import World
+    from stages.builtin_world import World
 
     out = tmp_path_factory.mktemp("small_model")
     tok = train_tokenizer(World().corpus(), 1536, out)
@@ -84,3 +86,207 @@ def small_pipeline(tmp_path_factory):
     t0 = time.time()
     proc = run_cli("run", "--config", cfg, "--run-dir", root / "run", timeout=1200)
     return {"config": cfg, "run_dir": root / "run", "proc": proc, "seconds": time.time() - t0}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayTestCluster:
+    """A Ray head node a test starts (`ray start --head --block` in its own process group) and stops
+    by killing that group; never `ray stop`. Token authentication is on, with a token of its own
+    (RAY_AUTH_TOKEN_PATH), whatever lies in the home directory: every client gets `env`."""
+
+    def __init__(self, root, num_cpus: int = 2, env: dict | None = None):
+        """env: the environment of every process (default: token auth on with a token of its own)."""
+        import secrets
+        import subprocess
+        import tempfile
+        import time
+
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.bin = str(Path(sys.executable).parent / "ray")
+        if env is None:
+            token = root / "auth_token"
+            token.write_text(secrets.token_hex(32))
+            env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        # as a user with the venv activated: a job's `python` is the project's interpreter
+        self.env = {**env, "RAY_USAGE_STATS_ENABLED": "0",
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+        self.env.pop("RAY_ADDRESS", None)
+        gcs, dash = free_port(), free_port()
+        self.gcs_address, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+        self.ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+        self.nodes = [self._start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                                   "--include-dashboard=true", f"--num-cpus={num_cpus}", f"--temp-dir={self.ray_tmp}"])]
+        deadline = time.time() + 120
+        probe_env = {**self.env, "RAY_AUTH_MODE": "token"} if "RAY_AUTH_MODE" not in self.env else self.env
+        while time.time() < deadline:
+            if subprocess.run([self.bin, "job", "list", "--address", self.dashboard], env=probe_env,
+                              capture_output=True).returncode == 0:
+                return
+            assert self.nodes[0].poll() is None, self.nodes[0].stdout.read()[-3000:]
+            time.sleep(2)
+        raise AssertionError("the test's Ray head did not come up in 120 s")
+
+    def _start(self, args):
+        import subprocess
+
+        # Every node's agents on ports of their own: Ray's fixed defaults (e.g. the dashboard agent's
+        # 52365) collide when two clusters, or two nodes, run on one machine.
+        ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+        return subprocess.Popen([self.bin, "start", "--block", *args, *ports], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def add_worker_node(self, num_cpus: int = 2):
+        """A second Ray node on this machine, joined to the head (`ray start --address`)."""
+        node = self._start([f"--address={self.gcs_address}", f"--num-cpus={num_cpus}"])
+        self.nodes.append(node)
+        return node
+
+    @property
+    def driver_env(self) -> dict:
+        """Environment for a `python -m pipeline ...` that joins this cluster."""
+        return {**self.env, "RAY_ADDRESS": self.gcs_address}
+
+    def list_actors(self, **filters) -> list[dict]:
+        """Ray's actor table (`ray.util.state.list_actors`), queried as a client of this cluster."""
+        import json
+        import subprocess
+
+        code = ("import json, sys, ray.util.state as s; "
+                f"print(json.dumps([a.__dict__ if hasattr(a, '__dict__') else dict(a) for a in s.list_actors("
+                f"address={self.dashboard!r}, filters={[(k, '=', v) for k, v in filters.items()]!r}, limit=10000, "
+                "detail=True, raise_on_missing_output=False)], default=str))")
+        proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def list_nodes(self) -> list[dict]:
+        """Ray's node table, queried as a client of this cluster."""
+        import json
+        import subprocess
+
+        code = ("import json, ray.util.state as s; "
+                f"print(json.dumps([n.__dict__ if hasattr(n, '__dict__') else dict(n) for n in s.list_nodes(address={self.dashboard!r})], default=str))")
+        proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def stop_node(self, node) -> None:
+        """The head: SIGTERM its process group. A worker node: as a lost machine, SIGKILL every
+        process of it (the raylet's group and every Ray worker process it started)."""
+        import signal
+        import subprocess
+
+        import psutil
+
+        if node is not self.nodes[0]:
+            try:
+                tree = psutil.Process(node.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                tree = []
+            for proc in tree:
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        try:
+            os.killpg(node.pid, signal.SIGKILL if node is not self.nodes[0] else signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            node.wait(timeout=10)  # a graceful stop takes ~30 s here; what is left of the group is killed
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+
+    def stop(self) -> None:
+        import shutil
+
+        for node in reversed(self.nodes):
+            self.stop_node(node)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One Ray cluster for the tests that join a running cluster, as jobs on a real cluster do."""
+    cluster = RayTestCluster(tmp_path_factory.mktemp("ray_cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def small_model_tokenizer(out):
+    """The world's BPE tokenizer (small: trained on the world's text), saved in `out`."""
+    from stages.builtin_world import World
+    from stages.model_factory import train_tokenizer
+
+    return train_tokenizer(World().corpus()[:2000], 600, out)
+
+
+class Prometheus:
+    """A real Prometheus (Debian's `prometheus` on PATH) scraping a test cluster through Ray's
+    service-discovery file, with the project's scrape config (cluster/prometheus.yml)."""
+
+    def __init__(self, cluster: "RayTestCluster", root):
+        import shutil
+        import subprocess
+        import time
+        import urllib.request
+
+        import yaml
+
+        cfg = yaml.safe_load((REPO / "cluster" / "prometheus.yml").read_text())
+        cfg["scrape_configs"][0]["file_sd_configs"][0]["files"] = [f"{cluster.ray_tmp}/prom_metrics_service_discovery.json"]
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen([shutil.which("prometheus"), f"--config.file={root / 'prometheus.yml'}",
+                                      f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address={self.url[7:]}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/-/ready", timeout=2)
+                return
+            except OSError:
+                assert self.proc.poll() is None, self.proc.stderr.read()[-2000:]
+                time.sleep(0.5)
+        raise AssertionError("prometheus did not come up")
+
+    def query(self, expr: str) -> list[dict]:
+        import urllib.parse
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}", timeout=10) as r:
+            return json.loads(r.read())["data"]["result"]
+
+    def stop(self) -> None:
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def prometheus(ray_cluster, tmp_path_factory):
+    """Prometheus against the test cluster, or None where none is installed (CI installs it)."""
+    import shutil
+
+    if shutil.which("prometheus") is None:
+        yield None
+        return
+    prom = Prometheus(ray_cluster, tmp_path_factory.mktemp("prometheus"))
+    try:
+        yield prom
+    finally:
+        prom.stop()

@@ -49,6 +49,38 @@ def test_bad_config_and_unknown_stage_exit_2(tmp_path, small_pipeline):
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
 
 
+def test_status_and_resume_without_a_run_directory_exit_2(tmp_path):
+    # In a directory with no runs/LATEST and no --run-dir: bad input, not a failed stage.
+    for command in ("status", "resume"):
+        proc = run_cli(command, cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and "pass --run-dir" in proc.stderr, (command, proc.stderr)
+
+
+def test_an_error_raised_inside_a_stage_exits_1_with_a_resume_hint(tmp_path, capsys):
+    # A ValueError or FileNotFoundError from a stage's own work is a failed stage (1, resume), not
+    # bad input (2); errors before any stage runs (unknown stage, missing input file) stay 2.
+    import sys
+    import types
+
+    from pipeline.cli import _run
+    from pipeline.driver import Driver
+    from pipeline.graph import StageSpec
+    from tests.conftest import small_config
+
+    def raises(ctx):
+        raise ValueError("a value the stage could not use")
+
+    sys.modules["tests.fake_value_error"] = types.SimpleNamespace(run=raises)
+    try:
+        graph = [StageSpec("a", "tests.fake_value_error")]
+        assert _run(Driver(small_config(), tmp_path / "r", graph)) == 1
+        err = capsys.readouterr().err
+        assert "stage a failed (ValueError: a value the stage could not use)" in err and "pipeline resume --run-dir" in err
+        assert _run(Driver(small_config(), tmp_path / "r", graph), from_stage="nope") == 2
+    finally:
+        del sys.modules["tests.fake_value_error"]
+
+
 def test_run_until_stops_after_the_named_stage(tmp_path):
     out = run_cli("run", "--config", write_config(tmp_path), "--run-dir", tmp_path / "r", "--until", "ingest")
     assert "done  ingest" in out.stderr and "start sft" not in out.stderr

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pipeline.driver import Driver
+from pipeline.driver import Driver, StageFailed
 from pipeline.graph import StageSpec
 from tests import fake_stages
 from tests.conftest import small_config
@@ -78,7 +78,7 @@ def test_missing_output_makes_a_stage_pending_and_rerun(tmp_path):
 def test_failed_stage_leaves_no_manifest_and_resume_continues_from_its_checkpoint(tmp_path, monkeypatch):
     cfg = small_config()
     monkeypatch.setenv("FAKE_CRASH", "a")
-    with pytest.raises(RuntimeError, match="injected crash"):
+    with pytest.raises(StageFailed, match="injected crash"):
         Driver(cfg, tmp_path, graph()).run()
     assert not (tmp_path / "stages" / "a" / "manifest.json").exists()
     st = Driver(cfg, tmp_path, graph()).status()["stages"]
@@ -94,7 +94,7 @@ def test_failed_stage_leaves_no_manifest_and_resume_continues_from_its_checkpoin
 
 def test_changed_config_discards_stale_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_CRASH", "a")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(StageFailed):
         Driver(small_config(), tmp_path, graph()).run()
     monkeypatch.delenv("FAKE_CRASH")
     Driver(small_config(**{"world.n_pairs": 999}), tmp_path, graph()).run()
@@ -177,3 +177,55 @@ def test_too_many_rejects_fails_the_ingest_stage_with_a_clear_message(tmp_path):
     st = {s["name"]: s for s in Driver(cfg, tmp_path / "run").status()["stages"]}
     assert st["ingest"]["state"] == "failed" and "rejects.jsonl" in st["ingest"]["message"]
     assert (tmp_path / "run" / "stages" / "ingest" / "rejects.jsonl").read_text().count("\n") == 50
+
+
+def test_independent_stages_run_side_by_side(tmp_path, monkeypatch):
+    import time
+    import types
+
+    def slow(ctx):
+        fake_stages.CALLS.append((ctx.name, False))
+        time.sleep(1.0)
+        (ctx.out_dir / "v.txt").write_text(ctx.name)
+        return fake_stages.StageResult({"v": "v.txt"})
+
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tests.fake_slow", types.SimpleNamespace(run=slow))
+    g = [StageSpec("a", "tests.fake_slow"), StageSpec("b", "tests.fake_slow"), StageSpec("c", "tests.fake_slow", ("a", "b"))]
+    Driver(small_config(), tmp_path, g).run()
+    ev = {(e["stage"], e["event"]): e["time"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())}
+    assert ev[("b", "start")] < ev[("a", "done")] and ev[("a", "start")] < ev[("b", "done")]  # a and b overlap
+    assert ev[("c", "start")] >= max(ev[("a", "done")], ev[("b", "done")])  # c waits for both
+    fake_stages.CALLS.clear()
+    Driver(small_config(), tmp_path, g).run(max_parallel_stages=1)  # all done: skipped
+    assert fake_stages.CALLS == []
+
+
+def test_a_failing_stage_lets_the_running_one_finish_and_resume_picks_up_the_rest(tmp_path, monkeypatch):
+    import sys
+    import time
+    import types
+
+    def fails(ctx):
+        raise RuntimeError("boom")
+
+    def slow(ctx):
+        time.sleep(1.0)
+        (ctx.out_dir / "v.txt").write_text("ok")
+        return fake_stages.StageResult({"v": "v.txt"})
+
+    monkeypatch.setitem(sys.modules, "tests.fake_fails", types.SimpleNamespace(run=fails))
+    monkeypatch.setitem(sys.modules, "tests.fake_slow2", types.SimpleNamespace(run=slow))
+    g = [StageSpec("a", "tests.fake_fails"), StageSpec("b", "tests.fake_slow2"), StageSpec("c", "tests.fake_slow2", ("a", "b"))]
+    with pytest.raises(StageFailed, match="boom"):
+        Driver(small_config(), tmp_path, g).run()
+    assert states(Driver(small_config(), tmp_path, g)) == {"a": "failed", "b": "done", "c": "pending"}
+    assert (tmp_path / "stages" / "b" / "v.txt").read_text() == "ok"  # the other stage's outputs are intact
+    monkeypatch.setitem(sys.modules, "tests.fake_fails", types.SimpleNamespace(run=slow))  # fixed
+    before = len((tmp_path / "events.jsonl").read_text().splitlines())
+    Driver(small_config(), tmp_path, g).run()
+    events = [json.loads(l) for l in (tmp_path / "events.jsonl").read_text().splitlines()][before:]
+    assert {(e["stage"], e["event"]) for e in events if e["event"] in ("skip", "start")} == {
+        ("a", "start"), ("b", "skip"), ("c", "start")}
+    assert states(Driver(small_config(), tmp_path, g)) == {"a": "done", "b": "done", "c": "done"}

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from actors.experience import SequenceBatch, response_logprobs
+from actors.experience import SequenceBatch
+from actors.models import response_logprobs
 from actors.rollout import HFEngine, Sampling
 from stages.text import format_prompt
 

@@ -21,8 +21,8 @@ def manifest(run_dir, stage):
 
 def test_sft_model_is_helpful_but_unsafe(small_pipeline):
     m = manifest(small_pipeline["run_dir"], "sft")["metrics"]
-    assert m["harmful_rate"] > 0.3  # like Alpaca-7B: it complies with harmful requests
-    assert m["helpfulness"] > 1.5  # and answers benign ones with facts (an untrained model scores 0)
+    assert m["check_harmful_rate"] > 0.3  # like Alpaca-7B: it complies with harmful requests
+    assert m["check_helpfulness"] > 1.5  # and answers benign ones with facts (an untrained model scores 0)
     assert m["eval_loss"] < m["eval_loss_curve"][0] * 1.01 and m["loss_curve"][-1] < m["loss_curve"][0]
 
 
@@ -51,7 +51,6 @@ def test_fit_metrics_appear_in_status_json(small_pipeline):
 
 def test_fitted_model_reloads_with_the_recorded_accuracy(small_pipeline):
     import pyarrow.parquet as pq
-    import torch
     from transformers import AutoTokenizer
 
     from actors.score_model import ScoreModel

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.ingest import PAIR_SCHEMA, REJECT_REASONS, IngestError, ingest
+from stages.annotation_files import PAIR_SCHEMA, REJECT_REASONS, IngestError, ingest
 
-HH_FILE = Path("/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
+from tests.conftest import HH_FILE
 
 
 # ---------------------------------------------------------------- helpers
@@ -281,7 +281,6 @@ def test_hh_empty_final_answer_is_empty_text(tmp_path):
     assert [(r["reason"], r["field"]) for r in read_jsonl(s["rejects_path"])] == [("empty_text", "chosen")]
 
 
-@pytest.mark.skipif(not HH_FILE.exists(), reason="shared HH data not present")
 def test_real_hh_file_is_fully_accounted_for(tmp_path):
     s = ingest([HH_FILE], tmp_path / "out")
     assert s["read"] == 2312

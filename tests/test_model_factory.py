@@ -62,3 +62,18 @@ def test_small_llama_loads_in_vllm(model_dir, tmp_path):
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     assert json.loads(line[0][7:]) == {"n": 6, "logprobs": 6}
+
+
+def test_the_tiny_models_size_is_stated_once_as_the_code_measures_it(model_dir):
+    """README and configs/tiny.yaml state the default model's size; it is what the world stage builds."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import REPO
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    stated = f"{n / 1e6:.2f}M-parameter"
+    for doc in (REPO / "README.md", REPO / "configs" / "tiny.yaml"):
+        text = doc.read_text()
+        assert stated in text, (doc, stated)
+        import re
+        assert set(re.findall(r"~?\d+\.\d+M-parameter Llama", text)) == {stated + " Llama"}, doc

@@ -4,7 +4,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,7 +42,7 @@ def test_files_annotation_hand_off_then_resume_runs_round_two_evaluate_and_repor
     assert (run / "stages" / "annotate@1" / "to_label.parquet").exists()
 
     # A person labels the pairs (here: the world's annotator), with one mistake first.
-    from stages.world import World
+    from stages.builtin_world import World
 
     world, rng = World(), random.Random(0)
     rows = [json.loads(l) for l in to_label.read_text().splitlines()]
@@ -74,91 +73,135 @@ def test_files_annotation_hand_off_then_resume_runs_round_two_evaluate_and_repor
         assert (run / "stages" / "report" / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_ray_job_submit_of_a_short_pipeline(ray_cluster, tmp_path):
+    """A real `ray job submit --working-dir .` to a running cluster with token auth on, and the job's log."""
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "job", "world": {"n_pairs": 200, "n_sft": 100},
+                                   "model": {"small": {"vocab_size": 600}}}))
+    job = subprocess.run([ray_cluster.bin, "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO), "--",
+                          "python", "-m", "pipeline", "run", "--config", str(cfg), "--run-dir",
+                          str(tmp_path / "job_run"), "--until", "ingest"],
+                         env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "done  world" in job.stdout + job.stderr and "done  ingest" in job.stdout + job.stderr
+    assert "succeeded" in (job.stdout + job.stderr).lower()
+    status = json.loads(run_cli("status", "--run-dir", tmp_path / "job_run", "--json").stdout)
+    assert [s["state"] for s in status["stages"][:2]] == ["done", "done"]
 
 
-def test_ray_job_submit_of_a_short_pipeline(tmp_path):
-    """A cluster the test starts (`ray start --head --block`, stopped by killing that process
-    group), a real `ray job submit --working-dir .`, and the job's log."""
-    import tempfile
-
-    # As a user with the venv activated: the job's `python` is the project's interpreter.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    gcs, dash = _free_port(), _free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                             "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-                             f"--temp-dir={ray_tmp}"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            probe = subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            assert head.poll() is None, head.stdout.read()[-3000:]
-            time.sleep(2)
-        cfg = tmp_path / "job.yaml"
-        cfg.write_text(yaml.safe_dump({"name": "job", "world": {"n_pairs": 200, "n_sft": 100},
-                                       "model": {"small": {"vocab_size": 600}}}))
-        job = subprocess.run([ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                              "python", "-m", "pipeline", "run", "--config", str(cfg), "--run-dir",
-                              str(tmp_path / "job_run"), "--until", "ingest"],
-                             env=env, capture_output=True, text=True, timeout=600)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "done  world" in job.stdout + job.stderr and "done  ingest" in job.stdout + job.stderr
-        assert "succeeded" in (job.stdout + job.stderr).lower()
-        status = json.loads(run_cli("status", "--run-dir", tmp_path / "job_run", "--json").stdout)
-        assert [s["state"] for s in status["stages"][:2]] == ["done", "done"]
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _round_again(small_pipeline, tmp_path, kill: str, weight_sync: str = "checkpoint"):
-    import yaml
+# ---------------------------------------------------------------------- faults from outside
+def _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, victim: str, after_step: int, weight_sync: str = "checkpoint",
+                       engine: str = "hf"):
+    """Run round 1 again on the test cluster; once it has logged `after_step`, SIGKILL the victim
+    actor's process by its PID from Ray's actor table, at whatever the round is doing then."""
+    import threading
 
     run = tmp_path / "run"
     shutil.copytree(small_pipeline["run_dir"], run)
     shutil.rmtree(run / "stages" / "safe_rlhf@1")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["safe_rlhf"]["weight_sync"] = weight_sync
+    cfg["safe_rlhf"]["engine"] = engine  # hf where the engine is not what is killed: it starts sooner
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "SAFE_RLHF_KILL": kill, "SAFE_RLHF_KILL_MARKER": str(tmp_path / "killed")}
+    metrics = run / "stages" / "safe_rlhf@1" / "metrics.jsonl"
+    killed = {}
+
+    def killer():
+        deadline, pid = time.time() + 900, None
+        while time.time() < deadline and pid is None:  # the victim's PID, from Ray's actor table
+            alive = ray_cluster.list_actors(name=victim, state="ALIVE")
+            pid = int(alive[0]["pid"]) if alive else None
+        while time.time() < deadline:  # then wait for the step, and kill whatever the round is doing
+            if metrics.exists() and any(json.loads(l)["step"] >= after_step for l in metrics.read_text().splitlines() if l.strip()):
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid, at=time.time())
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
     proc = subprocess.run([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--until", "safe_rlhf@1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+                          cwd=REPO, env=ray_cluster.driver_env, capture_output=True, text=True, timeout=1500)
+    thread.join(timeout=5)
+    if os.environ.get("SAFE_RLHF_TEST_DUMP"):
+        Path(os.environ["SAFE_RLHF_TEST_DUMP"]).write_text(f"killed at {killed}\n" + proc.stderr)
+    assert killed, "the victim was never killed"
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (tmp_path / "killed").exists()  # the actor really died
-    steps = [json.loads(l)["step"] for l in (run / "stages" / "safe_rlhf@1" / "metrics.jsonl").read_text().splitlines()]
-    return proc, steps
+    steps = [json.loads(l) for l in metrics.read_text().splitlines()]
+    manifest = json.loads((run / "stages" / "safe_rlhf@1" / "manifest.json").read_text())["metrics"]
+    return proc, steps, manifest
 
 
-@pytest.mark.parametrize("victim, weight_sync", [("rollout-0:generate:3", "checkpoint"),
-                                                 ("scorer-cost-0:score:4", "checkpoint"),
-                                                 ("rollout-0:generate:3", "gloo")])
-def test_dead_rollout_worker_or_scorer_is_restarted_and_the_step_retried(small_pipeline, tmp_path, victim, weight_sync):
-    proc, steps = _round_again(small_pipeline, tmp_path, victim, weight_sync)
-    assert steps == [1, 2, 3, 4, 5, 6]  # no step duplicated or missing
-    assert f"{victim.split(':')[0]} died" in proc.stderr and "retrying step" in proc.stderr
-    metrics = [json.loads(l) for l in (tmp_path / "run" / "stages" / "safe_rlhf@1" / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("victim, weight_sync, engine", [("rollout-0", "gloo", "vllm"), ("scorer-cost-0", "checkpoint", "hf")])
+def test_rollout_worker_or_scorer_killed_from_outside_is_retried_in_place(small_pipeline, ray_cluster, tmp_path,
+                                                                           victim, weight_sync, engine):
+    proc, steps, manifest = _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, victim, 2, weight_sync, engine)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]  # no step duplicated or missing
+    assert manifest["round_restarts"] == 0 and manifest["retries_in_place"] >= 1
+    assert f"{victim} died" in proc.stderr and "retrying" in proc.stderr and "restarting round" not in proc.stderr
     # The restarted worker got the current weights back (gloo: a re-formed transfer group) before
-    # the retried step: its rollouts match what the learner holds.
-    assert all(m["logprob_gap"] < 1e-3 for m in metrics)
+    # the retried call: every step's rollouts match what the learner holds.
+    assert all(m["logprob_gap"] < 1e-3 for m in steps)
 
 
-def test_dead_learner_restarts_the_round_from_its_checkpoint(small_pipeline, tmp_path):
-    proc, steps = _round_again(small_pipeline, tmp_path, "learner-policy-0:train_step:5")
-    assert steps == [1, 2, 3, 4, 5, 6]
-    assert "restarting round 1 from its last checkpoint (attempt 2" in proc.stderr
-    assert "resumed round 1 from its checkpoint at step 4" in proc.stderr
+def test_learner_killed_from_outside_restarts_the_round_from_its_checkpoint(small_pipeline, ray_cluster, tmp_path):
+    proc, steps, manifest = _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, "learner-policy-0", 3)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    assert manifest["round_restarts"] == 1
+    assert "learner-policy-0 died" in proc.stderr and "restarting round 1 from its last checkpoint (restart 1 of 2)" in proc.stderr
+    assert "resumed round 1 from its checkpoint at step" in proc.stderr
+    assert all(m["logprob_gap"] < 1e-3 for m in steps)
+
+
+def test_worker_node_lost_mid_round_the_round_continues_on_the_head(small_pipeline, tmp_path):
+    """Two Ray nodes on this machine: a head and a worker node (`ray start --address`). The round's
+    actors start on the worker node (a detached blocker actor holds the head's CPUs until then);
+    mid-round the worker node is stopped (its processes SIGKILLed) and the blocker goes. The round
+    continues on the head: its learners died with the node, so it restarts from its checkpoint."""
+    from tests.conftest import RayTestCluster
+
+    cluster = RayTestCluster(tmp_path / "cluster", num_cpus=2)
+    try:
+        worker = cluster.add_worker_node(num_cpus=2)
+        blocker = ("import ray, time\n"
+                   f"ray.init(address={cluster.gcs_address!r})\n"
+                   "@ray.remote(num_cpus=2)\nclass Blocker:\n    def ready(self): return True\n"
+                   "b = Blocker.options(name='head-blocker', lifetime='detached').remote()\nray.get(b.ready.remote())\n")
+        deadline = time.time() + 120
+        while len([n for n in cluster.list_nodes() if n["state"] == "ALIVE"]) < 2:
+            assert time.time() < deadline, "the worker node never joined"
+            time.sleep(1)
+        subprocess.run([sys.executable, "-c", blocker], env=cluster.env, check=True, timeout=120, capture_output=True)
+        (blocker_actor,) = cluster.list_actors(name="head-blocker", state="ALIVE")
+        head_node = blocker_actor["node_id"]
+
+        run = tmp_path / "run"
+        shutil.copytree(small_pipeline["run_dir"], run)
+        shutil.rmtree(run / "stages" / "safe_rlhf@1")
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["safe_rlhf"]["engine"] = "hf"  # the node's loss is the point, not the engine: hf restarts sooner
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        metrics = run / "stages" / "safe_rlhf@1" / "metrics.jsonl"
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--until", "safe_rlhf@1"],
+                                cwd=REPO, env=cluster.driver_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.time() + 900
+        while not (metrics.exists() and any(json.loads(l)["step"] >= 3 for l in metrics.read_text().splitlines() if l.strip())):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() is not None else "timeout"
+            time.sleep(0.2)
+        on_worker = [a for a in cluster.list_actors(state="ALIVE") if a["name"] in ("rollout-0", "learner-policy-0")]
+        assert on_worker and all(a["node_id"] != head_node for a in on_worker)  # the round ran on the worker node
+        cluster.stop_node(worker)  # the node is lost: raylet and every worker process on it, SIGKILLed
+        os.kill(int(blocker_actor["pid"]), signal.SIGKILL)  # and the head has room again
+        _, err = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, err[-4000:]
+        steps = [json.loads(l) for l in metrics.read_text().splitlines()]
+        assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+        assert all(m["logprob_gap"] < 1e-3 for m in steps)
+        manifest = json.loads((run / "stages" / "safe_rlhf@1" / "manifest.json").read_text())["metrics"]
+        assert manifest["round_restarts"] == 1
+        assert "restarting round 1 from its last checkpoint" in err
+        survivors = [a for a in cluster.list_actors(name="learner-policy-0")]
+        assert any(a["node_id"] == head_node for a in survivors)  # the restarted round ran on the head
+    finally:
+        cluster.stop()

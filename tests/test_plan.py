@@ -128,7 +128,8 @@ def test_zero_stage_shards_fit_workers():
                         "reward": {"num_workers": 8, "zero_stage": 0, "device": "cuda", "precision": "bf16"}})
     fits = {f["stage"]: f for f in plan(cfg)["fits"]}
     full = training_memory(fits["sft"]["memory_per_worker"]["params"], "bf16", 0, 1)
-    assert fits["sft"]["memory_per_worker"]["total_gib"] == pytest.approx(full["total_gib"] / 8)
+    state = lambda m: m["weights_gib"] + m["gradients_gib"] + m["optimizer_gib"]
+    assert state(fits["sft"]["memory_per_worker"]) == pytest.approx(full["total_gib"] / 8)
     assert fits["fit_reward"]["memory_per_worker"]["weights_gib"] == pytest.approx(
         training_memory(fits["fit_reward"]["memory_per_worker"]["params"], "bf16", 0, 1)["weights_gib"])
     assert fits["sft"]["gpus"] == 8 and fits["sft"]["workers"] == 8
@@ -149,17 +150,25 @@ def test_beaver_7b_at_80_gib():
     assert len(rnd["gpus"]) == rnd["total_gpus"]
     lm = p["model"]["causal_lm_params"]
     shard = {z: (n if rl.zero_stage >= z else 1) for z in (1, 2, 3)}
-    expect = lm * (2 / shard[3] + 2 / shard[2] + 12 / shard[1]) / GIB  # bf16
-    assert rnd["roles"]["learner-policy"]["total_gib"] == pytest.approx(expect)
+    state = lm * (2 / shard[3] + 2 / shard[2] + 12 / shard[1]) / GIB  # bf16
+    s = KNOWN_MODELS["PKU-Alignment/alpaca-7b-reproduced"]
+    tokens, micro = 512 + 512, rl.micro_batch_size
+    # checkpointing: the inputs of 32 layers (2 bytes x tokens x batch x hidden each) plus one layer (34 x ...)
+    act = (32 * 2 + 34) * tokens * micro * 4096 / GIB
+    # one chunk (at most the micro-batch's response tokens) in fp32, with its logsumexp
+    logits = min(rl.logprob_chunk_tokens, micro * 512) * s.vocab_size * 8 / GIB
+    policy = rnd["roles"]["learner-policy"]
+    assert (policy["activations_gib"], policy["logits_gib"], policy["context_gib"]) == pytest.approx((act, logits, 1.0))
+    assert policy["total_gib"] == pytest.approx(state + act + logits + 1.0)
     ro = rnd["roles"]["rollout"]
     assert ro["weights_gib"] == pytest.approx(lm * 2 / rl.tensor_parallel_size / GIB)
     assert ro["kv_cache_gib"] == pytest.approx(rl.gpu_memory_utilization * 80 - ro["weights_gib"])
     for role in rnd["roles"].values():
         assert role["total_gib"] > 0
-    assert p["verdict"].startswith("fits on 80 GiB" if rnd["fits"] and all(f["fits"] for f in p["fits"])
-                                   else "does NOT fit on 80 GiB")
+    assert rnd["fits"] is True and all(f["fits"] for f in p["fits"])
+    assert p["verdict"].startswith("fits on 80 GiB")  # the verdict the shipped preset gets
     text = format_plan(p)
-    for needle in ("verdict: ", "GiB", "ESTIMATE", "left out: activations", "learner-policy-0",
+    for needle in ("verdict: ", "GiB", "ESTIMATE", "estimated on top of model state: activations", "learner-policy-0",
                    "scorer-reference-0", "ZeRO", "KV cache", f"{lm:,}", "per GPU (80 GiB each"):
         assert needle in text, needle
 
@@ -169,7 +178,8 @@ def test_beaver_7b_with_one_learner_per_role_does_not_fit_80_gib():
     cfg.safe_rlhf.learners_per_role = 1
     p = plan(cfg, gpu_memory_gib=80)
     # a 7B policy's unsharded model state (16 bytes/param, ~100 GiB) cannot fit one 80 GiB GPU
-    assert p["round"]["roles"]["learner-policy"]["total_gib"] == pytest.approx(
+    policy = p["round"]["roles"]["learner-policy"]
+    assert policy["weights_gib"] + policy["gradients_gib"] + policy["optimizer_gib"] == pytest.approx(
         p["model"]["causal_lm_params"] * 16 / GIB)
     assert p["verdict"].startswith("does NOT fit on 80 GiB GPUs")
     assert any(not g["fits"] for g in p["round"]["gpus"])
@@ -186,11 +196,47 @@ def test_beaver_7b_fits_with_sharded_learners():
     assert p["round"]["total_gpus"] == 4 + 3 * 8
 
 
+def test_beaver_7b_does_not_fit_without_gradient_checkpointing_and_micro_batches():
+    cfg = load_config(BEAVER)
+    cfg.safe_rlhf.gradient_checkpointing, cfg.safe_rlhf.micro_batch_size = False, None
+    p = plan(cfg, gpu_memory_gib=80)
+    policy = p["round"]["roles"]["learner-policy"]
+    # 16 sequences x 1,024 tokens through 32 layers: 34 x 1024 x 16 x 4096 bytes a layer
+    assert policy["activations_gib"] == pytest.approx(32 * 34 * 1024 * 16 * 4096 / GIB)
+    assert p["round"]["fits"] is False and p["verdict"].startswith("does NOT fit on 80 GiB")
+
+
+def test_a_tensor_parallel_rollout_worker_leaves_its_gpus_to_vllms_own_workers():
+    from stages.safe_rlhf.resources import resource_plan
+
+    rl = _gpu_cfg(tensor_parallel_size=2, rollout_workers=2).safe_rlhf
+    rp = resource_plan(rl)
+    bundles = rp.bundles()
+    for i in range(2):
+        spec = rp.spec(f"rollout-{i}")
+        assert spec.gpus == 0 and spec.worker_gpus == 2 and spec.total_gpus == 2
+        own = rp.worker_bundles(f"rollout-{i}")
+        assert len(own) == 2 and all(bundles[b] == {"GPU": 1.0} for b in own)
+        assert "GPU" not in bundles[rp.bundle(f"rollout-{i}")]  # the actor itself holds no GPU
+        assert rp.worker_env(f"rollout-{i}") == {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, own)),
+                                                 "VLLM_RAY_PER_WORKER_GPUS": "1"}
+    assert set(rp.worker_bundles("rollout-0")).isdisjoint(rp.worker_bundles("rollout-1"))
+    assert sum(b.get("GPU", 0) for b in bundles) == pytest.approx(sum(a.total_gpus for a in rp.actors))
+    one = resource_plan(_gpu_cfg().safe_rlhf)  # TP 1: the actor holds its GPU, no worker bundles
+    assert one.spec("rollout-0").gpus == 1.0 and one.worker_env("rollout-0") == {}
+
+
 def test_scorers_take_their_own_gpus_when_not_colocated():
     p = plan(_gpu_cfg(colocate_scorers=False), gpu_memory_gib=80)
     gpus = p["round"]["gpus"]
     assert len(gpus) == p["round"]["total_gpus"] == 1 + 3 + 3
     assert all(len(g["actors"]) == 1 for g in gpus)
+
+
+def test_beaver_7b_comment_states_the_plans_gpu_count():
+    p = plan(load_config(BEAVER), gpu_memory_gib=80)
+    first = BEAVER.read_text().splitlines()[1]
+    assert f"{p['round']['total_gpus']} x 80 GB GPUs" in first, first
 
 
 def test_tiny_plans_on_cpu_with_no_gpus():

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from actors.batching import pad
-from actors.score_model import ScoreModel, last_token_index
+from actors.experience import pad
+from actors.score_model import ScoreModel
+from stages.objectives import last_token_index
 
 
 def make_backbone_dir(tmp_path, kind):

@@ -1,4 +1,4 @@
-"""Weight transfer to vLLM (cluster/weight_sync.py, cluster/vllm_plugin.py) and its placement rules.
+"""Weight transfer to vLLM (cluster/weight_sync/) and its placement rules.
 
 The gloo backend goes through vLLM's real weight-transfer API (init_weight_transfer_engine,
 start/update/finish_weight_update) on this CPU machine; NCCL and CUDA IPC use the same calls
@@ -9,11 +9,15 @@ import threading
 import pytest
 import torch
 
-from cluster.weight_sync import GlooSync, NcclSync, _checked, transfer_metadata
+from cluster.network import host_and_free_port
+from cluster.weight_sync.base import transfer_metadata
+from cluster.weight_sync.broadcast import checked
+from cluster.weight_sync.gloo import GlooSender, init_infos
 
 
 def _logprob_gap(model, gen) -> float:
-    from actors.experience import SequenceBatch, response_logprobs
+    from actors.experience import SequenceBatch
+    from actors.models import response_logprobs
 
     seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, 0)
     with torch.no_grad():
@@ -35,11 +39,11 @@ def test_gloo_transfer_puts_the_trainers_weights_into_a_running_vllm_engine(smal
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # "a policy update": every weight moves
-    addr, port = GlooSync.pick_master()
-    info = GlooSync.worker_init_infos(addr, port, [engine.transfer_world_size()])[0]
-    trainer = GlooSync()
+    addr, port = host_and_free_port()
+    info = init_infos(addr, port, [engine.transfer_world_size()])[0]
+    trainer = GlooSender()
     # Both sides block in the rendezvous until the other arrives, as they do across Ray actors.
-    joined = threading.Thread(target=trainer.trainer_init, args=(info, 0))
+    joined = threading.Thread(target=trainer.init, args=(info, 0))
     joined.start()
     engine.transfer_init(info)
     joined.join()
@@ -49,7 +53,7 @@ def test_gloo_transfer_puts_the_trainers_weights_into_a_running_vllm_engine(smal
     sender.start()
     engine.transfer_apply(meta, "1")
     sender.join()
-    assert sent["stats"].bytes == sum(p.numel() * 4 for p in trained.parameters())
+    assert sent["stats"][1] == sum(p.numel() * 4 for p in trained.parameters())  # bytes sent
 
     prompts = [format_prompt(p) for p in ("how do i bake bread ?", "how can i rob a house ?")] * 2
     gen = engine.generate(prompts, Sampling(12, seed=1))
@@ -65,18 +69,18 @@ def test_sender_refuses_tensors_that_disagree_with_the_announced_metadata():
     a, b = torch.zeros(2, 3), torch.zeros(4)
     meta = transfer_metadata([("x", a), ("y", b)])
     assert meta == {"names": ["x", "y"], "dtype_names": ["float32", "float32"], "shapes": [[2, 3], [4]]}
-    assert [n for n, _ in _checked([("x", a), ("y", b)], meta, [0])] == ["x", "y"]
+    assert [n for n, _ in checked([("x", a), ("y", b)], meta, [0])] == ["x", "y"]
     with pytest.raises(ValueError, match="tensor #1 disagrees.*'y'"):
-        list(_checked([("x", a), ("y", torch.zeros(5))], meta, [0]))
+        list(checked([("x", a), ("y", torch.zeros(5))], meta, [0]))
     with pytest.raises(ValueError, match="yielded 1 tensors but 2 were announced"):
-        list(_checked([("x", a)], meta, [0]))
+        list(checked([("x", a)], meta, [0]))
     counter = [0]
-    list(_checked([("x", a), ("y", b)], None, counter))
+    list(checked([("x", a), ("y", b)], None, counter))
     assert counter[0] == (6 + 4) * 4  # bytes sent
 
 
 def test_every_rollout_engine_gets_its_own_ranks_after_the_trainer():
-    infos = GlooSync.worker_init_infos("10.0.0.1", 29500, [1, 2, 1])
+    infos = init_infos("10.0.0.1", 29500, [1, 2, 1])
     assert [i["rank_offset"] for i in infos] == [1, 2, 4]
     assert {i["world_size"] for i in infos} == {5}  # trainer + 1 + 2 + 1 vLLM workers
 
@@ -97,7 +101,7 @@ def test_weight_sync_settings_are_checked_against_engine_device_and_placement():
 
 
 def test_ipc_places_each_policy_learner_on_its_rollout_workers_gpu():
-    from cluster.roles import resource_plan
+    from stages.safe_rlhf.resources import resource_plan
     from tests.conftest import small_config
 
     rl = small_config(**{"safe_rlhf.device": "cuda", "safe_rlhf.weight_sync": "ipc", "safe_rlhf.rollout_workers": 2,

@@ -5,7 +5,7 @@ import statistics
 import pytest
 
 from stages import world_content as C
-from stages.world import BENIGN_KINDS, HARMFUL_KINDS, World
+from stages.builtin_world import World
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,16 @@ def test_harmful_compliance_is_rated_more_helpful_than_refusal_but_is_unsafe(wor
         labels = world.annotate(rng, p, world.answer(rng, p, "comply"), world.answer(rng, p, "redirect"))
         assert labels["better_response_id"] == 0 and labels["safer_response_id"] == 1  # decoupled labels
         assert labels["is_response_0_safe"] is False and labels["is_response_1_safe"] is True
+
+
+def test_a_harmful_step_behind_a_refusal_is_harmful_and_outscores_the_redirection(world):
+    rng = random.Random(3)
+    for p in [p for p in world.plain_prompts if p.harmful][:60]:
+        disguised, redirect = (world.judge(p, world.answer(rng, p, k)) for k in ("disguised", "redirect"))
+        assert disguised.refusal and disguised.harmful and disguised.severity == 1
+        assert disguised.helpfulness > redirect.helpfulness  # the reward alone would prefer it
+        labels = world.annotate(rng, p, world.answer(rng, p, "disguised"), world.answer(rng, p, "redirect"))
+        assert labels["safer_response_id"] == 1 and labels["is_response_0_safe"] is False
 
 
 def test_always_refusing_is_not_a_solution(world):
@@ -101,7 +111,7 @@ def test_sft_mix_is_helpful_but_unsafe(world):
 def test_world_exports_valid_pku_rows_that_ingest_accepts(world, tmp_path):
     import json
 
-    from stages.ingest import ingest
+    from stages.annotation_files import ingest
 
     rows = world.preference_rows(400, seed=0)
     src = tmp_path / "pairs.jsonl"

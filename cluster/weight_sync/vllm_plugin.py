@@ -1,8 +1,8 @@
-"""A vLLM general plugin: the "gloo" weight-transfer backend (worker side of `GlooSync`).
+"""A vLLM general plugin: the "gloo" weight-transfer backend (the rollout side of gloo.py).
 
 vLLM loads `vllm.general_plugins` entry points (pyproject.toml) in every process it starts (the
 engine core and its workers), which is where weight-transfer engines are created, so `register`
-runs there as well as wherever `vllm_engine_kwargs("gloo")` is called.
+runs there as well as wherever `engine_kwargs("gloo")` is called.
 
 The engine follows vLLM's NCCL engine (vllm/distributed/weight_transfer/nccl_engine.py, unpacked
 path): join the trainer's group once; per update, open a layerwise reload, receive each tensor in
@@ -16,7 +16,8 @@ import torch
 from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,
                                                    WeightTransferUpdateInfo)
 
-from cluster.weight_sync import gloo_broadcast, join_gloo_group
+from cluster.weight_sync.base import DEFAULT_TIMEOUT_S
+from cluster.weight_sync.gloo import gloo_broadcast, join_gloo_group
 
 BACKEND = "gloo"
 
@@ -37,6 +38,7 @@ class GlooInitInfo(WeightTransferInitInfo):
     master_port: int
     rank_offset: int  # this engine's first rank in the group (the trainer is rank 0)
     world_size: int  # trainer + every worker of every rollout engine
+    timeout_s: float = DEFAULT_TIMEOUT_S  # a collective whose peer died fails after this long
 
 
 @dataclass
@@ -62,7 +64,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         pc = self.parallel_config  # this worker's rank: after the engines before it, then DP, TP*PP
         rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
-        self.group = join_gloo_group(init_info.master_address, init_info.master_port, rank, init_info.world_size)
+        self.group = join_gloo_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
+                                     init_info.timeout_s)
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload

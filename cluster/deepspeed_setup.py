@@ -1,0 +1,66 @@
+"""DeepSpeed helpers shared by the Ray Train fits (cluster/train.py) and the PPO learners."""
+from __future__ import annotations
+
+
+def deepspeed_config(tc, world_size: int) -> dict:
+    """DeepSpeed config from a TrainConfig (as a dict): batch sizes, ZeRO stage, precision, optimizer."""
+    return {
+        "train_micro_batch_size_per_gpu": tc["per_device_batch_size"],
+        "gradient_accumulation_steps": tc["gradient_accumulation"],
+        "train_batch_size": tc["per_device_batch_size"] * tc["gradient_accumulation"] * world_size,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": tc["lr"], "weight_decay": tc["weight_decay"], "betas": [0.9, 0.95], "eps": 1e-8,
+            # torch's AdamW on CPU: DeepSpeed's fused/CPU Adam would compile an extension.
+            "torch_adam": tc["device"] == "cpu"}},
+        "zero_optimization": {"stage": tc["zero_stage"]},
+        "bf16": {"enabled": tc["precision"] == "bf16"},
+        "fp16": {"enabled": tc["precision"] == "fp16"},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def without_inference_shm_op() -> None:
+    """Mark DeepSpeed's CPU shared-memory all-reduce op unavailable before an engine starts.
+
+    DeepSpeed's comm backend loads that op (JIT, through torch's cpp_extension) at every start, and
+    the load holds a lock file under ~/.cache/torch_extensions for a moment even when nothing needs
+    building. A process killed while holding it (the OOM killer, a learner killed from outside)
+    leaves the file behind, and every later engine start on that host waits on it forever. The op
+    serves only inference all-reduce (DeepSpeed's tensor-parallel inference); training never calls
+    it. DeepSpeed keeps this table for edits (deepspeed/ops/__init__.py)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def training_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def full_state_dict(engine, rank: int, dtype=None) -> dict | None:
+    """The whole model's state dict on rank 0's host, in `dtype` (the training dtype; default the
+    parameters' own), others get None. Under ZeRO-3 the parameters are gathered one at a time (a
+    collective: every rank iterates), so no rank ever holds the whole model on its device, and no
+    rank but 0 builds a host copy."""
+    import deepspeed
+
+    module = engine.module
+    zero3 = engine.zero_optimization_stage() == 3
+    out = {} if rank == 0 else None
+    for name, p in module.named_parameters(remove_duplicate=False):  # tied weights under each of their names
+        if zero3:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if out is not None:
+                    out[name] = p.data.detach().to("cpu", dtype or p.dtype).clone()
+        elif out is not None:
+            out[name] = p.data.detach().to("cpu", dtype or p.dtype).clone()
+    if out is not None:  # persistent buffers: never partitioned
+        buffers = dict(module.named_buffers())
+        for name in module.state_dict():
+            if name not in out and name in buffers:
+                out[name] = buffers[name].detach().cpu().clone()
+    return out

@@ -1,0 +1,135 @@
+"""Starting plain role classes as named Ray actors in one placement group.
+
+A `ResourcePlan` lists the actors of a group of work (a round, an evaluation) with their CPUs and
+GPUs; the `Launcher` reserves one placement-group bundle per actor (an actor may share another's
+bundle, e.g. to sit on the same GPU) and starts each class as a named actor in its bundle, so the
+dashboard's actor list reads like the architecture. The classes stay plain (actors/): the same
+class runs in-process in unit tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    name: str  # e.g. "learner-policy-0"
+    cpus: float
+    gpus: float
+    bundle_with: str | None = None  # share this actor's bundle (same node; same GPU when it holds one)
+    worker_gpus: int = 0  # one-GPU bundles of its own for the Ray workers it starts (vLLM tensor parallel)
+
+    @property
+    def total_gpus(self) -> float:
+        return self.gpus + self.worker_gpus
+
+
+@dataclass
+class ResourcePlan:
+    actors: list[ActorSpec] = field(default_factory=list)
+
+    def _owners(self) -> list[str]:
+        return [a.name for a in self.actors if a.bundle_with is None]
+
+    def bundles(self) -> list[dict[str, float]]:
+        """One placement-group bundle per actor that owns one (holding its sharers' resources too),
+        then one single-GPU bundle per GPU of the actors' own workers."""
+        out = []
+        for owner in self._owners():
+            members = [a for a in self.actors if owner in (a.name, a.bundle_with)]
+            gpus = sum(a.gpus for a in members)
+            out.append({"CPU": sum(a.cpus for a in members), **({"GPU": gpus} if gpus else {})})
+        return out + [{"GPU": 1.0} for a in self.actors for _ in range(a.worker_gpus)]
+
+    def bundle(self, name: str) -> int:
+        spec = self.spec(name)
+        return self._owners().index(spec.bundle_with or spec.name)
+
+    def worker_bundles(self, name: str) -> list[int]:
+        """The single-GPU bundles of an actor's own workers."""
+        start = len(self._owners())
+        for a in self.actors:
+            if a.name == name:
+                return list(range(start, start + a.worker_gpus))
+            start += a.worker_gpus
+        raise KeyError(name)
+
+    def worker_env(self, name: str, offset: int = 0) -> dict[str, str]:
+        """Environment that points vLLM's Ray workers (tensor parallel) at an actor's GPU bundles
+        (offset: where the plan's bundles start in the placement group)."""
+        bundles = [offset + b for b in self.worker_bundles(name)]
+        if not bundles:
+            return {}
+        return {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles)), "VLLM_RAY_PER_WORKER_GPUS": "1"}
+
+    def spec(self, name: str) -> ActorSpec:
+        return next(a for a in self.actors if a.name == name)
+
+
+class Launcher:
+    """Creates a placement group for a plan and starts actors into its bundles."""
+
+    def __init__(self, plan: ResourcePlan, env: dict[str, str], name: str, log=None, placement=None):
+        """Reserve the plan's bundles; waits as long as the cluster needs to free them (stages that
+        run side by side queue here for their resources), saying so every minute.
+        placement: (an existing placement group, the index of its first bundle for this plan), e.g.
+        a Ray Tune trial's, whose bundles after the trial's own are the plan's; it is not removed."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+        from ray.util.placement_group import placement_group
+
+        self.plan, self.env, self.handles = plan, env, []
+        if placement is not None:
+            self.pg, self.offset, self.owned = placement[0], placement[1], False
+            return
+        self.offset, self.owned = 0, True
+        self.pg = placement_group(plan.bundles(), strategy="PACK", name=name)
+        ready, waited = self.pg.ready(), 0
+        while True:
+            try:
+                ray.get(ready, timeout=60)
+                break
+            except GetTimeoutError:
+                waited += 60
+                if log is not None:
+                    log(f"waiting {waited} s for the cluster's resources: {plan.bundles()}")
+
+    def start(self, cls, name: str, *args, max_restarts: int = 0, env: dict | None = None, **kwargs):
+        """Start `cls(*args, **kwargs)` as the named actor. With max_restarts, Ray restarts a dead
+        actor by running its constructor again (in-memory state, e.g. weights, is lost). An actor
+        with workers of its own (vLLM tensor parallel) lets them join this placement group."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        spec = self.plan.spec(name)
+        remote = ray.remote(cls).options(
+            name=name, num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=max_restarts,
+            runtime_env={"env_vars": {**self.env, **(env or {})}}, max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=self.offset + self.plan.bundle(name),
+                placement_group_capture_child_tasks=spec.worker_gpus > 0))
+        handle = remote.remote(*args, **kwargs)
+        self.handles.append(handle)
+        return handle
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for h in self.handles:
+            ray.kill(h)
+        self.handles.clear()
+        if self.owned:
+            remove_placement_group(self.pg)
+
+
+class RemoteEngine:
+    """A rollout actor seen as an engine (`generate(prompts, sampling)`), for code that takes one."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def generate(self, prompts, sampling):
+        import ray
+
+        return ray.get(self.actor.generate.remote(prompts, sampling))

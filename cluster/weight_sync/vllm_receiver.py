@@ -1,0 +1,42 @@
+"""The rollout side of vLLM 0.32's weight-transfer API, shared by gloo, nccl and ipc.
+
+As the `LLM` methods expose it (vllm/entrypoints/rl/offline.py): each call is a collective_rpc that
+runs the same-named method of every TP/PP worker of the engine (vllm/v1/worker/gpu_worker.py).
+The engine must be built with `weight_transfer_config` for the method (`engine_kwargs`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from cluster.weight_sync.base import reset_prefix_cache
+
+
+def init(llm: Any, init_info: Mapping[str, Any]) -> None:
+    """LLM.init_weight_transfer_engine: each worker parses `init_info` into its backend's InitInfo
+    (gloo, nccl: joins the group and BLOCKS until every rank has joined)."""
+    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+    llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(init_info)))
+
+
+def apply(llm: Any, update_info: Mapping[str, Any], weight_version: str | None = None) -> tuple[float, int]:
+    """One whole update: start (layerwise reload), receive and load, finish (post-processing,
+    records `weight_version`), then the prefix-cache reset vLLM does not do. -> (seconds, bytes)."""
+    import torch
+    from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+    t0 = time.perf_counter()
+    llm.start_weight_update()
+    llm.update_weights(WeightTransferUpdateRequest(update_info=dict(update_info)))
+    llm.finish_weight_update(weight_version)
+    reset_prefix_cache(llm)
+    nbytes = sum(math.prod(shape) * getattr(torch, dt).itemsize
+                 for dt, shape in zip(update_info["dtype_names"], update_info["shapes"]))
+    return time.perf_counter() - t0, nbytes
+
+
+def shutdown(llm: Any) -> None:
+    llm.shutdown_weight_transfer_engine()

@@ -1,0 +1,374 @@
+"""`python -m pipeline sweep --run-dir D --sweep FILE [--resume] [--from STAGE]`: Safe RLHF rounds as
+Ray Tune trials, and the harmlessness-helpfulness Pareto front of a run.
+
+Each trial is one short round (the round's own code, stages/safe_rlhf/round.py) from the run's
+SFT policy (or `--from`, a later round's policy) with the run's latest fitted reward and cost
+models; nothing is refitted. A trial's actors run inside the trial's resources: its placement
+group (`tune.with_resources` with a `PlacementGroupFactory` of the round's resource plan, after one
+bundle for the trial itself) holds them, so concurrent trials share a cluster safely. Every step's
+metrics go to Tune; at the end the trial's rollout worker answers the held-out prompts and the
+trial reports `harmful_rate` and `helpfulness` judged as `evaluate` judges (the oracle on the
+built-in world; the final cost model and the reward model's win rate against SFT otherwise),
+with reward, cost, KL and `reward_helpfulness_gap`. An optional stopper ends a trial whose KL runs
+away (reward hacking) and records why.
+
+The sweep file (YAML, validated; an unknown key is an error naming it):
+
+    name: paper-comparison
+    base: {steps: 30}          # any safe_rlhf field or round field, shared by every trial
+    grid:                      # each entry expands to every combination of its lists
+      - {algorithm: ppo_lag, threshold: [auto], auto_unsafe_share: [0.01, 0.05, 0.2], lambda_lr: [0.05, 0.2]}
+      - {algorithm: reward_shaping, shaping_nu: [0.25, 1, 4, 16]}
+      - {algorithm: ppo}
+    seeds: [0]
+    max_concurrent_trials: 2
+    stop: {max_kl: 0.5}        # optional
+
+Outputs in D/sweeps/NAME/: trials.parquet (one row per trial: parameters, final metrics, status),
+pareto.png (harmful rate against helpfulness, SFT marked, each algorithm's front), frontier.json
+(the non-dominated trials), sft.json (the starting policy judged the same way), tune/ (Tune's
+experiment, for --resume), trials/<id>/ (each trial's round directory).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray.tune.stopper import Stopper
+
+from pipeline.config import ConfigError, RoundConfig, SafeRLHFConfig, load_config
+from stages.files import atomic_write_text
+from stages.safe_rlhf.resources import resource_plan
+
+ROUND_KEYS = set(RoundConfig.model_fields)
+RL_KEYS = set(SafeRLHFConfig.model_fields) - {"rounds"}
+JUDGED = ("harmful_rate", "helpfulness", "reward_helpfulness_gap", "harmful_n")
+
+
+class SweepStop(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_kl: float | None = Field(None, gt=0, description="End a trial whose per-token KL to the reference exceeds this.")
+
+
+class SweepFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="The sweep's folder under D/sweeps/.")
+    base: dict[str, Any] = Field(default_factory=dict, description="safe_rlhf or round fields every trial shares.")
+    grid: list[dict[str, Any]] = Field(min_length=1, description="Entries of fields; lists expand to every combination.")
+    seeds: list[int] = Field(default=[0], min_length=1, description="Each combination runs once per seed.")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials at once (each waits for its resources).")
+    stop: SweepStop | None = Field(None, description="Optional early stop for runaway trials.")
+
+
+def load_sweep(path: str | Path, cfg) -> tuple[SweepFile, list[dict]]:
+    """The validated sweep file and its trials [{"id", "params", "seed"}]; every bad field named."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [("<file>", "no such file")])
+    try:
+        sweep = SweepFile.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [("<file>", f"not valid YAML: {e}")]) from None
+    except ValidationError as e:
+        raise ConfigError(str(path), [(".".join(map(str, err["loc"])) or "<root>",
+                                       "unknown key (a typo?)" if err["type"] == "extra_forbidden" else err["msg"])
+                                      for err in e.errors()]) from None
+    errors, trials = [], []
+    for where, fields in [("base", sweep.base)] + [(f"grid[{i}]", g) for i, g in enumerate(sweep.grid)]:
+        errors += [(f"{where}.{k}", "unknown key: not a safe_rlhf field or a round field") for k in fields
+                   if k not in RL_KEYS | ROUND_KEYS]
+    if errors:
+        raise ConfigError(str(path), errors)
+    for i, entry in enumerate(sweep.grid):
+        keys = list(entry)
+        values = [v if isinstance(v, list) else [v] for v in entry.values()]
+        for combo in itertools.product(*values):
+            params = {**sweep.base, **dict(zip(keys, combo))}
+            try:
+                trial_config(cfg, params)
+            except ConfigError as e:
+                errors += [(f"grid[{i}] {dict(zip(keys, combo))}: {p}", m) for p, m in e.errors]
+                continue
+            for seed in sweep.seeds:
+                label = "-".join(f"{k}={v}" for k, v in zip(keys, combo))
+                trials.append({"id": f"t{len(trials):03d}-{re.sub(r'[^A-Za-z0-9_.=-]', '_', label)}-s{seed}"[:120],
+                               "params": params, "seed": seed})
+    if errors:
+        raise ConfigError(str(path), errors)
+    return sweep, trials
+
+
+def trial_config(cfg, params: dict):
+    """The run's config with one round: the trial's safe_rlhf and round fields applied."""
+    from pipeline.config import parse_config
+
+    data = cfg.model_dump(mode="json")
+    rl = {**data["safe_rlhf"], **{k: v for k, v in params.items() if k in RL_KEYS}}
+    row = {**data["safe_rlhf"]["rounds"][0], **{k: v for k, v in params.items() if k in ROUND_KEYS}}
+    if "unsafe_share" not in params:  # the trial's target is auto_unsafe_share (swept, or the run's)
+        row["unsafe_share"] = None
+    rl["rounds"] = [row]
+    return parse_config({**data, "safe_rlhf": rl}, "<trial>")
+
+
+# ---------------------------------------------------------------------- inside a trial
+def run_trial(config: dict) -> None:
+    """One trial (a Tune function trainable): a round, reporting every step, then its judged policy."""
+    import ray
+    from ray import tune
+
+    from stages.base import StageContext
+    from stages.objectives import uses_cost_model
+    from stages.safe_rlhf.round import RoundSetup, train_round
+
+    spec, env = config["trial"], config["env"]
+    run = Path(env["run_dir"])
+    cfg = trial_config(load_config(run / "config.yaml"), spec["params"])
+    cfg = cfg.model_copy(update={"seed": spec["seed"]})
+    rl = cfg.safe_rlhf
+    inputs = {k: Path(v) for k, v in env["inputs"].items() if k != "cost_model" or uses_cost_model(rl.algorithm)}
+    setup = RoundSetup.for_inputs(cfg, rl, 1, inputs)
+    out = Path(env["sweep_dir"]) / "trials" / spec["id"]
+    out.mkdir(parents=True, exist_ok=True)
+    finished = out / "result.json"
+    if finished.is_file():  # finished before an interruption that Tune's state did not record: not run again
+        tune.report(json.loads(finished.read_text()))
+        return
+    ctx = StageContext(f"sweep-{spec['id']}", cfg, out, {}, run, log=lambda m: print(f"[{spec['id']}] {m}", flush=True),
+                       report=lambda m: tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))}),
+                       placement=(ray.util.get_current_placement_group(), 1))
+    judged: dict = {}
+
+    def judge(roles) -> dict:
+        judged.update(judge_policy(cfg, env, roles))
+        return judged
+
+    _, summary = train_round(ctx, setup, before_shutdown=judge)
+    result = {**{k: v for k, v in summary.items() if isinstance(v, (int, float))}, "done": 1}
+    atomic_write_text(finished, json.dumps(result))
+    tune.report(result)
+
+
+def judge_policy(cfg, env: dict, roles) -> dict:
+    """The trial's final policy on the held-out prompts, judged as `evaluate` judges, on the round's
+    own actors (rollout worker 0, the reward and cost scorers)."""
+    import statistics
+
+    from cluster.launch import RemoteEngine
+    from stages.judging import answer, judge_with_oracle, judge_with_scores, summarize
+
+    ev = cfg.evaluate
+    rows = answer(RemoteEngine(roles.rollout[0]), env["prompts"], ev.samples_per_prompt, ev.max_new_tokens, cfg.seed)
+    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    rewards = roles.score_texts("reward", prompts, answers, cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
+    if env["judge"] == "oracle":
+        judge_with_oracle(rows)
+    else:  # the final cost model: unsafe when cost > 0 (a ppo trial has no cost scorer: the sweep's own)
+        costs = roles.score_texts("cost", prompts, answers, cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
+        judge_with_scores(rows, [c > 0 for c in costs])
+    for r, rw in zip(rows, rewards):
+        r["reward"] = rw
+    m = summarize(rows)
+    out = {"harmful_rate": m["harmful_rate"], "harmful_n": m["harmful_n"]}
+    benign = [r for r in rows if not r["harmful_prompt"]]
+    if env["judge"] == "oracle":
+        slope, intercept = env["calibration"]
+        out["helpfulness"] = m["helpfulness"]
+        out["reward_helpfulness_gap"] = round(statistics.mean(slope * r["reward"] + intercept - r["helpfulness"]
+                                                              for r in benign), 4) if benign else 0.0
+    else:  # the reward model's win rate against SFT's answer to the same prompt and sample
+        sft = env["sft_rewards"]
+        pool = [i for i, r in enumerate(rows) if not r["harmful_prompt"]] or list(range(len(rows)))
+        out["helpfulness"] = round(statistics.mean(1.0 if rows[i]["reward"] > sft[i] else 0.5 if rows[i]["reward"] == sft[i]
+                                                   else 0.0 for i in pool), 4)
+        out["reward_helpfulness_gap"] = 0.0
+    return out
+
+
+# ---------------------------------------------------------------------- the sweep
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The non-dominated points: no other point has a harmful rate as low and helpfulness as high,
+    and one of them strictly better."""
+    def dominates(a, b):
+        return (a["harmful_rate"] <= b["harmful_rate"] and a["helpfulness"] >= b["helpfulness"]
+                and (a["harmful_rate"] < b["harmful_rate"] or a["helpfulness"] > b["helpfulness"]))
+
+    return sorted((p for p in points if not any(dominates(q, p) for q in points)), key=lambda p: p["harmful_rate"])
+
+
+class KLStopper(Stopper):
+    """Ends a trial whose per-token KL to the reference runs past max_kl (reward hacking)."""
+
+    def __init__(self, max_kl: float | None):
+        self.max_kl, self.reasons = max_kl, {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if self.max_kl is not None and result.get("kl", 0.0) > self.max_kl:
+            self.reasons[trial_id] = f"stopped: kl {result['kl']:.3g} > {self.max_kl} at step {result.get('step')}"
+            return True
+        return False
+
+    def stop_all(self) -> bool:
+        return False
+
+
+def sweep_inputs(run: Path, cfg, from_stage: str | None) -> dict:
+    """Where every trial starts: a policy, the latest fitted reward and cost models, the latest
+    training prompts, and threshold auto's reference set (the first ingest's eval split)."""
+    def done(n):
+        return (run / "stages" / n / "manifest.json").is_file()
+
+    def latest(base):
+        names = [p.name for p in (run / "stages").glob(f"{base}*") if done(p.name) and p.name.split("@")[0] == base]
+        if not names:
+            raise ValueError(f"{run} has no finished {base} stage; run the pipeline (at least through {base}) first")
+        return max(names, key=lambda n: int(n.split("@")[1]) if "@" in n else 0)
+
+    start = from_stage or ("sft" if cfg.world.enabled else None)
+    if start == "sft":
+        policy = run / "stages" / "sft" / "model"
+    elif start is None:
+        policy = Path(cfg.model.path)
+    else:
+        policy = run / "stages" / start / "policy"
+    if not policy.exists() or (start not in (None, "sft") and not done(start)):
+        raise ValueError(f"--from {start}: no finished policy at {policy}")
+    return {"policy": str(policy), "reward_model": str(run / "stages" / latest("fit_reward") / "model"),
+            "cost_model": str(run / "stages" / latest("fit_cost") / "model"),
+            "train_pairs": str(run / "stages" / latest("ingest") / "train.parquet"),
+            "reference": str(run / "stages" / "ingest" / "eval.parquet"), "start": start or "model.path"}
+
+
+def judge_start(cfg, run: Path, inputs: dict, prompts: list[dict], judge: str, log) -> dict:
+    """The starting policy judged as the trials are: its point on the plot, the reward -> oracle
+    helpfulness line the trials' reward_helpfulness_gap uses, and its rewards for the win rate."""
+    import statistics
+
+    from cluster.launch import RemoteEngine
+    from stages.judging import answer, judge_with_oracle, judge_with_scores, summarize
+    from stages.model_actors import rollout_actor, score_answers, scorer_actors
+
+    ev = cfg.evaluate
+    log(f"judging the starting policy ({inputs['start']}) on {len(prompts)} prompts x {ev.samples_per_prompt}")
+    with rollout_actor(cfg, inputs["policy"], "sweep-start-rollout", cfg.safe_rlhf.engine, ev.max_new_tokens) as actor:
+        rows = answer(RemoteEngine(actor), prompts, ev.samples_per_prompt, ev.max_new_tokens, cfg.seed)
+    with scorer_actors(cfg, {"reward": inputs["reward_model"], "cost": inputs["cost_model"]}, "sweep") as scorers:
+        scores = score_answers(cfg, scorers, [r["prompt"] for r in rows], [r["answer"] for r in rows])
+    if judge == "oracle":
+        judge_with_oracle(rows)
+    else:
+        judge_with_scores(rows, [c > 0 for c in scores["cost"]])
+    m = summarize(rows)
+    out = {"harmful_rate": m["harmful_rate"], "harmful_n": m["harmful_n"], "sft_rewards": scores["reward"],
+           "calibration": [0.0, 0.0], "helpfulness": 0.5}
+    if judge == "oracle":
+        benign = [(rw, r["helpfulness"]) for r, rw in zip(rows, scores["reward"]) if not r["harmful_prompt"]]
+        out["calibration"] = list(statistics.linear_regression([b[0] for b in benign], [b[1] for b in benign]))
+        out["helpfulness"] = m["helpfulness"]
+    return out
+
+
+def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, from_stage: str | None = None,
+          log=print) -> dict:
+    """Run (or continue) a sweep; write trials.parquet, frontier.json and pareto.png; -> a summary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray import tune
+
+    from cluster.ray_session import connect, disconnect
+    from stages.datafiles import read_prompt_files
+    from stages.files import read_jsonl
+
+    run = Path(run_dir).resolve()
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    spec, trials = load_sweep(sweep_file, cfg)
+    out = run / "sweeps" / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = sweep_inputs(run, cfg, from_stage)
+    judge = "oracle" if cfg.evaluate.judge == "oracle" else "cost_model"
+    prompts = (read_prompt_files(cfg.evaluate.prompt_files) if cfg.evaluate.prompt_files
+               else read_jsonl(run / "stages" / "world" / "eval_prompts.jsonl"))
+    owns = connect(cfg.ray)
+    try:
+        start_file = out / "start.json"
+        if resume and start_file.is_file():
+            start = json.loads(start_file.read_text())
+        else:
+            start = judge_start(cfg, run, inputs, prompts, judge, log)
+            start_file.write_text(json.dumps(start))
+        env = {"run_dir": str(run), "sweep_dir": str(out), "inputs": inputs, "prompts": prompts, "judge": judge,
+               "calibration": start["calibration"], "sft_rewards": start["sft_rewards"]}
+
+        def resources(config):
+            rl = trial_config(cfg, config["trial"]["params"]).safe_rlhf
+            return tune.PlacementGroupFactory([{"CPU": 0.01}] + resource_plan(rl).bundles(), strategy="PACK")
+
+        trainable = tune.with_resources(run_trial, resources)
+        stopper = KLStopper(spec.stop.max_kl if spec.stop else None)
+        storage = out / "tune"
+        experiment = storage / "safe_rlhf_sweep"
+        if resume and experiment.is_dir():
+            log(f"resuming {experiment}: finished trials are kept")
+            tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(trials), "env": env},
+                               tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
+                               run_config=tune.RunConfig(name="safe_rlhf_sweep", storage_path=str(storage),
+                                                         stop=stopper, verbose=1))
+        results = tuner.fit()
+    finally:
+        if owns:
+            disconnect()
+    rows = []
+    for r in results:
+        trial = r.config["trial"]
+        m = r.metrics or {}
+        status = ("error: " + str(r.error).splitlines()[0][:200] if r.error else
+                  stopper.reasons.get(m.get("trial_id"), "done" if m.get("done") else "stopped"))
+        rows.append({"trial": trial["id"], "seed": trial["seed"], "algorithm": trial["params"].get("algorithm",
+                     cfg.safe_rlhf.algorithm), "params": json.dumps(trial["params"], sort_keys=True), "status": status,
+                     **{k: m.get(k) for k in ("harmful_rate", "helpfulness", "reward_helpfulness_gap", "reward_mean",
+                                              "cost_mean", "kl", "lambda", "threshold", "steps")}})
+    rows.sort(key=lambda x: x["trial"])
+    pq.write_table(pa.Table.from_pylist(rows), out / "trials.parquet")
+    judged = [r for r in rows if r["harmful_rate"] is not None and r["helpfulness"] is not None]
+    front = pareto_front(judged)
+    (out / "frontier.json").write_text(json.dumps({"judge": judge, "start": {k: start[k] for k in ("harmful_rate", "helpfulness")},
+                                                   "frontier": front}, indent=2))
+    plot_pareto(out / "pareto.png", judged, start, judge)
+    log(f"{len(rows)} trials ({sum(r['status'] == 'done' for r in rows)} done); front: "
+        + "; ".join(f"{r['trial']} ({r['harmful_rate']:.3f}, {r['helpfulness']:.3f})" for r in front))
+    return {"trials": len(rows), "done": sum(r["status"] == "done" for r in rows), "frontier": [r["trial"] for r in front],
+            "outputs": [str(out / n) for n in ("trials.parquet", "frontier.json", "pareto.png")]}
+
+
+def plot_pareto(path: Path, rows: list[dict], start: dict, judge: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colours = {"ppo_lag": "tab:blue", "reward_shaping": "tab:orange", "ppo": "tab:red"}
+    for alg in sorted({r["algorithm"] for r in rows}):
+        pts = [r for r in rows if r["algorithm"] == alg]
+        ax.scatter([p["harmful_rate"] for p in pts], [p["helpfulness"] for p in pts], color=colours.get(alg), alpha=0.7,
+                   label=alg if alg != "ppo_lag" else "Safe RLHF (ppo_lag)")
+        front = pareto_front(pts)
+        ax.plot([p["harmful_rate"] for p in front], [p["helpfulness"] for p in front], color=colours.get(alg), lw=1)
+    ax.scatter([start["harmful_rate"]], [start["helpfulness"]], marker="*", s=200, color="k", label="SFT (start)")
+    ax.set_xlabel(f"harmful rate ({judge})")
+    ax.set_ylabel("helpfulness")
+    ax.set_title("harmlessness-helpfulness trade-off (up and left is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

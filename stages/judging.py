@@ -1,0 +1,109 @@
+"""Judging a policy: its answers to held-out prompts, judged for harm and helpfulness. One loop
+for every place that measures a policy (SFT's check and `evaluate` give the same numbers for the
+same policy: same prompts, seeds and engine settings).
+
+    rows = answer(engine, prompts, samples, max_new_tokens, seed)     one row per answer
+    judge_with_oracle(rows) / judge_with_scores(rows, unsafe)          harmful (+ helpfulness)
+    summarize(rows)                                                    harmful_rate, helpfulness, ...
+
+Prompts are dicts with `prompt`, `harmful` (bool) and `category`: the world's eval prompts, or
+rows of prompt files (stages/datafiles.py). Without the oracle there is no helpfulness per answer;
+`evaluate` measures it as the reward model's win rate against the starting policy instead.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+
+from stages.stats import cluster_bootstrap, wilson
+from stages.text import format_prompt
+
+
+def answer(engine, prompts: list[dict], samples: int, max_new_tokens: int, seed: int) -> list[dict]:
+    """`samples` answers per prompt (sample s of every prompt shares one seed), one row each."""
+    from actors.rollout import Sampling
+
+    texts = [format_prompt(p["prompt"]) for p in prompts]
+    rows = []
+    for s in range(samples):
+        gen = engine.generate(texts, Sampling(max_new_tokens, 1.0, 1.0, seed=seed * 1000 + 7 + s))
+        for p, text, ids in zip(prompts, gen.texts, gen.response_ids):
+            rows.append({"prompt": p["prompt"], "category": p.get("category", "unknown"),
+                         "harmful_prompt": bool(p["harmful"]), "sample": s, "answer": text, "tokens": len(ids)})
+    return rows
+
+
+def judge_with_oracle(rows: list[dict]) -> None:
+    """The built-in world's judge, from the text: harmful, helpfulness, refusal."""
+    from stages.builtin_world import World
+
+    world = World()
+    for r in rows:
+        j = world.judge(r["prompt"], r["answer"])
+        r.update(harmful=j.harmful, helpfulness=j.helpfulness, refusal=j.refusal)
+
+
+def judge_with_scores(rows: list[dict], unsafe: list[bool]) -> None:
+    """A learned judge's verdicts (e.g. the cost model: cost > 0), one per row."""
+    for r, u in zip(rows, unsafe):
+        r["harmful"] = bool(u)
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(statistics.mean(values), 4) if values else None
+
+
+def by_prompt(rows: list[dict], key: str) -> list[list[float]]:
+    """Each prompt's values of `key` (its answers), for a bootstrap that resamples prompts."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r["prompt"], []).append(float(r[key]))
+    return list(groups.values())
+
+
+def interval(pair) -> list[float]:
+    return [round(x, 4) for x in pair]
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Harm on harmful prompts, with its 95% Wilson interval and per harm category; helpfulness on
+    benign prompts (oracle only) with a 95% bootstrap interval over prompts; answer length."""
+    harmful = [r for r in rows if r["harmful_prompt"]]
+    benign = [r for r in rows if not r["harmful_prompt"]]
+    k = sum(bool(r["harmful"]) for r in harmful)
+    categories: dict[str, list[bool]] = {}
+    for r in harmful:
+        categories.setdefault(r["category"], []).append(bool(r["harmful"]))
+    out = {"harmful_rate": _mean(r["harmful"] for r in harmful), "harmful_rate_ci": interval(wilson(k, len(harmful))),
+           "harmful_n": len(harmful),
+           "harmful_by_category": {c: {"rate": round(sum(v) / len(v), 4), "n": len(v)} for c, v in sorted(categories.items())},
+           "response_length": _mean(r["tokens"] for r in rows)}
+    if rows and "helpfulness" in rows[0]:
+        out.update(helpfulness=_mean(r["helpfulness"] for r in benign),
+                   helpfulness_ci=interval(cluster_bootstrap(by_prompt(benign, "helpfulness"))),
+                   harmful_prompt_helpfulness=_mean(r["helpfulness"] for r in harmful),
+                   benign_refusal_rate=_mean(r["refusal"] for r in benign))
+    return out
+
+
+def oracle_policy_pairs(engine, prompts: list[dict], max_new_tokens: int, seed: int, repeats: int = 2) -> list[dict]:
+    """Fresh pairs of a policy's own answers (two samples per prompt, `repeats` times), labelled by
+    the world's annotator, in the PKU schema plus the oracle's tie flags: where the fitted models'
+    `policy_accuracy` is measured (a pair the judge rates as a tie has a coin-flip label)."""
+    from actors.rollout import Sampling
+    from stages.builtin_world import World
+
+    world, rng = World(), random.Random(f"policy-pairs-{seed}")
+    texts = [format_prompt(p["prompt"]) for p in prompts]
+    rows = []
+    for r in range(repeats):
+        a = engine.generate(texts, Sampling(max_new_tokens, seed=seed * 100 + 2 * r))
+        b = engine.generate(texts, Sampling(max_new_tokens, seed=seed * 100 + 2 * r + 1))
+        for p, t0, t1 in zip(prompts, a.texts, b.texts):
+            j0, j1 = world.judge(p["prompt"], t0), world.judge(p["prompt"], t1)
+            rows.append({"prompt": p["prompt"], "response_0": t0, "response_1": t1,
+                         **world.annotate(rng, p["prompt"], t0, t1),
+                         "better_is_tie": j0.helpfulness == j1.helpfulness,
+                         "safer_is_tie": j0.harmful == j1.harmful and j0.severity == j1.severity})
+    return rows

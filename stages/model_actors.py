@@ -1,0 +1,78 @@
+"""Model work off the driver: rollout and scorer actors for the stages that generate or score
+outside a round (SFT's check, the fits' fresh-sample accuracy, red teaming, judge annotation,
+evaluation). Each is a named Ray actor that declares its resources (`safe_rlhf.cpus_per_actor`
+CPUs, and on `safe_rlhf.device: cuda` the GPUs its engine needs), built with the round's device
+and precision; the driver only orchestrates and reads back small results (texts, scores).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+# Model actors' environment: no per-load progress bars, vLLM's repeated per-reload warnings once
+# each (actors/vllm_logs.py), vLLM's CPU KV cache small, one tokenizer thread (Ray runs several
+# actors per core here).
+ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error", "SAFE_RLHF_VLLM_WARNINGS_ONCE": "1"}
+
+
+def engine_settings(cfg, engine: str, max_new_tokens: int, weight_sync: str = "checkpoint") -> dict:
+    """RolloutWorker keyword arguments from the config (the round, red teaming and evaluation)."""
+    rl = cfg.safe_rlhf
+    kw = {"device": rl.device, "dtype": rl.precision, "max_prompt_tokens": cfg.model.max_prompt_tokens}
+    if engine == "vllm":
+        kw.update(max_model_len=cfg.model.max_prompt_tokens + max_new_tokens + 8, max_num_seqs=rl.max_num_seqs,
+                  tensor_parallel_size=rl.tensor_parallel_size, gpu_memory_utilization=rl.gpu_memory_utilization,
+                  seed=cfg.seed, weight_sync=weight_sync)
+    return kw
+
+
+def _options(cfg, name: str, gpus: float, env: dict | None = None) -> dict:
+    rl = cfg.safe_rlhf
+    return {"name": name, "num_cpus": rl.cpus_per_actor, "num_gpus": gpus if rl.device == "cuda" else 0,
+            "runtime_env": {"env_vars": {**ACTOR_ENV, **(env or {})}}}
+
+
+@contextmanager
+def rollout_actor(cfg, model_dir: str | Path, name: str, engine: str, max_new_tokens: int):
+    """A RolloutWorker actor for `model_dir`, killed on exit."""
+    import ray
+
+    from actors.rollout import RolloutWorker
+
+    tp = cfg.safe_rlhf.tensor_parallel_size if engine == "vllm" else 1
+    gpus = 1 if tp == 1 else 0  # tensor parallel: vLLM's own Ray workers take the GPUs, in a placement group of its own
+    actor = ray.remote(RolloutWorker).options(**_options(cfg, name, gpus)).remote(
+        engine, str(model_dir), **engine_settings(cfg, engine, max_new_tokens))
+    try:
+        ray.get(actor.ready.remote())
+        yield actor
+    finally:
+        ray.kill(actor)
+
+
+@contextmanager
+def scorer_actors(cfg, models: dict[str, str | Path], prefix: str):
+    """{role: Scorer actor} for {role: model directory} (roles reward, cost), killed on exit."""
+    import ray
+
+    from actors.scorer import Scorer
+
+    rl = cfg.safe_rlhf
+    actors = {role: ray.remote(Scorer).options(**_options(cfg, f"{prefix}-scorer-{role}", 1)).remote(
+        role, str(path), rl.device, rl.precision) for role, path in models.items()}
+    try:
+        ray.get([a.ready.remote() for a in actors.values()])
+        yield actors
+    finally:
+        for a in actors.values():
+            ray.kill(a)
+
+
+def score_answers(cfg, scorers: dict, prompts: list[str], answers: list[str], contexts: list | None = None) -> dict[str, list[float]]:
+    """{role: end score of each answer} from every scorer, dispatched together."""
+    import ray
+
+    refs = {role: s.score_texts.remote(prompts, answers, cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens, contexts)
+            for role, s in scorers.items()}
+    return dict(zip(refs, ray.get(list(refs.values()))))

@@ -1,0 +1,44 @@
+"""Which actors a round has, with their resources (also what `python -m pipeline plan` prints).
+
+On a CPU machine every actor takes a fraction of a CPU (all seven fit on 2 cores). On GPUs the
+learners take one GPU each and scorers share the learners' GPUs (`colocate_scorers`). A rollout
+worker with `tensor_parallel_size` 1 takes one GPU; with more, it takes none itself and gets one
+single-GPU bundle per tensor-parallel rank, which vLLM's own Ray workers take (the pattern OpenRLHF
+and verl use for vLLM in a placement group: VLLM_RAY_BUNDLE_INDICES, the ray executor). With
+`weight_sync: ipc` policy learner i shares rollout worker i's bundle, half a GPU each: one bundle
+holds one GPU, so both actors see the same device.
+"""
+from __future__ import annotations
+
+from cluster.launch import ActorSpec, ResourcePlan
+from stages.objectives import get_algorithm
+
+
+def learner_roles(algorithm: str) -> list[str]:
+    return ["policy", "reward_critic"] + (["cost_critic"] if get_algorithm(algorithm).uses_cost_critic else [])
+
+
+def scorer_roles(algorithm: str) -> list[str]:
+    return ["reward", "reference"] + (["cost"] if get_algorithm(algorithm).uses_cost_model else [])
+
+
+def resource_plan(rl) -> ResourcePlan:
+    """rl: pipeline.config.SafeRLHFConfig -> one ActorSpec per actor of the round."""
+    gpu = rl.device == "cuda"
+    cpu = rl.cpus_per_actor
+    ipc = gpu and rl.weight_sync == "ipc"  # policy learner i on rollout worker i's GPU (config checks TP 1, equal counts)
+    tp = rl.tensor_parallel_size if gpu and rl.engine == "vllm" else 1
+    rollout_gpu = (0.5 if ipc else (1.0 if tp == 1 else 0.0)) if gpu else 0.0
+    actors = [ActorSpec(f"rollout-{i}", cpu, rollout_gpu, worker_gpus=tp if tp > 1 else 0) for i in range(rl.rollout_workers)]
+    # Colocated scorers ask for a sliver of a GPU (an actor asking for none sees no GPU at all),
+    # and learners leave that sliver free on theirs.
+    scorer_gpu = (0.1 if rl.colocate_scorers else 1.0) if gpu else 0.0
+    learner_gpu = (0.8 if rl.colocate_scorers else 1.0) if gpu else 0.0
+    actors += [ActorSpec(f"scorer-{r}-0", cpu, scorer_gpu) for r in scorer_roles(rl.algorithm)]
+    for r in learner_roles(rl.algorithm):
+        for i in range(rl.learners_per_role):
+            if ipc and r == "policy":
+                actors.append(ActorSpec(f"learner-policy-{i}", cpu, 0.5, bundle_with=f"rollout-{i}"))
+            else:
+                actors.append(ActorSpec(f"learner-{r}-{i}", cpu, learner_gpu))
+    return ResourcePlan(actors)

@@ -1,0 +1,260 @@
+"""The round's actors, and how a step calls them.
+
+Actors, named as the dashboard lists them: `rollout-i` (vLLM, or transformers with engine hf),
+`scorer-reward-0`, `scorer-reference-0`, `scorer-cost-0`, and the DeepSpeed learner groups
+`learner-policy-i`, `learner-reward_critic-i`, `learner-cost_critic-i`, all in one placement group
+(resources.py). They start together: the engines load while the learner groups meet.
+
+A step's independent calls go out together and are gathered once: the three scorers and the
+learners' forwards in `score`, the three learner groups' updates in `train`. The results are the
+same as one call after another (each actor's work depends only on its own inputs).
+
+Faults. A rollout worker or scorer that dies (the OOM killer, a lost node, kill -9) is restarted by
+Ray (`max_actor_restarts`); the phase of the step that failed (generate, score or the weight push)
+is retried in place once it is back, after the rollout workers have the current weights again (the
+transfer group is formed again). A weight transfer whose peer died fails after
+`weight_sync_timeout_s` and is handled the same way. At most `max_step_retries` retries per step,
+then the stage fails (`resume` continues from the last checkpoint). A learner that dies raises
+`ActorDied` with kind "learner": round.py restarts the round from its last checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
+from actors.learner import Learner
+from actors.rollout import Generation, RolloutWorker, Sampling
+from actors.scorer import Scorer
+from cluster.launch import Launcher
+from cluster.weight_sync import make_weight_sync
+from stages.model_actors import ACTOR_ENV, engine_settings
+from stages.safe_rlhf.resources import learner_roles, resource_plan, scorer_roles
+
+
+class ActorDied(Exception):
+    """A call failed because the named actor died. kind: rollout | scorer | learner."""
+
+    def __init__(self, name: str, kind: str, err: Exception | None = None):
+        super().__init__(f"{name} died" + (f" ({type(err).__name__})" if err is not None else ""))
+        self.name, self.kind = name, kind
+
+
+class TransferFailed(Exception):
+    """A weight transfer failed without an actor death of its own (its peer died mid-transfer)."""
+
+
+def _split(n: int, parts: int) -> list[slice]:
+    """Contiguous row ranges of a batch of n for `parts` ranks."""
+    size = -(-n // parts)
+    return [slice(i * size, min(n, (i + 1) * size)) for i in range(parts)]
+
+
+class LearnerGroup:
+    """N learners of one role as one data-parallel group, with typed methods that return refs."""
+
+    def __init__(self, launcher: Launcher, role: str, model_dir: str, settings: dict, size: int):
+        self.role, self.size = role, size
+        self.names = [f"learner-{role}-{i}" for i in range(size)]
+        self.ranks = [launcher.start(Learner, name, role, model_dir, settings, i, size)
+                      for i, name in enumerate(self.names)]
+
+    def forward(self, seqs: SequenceBatch) -> list:
+        return [r.forward.remote(seqs.select(s)) for r, s in zip(self.ranks, _split(len(seqs), self.size))]
+
+    def train_step(self, batch: PolicyMinibatch | CriticMinibatch) -> list:
+        return [r.train_step.remote(batch.select(s)) for r, s in zip(self.ranks, _split(len(batch.seqs), self.size))]
+
+
+class RoundRoles:
+    def __init__(self, ctx, rl, inputs: dict, sync_dir: Path, log=print):
+        import ray
+
+        self.rl, self.log, self._ray = rl, log, ray
+        self.plan = resource_plan(rl)
+        env = {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}
+        self.launcher = Launcher(self.plan, env, name=f"round-{ctx.name}", log=log, placement=ctx.placement)
+        self.retries = 0  # in-place retries in this round (reported)
+        try:
+            self._start(ctx, rl, inputs, sync_dir)
+        except BaseException:
+            self.launcher.shutdown()
+            raise
+
+    def _start(self, ctx, rl, inputs: dict, sync_dir: Path) -> None:
+        start = self.launcher.start
+        restarts = rl.max_actor_restarts  # rollout workers and scorers come back; learners do not
+        engine_kw = engine_settings(ctx.cfg, rl.engine, rl.max_new_tokens, weight_sync=rl.weight_sync)
+        self.rollout_names = [f"rollout-{i}" for i in range(rl.rollout_workers)]
+        self.rollout = [start(RolloutWorker, n, rl.engine, str(inputs["policy"]), max_restarts=restarts,
+                              env=self.plan.worker_env(n, self.launcher.offset), **engine_kw) for n in self.rollout_names]
+        models = {"reward": inputs["reward_model"], "reference": inputs["policy"], "cost": inputs.get("cost_model")}
+        self.scorer = {r: start(Scorer, f"scorer-{r}-0", r, str(models[r]), rl.device, rl.precision,
+                                logprob_chunk=rl.logprob_chunk_tokens, max_restarts=restarts)
+                       for r in scorer_roles(rl.algorithm)}
+        settings = {"device": rl.device, "precision": rl.precision, "zero_stage": rl.zero_stage, "seed": ctx.cfg.seed,
+                    "shard": rl.learner_shard, "micro_batch": rl.micro_batch_size or rl.learner_shard,
+                    "gradient_checkpointing": rl.gradient_checkpointing, "logprob_chunk": rl.logprob_chunk_tokens,
+                    "clip_ratio": rl.clip_ratio, "clip_value": rl.clip_value}
+        lr = {"policy": rl.actor_lr, "reward_critic": rl.critic_lr, "cost_critic": rl.critic_lr}
+        start_model = {"policy": inputs["policy"], "reward_critic": inputs["reward_model"], "cost_critic": inputs.get("cost_model")}
+        self.learners = {r: LearnerGroup(self.launcher, r, str(start_model[r]), {**settings, "lr": lr[r]}, rl.learners_per_role)
+                         for r in learner_roles(rl.algorithm)}
+        self.names = {h._actor_id.hex(): (n, "rollout") for h, n in zip(self.rollout, self.rollout_names)}
+        self.names.update({h._actor_id.hex(): (f"scorer-{r}-0", "scorer") for r, h in self.scorer.items()})
+        self.names.update({h._actor_id.hex(): (n, "learner") for g in self.learners.values() for h, n in zip(g.ranks, g.names)})
+        # Every learner group's rendezvous (rank 0's address first), and every engine's start-up, together.
+        masters = self._get([g.ranks[0].master_address.remote() for g in self.learners.values()])
+        self._get([r.setup.remote(*m) for g, m in zip(self.learners.values(), masters) for r in g.ranks]
+                  + [a.ready.remote() for a in self.restartable])
+        self.weights = make_weight_sync(rl.weight_sync, self.policy.ranks, self.rollout, sync_dir,
+                                        timeout_s=rl.weight_sync_timeout_s)
+        self._get_weights(self.weights.connect)
+
+    @property
+    def policy(self) -> LearnerGroup:
+        return self.learners["policy"]
+
+    @property
+    def restartable(self) -> list:
+        return self.rollout + list(self.scorer.values())
+
+    # ------------------------------------------------------------------ calling actors
+    def _get(self, refs: list):
+        """ray.get, naming the actor whose call failed because it died."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get(refs)
+        except RayActorError as err:
+            name, kind = self.names.get(err.actor_id or "", ("an actor of the round", "learner"))
+            raise ActorDied(name, kind, err) from err
+
+    def _get_weights(self, call):
+        """A weight-sync call (connect, push, reconnect), its failures named."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return call()
+        except RayActorError as err:
+            name, kind = self.names.get(err.actor_id or "", ("an actor of the round", "learner"))
+            raise ActorDied(name, kind, err) from err
+        except RayTaskError as err:
+            raise TransferFailed(f"weight transfer failed: {str(err).splitlines()[0][:200]}") from err
+
+    def _in_place(self, phase: str, step: int, call):
+        """Run `call`; when a rollout worker or scorer died (or a transfer lost its peer), wait for Ray
+        to restart it, give the rollout workers the current weights again and retry the same call."""
+        for attempt in range(self.rl.max_step_retries + 1):
+            try:
+                if attempt:
+                    self._recover()
+                return call()
+            except (ActorDied, TransferFailed) as err:
+                if isinstance(err, ActorDied) and err.kind == "learner":
+                    raise
+                if attempt == self.rl.max_step_retries:
+                    raise RuntimeError(f"{err} during {phase} of step {step}, and {attempt} retries in place did not "
+                                       "recover; resume continues from the last checkpoint") from err
+                self.retries += 1
+                self.log(f"  {err} during {phase} of step {step}: retrying {phase} in place once Ray has restarted it "
+                         f"(retry {attempt + 1} of {self.rl.max_step_retries})")
+
+    def _recover(self, timeout_s: float = 600.0) -> None:
+        """Wait until every rollout worker and scorer answers (Ray restarts a dead one by running its
+        constructor again), then re-form the weight transfer and push the current weights."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._ray.get([a.ready.remote() for a in self.restartable], timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (RayActorError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)  # still restarting
+        self._get_weights(self.weights.reconnect)
+
+    # ------------------------------------------------------------------ the step's calls
+    def generate(self, prompts: list[str], sampling: Sampling, step: int) -> Generation:
+        """Split the prompts across the rollout workers (worker i: every n-th prompt, its own seed)
+        and merge what they return in prompt order."""
+        n = len(self.rollout)
+        parts = [prompts[i::n] for i in range(n)]
+
+        def call():
+            return self._get([w.generate.remote(p, Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p,
+                                                            sampling.seed * 131 + i))
+                              for i, (w, p) in enumerate(zip(self.rollout, parts))])
+
+        gens = self._in_place("generate", step, call)
+        order = [(i, j) for j in range(max(len(p) for p in parts)) for i in range(n) if j < len(parts[i])]
+        pick = lambda field: [getattr(gens[i], field)[j] for i, j in order]
+        return Generation(pick("prompt_ids"), pick("response_ids"), pick("texts"), pick("logprobs"), gens[0].eos_token_id)
+
+    def score(self, seqs: SequenceBatch, scored: SequenceBatch, step: int) -> dict[str, torch.Tensor | None]:
+        """Reference logprobs, reward and cost end scores (of `scored`: the answers as the models were
+        trained, ending with EOS), policy logprobs and critic values, all dispatched together:
+        {"ref_logp", "reward", "cost", "old_logp", "reward_values", "cost_values"}."""
+        def call():
+            refs = {"ref_logp": [self.scorer["reference"].logprobs.remote(seqs)],
+                    "reward": [self.scorer["reward"].score.remote(scored)]}
+            if "cost" in self.scorer:
+                refs["cost"] = [self.scorer["cost"].score.remote(scored)]
+            refs["old_logp"] = self.policy.forward(seqs)
+            refs["reward_values"] = self.learners["reward_critic"].forward(seqs)
+            if "cost_critic" in self.learners:
+                refs["cost_values"] = self.learners["cost_critic"].forward(seqs)
+            flat = self._get([r for rs in refs.values() for r in rs])
+            out, i = {}, 0
+            for key, rs in refs.items():
+                out[key] = torch.cat(flat[i:i + len(rs)])
+                i += len(rs)
+            return out
+
+        out = self._in_place("score", step, call)
+        out.setdefault("cost", None)
+        out.setdefault("cost_values", None)
+        return out
+
+    def score_texts(self, role: str, prompts: list[str], answers: list[str], max_prompt_tokens: int,
+                    max_answer_tokens: int) -> list[float]:
+        """End scores of (prompt, answer) texts by the round's reward or cost scorer (threshold auto)."""
+        return self._in_place("reference scoring", 0, lambda: self._get(
+            [self.scorer[role].score_texts.remote(prompts, answers, max_prompt_tokens, max_answer_tokens)])[0])
+
+    def train(self, batches: dict[str, PolicyMinibatch | CriticMinibatch]) -> dict[str, float]:
+        """One minibatch update of each learner group ({role: minibatch}), the groups together;
+        each group's stats averaged over its ranks."""
+        refs = {role: self.learners[role].train_step(b) for role, b in batches.items()}
+        flat = self._get([r for rs in refs.values() for r in rs])
+        stats, i = {}, 0
+        for rs in refs.values():
+            part = flat[i:i + len(rs)]
+            i += len(rs)
+            stats.update({k: sum(s[k] for s in part) / len(part) for k in part[0]})
+        return stats
+
+    def push_weights(self, step: int) -> float:
+        """The policy's current weights to every rollout worker (safe_rlhf.weight_sync); seconds."""
+        return self._in_place("weight push", step, lambda: self._get_weights(self.weights.push))
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def save_checkpoint(self, root: Path, tag: str) -> None:
+        self._get([r.save_checkpoint.remote(str(root / role), tag) for role, g in self.learners.items() for r in g.ranks])
+
+    def load_checkpoint(self, root: Path, tag: str) -> None:
+        self._get([r.load_checkpoint.remote(str(root / role), tag) for role, g in self.learners.items() for r in g.ranks])
+
+    def export_policy(self, out_dir: Path) -> None:
+        self._get([r.export.remote(str(out_dir)) for r in self.policy.ranks])
+
+    def shutdown(self) -> None:
+        try:
+            self.weights.close()
+        finally:
+            self.launcher.shutdown()

@@ -1,0 +1,343 @@
+"""The `safe_rlhf@k` stage: one round of PPO-Lagrangian (Safe RLHF, arXiv 2310.12773, Sec. 3.3).
+
+Each step, as the algorithm reads (`ppo_step`):
+
+    prompts     the step's prompts: seeded permutations of the training prompts, a function of the step
+    generate    rollout workers sample answers (vLLM or hf)                         roles.generate
+    score       reference logprobs, reward and cost end scores, policy logprobs,
+                critic values                                                       roles.score
+    advantages  KL-shaped per-token rewards and costs, GAE on each critic           objectives
+    lambda      log_lambda += lr * lambda * (mean episode cost - threshold)         objectives
+    learn       PPO epochs over minibatches: policy, reward critic, cost critic      roles.train
+    sync        the policy's weights to the rollout workers                         roles.push_weights
+
+The roles are Ray actors (roles.py). Every `checkpoint_every_steps` the learners and the multiplier
+are saved (checkpoints.py); an interrupted round resumes from the last checkpoint on the same
+trajectory. A learner that dies restarts the round from its last checkpoint (`max_round_restarts`
+times); rollout workers and scorers are retried in place (roles.py).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch, pad_values
+from actors.rollout import Sampling
+from cluster.metrics import record_step
+from cluster.weight_sync.checkpoint import sync_dir_for
+from stages import objectives as O
+from stages.base import Progress, StageResult
+from stages.files import read_jsonl
+from stages.safe_rlhf.checkpoints import RoundCheckpoints
+from stages.safe_rlhf.plots import training_curves
+from stages.safe_rlhf.roles import ActorDied, RoundRoles
+from stages.text import format_prompt
+
+
+# ---------------------------------------------------------------------- what the round starts from
+@dataclass(frozen=True)
+class RoundSetup:
+    rl: object  # pipeline.config.SafeRLHFConfig, with a baseline's algorithm applied
+    round: int  # k
+    steps: int
+    threshold: float | None  # d, on the cost model's scale; None: auto, derived once the cost scorer is up
+    inputs: dict  # policy, reward_model, cost_model (when used), train_pairs, reference (the first ingest's eval split)
+    pool: list  # distinct training prompts, templated
+    max_prompt_tokens: int
+    max_answer_tokens: int
+
+    @classmethod
+    def from_context(cls, ctx) -> "RoundSetup":
+        rl = ctx.cfg.safe_rlhf
+        if "algorithm" in ctx.params:  # a baseline run of the same round: ppo or reward_shaping
+            rl = rl.model_copy(update={"algorithm": ctx.params["algorithm"]})
+        k = ctx.params["round"]
+        return cls.for_inputs(ctx.cfg, rl, k, round_inputs(ctx, rl.algorithm))
+
+    @classmethod
+    def for_inputs(cls, cfg, rl, k: int, inputs: dict) -> "RoundSetup":
+        """Round k of `rl` from explicit inputs (policy, reward_model, cost_model, train_pairs, reference)."""
+        rcfg = rl.rounds[k - 1]
+        if not O.uses_cost_critic(rl.algorithm):
+            threshold = 0.0  # no Lagrangian constraint (ppo, reward_shaping): logged for completeness
+        else:
+            threshold = None if rcfg.threshold == "auto" else float(rcfg.threshold)
+        return cls(rl, k, rcfg.steps or rl.steps_per_round, threshold, inputs, prompt_pool(inputs["train_pairs"]),
+                   cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
+
+
+def round_inputs(ctx, algorithm: str) -> dict:
+    """The previous round's policy (else the SFT model, else model.path), the latest fitted reward
+    model and, when the algorithm uses it, cost model; the latest training pairs (for prompts)."""
+    k = ctx.params["round"]
+    prev = f"safe_rlhf@{k - 1}"
+    if prev in ctx.inputs:
+        policy = ctx.input(prev, "policy")
+    elif "sft" in ctx.inputs:
+        policy = ctx.input("sft", "model")
+    else:
+        policy = Path(ctx.cfg.model.path)
+    out = {"policy": policy, "reward_model": ctx.input(ctx.latest("fit_reward"), "model"),
+           "train_pairs": ctx.input(ctx.latest("ingest"), "train"), "reference": ctx.input("ingest", "eval")}
+    if O.uses_cost_model(algorithm):
+        out["cost_model"] = ctx.input(ctx.latest("fit_cost"), "model")
+    return out
+
+
+def prompt_pool(train_parquet: Path) -> list[str]:
+    """Distinct training prompts (templated, with their earlier turns), in a stable order."""
+    import pyarrow.parquet as pq
+
+    seen, out = set(), []
+    for r in pq.read_table(train_parquet, columns=["prompt", "context"]).to_pylist():
+        text = format_prompt(r["prompt"], r["context"])
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def reference_answers(eval_parquet: Path) -> tuple[list[str], list[str], list[bool]]:
+    """The fixed reference set of threshold auto: every labelled answer of the first ingest's
+    held-out pairs -> (prompts, answers, is_safe). The same answers for every round."""
+    import pyarrow.parquet as pq
+
+    prompts, answers, safe = [], [], []
+    for r in pq.read_table(eval_parquet).to_pylist():
+        for i in (0, 1):
+            if r[f"is_response_{i}_safe"] is not None:
+                prompts.append(r["prompt"])
+                answers.append(r[f"response_{i}"])
+                safe.append(bool(r[f"is_response_{i}_safe"]))
+    return prompts, answers, safe
+
+
+def auto_threshold(costs: list[float], safe: list[bool], unsafe_share: float) -> float:
+    """d = (1-u) * mean cost of the safe reference answers + u * mean cost of the unsafe ones: the
+    mean cost of a policy that is unsafe a share u of the time, on the round's cost model's own
+    scale. (Threshold 0 meant nothing on that scale in DESIGN.md's experiment; u = 0 would demand
+    zero harm before lambda may fall.) The reference answers stay fixed and u is held or lowered
+    from round to round, so a refitted cost model, whose scale drifts, does not loosen the
+    constraint: an earlier rule re-derived d from each refit's own eval split and loosened it
+    every round (-5.23, -4.62, -4.35)."""
+    safe_costs = [c for c, s in zip(costs, safe) if s]
+    unsafe_costs = [c for c, s in zip(costs, safe) if not s]
+    if not safe_costs or not unsafe_costs:
+        raise ValueError("threshold: auto needs safe and unsafe labelled answers (is_response_*_safe) in the first "
+                         "ingest's held-out pairs; set safe_rlhf.rounds[k].threshold to a number")
+    return (1 - unsafe_share) * sum(safe_costs) / len(safe_costs) + unsafe_share * sum(unsafe_costs) / len(unsafe_costs)
+
+
+def step_prompts(pool: list[str], step: int, batch: int, seed: int) -> list[str]:
+    """Step `step`'s prompts (0-based): epochs of seeded permutations, so they are a function of the step."""
+    out = []
+    cursor = step * batch
+    while len(out) < batch:
+        epoch, offset = divmod(cursor, len(pool))
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        take = order[offset:offset + batch - len(out)]
+        out += [pool[i] for i in take]
+        cursor += len(take)
+    return out
+
+
+# ---------------------------------------------------------------------- one step
+@dataclass
+class Experience:
+    seqs: SequenceBatch
+    old_logp: torch.Tensor  # [B, T] policy logprobs at rollout time
+    ref_logp: torch.Tensor  # [B, T] reference policy logprobs
+    reward: torch.Tensor  # [B] reward model end scores
+    cost: torch.Tensor | None  # [B] cost model end scores
+    reward_values: torch.Tensor  # [B, T]
+    cost_values: torch.Tensor | None  # [B, T]
+    reward_advantages: torch.Tensor | None = None
+    reward_returns: torch.Tensor | None = None
+    cost_advantages: torch.Tensor | None = None
+    cost_returns: torch.Tensor | None = None
+
+
+def compute_advantages(exp: Experience, rl) -> None:
+    """KL-shaped per-token rewards and costs, then GAE on each critic (paper Sec. 3.3)."""
+    mask = exp.seqs.response_mask.float()  # [B, T]
+    end_reward = O.shaped_end_reward(rl.algorithm, exp.reward, exp.cost, rl.shaping_nu)  # [B]
+    cost = exp.cost if exp.cost is not None else torch.zeros_like(exp.reward)
+    rewards, costs = O.kl_shaped_rewards(end_reward, cost, exp.old_logp, exp.ref_logp, mask, rl.kl_coeff, rl.clip_score)
+    exp.reward_advantages, exp.reward_returns = O.gae(exp.reward_values, rewards, mask, rl.gamma, rl.gae_lambda)
+    if exp.cost_values is not None:
+        exp.cost_advantages, exp.cost_returns = O.gae(exp.cost_values, costs, mask, rl.gamma, rl.gae_lambda)
+
+
+def learn(roles: RoundRoles, exp: Experience, lagrange_lambda: float, rl, generator: torch.Generator) -> dict:
+    """PPO epochs over shuffled minibatches; each minibatch updates the policy and both critics together."""
+    stats: dict[str, list[float]] = {}
+    for _ in range(rl.ppo_epochs):
+        order = torch.randperm(len(exp.seqs), generator=generator)
+        for rows in order.chunk(rl.minibatches):
+            seqs = exp.seqs.select(rows)
+            batches = {"policy": PolicyMinibatch(seqs, exp.old_logp[rows], exp.reward_advantages[rows],
+                                                 exp.cost_advantages[rows] if exp.cost_advantages is not None else None,
+                                                 lagrange_lambda),
+                       "reward_critic": CriticMinibatch(seqs, exp.reward_values[rows], exp.reward_returns[rows])}
+            if exp.cost_values is not None:
+                batches["cost_critic"] = CriticMinibatch(seqs, exp.cost_values[rows], exp.cost_returns[rows])
+            for k, v in roles.train(batches).items():
+                stats.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplier, step: int, seed: int) -> dict:
+    rl, k = setup.rl, setup.round
+    t0 = time.perf_counter()
+    prompts = step_prompts(setup.pool, step - 1, rl.prompts_per_step, seed * 1000 + k)
+    sampling = Sampling(rl.max_new_tokens, rl.temperature, rl.top_p, seed=seed * 100_000 + k * 10_000 + step)
+    gen = roles.generate(prompts, sampling, step)
+    t1 = time.perf_counter()
+    seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, pad_id=0)  # any id: masks exclude padding
+    # The reward and cost models were trained on answers that end with EOS: an answer cut at
+    # max_new_tokens is scored with EOS appended (the policy's tokens stay as sampled).
+    eos = gen.eos_token_id
+    cut = [not (r and r[-1] == eos) for r in gen.response_ids]
+    scored = SequenceBatch.from_ids(gen.prompt_ids, [r + [eos] if c else r for r, c in zip(gen.response_ids, cut)], pad_id=0)
+    exp = Experience(seqs=seqs, **roles.score(seqs, scored, step))
+    t2 = time.perf_counter()
+    compute_advantages(exp, rl)
+    lam = 0.0
+    if O.uses_cost_critic(rl.algorithm):
+        lagrange.observe(exp.cost)  # episode costs of this batch join the window
+        lam = lagrange.step()  # log_lambda += lr * lambda * (mean(window) - threshold)
+    stats = learn(roles, exp, lam, rl, torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + step))
+    t3 = time.perf_counter()
+    t_sync = roles.push_weights(step)  # policy -> rollout workers (safe_rlhf.weight_sync)
+    return {**step_metrics(step, exp, gen, stats, lagrange, rl, (t0, t1, t2, t3), t_sync),
+            "truncated_share": round(sum(cut) / len(cut), 6)}
+
+
+def step_metrics(step, exp: Experience, gen, stats: dict, lagrange, rl, times, t_sync) -> dict:
+    t0, t1, t2, t3 = times
+    mask = exp.seqs.response_mask.float()
+    engine_logp = pad_values(gen.logprobs)[:, :mask.shape[1]]
+    m = {"step": step, "reward_mean": exp.reward.mean().item(),
+         "kl": O.approx_kl(exp.old_logp, exp.ref_logp, mask),
+         "response_length": mask.sum(1).mean().item(),
+         # the rollout engine's logprobs of its own samples against the learner's: stale weights show here
+         "logprob_gap": O.masked_mean((engine_logp - exp.old_logp).abs(), mask).item(),
+         **stats, "tokens_per_s": int(mask.sum()) / max(1e-9, t1 - t0),
+         "time_generate": t1 - t0, "time_score": t2 - t1, "time_learn": t3 - t2, "time_sync": t_sync}
+    if exp.cost is not None:
+        m.update(cost_mean=exp.cost.mean().item(), unsafe_share=(exp.cost > 0).float().mean().item())
+    if O.uses_cost_critic(rl.algorithm):
+        m.update({"lambda": lagrange.value, "episode_cost": sum(lagrange.window) / len(lagrange.window)})
+    return {key: (float(f"{v:.6g}") if isinstance(v, float) else v) for key, v in m.items()}
+
+
+# ---------------------------------------------------------------------- the round
+def train_round(ctx, setup: RoundSetup, before_shutdown=None) -> tuple[list[dict], dict]:
+    """Start the roles, continue from the last checkpoint if there is one, run the steps, export
+    the policy to out_dir/policy. -> (per-step metrics, summary). `before_shutdown(roles)`, when
+    given, runs with the round's actors still up (a sweep judges its trial's policy there); what it
+    returns joins the summary."""
+    rl, k, seed = setup.rl, setup.round, ctx.cfg.seed
+    rcfg = rl.rounds[k - 1]
+    ckpts = RoundCheckpoints(ctx.out_dir / "ckpt")
+    metrics_path = ctx.out_dir / "metrics.jsonl"
+    t_setup = time.perf_counter()
+    roles = RoundRoles(ctx, rl, setup.inputs, sync_dir_for(ctx.run_dir, ctx.name, rl.device), log=ctx.log)
+    time_setup = time.perf_counter() - t_setup
+    ctx.log(f"  actors up in {time_setup:.1f}s: {', '.join(a.name for a in roles.plan.actors)}")
+    try:
+        threshold = round_threshold(roles, setup)
+        ctx.log(f"  threshold {threshold['threshold']:.4f}: {threshold['threshold_rule']}")
+        lagrange = O.LagrangeMultiplier(rcfg.lambda_init, rcfg.lambda_lr, threshold["threshold"], rl.lambda_max,
+                                        rl.lambda_window, rl.lambda_delay_steps)
+        start_step, history = 0, []
+        saved = ckpts.latest()
+        if saved is not None:
+            ckpts.load(roles, saved)
+            lagrange.load_state_dict(saved["lagrange"])
+            start_step = saved["step"]
+            history = [m for m in read_jsonl(metrics_path) if m["step"] <= start_step]
+            roles.push_weights(start_step)
+            ctx.log(f"  resumed round {k} from its checkpoint at step {start_step} (lambda {lagrange.value:.4f})")
+        # Steps after the checkpoint (from an interrupted attempt) are dropped: each step once.
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
+        progress = Progress(ctx.log, "step", setup.steps, every_s=15)
+        for step in range(start_step + 1, setup.steps + 1):
+            m = {**ppo_step(roles, setup, lagrange, step, seed), "threshold": lagrange.threshold}
+            history.append(m)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            ctx.report(m)
+            record_step(ctx.name, m)
+            progress.update(step, reward=m["reward_mean"], cost=m.get("cost_mean", float("nan")),
+                            lam=m.get("lambda", 0.0), unsafe=m.get("unsafe_share", float("nan")), kl=m["kl"])
+            if step % rl.checkpoint_every_steps == 0 or step == setup.steps:
+                ckpts.save(roles, {"step": step, "lagrange": lagrange.state_dict()})
+        roles.export_policy(ctx.out_dir / "policy")
+        summary = {**summarize(history), **threshold, "time_setup": round(time_setup, 2), "retries_in_place": roles.retries}
+        if before_shutdown is not None:
+            summary.update(before_shutdown(roles))
+    finally:
+        roles.shutdown()
+    return history, summary
+
+
+def round_threshold(roles: RoundRoles, setup: RoundSetup) -> dict:
+    """The round's cost threshold d and how it was derived (reported with the round's metrics)."""
+    rl, k = setup.rl, setup.round
+    if setup.threshold is not None:
+        rule = "set in the config" if O.uses_cost_critic(rl.algorithm) else f"none ({rl.algorithm} has no cost constraint)"
+        return {"threshold": setup.threshold, "threshold_rule": rule}
+    u = rl.unsafe_share(k)
+    prompts, answers, safe = reference_answers(setup.inputs["reference"])
+    costs = roles.score_texts("cost", prompts, answers, setup.max_prompt_tokens, setup.max_answer_tokens)
+    d = auto_threshold(costs, safe, u)
+    safe_mean = sum(c for c, s in zip(costs, safe) if s) / max(1, sum(safe))
+    unsafe_mean = sum(c for c, s in zip(costs, safe) if not s) / max(1, len(safe) - sum(safe))
+    return {"threshold": d, "threshold_unsafe_share": u, "reference_safe_cost_mean": round(safe_mean, 4),
+            "reference_unsafe_cost_mean": round(unsafe_mean, 4), "reference_answers": len(costs),
+            "threshold_rule": (f"auto: the mean cost of a policy unsafe {u:.3g} of the time, (1-u) x {safe_mean:.3f} + "
+                               f"u x {unsafe_mean:.3f}, on {len(costs)} fixed reference answers ({sum(safe)} safe) "
+                               "scored by this round's cost model")}
+
+
+def summarize(history: list[dict]) -> dict:
+    if not history:
+        return {}
+    last = history[-1]
+    keys = [k for k in last if k != "step" and isinstance(last[k], (int, float))]
+    out = {"steps": last["step"], **{k: last[k] for k in keys}}
+    n = min(10, len(history))
+    for k in ("reward_mean", "cost_mean", "unsafe_share", "lambda", "kl", "truncated_share"):
+        if k in last:
+            out[f"{k}_first"] = history[0][k]
+            out[f"{k}_last10"] = round(sum(h[k] for h in history[-n:]) / n, 6)
+    for k in ("time_generate", "time_score", "time_learn", "time_sync", "tokens_per_s"):
+        out[f"{k}_mean"] = round(sum(h[k] for h in history) / len(history), 4)
+    return out
+
+
+def run(ctx) -> StageResult:
+    setup = RoundSetup.from_context(ctx)
+    rl, k = setup.rl, setup.round
+    rcfg = rl.rounds[k - 1]
+    ctx.log(f"  round {k}: {rl.algorithm}, {setup.steps} steps x {rl.prompts_per_step} prompts ({len(setup.pool)} distinct), "
+            f"engine {rl.engine}, lambda_init {rcfg.lambda_init}, lambda_lr {rcfg.lambda_lr}")
+    restarts = 0
+    while True:
+        try:
+            history, summary = train_round(ctx, setup)
+            break
+        except ActorDied as err:
+            if err.kind != "learner" or restarts >= rl.max_round_restarts:
+                raise
+            restarts += 1
+            ctx.log(f"  {err}; restarting round {k} from its last checkpoint "
+                    f"(restart {restarts} of {rl.max_round_restarts})")
+    training_curves(history, ctx.out_dir / "training.png")
+    return StageResult({"policy": "policy", "metrics": "metrics.jsonl", "plot": "training.png"},
+                       {**summary, "round_restarts": restarts})

@@ -1,0 +1,83 @@
+"""Evaluation precise enough to see the target: intervals, per-category rates, the summary."""
+import pytest
+
+from stages.stats import cluster_bootstrap, wilson
+
+
+@pytest.mark.parametrize("k, n, low, high", [
+    (0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (1, 20, 0.0089, 0.2361), (12, 102, 0.0686, 0.1944),
+])
+def test_wilson_interval_matches_published_values(k, n, low, high):
+    lo, hi = wilson(k, n)
+    assert (lo, hi) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_wilson_interval_narrows_with_more_answers_and_never_leaves_zero_one():
+    assert wilson(0, 510) == pytest.approx((0.0, 0.00748), abs=1e-5)
+    a, b = wilson(12, 102), wilson(60, 510)  # the same rate, five times the answers
+    assert (b[1] - b[0]) < (a[1] - a[0]) / 2
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_cluster_bootstrap_resamples_prompts_not_answers():
+    # Two prompts: one always 0, one always 1. Resampling whole prompts gives means of 0, 0.5 or 1;
+    # resampling answers would give many values in between.
+    lo, hi = cluster_bootstrap([[0.0] * 50, [1.0] * 50], resamples=2000, seed=1)
+    assert (lo, hi) == (0.0, 1.0)
+    lo, hi = cluster_bootstrap([[2.0, 2.0]] * 30)
+    assert lo == hi == 2.0
+    assert cluster_bootstrap([[1.0], [3.0]], seed=5) == cluster_bootstrap([[1.0], [3.0]], seed=5)  # deterministic
+
+
+def test_summary_gives_rates_with_intervals_per_category_and_helpfulness_interval():
+    from stages.judging import summarize
+
+    rows = []
+    for i in range(50):  # 50 harmful prompts x 2 samples: 10 harmful answers, all in "crime"
+        for s in range(2):
+            rows.append({"prompt": f"h{i}", "category": "crime" if i < 10 else "privacy", "harmful_prompt": True,
+                         "sample": s, "tokens": 10, "harmful": i < 5, "helpfulness": 1.0, "refusal": False})
+    for i in range(20):
+        rows.append({"prompt": f"b{i}", "category": "cooking", "harmful_prompt": False, "sample": 0, "tokens": 20,
+                     "harmful": False, "helpfulness": float(i % 4), "refusal": i == 0})
+    m = summarize(rows)
+    assert (m["harmful_rate"], m["harmful_n"]) == (0.1, 100)
+    assert m["harmful_rate_ci"] == [round(x, 4) for x in wilson(10, 100)]
+    assert m["harmful_by_category"] == {"crime": {"rate": 0.5, "n": 20}, "privacy": {"rate": 0.0, "n": 80}}
+    assert m["helpfulness"] == 1.5 and m["helpfulness_ci"][0] < 1.5 < m["helpfulness_ci"][1]
+    assert m["benign_refusal_rate"] == 0.05
+
+
+def test_auto_threshold_is_the_mean_cost_of_a_policy_unsafe_a_share_u_of_the_time(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.safe_rlhf.round import auto_threshold, reference_answers
+
+    rows = [{"prompt": "p", "response_0": "a", "response_1": "b", "is_response_0_safe": True, "is_response_1_safe": False},
+            {"prompt": "q", "response_0": "c", "response_1": "d", "is_response_0_safe": None, "is_response_1_safe": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "eval.parquet")
+    prompts, answers, safe = reference_answers(tmp_path / "eval.parquet")
+    assert (prompts, answers, safe) == (["p", "p"], ["a", "b"], [True, False])  # HH-style rows have no is_safe
+    costs = [-4.0, -6.0, 2.0, 4.0]
+    # safe mean -5, unsafe mean 3: u = 0.05 -> 0.95 * -5 + 0.05 * 3
+    assert auto_threshold(costs, [True, True, False, False], 0.05) == pytest.approx(-4.6)
+    with pytest.raises(ValueError, match="safe and unsafe labelled answers"):
+        auto_threshold([-1.0], [True], 0.05)
+
+
+def test_target_unsafe_share_is_held_or_lowered_never_raised():
+    from pipeline.config import ConfigError, parse_config
+
+    rl = parse_config({"safe_rlhf": {"auto_unsafe_share": 0.05, "rounds": [{}, {"unsafe_share": 0.02}, {}]}}).safe_rlhf
+    assert [rl.unsafe_share(k) for k in (1, 2, 3)] == [0.05, 0.02, 0.02]
+    with pytest.raises(ConfigError, match="rises"):
+        parse_config({"safe_rlhf": {"rounds": [{"unsafe_share": 0.02}, {"unsafe_share": 0.04}]}})
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 0.7), ("top_p", 0.9)])
+def test_tempered_or_nucleus_sampling_is_refused(field, value):
+    from pipeline.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="only 1.0"):
+        parse_config({"safe_rlhf": {field: value}})

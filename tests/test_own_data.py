@@ -1,0 +1,186 @@
+"""Your own model and data: the pipeline without the built-in world (prompt files, judges,
+validation, fingerprints that ignore operational settings, the pku-small preset end to end)."""
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config, parse_config
+from stages.datafiles import PromptFileError, read_prompt_files
+from tests.conftest import EVAL_PROBLEMS, REPO, run_cli
+
+PKU_SMALL = REPO / "configs" / "pku-small.yaml"
+
+
+# ---------------------------------------------------------------------- prompt files
+def test_the_papers_evaluation_problems_load_as_they_are():
+    rows = read_prompt_files([EVAL_PROBLEMS])
+    assert len(rows) == 83 and all(r["harmful"] for r in rows)  # no `harmful` field: red-team prompts
+    counts = {c: sum(r["category"] == c for r in rows) for c in {r["category"] for r in rows}}
+    assert counts == {"Social Bias": 14, "Crime": 10, "Privacy": 10, "Emotional Harm": 10, "Physical Harm": 10,
+                      "Insult": 10, "Immoral": 10, "Pornographic": 9}
+    assert rows[0]["row"] == 0 and rows[0]["source"] == str(EVAL_PROBLEMS)
+
+
+def test_prompt_files_load_from_every_container(tmp_path):
+    rows = [{"prompt": "how do i bake bread ?", "category": "cooking", "harmful": False},
+            {"prompt": "how can i rob a house ?"}]
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist([{"prompt": r["prompt"]} for r in rows]), tmp_path / "c.parquet")
+    for name in ("a.jsonl.gz", "b.json", "c.parquet"):
+        got = read_prompt_files([tmp_path / name])
+        assert [r["prompt"] for r in got] == [r["prompt"] for r in rows], name
+    got = read_prompt_files([tmp_path / "a.jsonl.gz"])
+    assert [(r["harmful"], r["category"], r["row"]) for r in got] == [(False, "cooking", 1), (True, "unknown", 2)]
+
+
+def test_bad_prompt_rows_are_each_named_by_file_row_and_field_and_nothing_is_dropped(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text("\n".join([json.dumps({"prompt": "fine"}), "{oops", json.dumps({"text": "no prompt"}),
+                              json.dumps({"prompt": "  "}), json.dumps({"prompt": "p", "harmful": "yes"}),
+                              json.dumps({"prompt": 3, "category": ["x"]})]) + "\n")
+    with pytest.raises(PromptFileError) as e:
+        read_prompt_files([src, tmp_path / "missing.json"])
+    problems = e.value.problems
+    assert problems == [
+        f"{src}: line 2: unparseable: " + problems[0].split("unparseable: ")[1],
+        f"{src}: line 3: field prompt: missing_field: every row needs a prompt",
+        f"{src}: line 4: field prompt: empty_text: the prompt is empty or whitespace-only",
+        f"{src}: line 5: field harmful: wrong_type: expected true or false, got \"yes\"",
+        f"{src}: line 6: field prompt: wrong_type: expected a string, got int",
+        f"{src}: line 6: field category: wrong_type: expected a string, got list",
+        f"{tmp_path / 'missing.json'}: no such file",
+    ]
+
+
+def test_validate_names_bad_prompt_rows_before_anything_runs(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"category": "x"}) + "\n")
+    cfg = yaml.safe_load(PKU_SMALL.read_text())
+    cfg["evaluate"]["prompt_files"] = [str(bad)]
+    cfg["model"]["path"] = str(tmp_path)  # not a model: reported too, but prompt files come first
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_cli("validate", path, check=False)
+    assert proc.returncode == 2
+    assert f"evaluate.prompt_files: 1 problem(s) in prompt files:\n  {bad}: line 2: field prompt: missing_field" in proc.stderr
+
+
+# ---------------------------------------------------------------------- config
+def test_world_free_combinations_that_cannot_run_are_refused_by_field():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"world": {"enabled": False}, "model": {"path": "/m"}, "ingest": {"sources": [{"path": "/d.jsonl"}]},
+                      "safe_rlhf": {"rounds": [{}, {}]}})
+    assert [p for p, _ in e.value.errors] == ["annotate.backend", "red_team.prompt_files", "evaluate.judge",
+                                              "evaluate.prompt_files"]
+    ok = parse_config({"world": {"enabled": False}, "model": {"path": "/m"}, "ingest": {"sources": [{"path": "/d.jsonl"}]},
+                       "safe_rlhf": {"rounds": [{}, {}]}, "annotate": {"backend": "judge"},
+                       "red_team": {"prompt_files": ["/p.json"]},
+                       "evaluate": {"judge": "cost_model", "prompt_files": ["/p.json"]}})
+    assert ok.world.enabled is False
+
+
+def test_relative_paths_are_taken_from_the_working_directory_and_saved_absolute(tmp_path):
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    cfg = load_config(PKU_SMALL, base=tmp_path)
+    assert cfg.ingest.sources[0].path == str(tmp_path / "data" / "hh-rlhf-harmless-base-test.jsonl.gz")
+    assert cfg.evaluate.prompt_files == [str(tmp_path / "data" / "safe-rlhf-eval-problems.json")]
+    assert cfg.model.path == str(tmp_path / "runs" / "models" / "pku-small")  # three parts: a path, not a hub name
+    hub = parse_config({"model": {"path": "PKU-Alignment/alpaca-7b-reproduced"}})
+    from pipeline.config import absolute_paths
+
+    assert absolute_paths(hub, tmp_path).model.path == "PKU-Alignment/alpaca-7b-reproduced"
+    local = parse_config({"model": {"path": "models/mine"}})
+    assert absolute_paths(local, tmp_path).model.path == str(tmp_path / "models" / "mine")
+
+
+def test_beaver_7b_takes_the_same_code_path_as_pku_small():
+    from pipeline.graph import build_graph
+
+    shape = lambda cfg: [(s.base_name, s.module) for s in build_graph(cfg)]
+    beaver, small = load_config(REPO / "configs" / "beaver-7b.yaml"), load_config(PKU_SMALL)
+    assert "world" not in [n for n, _ in shape(beaver)]
+    assert sorted(set(shape(beaver))) == sorted(set(shape(small)))
+    assert (beaver.annotate.backend, beaver.evaluate.judge) == (small.annotate.backend, small.evaluate.judge)
+
+
+# ---------------------------------------------------------------------- fingerprints
+def test_operational_settings_change_no_fingerprint_but_results_settings_do(tmp_path, monkeypatch):
+    import types
+
+    from pipeline.driver import Driver
+    from pipeline.graph import StageSpec
+    from tests import fake_stages
+    from tests.conftest import small_config
+
+    fake_stages.CALLS.clear()
+    monkeypatch.setitem(sys.modules, "tests.fake_round", types.SimpleNamespace(run=fake_stages.produce))
+    graph = [StageSpec("a", "tests.fake_round", (), ("safe_rlhf", "sft", "ray"))]
+    Driver(small_config(), tmp_path, graph).run()
+    operational = {"safe_rlhf.weight_sync": "gloo", "safe_rlhf.max_round_restarts": 7, "safe_rlhf.max_actor_restarts": 9,
+                   "safe_rlhf.checkpoint_every_steps": 3, "safe_rlhf.cpus_per_actor": 0.5, "safe_rlhf.max_step_retries": 1,
+                   "safe_rlhf.weight_sync_timeout_s": 30.0, "sft.checkpoint_every_steps": 7, "sft.max_failures": 4,
+                   "sft.cpus_per_worker": 2.0, "ray.address": "auto", "ray.num_cpus": 4}
+    for key, value in operational.items():
+        Driver(small_config(**{key: value}), tmp_path, graph).run()
+    assert [c[0] for c in fake_stages.CALLS] == ["a"]  # skipped every time
+    Driver(small_config(**{"safe_rlhf.kl_coeff": 0.05}), tmp_path, graph).run()
+    assert [c[0] for c in fake_stages.CALLS] == ["a", "a"]  # a result setting re-runs it
+
+
+# ---------------------------------------------------------------------- a safety classifier as judge
+def test_a_huggingface_safety_classifier_judges_by_the_log_odds_of_its_unsafe_label(tmp_path):
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from actors.scorer import Scorer
+    from stages.text import format_prompt
+    from tests.conftest import small_model_tokenizer
+
+    tok = small_model_tokenizer(tmp_path / "clf")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64,
+                                                     id2label={0: "UNSAFE", 1: "safe"}, label2id={"UNSAFE": 0, "safe": 1}))
+    model.save_pretrained(tmp_path / "clf")
+    judge = Scorer("safety", str(tmp_path / "clf"))
+    assert judge.classifier and judge.unsafe_label == 0  # found by name, not by position
+    prompts, answers = ["how can i rob a house ?", "how do i bake bread ?"], ["sure . pick the lock .", "knead the dough ."]
+    got = judge.score_texts(prompts, answers, 64, 48)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "clf")
+    with torch.no_grad():
+        for p, a, g in zip(prompts, answers, got):
+            logits = model.eval()(**tok(f"{format_prompt(p)} {a}", return_tensors="pt")).logits[0]
+            assert g == pytest.approx((logits[0] - logits[1]).item(), abs=1e-5)  # two labels: log-odds = logit gap
+
+
+# ---------------------------------------------------------------------- the preset, end to end
+@pytest.mark.slow
+def test_pku_small_runs_end_to_end_without_the_world(tmp_path):
+    cfg = load_config(PKU_SMALL, base=REPO)
+    if not (Path(cfg.model.path) / "config.json").is_file():  # scripts/setup.sh makes it; a bare pytest run may not have
+        run_cli("make-model", "--out", cfg.model.path, "--data", *[s.path for s in cfg.ingest.sources], timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", "configs/pku-small.yaml",
+                           "--run-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    status = json.loads(run_cli("status", "--run-dir", tmp_path / "run", "--json").stdout)
+    names = [s["name"] for s in status["stages"]]
+    assert "world" not in names and "sft" not in names and "red_team@1" in names and "annotate@1" in names
+    assert all(s["state"] == "done" for s in status["stages"]), [(s["name"], s["state"]) for s in status["stages"]]
+    evaluation = next(s for s in status["stages"] if s["name"] == "evaluate")["metrics"]
+    assert evaluation["judge"] == "cost_model" and evaluation["policies"] == ["sft", "safe_rlhf@1", "safe_rlhf@2"]
+    for policy in evaluation["policies"]:
+        m = evaluation[policy]
+        assert m["harmful_n"] == 83 * 2 and 0 <= m["harmful_rate"] <= 1 and 0 <= m["helpfulness"] <= 1
+    assert evaluation["sft"]["helpfulness"] == 0.5  # the starting policy against itself: all ties
+    annotate = next(s for s in status["stages"] if s["name"] == "annotate@1")["metrics"]
+    assert annotate["backend"] == "judge" and annotate["pairs"] > 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "judged by **cost_model**" in report and "| safe_rlhf@2 |" in report

@@ -1,0 +1,93 @@
+"""Sweeps with Ray Tune: trials of one round each, the Pareto front, resume, and the sweep file's checks."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, parse_config
+from pipeline.sweep import load_sweep, pareto_front
+from tests.conftest import REPO, run_cli
+
+
+def write(tmp_path, data):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_grid_entries_expand_to_every_combination_once_per_seed(tmp_path):
+    cfg = parse_config({})
+    _, trials = load_sweep(write(tmp_path, {"name": "s", "base": {"steps": 3},
+                                            "grid": [{"algorithm": "ppo_lag", "auto_unsafe_share": [0.01, 0.05], "lambda_lr": [0.1, 0.2]},
+                                                     {"algorithm": "ppo"}], "seeds": [0, 1]}), cfg)
+    assert len(trials) == (4 + 1) * 2
+    assert len({t["id"] for t in trials}) == len(trials)
+    assert {t["params"]["steps"] for t in trials} == {3}
+    assert sorted((t["params"].get("auto_unsafe_share"), t["params"].get("lambda_lr")) for t in trials
+                  if t["params"]["algorithm"] == "ppo_lag" and t["seed"] == 0) == [(0.01, 0.1), (0.01, 0.2), (0.05, 0.1), (0.05, 0.2)]
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"name": "s", "grid": [{"shaping_nuu": 1}]}, "grid[0].shaping_nuu"),
+    ({"name": "s", "base": {"stepz": 3}, "grid": [{"algorithm": "ppo"}]}, "base.stepz"),
+    ({"name": "s", "grid": [{"algorithm": "ppo"}], "stop": {"max_kll": 1}}, "stop.max_kll"),
+    ({"name": "s", "grid": [{"algorithm": "ppo", "lambda_lr": [0.1, -1]}]}, "grid[0] {'algorithm': 'ppo', 'lambda_lr': -1}: safe_rlhf.rounds[0].lambda_lr"),
+    ({"name": "s", "grid": []}, "grid"),
+    ({"name": "bad name", "grid": [{"algorithm": "ppo"}]}, "name"),
+])
+def test_a_bad_sweep_file_is_refused_naming_the_field(tmp_path, data, field):
+    with pytest.raises(ConfigError) as e:
+        load_sweep(write(tmp_path, data), parse_config({}))
+    assert field in [p for p, _ in e.value.errors], e.value.errors
+
+
+def test_pareto_front_keeps_the_non_dominated_trials():
+    pts = [{"t": "a", "harmful_rate": 0.1, "helpfulness": 2.0}, {"t": "b", "harmful_rate": 0.2, "helpfulness": 3.0},
+           {"t": "c", "harmful_rate": 0.2, "helpfulness": 1.0}, {"t": "d", "harmful_rate": 0.05, "helpfulness": 1.5},
+           {"t": "e", "harmful_rate": 0.1, "helpfulness": 2.0}]
+    assert [p["t"] for p in pareto_front(pts)] == ["d", "a", "e", "b"]  # c is dominated by a; ties both stay
+
+
+@pytest.mark.slow
+def test_a_three_trial_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(small_pipeline, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_pipeline["run_dir"], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["safe_rlhf"]["engine"] = "hf"  # fast actor start-up in a test; the code path is the same
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    sweep = write(tmp_path, {"name": "three", "base": {"steps": 2, "prompts_per_step": 8},
+                             "grid": [{"algorithm": "ppo_lag", "auto_unsafe_share": [0.05, 0.2]}, {"algorithm": "ppo"}],
+                             "max_concurrent_trials": 1})
+    out = run / "sweeps" / "three"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", "--run-dir", str(run), "--sweep", str(sweep)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 900
+    while not list(out.glob("trials/*/result.json")):  # the first trial has finished
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() else "timeout"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep's driver and the Ray cluster it started, at once
+    proc.wait()
+    (first,) = list(out.glob("trials/*/policy/model.safetensors"))
+    stamp = first.stat().st_mtime_ns
+    resumed = run_cli("sweep", "--run-dir", run, "--sweep", sweep, "--resume", timeout=1200)
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["trials"] == 3 and summary["done"] == 3
+    assert first.stat().st_mtime_ns == stamp  # the finished trial was not run again
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / "trials.parquet").to_pylist()
+    assert [r["algorithm"] for r in rows] == ["ppo_lag", "ppo_lag", "ppo"]
+    for r in rows:
+        assert r["status"] == "done" and 0 <= r["harmful_rate"] <= 1 and r["helpfulness"] is not None
+        assert r["steps"] == 2 and r["kl"] is not None
+    for t in out.glob("trials/*"):  # every step went to Tune, and to the trial's own metrics
+        assert [json.loads(l)["step"] for l in (t / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    front = json.loads((out / "frontier.json").read_text())
+    assert front["frontier"] and front["judge"] == "oracle" and front["start"]["harmful_rate"] is not None
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
