@@ -56,7 +56,9 @@ class LocalRoles:
         self.sync_dir, self.retries = tmp / "sync", 0
 
     def generate(self, prompts, sampling, step):
-        return self.rollout.generate(prompts, sampling)
+        from stages.safe_rlhf.roles import worker_sampling
+
+        return self.rollout.generate(prompts, worker_sampling(sampling, 0))  # as the round's one worker
 
     def score(self, seqs, scored, step):
         return {"ref_logp": self.scorer["reference"].logprobs(seqs), "reward": self.scorer["reward"].score(scored),
@@ -122,7 +124,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            ctx = SimpleNamespace(cfg=cfg, name="bench-round", run_dir=Path(tmp), log=print)
+            ctx = SimpleNamespace(cfg=cfg, name="bench-round", run_dir=Path(tmp), log=print, placement=None)
             t0 = time.perf_counter()
             roles = RoundRoles(ctx, rl, inputs, Path(tmp) / "sync-ray")
             setup_ray = time.perf_counter() - t0
@@ -149,6 +151,8 @@ def main() -> None:
     print(f"{'set-up (actors / objects)':<30}{setup_ray:>9.1f}{setup_local:>14.1f}")
     same = all(abs(a["reward_mean"] - b["reward_mean"]) < 0.05 for a, b in zip(results["ray"], results["in-process"]))
     print(f"same trajectory (reward_mean within 0.05 at every step): {same}")
+    for path in ("ray", "in-process"):
+        print(f"  reward_mean by step, {path}: {[round(m['reward_mean'], 3) for m in results[path]]}")
 
 
 if __name__ == "__main__":

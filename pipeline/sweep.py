@@ -118,8 +118,14 @@ def trial_config(cfg, params: dict):
 
 
 # ---------------------------------------------------------------------- inside a trial
-def run_trial(config: dict) -> None:
-    """One trial (a Tune function trainable): a round, reporting every step, then its judged policy."""
+def trial_name(trial) -> str:
+    """The trial's id (`t003-algorithm=ppo_lag-...-s0`) as its name in Tune's table, the dashboard and on disk."""
+    return trial.config["trial"]["id"]
+
+
+def run_trial(config: dict, env: dict) -> None:
+    """One trial (a Tune function trainable): a round, reporting every step, then its judged policy.
+    `config["trial"]` is the trial's; `env` (the run, inputs, prompts) is the sweep's, the same for all."""
     import ray
     from ray import tune
 
@@ -127,7 +133,7 @@ def run_trial(config: dict) -> None:
     from stages.objectives import uses_cost_model
     from stages.safe_rlhf.round import RoundSetup, train_round
 
-    spec, env = config["trial"], config["env"]
+    spec = config["trial"]
     run = Path(env["run_dir"])
     cfg = trial_config(load_config(run / "config.yaml"), spec["params"])
     cfg = cfg.model_copy(update={"seed": spec["seed"]})
@@ -311,7 +317,8 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
             rl = trial_config(cfg, config["trial"]["params"]).safe_rlhf
             return tune.PlacementGroupFactory([{"CPU": 0.01}] + resource_plan(rl).bundles(), strategy="PACK")
 
-        trainable = tune.with_resources(run_trial, resources)
+        # env goes through the object store once (with_parameters), not into every trial's config
+        trainable = tune.with_resources(tune.with_parameters(run_trial, env=env), resources)
         stopper = KLStopper(spec.stop.max_kl if spec.stop else None)
         storage = out / "tune"
         experiment = storage / "safe_rlhf_sweep"
@@ -319,8 +326,9 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
             log(f"resuming {experiment}: finished trials are kept")
             tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
         else:
-            tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(trials), "env": env},
-                               tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
+            tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(trials)},
+                               tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials,
+                                                           trial_name_creator=trial_name, trial_dirname_creator=trial_name),
                                run_config=tune.RunConfig(name="safe_rlhf_sweep", storage_path=str(storage),
                                                          stop=stopper, verbose=1))
         results = tuner.fit()

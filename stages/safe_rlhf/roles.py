@@ -20,6 +20,7 @@ then the stage fails (`resume` continues from the last checkpoint). A learner th
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -66,6 +67,11 @@ class LearnerGroup:
 
     def train_step(self, batch: PolicyMinibatch | CriticMinibatch) -> list:
         return [r.train_step.remote(batch.select(s)) for r, s in zip(self.ranks, _split(len(batch.seqs), self.size))]
+
+
+def worker_sampling(sampling: Sampling, worker: int) -> Sampling:
+    """Rollout worker `worker`'s share of a step's sampling: its own seed, a function of the step's."""
+    return replace(sampling, seed=sampling.seed * 131 + worker)
 
 
 class RoundRoles:
@@ -187,8 +193,7 @@ class RoundRoles:
         parts = [prompts[i::n] for i in range(n)]
 
         def call():
-            return self._get([w.generate.remote(p, Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p,
-                                                            sampling.seed * 131 + i))
+            return self._get([w.generate.remote(p, worker_sampling(sampling, i))
                               for i, (w, p) in enumerate(zip(self.rollout, parts))])
 
         gens = self._in_place("generate", step, call)
