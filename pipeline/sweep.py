@@ -167,7 +167,7 @@ def judge_policy(cfg, env: dict, roles) -> dict:
     import statistics
 
     from cluster.launch import RemoteEngine
-    from stages.judging import answer, judge_with_oracle, judge_with_scores, summarize
+    from stages.judging import answer, judge_with_oracle, judge_with_scores, reward_helpfulness_gap, summarize, wins_against
 
     ev = cfg.evaluate
     rows = answer(RemoteEngine(roles.rollout[0]), env["prompts"], ev.samples_per_prompt, ev.max_new_tokens, cfg.seed)
@@ -182,17 +182,11 @@ def judge_policy(cfg, env: dict, roles) -> dict:
         r["reward"] = rw
     m = summarize(rows)
     out = {"harmful_rate": m["harmful_rate"], "harmful_n": m["harmful_n"]}
-    benign = [r for r in rows if not r["harmful_prompt"]]
     if env["judge"] == "oracle":
-        slope, intercept = env["calibration"]
         out["helpfulness"] = m["helpfulness"]
-        out["reward_helpfulness_gap"] = round(statistics.mean(slope * r["reward"] + intercept - r["helpfulness"]
-                                                              for r in benign), 4) if benign else 0.0
+        out["reward_helpfulness_gap"] = reward_helpfulness_gap(rows, env["calibration"])
     else:  # the reward model's win rate against SFT's answer to the same prompt and sample
-        sft = env["sft_rewards"]
-        pool = [i for i, r in enumerate(rows) if not r["harmful_prompt"]] or list(range(len(rows)))
-        out["helpfulness"] = round(statistics.mean(1.0 if rows[i]["reward"] > sft[i] else 0.5 if rows[i]["reward"] == sft[i]
-                                                   else 0.0 for i in pool), 4)
+        out["helpfulness"] = round(statistics.mean(w["win"] for w in wins_against(env["sft_rewards"], rows)), 4)
         out["reward_helpfulness_gap"] = 0.0
     return out
 
@@ -254,10 +248,8 @@ def sweep_inputs(run: Path, cfg, from_stage: str | None) -> dict:
 def judge_start(cfg, run: Path, inputs: dict, prompts: list[dict], judge: str, log) -> dict:
     """The starting policy judged as the trials are: its point on the plot, the reward -> oracle
     helpfulness line the trials' reward_helpfulness_gap uses, and its rewards for the win rate."""
-    import statistics
-
     from cluster.launch import RemoteEngine
-    from stages.judging import answer, judge_with_oracle, judge_with_scores, summarize
+    from stages.judging import answer, judge_with_oracle, judge_with_scores, reward_calibration, summarize
     from stages.model_actors import rollout_actor, score_answers, scorer_actors
 
     ev = cfg.evaluate
@@ -274,8 +266,9 @@ def judge_start(cfg, run: Path, inputs: dict, prompts: list[dict], judge: str, l
     out = {"harmful_rate": m["harmful_rate"], "harmful_n": m["harmful_n"], "sft_rewards": scores["reward"],
            "calibration": [0.0, 0.0], "helpfulness": 0.5}
     if judge == "oracle":
-        benign = [(rw, r["helpfulness"]) for r, rw in zip(rows, scores["reward"]) if not r["harmful_prompt"]]
-        out["calibration"] = list(statistics.linear_regression([b[0] for b in benign], [b[1] for b in benign]))
+        for r, rw in zip(rows, scores["reward"]):
+            r["reward"] = rw
+        out["calibration"] = list(reward_calibration(rows))
         out["helpfulness"] = m["helpfulness"]
     return out
 

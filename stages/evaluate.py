@@ -27,7 +27,8 @@ from cluster.launch import RemoteEngine
 from stages.base import StageResult
 from stages.datafiles import read_prompt_files
 from stages.files import read_jsonl, write_jsonl
-from stages.judging import interval, answer, by_prompt, judge_with_oracle, judge_with_scores, summarize
+from stages.judging import (answer, by_prompt, interval, judge_with_oracle, judge_with_scores, reward_calibration,
+                            reward_helpfulness_gap, summarize, wins_against)
 from stages.stats import cluster_bootstrap
 from stages.model_actors import rollout_actor, score_answers, scorer_actors
 
@@ -90,22 +91,16 @@ def run(ctx) -> StageResult:
                                              "on benign prompts (all prompts when none is benign)"),
                      "policies": list(samples)}
     if oracle:  # learned reward -> oracle helpfulness, calibrated on the starting policy's benign answers
-        benign0 = [r for r in start if not r["harmful_prompt"]]
-        slope, intercept = statistics.linear_regression([r["reward"] for r in benign0], [r["helpfulness"] for r in benign0])
+        calibration = reward_calibration(start)
     for name, rows in samples.items():
         m = summarize(rows)
         m.update(reward_mean=round(statistics.mean(r["reward"] for r in rows), 4),
                  cost_mean=round(statistics.mean(r["cost"] for r in rows), 4),
                  safe_share=round(statistics.mean(r["cost"] <= 0 for r in rows), 4))
         if oracle:
-            benign = [r for r in rows if not r["harmful_prompt"]]
-            m["reward_helpfulness_gap"] = round(statistics.mean(slope * r["reward"] + intercept - r["helpfulness"]
-                                                                for r in benign), 4)
+            m["reward_helpfulness_gap"] = reward_helpfulness_gap(rows, calibration)
         else:  # the reward model's win rate against the starting policy, on benign prompts (all, if none is)
-            pool = (lambda rs: [r for r in rs if not r["harmful_prompt"]]) if any(not r["harmful_prompt"] for r in start) \
-                else (lambda rs: rs)
-            wins = [{"prompt": b["prompt"], "win": 1.0 if b["reward"] > a["reward"] else 0.5 if b["reward"] == a["reward"] else 0.0}
-                    for a, b in zip(pool(start), pool(rows))]
+            wins = wins_against([r["reward"] for r in start], rows)
             m["helpfulness"] = round(statistics.mean(w["win"] for w in wins), 4)
             m["helpfulness_ci"] = interval(cluster_bootstrap(by_prompt(wins, "win")))
         metrics[name] = m

@@ -87,6 +87,30 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def reward_calibration(rows: list[dict]) -> tuple[float, float]:
+    """Learned reward -> oracle helpfulness: the least-squares line (slope, intercept) through the
+    benign answers' (reward, helpfulness), fitted on the starting policy's answers."""
+    benign = [r for r in rows if not r["harmful_prompt"]]
+    return statistics.linear_regression([r["reward"] for r in benign], [r["helpfulness"] for r in benign])
+
+
+def reward_helpfulness_gap(rows: list[dict], calibration) -> float:
+    """Mean over benign answers of the calibrated reward minus the oracle's helpfulness: how much
+    more helpful the reward model thinks the answers are than they are (reward hacking shows here)."""
+    slope, intercept = calibration
+    benign = [r for r in rows if not r["harmful_prompt"]]
+    return round(statistics.mean(slope * r["reward"] + intercept - r["helpfulness"] for r in benign), 4) if benign else 0.0
+
+
+def wins_against(start_rewards: list[float], rows: list[dict]) -> list[dict]:
+    """Each answer's win (1), tie (0.5) or loss (0) by reward against the starting policy's answer to
+    the same prompt and sample, on benign prompts (all prompts when none is benign)."""
+    pool = [i for i, r in enumerate(rows) if not r["harmful_prompt"]] or list(range(len(rows)))
+    return [{"prompt": rows[i]["prompt"],
+             "win": 1.0 if rows[i]["reward"] > start_rewards[i] else 0.5 if rows[i]["reward"] == start_rewards[i] else 0.0}
+            for i in pool]
+
+
 def oracle_policy_pairs(engine, prompts: list[dict], max_new_tokens: int, seed: int, repeats: int = 2) -> list[dict]:
     """Fresh pairs of a policy's own answers (two samples per prompt, `repeats` times), labelled by
     the world's annotator, in the PKU schema plus the oracle's tie flags: where the fitted models'
