@@ -23,8 +23,8 @@ import os
 import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
-from actors.models import enable_gradient_checkpointing, response_logprobs, response_values
-from cluster.deepspeed_setup import deepspeed_config, full_state_dict, training_dtype, without_inference_shm_op
+from actors.models import enable_gradient_checkpointing, response_logprobs, response_values, torch_dtype
+from cluster.deepspeed_setup import deepspeed_config, full_state_dict, without_inference_shm_op
 from cluster.network import host_and_free_port
 from cluster.weight_sync import make_sender
 from cluster.weight_sync.base import transfer_metadata
@@ -158,7 +158,7 @@ class Learner:
     def export(self, out_dir: str) -> str | None:
         """A Hugging Face directory of the current weights in the training dtype (rank 0 writes it;
         under ZeRO-3 every rank takes part in the per-parameter gathers)."""
-        sd = full_state_dict(self.engine, self.rank, training_dtype(self.settings["precision"]))
+        sd = full_state_dict(self.engine, self.rank, torch_dtype(self.settings["precision"]))
         if sd is None:
             return None
         from transformers import AutoTokenizer
@@ -174,10 +174,6 @@ class Learner:
     # ------------------------------------------------------------------ weight transfer to vLLM (policy)
     # The trainer side of cluster/weight_sync/ (gloo, nccl, ipc); the driver side calls these in the
     # order its transport documents (rank 0 sends; every rank takes part in ZeRO-3 gathers).
-    def transfer_master(self) -> tuple[str, int]:
-        """This node's address and a free port: rank 0 hosts the transfer group's rendezvous."""
-        return host_and_free_port()
-
     def transfer_init(self, method: str, init_info: dict | None) -> dict | None:
         """Join the transfer (gloo/nccl: blocks until every rollout worker joins). ipc returns the
         rollout workers' init_info."""

@@ -35,12 +35,6 @@ def without_inference_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def training_dtype(precision: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def full_state_dict(engine, rank: int, dtype=None) -> dict | None:
     """The whole model's state dict on rank 0's host, in `dtype` (the training dtype; default the
     parameters' own), others get None. Under ZeRO-3 the parameters are gathered one at a time (a
@@ -55,9 +49,9 @@ def full_state_dict(engine, rank: int, dtype=None) -> dict | None:
         if zero3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 if out is not None:
-                    out[name] = p.data.detach().to("cpu", dtype or p.dtype).clone()
+                    out[name] = p.data.detach().to("cpu", dtype or p.dtype, copy=True)
         elif out is not None:
-            out[name] = p.data.detach().to("cpu", dtype or p.dtype).clone()
+            out[name] = p.data.detach().to("cpu", dtype or p.dtype, copy=True)
     if out is not None:  # persistent buffers: never partitioned
         buffers = dict(module.named_buffers())
         for name in module.state_dict():

@@ -41,10 +41,6 @@ def is_operational(info: Any) -> bool:
     return bool((info.json_schema_extra or {}).get("operational")) if isinstance(info.json_schema_extra, dict) else False
 
 
-class CrossFieldError(ValueError):
-    """Cross-section checks of the run config, each as (dotted path, message)."""
-
-
 class WorldConfig(Strict):
     enabled: bool = F(True, "Generate the built-in small world and use its annotations as a source.")
     seed: int = F(0, "Seed of the world's generator (prompts, answers, annotation ties).")

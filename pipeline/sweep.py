@@ -302,7 +302,7 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
             start = json.loads(start_file.read_text())
         else:
             start = judge_start(cfg, run, inputs, prompts, judge, log)
-            start_file.write_text(json.dumps(start))
+            atomic_write_text(start_file, json.dumps(start))
         env = {"run_dir": str(run), "sweep_dir": str(out), "inputs": inputs, "prompts": prompts, "judge": judge,
                "calibration": start["calibration"], "sft_rewards": start["sft_rewards"]}
 

@@ -11,7 +11,7 @@ The driver's call order ("together" means: issue every Ray call, then wait for a
 the calls meet inside a collective and each blocks until all have arrived; a sequential ray.get
 would deadlock):
 
-  connect:  1. addr, port = policy rank 0 `transfer_master()`
+  connect:  1. addr, port = policy rank 0 `master_address()`
             2. infos = init infos for every rollout worker (its TP*PP size)
             3. together: every policy rank `transfer_init(method, infos[0])`,
                          rollout i `transfer_init(infos[i])`
@@ -115,7 +115,7 @@ class BroadcastWeightSync(WeightSync):
         self.update_info: dict | None = None
 
     def connect(self) -> None:
-        addr, port = get_all([self.policy_ranks[0].transfer_master.remote()])[0]
+        addr, port = get_all([self.policy_ranks[0].master_address.remote()])[0]
         sizes = get_all([w.transfer_world_size.remote() for w in self.rollout])
         infos = type(self).init_infos(addr, port, sizes, self.timeout_s)
         get_all([r.transfer_init.remote(self.method, infos[0]) for r in self.policy_ranks]
