@@ -55,7 +55,9 @@ class HFEngine:
     def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
         tok = self.tokenizer
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt_tokens:] for p in prompts]
-        g = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        # The per-chunk seeds come from a host generator: the same seeds on any device (a CUDA
+        # generator cannot feed torch.randint on the host, found on an H200).
+        g = torch.Generator().manual_seed(sampling.seed)
         responses, logprobs = [], []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompt_ids[start:start + self.batch_size]

@@ -6,7 +6,8 @@ one accelerator, timed. Needs only torch, transformers and DeepSpeed (runs where
 
 Builds a Llama of the size from its config with random weights, saved in bf16, then:
 - learner train step: `actors.learner.Learner` (policy role: DeepSpeed ZeRO-0, bf16, PPO loss on a
-  random minibatch), with gradient checkpointing off and on;
+  random minibatch), with gradient checkpointing off and on, and ZeRO-3 with checkpointing; after the
+  first and the ZeRO-3 one, `Learner.export` (the pipeline's weight path) is timed;
 - reference forward: `actors.scorer.Scorer("reference")`, chunked log-probabilities;
 - generation: `actors.rollout.HFEngine` (transformers generate).
 Prints tokens/s, MFU against --peak-tflops (bf16 dense; H100/H200 SXM: 989) and the peak GPU
@@ -61,14 +62,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+HELD = 0  # bytes still allocated when a check starts (an earlier engine not yet freed), not its own
+
+
 def peak_gib(device: str) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    """The check's own peak: the peak allocated since reset less what was already held then."""
+    return (torch.cuda.max_memory_allocated() - HELD) / 2**30 if device == "cuda" else float("nan")
 
 
 def reset(device: str) -> None:
+    import gc
+
+    gc.collect()  # the last check's engine and optimizer states must be gone before the next one builds
     if device == "cuda":
+        global HELD
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        HELD = torch.cuda.memory_allocated()
 
 
 def timed(step, args, flops_per_token: int) -> dict:
@@ -95,17 +105,26 @@ def minibatch(batch: int, prompt: int, response: int):
     return seqs, PolicyMinibatch(seqs, torch.full((batch, response), -10.0), adv, None, 0.0)
 
 
-def time_learner(model_dir: Path, args, checkpointing: bool, params: int) -> dict:
+def time_learner(model_dir: Path, args, checkpointing: bool, params: int, zero_stage: int = 0,
+                 export: bool = False) -> dict:
     from actors.learner import Learner
 
     reset(args.device)
-    settings = {"device": args.device, "precision": "bf16", "zero_stage": 0, "seed": 0, "micro_batch": args.batch,
-                "clip_ratio": 0.2, "clip_value": 5.0, "lr": 1e-6, "gradient_checkpointing": checkpointing}
+    settings = {"device": args.device, "precision": "bf16", "zero_stage": zero_stage, "seed": 0,
+                "micro_batch": args.batch, "clip_ratio": 0.2, "clip_value": 5.0, "lr": 1e-6,
+                "gradient_checkpointing": checkpointing}
     learner = Learner("policy", str(model_dir), settings)
     learner.setup("127.0.0.1", PORT)
     _, batch = minibatch(args.batch, args.prompt, args.response)
+    row = timed(lambda: learner.train_step(batch), args, flops_per_token=6 * params)
+    if export:  # the pipeline's weight path: gather the state dict in bf16 and write a HF checkpoint
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            learner.export(out)
+            row["export_s"] = time.perf_counter() - t0
     # the learner is dropped on return; its process group stays, and the next learner joins it
-    return timed(lambda: learner.train_step(batch), args, flops_per_token=6 * params)
+    del learner
+    return row
 
 
 def time_reference(model_dir: Path, args, params: int) -> dict:
@@ -154,15 +173,29 @@ def main() -> None:
         params = build(args.size, Path(tmp))
         print(f"{gpu}: Llama {args.size} ({params / 1e9:.2f}B params, bf16), batch {args.batch} x "
               f"({args.prompt} prompt + {args.response} response) tokens", flush=True)
-        rows = {"learner train step": time_learner(Path(tmp), args, False, params)}
-        print("  learner (no checkpointing) done", flush=True)
-        rows["learner train step, checkpointing"] = time_learner(Path(tmp), args, True, params)
-        rows["reference forward (chunked logprobs)"] = time_reference(Path(tmp), args, params)
-        rows["hf generate"] = time_generation(Path(tmp), args)
-    print(f"{'':<40}{'s':>8}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
+        checks = {
+            "learner train step (+ export)": lambda: time_learner(Path(tmp), args, False, params, export=True),
+            "learner train step, checkpointing": lambda: time_learner(Path(tmp), args, True, params),
+            "learner train step, ZeRO-3 + ckpt": lambda: time_learner(Path(tmp), args, True, params, zero_stage=3,
+                                                                      export=True),
+            "reference forward (chunked logprobs)": lambda: time_reference(Path(tmp), args, params),
+            "hf generate": lambda: time_generation(Path(tmp), args),
+        }
+        rows = {}
+        for name, check in checks.items():
+            try:  # one failing check (an op that will not build, memory) must not hide the others' figures
+                rows[name] = check()
+            except Exception as e:  # noqa: BLE001 - reported, not swallowed
+                rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            print(f"  {name}: {rows[name]}", flush=True)
+    print(f"{'':<40}{'s':>8}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'export s':>10}")
     for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:<40}  failed: {r['error']}")
+            continue
         mfu = f"{r['mfu'] * 100:.1f}%" if "mfu" in r else "-"
-        print(f"{name:<40}{r['seconds']:>8.3f}{r['tokens_per_s']:>11.0f}{mfu:>7}{r['peak_gib']:>10.2f}")
+        export = f"{r['export_s']:.1f}" if "export_s" in r else "-"
+        print(f"{name:<40}{r['seconds']:>8.3f}{r['tokens_per_s']:>11.0f}{mfu:>7}{r['peak_gib']:>10.2f}{export:>10}")
     if args.out:
         Path(args.out).write_text(json.dumps({"gpu": gpu, "size": args.size, "params": params, **rows}, indent=2))
 
