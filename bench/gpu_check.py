@@ -123,7 +123,6 @@ def time_learner(model_dir: Path, args, checkpointing: bool, params: int, zero_s
             learner.export(out)
             row["export_s"] = time.perf_counter() - t0
     # the learner is dropped on return; its process group stays, and the next learner joins it
-    del learner
     return row
 
 
