@@ -1,6 +1,6 @@
 """One Safe RLHF step through the Ray round against the same step in one process.
 
-    .venv/bin/python bench/round_step.py [--run-dir runs/tiny] [--steps 6] [--engine vllm|hf]
+    .venv/bin/python bench/round_step.py [--run-dir runs/tiny] [--steps 6] [--engine vllm|hf] [--overlap]
 
 Both run `stages.safe_rlhf.round.ppo_step` (the round's own code: generate, score, advantages,
 lambda, learn, weight push) on the same batch size, engine, models (the run's SFT policy and its
@@ -54,11 +54,19 @@ class LocalRoles:
             self.learners[role] = Learner(role, str(start[role]), {**settings, "lr": lr[role]})
             self.learners[role].setup("127.0.0.1", int(os.environ["MASTER_PORT"]))
         self.sync_dir, self.retries = tmp / "sync", 0
+        self.policy_step = self.rollout_step = 0
 
     def generate(self, prompts, sampling, step):
+        return self.finish_generation(self.start_generation(prompts, sampling), step)
+
+    def start_generation(self, prompts, sampling):  # one process: nothing runs beside the caller
+        return prompts, sampling, self.rollout_step
+
+    def finish_generation(self, pending, step):
         from stages.safe_rlhf.roles import worker_sampling
 
-        return self.rollout.generate(prompts, worker_sampling(sampling, 0))  # as the round's one worker
+        prompts, sampling, weights_step = pending  # as the round's one worker
+        return self.rollout.generate(prompts, worker_sampling(sampling, 0)), weights_step
 
     def score(self, seqs, scored, step):
         return {"ref_logp": self.scorer["reference"].logprobs(seqs), "reward": self.scorer["reward"].score(scored),
@@ -80,6 +88,7 @@ class LocalRoles:
         shutil.rmtree(self.sync_dir, ignore_errors=True)
         self.learners["policy"].export(str(self.sync_dir))
         self.rollout.update_weights(str(self.sync_dir))
+        self.rollout_step = self.policy_step
         return time.perf_counter() - t0
 
 
@@ -90,7 +99,11 @@ def run_steps(roles, setup, steps: int, seed: int) -> list[dict]:
     rl, k = setup.rl, setup.round
     rc = rl.rounds[k - 1]
     lagrange = O.LagrangeMultiplier(rc.lambda_init, rc.lambda_lr, -3.0, rl.lambda_max, rl.lambda_window)
-    return [ppo_step(roles, setup, lagrange, step, seed) for step in range(1, steps + 1)]
+    out, rollout = [], None
+    for step in range(1, steps + 1):
+        m, rollout = ppo_step(roles, setup, lagrange, step, seed, rollout)
+        out.append(m)
+    return out
 
 
 def main() -> None:
@@ -98,6 +111,8 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/tiny", help="a run whose sft, fit_reward, fit_cost and ingest are done")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--engine", choices=["vllm", "hf"], help="default: the run's")
+    ap.add_argument("--overlap", action="store_true", help="safe_rlhf.overlap_generation on (both paths; only Ray can "
+                    "run generation beside learning)")
     args = ap.parse_args()
 
     from pipeline.config import load_config
@@ -105,7 +120,8 @@ def main() -> None:
 
     run = Path(args.run_dir).resolve()
     cfg = load_config(run / "config.yaml")
-    rl = cfg.safe_rlhf.model_copy(update={"engine": args.engine} if args.engine else {})
+    rl = cfg.safe_rlhf.model_copy(update={**({"engine": args.engine} if args.engine else {}),
+                                          "overlap_generation": args.overlap})
     stage = lambda n, out: run / "stages" / n / out
     inputs = {"policy": stage("sft", "model"), "reward_model": stage("fit_reward", "model"),
               "cost_model": stage("fit_cost", "model"), "train_pairs": stage("ingest", "train.parquet")}
@@ -114,7 +130,8 @@ def main() -> None:
         sys.exit(f"missing {missing}: run the pipeline first (e.g. `python -m pipeline run --run-dir {args.run_dir}`)")
     setup = RoundSetup(rl, 1, args.steps, -3.0, inputs, prompt_pool(inputs["train_pairs"]),
                        cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
-    print(f"{args.steps} steps x {rl.prompts_per_step} prompts, engine {rl.engine}, {rl.device}", flush=True)
+    print(f"{args.steps} steps x {rl.prompts_per_step} prompts, engine {rl.engine}, {rl.device}, "
+          f"overlap_generation {rl.overlap_generation}", flush=True)
 
     import ray
 
@@ -145,8 +162,7 @@ def main() -> None:
     print(f"{'phase (median of steps 2..)':<30}{'Ray s':>9}{'in-process s':>14}{'Ray / in-process':>18}")
     for key in PHASES:
         print(f"{key:<30}{med('ray', key):>9.3f}{med('in-process', key):>14.3f}{med('ray', key) / med('in-process', key):>18.2f}")
-    ray_step = statistics.median(sum(m[k] for k in PHASES) for m in results["ray"][1:])
-    local_step = statistics.median(sum(m[k] for k in PHASES) for m in results["in-process"][1:])
+    ray_step, local_step = med("ray", "time_step"), med("in-process", "time_step")
     print(f"{'whole step':<30}{ray_step:>9.3f}{local_step:>14.3f}{ray_step / local_step:>18.2f}")
     print(f"{'set-up (actors / objects)':<30}{setup_ray:>9.1f}{setup_local:>14.1f}")
     same = all(abs(a["reward_mean"] - b["reward_mean"]) < 0.05 for a, b in zip(results["ray"], results["in-process"]))

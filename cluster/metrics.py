@@ -21,11 +21,14 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "safe_rlhf_lambda": ("gauge", "", "Lagrange multiplier"),
     "safe_rlhf_unsafe_share": ("gauge", "share", "Share of the step's answers the cost model calls unsafe (cost > 0)"),
     "safe_rlhf_kl": ("gauge", "nats/token", "KL(policy || reference) per token"),
-    "safe_rlhf_tokens_per_s": ("gauge", "tokens/s", "Generated tokens per second of generation time"),
-    "safe_rlhf_time_generate": ("gauge", "s", "Seconds generating in the step"),
+    "safe_rlhf_tokens_per_s": ("gauge", "tokens/s", "Generated tokens per second, from dispatch until gathered"),
+    "safe_rlhf_time_generate": ("gauge", "s", "Seconds the step waited on generation (hidden behind learning with overlap_generation)"),
     "safe_rlhf_time_score": ("gauge", "s", "Seconds scoring in the step"),
     "safe_rlhf_time_learn": ("gauge", "s", "Seconds in PPO updates in the step"),
     "safe_rlhf_time_sync": ("gauge", "s", "Seconds pushing weights to the rollout workers in the step"),
+    "safe_rlhf_time_step": ("gauge", "s", "Seconds of the whole step"),
+    "safe_rlhf_rollout_staleness": ("gauge", "steps", "Policy updates between the weights that sampled the step's rollouts and the ones they train (overlap_generation: 1)"),
+    "safe_rlhf_logprob_gap": ("gauge", "nats/token", "Mean |engine logprob - learner logprob| of the sampled tokens"),
 }
 STEP_KEYS = [n.removeprefix("safe_rlhf_") for n, (kind, _, _) in METRICS.items()
              if kind == "gauge" and n not in ("safe_rlhf_step", "safe_rlhf_stage_seconds")]

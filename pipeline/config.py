@@ -177,6 +177,8 @@ class SafeRLHFConfig(Strict):
     gradient_checkpointing: bool = F(False, "Learners recompute activations in the backward pass: the same gradients with the activation memory of one layer (7B on GPUs needs it; about a third more compute).", operational=True)
     micro_batch_size: int | None = F(None, "Sequences per learner forward/backward; gradients accumulate to one optimizer step per shard (prompts_per_step / minibatches / learners_per_role sequences). null: the whole shard at once.", ge=1)
     logprob_chunk_tokens: int | None = F(4096, "Tokens whose log-probabilities the learners and the reference scorer compute at once: bounds the fp32 logits to this many x the vocabulary (null: every token at once, the full [batch, length, vocabulary] tensor).", ge=1)
+    overlap_generation: bool = F(False, "Generate step t+1's rollouts while step t scores and learns, from the rollout workers' weights of step t-1 (one step stale, the step metric rollout_staleness): the PPO ratio and the KL take the sampling engine's own log-probabilities as the behaviour policy's. Hides generation behind learning where they run on different devices; changes the trajectory (one-step-off-policy PPO).")
+    dispatch_together: bool = F(True, "A step's independent calls (the scorers and the learners' forwards; the three learner groups' updates) go out together and are gathered once. false: one after another in the algorithm's order: the same results to the bit (tested), slower; for isolating a role when debugging.", operational=True)
     weight_sync_timeout_s: float = F(60.0, "A weight transfer whose peer died fails after this many seconds (gloo), and the round handles it like any actor death.", gt=0, operational=True)
 
     @property

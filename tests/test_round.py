@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 
 STEP_METRICS = {"reward_mean", "cost_mean", "episode_cost", "lambda", "kl", "response_length", "policy_loss",
                 "reward_critic_loss", "cost_critic_loss", "clip_fraction", "tokens_per_s", "time_generate",
-                "time_score", "time_learn", "time_sync", "unsafe_share", "threshold", "logprob_gap"}
+                "time_score", "time_learn", "time_sync", "time_step", "unsafe_share", "threshold", "logprob_gap",
+                "rollout_staleness"}
+# Figures that measure time, not the computation.
+TIMINGS = {"tokens_per_s", "time_generate", "time_score", "time_learn", "time_sync", "time_step"}
 ROUND_ACTORS = {"rollout-0": "RolloutWorker", "scorer-reward-0": "Scorer", "scorer-reference-0": "Scorer",
                 "scorer-cost-0": "Scorer", "learner-policy-0": "Learner", "learner-reward_critic-0": "Learner",
                 "learner-cost_critic-0": "Learner"}
@@ -71,25 +74,40 @@ def _watch_then_kill(proc, metrics: Path, step: int, timeout: float = 900) -> No
     raise AssertionError(f"step {step} never came")
 
 
-@pytest.fixture(scope="module")
-def resumed_round(small_pipeline, ray_cluster, prometheus, tmp_path_factory):
-    """Round 1 again on a running cluster (token auth on, Prometheus scraping when installed): the
-    driver is killed mid-round from outside, then `resume` runs with weight_sync changed from
-    checkpoint to gloo (an operational setting: the round's fingerprint and checkpoints stay)."""
-    run = tmp_path_factory.mktemp("resumed_round") / "run"
+def _round_again(small_pipeline, tmp_path_factory, name: str, **settings) -> tuple[Path, list[str]]:
+    """A copy of the small pipeline's run without its round, `settings` set under safe_rlhf ->
+    (the run directory, the command that resumes it up to the round)."""
+    run = tmp_path_factory.mktemp(name) / "run"
     shutil.copytree(small_pipeline["run_dir"], run)
     shutil.rmtree(run / "stages" / "safe_rlhf@1")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--until", "safe_rlhf@1"],
-                            cwd=REPO, env=ray_cluster.driver_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    _set_round(run, **settings)
+    return run, [sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--until", "safe_rlhf@1"]
+
+
+def _set_round(run: Path, **settings) -> None:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["safe_rlhf"].update(settings)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def _start_killed_at_step_5(command: list[str], run: Path, env: dict) -> None:
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     _watch_then_kill(proc, run / "stages" / "safe_rlhf@1" / "metrics.jsonl", step=5)
+
+
+@pytest.fixture(scope="module")
+def resumed_round(small_pipeline, ray_cluster, prometheus, tmp_path_factory):
+    """Round 1 again on a running cluster (token auth on, Prometheus scraping when installed), with
+    a step's calls dispatched one by one (dispatch_together: false): the driver is killed
+    mid-round from outside, then `resume` runs with weight_sync changed from checkpoint to gloo
+    (operational settings: the round's fingerprint and checkpoints stay)."""
+    run, command = _round_again(small_pipeline, tmp_path_factory, "resumed_round", dispatch_together=False)
+    _start_killed_at_step_5(command, run, ray_cluster.driver_env)
     status = json.loads(run_cli("status", "--run-dir", run, "--json").stdout)
     killed_state = {s["name"]: s["state"] for s in status["stages"]}["safe_rlhf@1"]
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["safe_rlhf"]["weight_sync"] = "gloo"
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--until", "safe_rlhf@1"],
-                         cwd=REPO, env=ray_cluster.driver_env, capture_output=True, text=True, timeout=900)
+    _set_round(run, weight_sync="gloo")
+    out = subprocess.run(command, cwd=REPO, env=ray_cluster.driver_env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return {"run": run, "killed_state": killed_state, "out": out}
 
@@ -109,6 +127,39 @@ def test_killed_driver_resumes_the_round_from_its_checkpoint_with_another_weight
         assert a["lambda"] == pytest.approx(b["lambda"], rel=1e-3, abs=1e-4)
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=0.05)
     assert all(m["time_sync"] > 0 for m in steps[4:])
+
+
+def _same_tensors(a, b, where: str) -> int:
+    """Assert two nested checkpoint structures hold the same tensors, bit for bit; -> tensors compared."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+        return 1
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        return sum(_same_tensors(a[k], b[k], f"{where}.{k}") for k in a)
+    if isinstance(a, (list, tuple)):
+        return sum(_same_tensors(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True)))
+    return 0
+
+
+def test_calls_dispatched_one_by_one_give_the_same_bits_as_dispatched_together(small_pipeline, resumed_round):
+    """Steps 1-4 of the resumed run come from its first attempt, whose scorers, forwards and learner
+    updates went out one after another; the small pipeline's round sent them together."""
+    import torch
+
+    one_by_one, together = round_metrics(resumed_round["run"])[:4], round_metrics(small_pipeline["run_dir"])[:4]
+    for a, b in zip(one_by_one, together, strict=True):
+        assert {k: v for k, v in a.items() if k not in TIMINGS} == {k: v for k, v in b.items() if k not in TIMINGS}
+    compared = 0
+    for role in ("policy", "reward_critic", "cost_critic"):
+        files = [Path(r) / "stages" / "safe_rlhf@1" / "ckpt" / role / "step_4" / "mp_rank_00_model_states.pt"
+                 for r in (resumed_round["run"], small_pipeline["run_dir"])]
+        a, b = (torch.load(f, map_location="cpu", weights_only=False) for f in files)
+        compared += _same_tensors({k: a[k] for k in ("module", "optimizer")},
+                                  {k: b[k] for k in ("module", "optimizer")}, role)
+    assert compared > 50  # weights and both Adam moments of three models
 
 
 def test_rays_actor_table_names_every_role_of_the_round(resumed_round, ray_cluster):
@@ -143,3 +194,47 @@ def test_the_rounds_log_is_readable(resumed_round):
     per_step = {b for b in bodies if bodies.count(b) >= 6 and b.strip()}
     assert per_step == set(), per_step
     assert "Loading safetensors checkpoint shards" not in err
+
+
+@pytest.fixture(scope="module")
+def overlapped_round(small_pipeline, ray_cluster, tmp_path_factory):
+    """Round 1 again with overlap_generation on, killed from outside once step 5 is logged (its
+    checkpoint is step 4's, which holds step 5's rollouts), then resumed."""
+    run, command = _round_again(small_pipeline, tmp_path_factory, "overlapped_round", overlap_generation=True)
+    _start_killed_at_step_5(command, run, ray_cluster.driver_env)
+    before = round_metrics(run)
+    state = json.loads((run / "stages" / "safe_rlhf@1" / "ckpt" / "state_step_4.json").read_text())
+    out = subprocess.run(command, cwd=REPO, env=ray_cluster.driver_env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {"run": run, "before": before, "state": state, "out": out}
+
+
+def test_overlapped_generation_trains_on_rollouts_one_step_stale(small_pipeline, overlapped_round):
+    steps = round_metrics(overlapped_round["run"])
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    # step 1 samples from the start; every later step from the weights of the step before last
+    assert [m["rollout_staleness"] for m in steps] == [0, 1, 1, 1, 1, 1]
+    # the engine's logprobs against the learner's current policy: one update of drift shows, where
+    # the same round without overlap shows numerical noise only (< 1e-3, test above)
+    assert all(m["logprob_gap"] > 1e-3 for m in steps[1:]), [m["logprob_gap"] for m in steps]
+    assert steps[0]["logprob_gap"] < 1e-3
+    # step 1 is the same computation with or without overlap, except for the behaviour logprobs
+    # (the engine's instead of the learner's recomputation; equal to ~1e-6 on CPU)
+    plain = round_metrics(small_pipeline["run_dir"])[0]
+    assert steps[0]["reward_mean"] == plain["reward_mean"] and steps[0]["response_length"] == plain["response_length"]
+    # with the engine's own weights one step old, the trajectory departs from the plain round's
+    assert any(a["reward_mean"] != b["reward_mean"] for a, b in zip(steps[2:], round_metrics(small_pipeline["run_dir"])[2:]))
+
+
+def test_an_overlapped_round_resumes_exactly_with_the_rollouts_its_checkpoint_holds(overlapped_round):
+    run, before, state = overlapped_round["run"], overlapped_round["before"], overlapped_round["state"]
+    assert state["step"] == 4 and state["next_rollout"]["weights_step"] == 3
+    assert len(state["next_rollout"]["gen"]["response_ids"]) == 16  # step 5's rollouts, already sampled
+    assert "resumed round 1 from its checkpoint at step 4" in overlapped_round["out"].stderr
+    after = round_metrics(run)
+    # Step 5 ran twice: straight on from step 4 in the killed attempt, and from the checkpoint in
+    # the resumed one. The same trajectory, to every figure the round logs.
+    first, again = before[4], after[4]
+    assert first["step"] == again["step"] == 5
+    assert {k: v for k, v in first.items() if k not in TIMINGS} == {k: v for k, v in again.items() if k not in TIMINGS}
+    assert after[:4] == before[:4]  # steps before the checkpoint kept as logged

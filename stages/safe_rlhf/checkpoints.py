@@ -1,5 +1,6 @@
 """A round's checkpoints: ckpt/<role>/step_N (DeepSpeed: weights and optimizer state of the policy
-and both critics) and ckpt/state_step_N.json (the step, the Lagrange multiplier with its window),
+and both critics) and ckpt/state_step_N.json (the step, the Lagrange multiplier with its window and,
+with overlap_generation, step N+1's rollouts, generated during step N from step N-1's weights),
 then ckpt/latest naming N, written last. Two are kept.
 
 Nothing else is needed to continue the same trajectory: each step's prompts, sampling seeds and
@@ -25,7 +26,7 @@ class RoundCheckpoints:
         return json.loads((self.root / f"state_step_{int(f.read_text())}.json").read_text())
 
     def save(self, roles, state: dict) -> None:
-        """roles: the round's RoundRoles; state: {"step", "lagrange"}."""
+        """roles: the round's RoundRoles; state: {"step", "lagrange", "next_rollout"}."""
         step = state["step"]
         roles.save_checkpoint(self.root, f"step_{step}")
         (self.root / f"state_step_{step}.json").write_text(json.dumps(state))

@@ -7,7 +7,11 @@ Actors, named as the dashboard lists them: `rollout-i` (vLLM, or transformers wi
 
 A step's independent calls go out together and are gathered once: the three scorers and the
 learners' forwards in `score`, the three learner groups' updates in `train`. The results are the
-same as one call after another (each actor's work depends only on its own inputs).
+same bits as one call after another (each actor's work depends only on its own inputs);
+`safe_rlhf.dispatch_together: false` makes them one after another, and tests/test_round.py
+compares the two. With `safe_rlhf.overlap_generation` the round starts the next step's
+generation (`start_generation`) before the learners update and gathers it afterwards
+(`finish_generation`); the rollout workers then still hold the weights of the step before.
 
 Faults. A rollout worker or scorer that dies (the OOM killer, a lost node, kill -9) is restarted by
 Ray (`max_actor_restarts`); the phase of the step that failed (generate, score or the weight push)
@@ -83,6 +87,9 @@ class RoundRoles:
         env = {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}
         self.launcher = Launcher(self.plan, env, name=f"round-{ctx.name}", log=log, placement=ctx.placement)
         self.retries = 0  # in-place retries in this round (reported)
+        # Which policy step's weights the learners and the rollout workers hold (0: the round's
+        # start). The round sets policy_step after each update; a push or a recovery copies it.
+        self.policy_step = self.rollout_step = 0
         try:
             self._start(ctx, rl, inputs, sync_dir)
         except BaseException:
@@ -184,42 +191,70 @@ class RoundRoles:
                     raise
                 time.sleep(1.0)  # still restarting
         self._get_weights(self.weights.reconnect)
+        # reconnect pushes the learners' current weights once any were pushed; before that the
+        # restarted workers hold the round's starting weights
+        self.rollout_step = self.policy_step if self.weights.pushes else 0
 
     # ------------------------------------------------------------------ the step's calls
-    def generate(self, prompts: list[str], sampling: Sampling, step: int) -> Generation:
-        """Split the prompts across the rollout workers (worker i: every n-th prompt, its own seed)
-        and merge what they return in prompt order."""
+    def generate(self, prompts: list[str], sampling: Sampling, step: int) -> tuple[Generation, int]:
+        """The rollouts of `prompts` -> (generation, the policy step whose weights sampled it)."""
+        return self.finish_generation(self.start_generation(prompts, sampling), step)
+
+    def start_generation(self, prompts: list[str], sampling: Sampling) -> dict:
+        """Dispatch the prompts to the rollout workers (worker i: every n-th prompt, its own seed)
+        without waiting; `finish_generation` gathers them."""
         n = len(self.rollout)
         parts = [prompts[i::n] for i in range(n)]
+        refs = [w.generate.remote(p, worker_sampling(sampling, i)) for i, (w, p) in enumerate(zip(self.rollout, parts))]
+        return {"parts": parts, "sampling": sampling, "refs": refs, "weights_step": self.rollout_step}
+
+    def finish_generation(self, pending: dict, step: int) -> tuple[Generation, int]:
+        """Gather a started generation, merged in prompt order -> (generation, weights step). A worker
+        that died is retried in place; the retry samples from the weights the recovery pushed."""
+        parts, sampling = pending["parts"], pending["sampling"]
+        first = [pending["refs"]]
 
         def call():
-            return self._get([w.generate.remote(p, worker_sampling(sampling, i))
-                              for i, (w, p) in enumerate(zip(self.rollout, parts))])
+            refs = first.pop() if first else [w.generate.remote(p, worker_sampling(sampling, i))
+                                               for i, (w, p) in enumerate(zip(self.rollout, parts))]
+            pending["weights_step"] = pending["weights_step"] if refs is pending["refs"] else self.rollout_step
+            return self._get(refs)
 
         gens = self._in_place("generate", step, call)
+        n = len(self.rollout)
         order = [(i, j) for j in range(max(len(p) for p in parts)) for i in range(n) if j < len(parts[i])]
         pick = lambda field: [getattr(gens[i], field)[j] for i, j in order]
-        return Generation(pick("prompt_ids"), pick("response_ids"), pick("texts"), pick("logprobs"), gens[0].eos_token_id)
+        gen = Generation(pick("prompt_ids"), pick("response_ids"), pick("texts"), pick("logprobs"), gens[0].eos_token_id)
+        return gen, pending["weights_step"]
+
+    def _gather(self, calls: dict) -> dict:
+        """{key: () -> [refs]} -> {key: [results]}. Together (the default): every call dispatched,
+        then one gather. One by one (`dispatch_together: false`): each call's results before the
+        next is dispatched, in the dict's order."""
+        if self.rl.dispatch_together:
+            refs = {key: make() for key, make in calls.items()}
+            flat = self._get([r for rs in refs.values() for r in rs])
+            out, i = {}, 0
+            for key, rs in refs.items():
+                out[key] = flat[i:i + len(rs)]
+                i += len(rs)
+            return out
+        return {key: self._get(make()) for key, make in calls.items()}
 
     def score(self, seqs: SequenceBatch, scored: SequenceBatch, step: int) -> dict[str, torch.Tensor | None]:
         """Reference logprobs, reward and cost end scores (of `scored`: the answers as the models were
         trained, ending with EOS), policy logprobs and critic values, all dispatched together:
         {"ref_logp", "reward", "cost", "old_logp", "reward_values", "cost_values"}."""
         def call():
-            refs = {"ref_logp": [self.scorer["reference"].logprobs.remote(seqs)],
-                    "reward": [self.scorer["reward"].score.remote(scored)]}
+            calls = {"ref_logp": lambda: [self.scorer["reference"].logprobs.remote(seqs)],
+                     "reward": lambda: [self.scorer["reward"].score.remote(scored)]}
             if "cost" in self.scorer:
-                refs["cost"] = [self.scorer["cost"].score.remote(scored)]
-            refs["old_logp"] = self.policy.forward(seqs)
-            refs["reward_values"] = self.learners["reward_critic"].forward(seqs)
+                calls["cost"] = lambda: [self.scorer["cost"].score.remote(scored)]
+            calls["old_logp"] = lambda: self.policy.forward(seqs)
+            calls["reward_values"] = lambda: self.learners["reward_critic"].forward(seqs)
             if "cost_critic" in self.learners:
-                refs["cost_values"] = self.learners["cost_critic"].forward(seqs)
-            flat = self._get([r for rs in refs.values() for r in rs])
-            out, i = {}, 0
-            for key, rs in refs.items():
-                out[key] = torch.cat(flat[i:i + len(rs)])
-                i += len(rs)
-            return out
+                calls["cost_values"] = lambda: self.learners["cost_critic"].forward(seqs)
+            return {key: torch.cat(parts) for key, parts in self._gather(calls).items()}
 
         out = self._in_place("score", step, call)
         out.setdefault("cost", None)
@@ -235,18 +270,18 @@ class RoundRoles:
     def train(self, batches: dict[str, PolicyMinibatch | CriticMinibatch]) -> dict[str, float]:
         """One minibatch update of each learner group ({role: minibatch}), the groups together;
         each group's stats averaged over its ranks."""
-        refs = {role: self.learners[role].train_step(b) for role, b in batches.items()}
-        flat = self._get([r for rs in refs.values() for r in rs])
-        stats, i = {}, 0
-        for rs in refs.values():
-            part = flat[i:i + len(rs)]
-            i += len(rs)
+        results = self._gather({role: (lambda role=role, b=b: self.learners[role].train_step(b))
+                                for role, b in batches.items()})
+        stats = {}
+        for part in results.values():
             stats.update({k: sum(s[k] for s in part) / len(part) for k in part[0]})
         return stats
 
     def push_weights(self, step: int) -> float:
         """The policy's current weights to every rollout worker (safe_rlhf.weight_sync); seconds."""
-        return self._in_place("weight push", step, lambda: self._get_weights(self.weights.push))
+        seconds = self._in_place("weight push", step, lambda: self._get_weights(self.weights.push))
+        self.rollout_step = self.policy_step
+        return seconds
 
     # ------------------------------------------------------------------ checkpoints and export
     def save_checkpoint(self, root: Path, tag: str) -> None:

@@ -11,22 +11,27 @@ Each step, as the algorithm reads (`ppo_step`):
     learn       PPO epochs over minibatches: policy, reward critic, cost critic      roles.train
     sync        the policy's weights to the rollout workers                         roles.push_weights
 
+With `overlap_generation`, step t+1's rollouts are generated while step t scores and learns, by
+the rollout workers' weights of step t-1 (one step stale, logged as `rollout_staleness`); the PPO
+ratio and the KL then take the sampling engine's own log-probabilities as the behaviour policy's.
+
 The roles are Ray actors (roles.py). Every `checkpoint_every_steps` the learners and the multiplier
 are saved (checkpoints.py); an interrupted round resumes from the last checkpoint on the same
-trajectory. A learner that dies restarts the round from its last checkpoint (`max_round_restarts`
+trajectory (with overlap, the checkpoint also holds the next step's rollouts, already generated
+by then). A learner that dies restarts the round from its last checkpoint (`max_round_restarts`
 times); rollout workers and scorers are retried in place (roles.py).
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch, pad_values
-from actors.rollout import Sampling
+from actors.rollout import Generation, Sampling
 from cluster.metrics import record_step
 from cluster.weight_sync.checkpoint import sync_dir_for
 from stages import objectives as O
@@ -190,49 +195,89 @@ def learn(roles: RoundRoles, exp: Experience, lagrange_lambda: float, rl, genera
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
-def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplier, step: int, seed: int) -> dict:
+@dataclass
+class Rollout:
+    """A step's rollouts: what the engine sampled, the policy step whose weights sampled it (0: the
+    round's start) and the seconds from dispatch until they were gathered."""
+    gen: Generation
+    weights_step: int
+    seconds: float
+
+    def state_dict(self) -> dict:  # JSON: Python floats round-trip exactly
+        return {"gen": asdict(self.gen), "weights_step": self.weights_step, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Rollout":
+        return cls(Generation(**state["gen"]), state["weights_step"], state["seconds"])
+
+
+def step_inputs(setup: RoundSetup, step: int, seed: int) -> tuple[list[str], Sampling]:
+    """Step `step`'s prompts and sampling (1-based): functions of the step alone."""
     rl, k = setup.rl, setup.round
-    t0 = time.perf_counter()
     prompts = step_prompts(setup.pool, step - 1, rl.prompts_per_step, seed * 1000 + k)
-    sampling = Sampling(rl.max_new_tokens, rl.temperature, rl.top_p, seed=seed * 100_000 + k * 10_000 + step)
-    gen = roles.generate(prompts, sampling, step)
+    return prompts, Sampling(rl.max_new_tokens, rl.temperature, rl.top_p, seed=seed * 100_000 + k * 10_000 + step)
+
+
+def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplier, step: int, seed: int,
+             rollout: Rollout | None = None) -> tuple[dict, Rollout | None]:
+    """One step -> (metrics, the next step's rollouts when overlap_generation generated them here).
+    `rollout`: this step's rollouts, when the previous step generated them."""
+    rl = setup.rl
+    t0 = time.perf_counter()
+    if rollout is None:
+        gen, weights_step = roles.generate(*step_inputs(setup, step, seed), step)
+        rollout = Rollout(gen, weights_step, time.perf_counter() - t0)
+    gen = rollout.gen
     t1 = time.perf_counter()
+    # Overlap: the next step's rollouts start now, from the weights the rollout workers hold.
+    pending = None
+    if rl.overlap_generation and step < setup.steps:
+        pending = roles.start_generation(*step_inputs(setup, step + 1, seed))
     seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, pad_id=0)  # any id: masks exclude padding
     # The reward and cost models were trained on answers that end with EOS: an answer cut at
     # max_new_tokens is scored with EOS appended (the policy's tokens stay as sampled).
     eos = gen.eos_token_id
     cut = [not (r and r[-1] == eos) for r in gen.response_ids]
     scored = SequenceBatch.from_ids(gen.prompt_ids, [r + [eos] if c else r for r, c in zip(gen.response_ids, cut)], pad_id=0)
-    exp = Experience(seqs=seqs, **roles.score(seqs, scored, step))
+    scores = roles.score(seqs, scored, step)
+    learner_logp = scores["old_logp"]  # the learner's current policy
+    engine_logp = pad_values(gen.logprobs)[:, :seqs.response_mask.shape[1]]
+    if rl.overlap_generation:  # the behaviour policy is the one that sampled: the engine's weights
+        scores["old_logp"] = engine_logp
+    exp = Experience(seqs=seqs, **scores)
     t2 = time.perf_counter()
     compute_advantages(exp, rl)
     lam = 0.0
     if O.uses_cost_critic(rl.algorithm):
         lagrange.observe(exp.cost)  # episode costs of this batch join the window
         lam = lagrange.step()  # log_lambda += lr * lambda * (mean(window) - threshold)
-    stats = learn(roles, exp, lam, rl, torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + step))
+    stats = learn(roles, exp, lam, rl, torch.Generator().manual_seed(seed * 1_000_003 + setup.round * 10_007 + step))
+    roles.policy_step = step
     t3 = time.perf_counter()
+    following = None
+    if pending is not None:  # the workers must finish sampling before their weights change
+        next_gen, next_weights = roles.finish_generation(pending, step + 1)
+        following = Rollout(next_gen, next_weights, time.perf_counter() - t1)
+    t4 = time.perf_counter()
     t_sync = roles.push_weights(step)  # policy -> rollout workers (safe_rlhf.weight_sync)
-    return {**step_metrics(step, exp, gen, stats, lagrange, rl, (t0, t1, t2, t3), t_sync),
-            "truncated_share": round(sum(cut) / len(cut), 6)}
-
-
-def step_metrics(step, exp: Experience, gen, stats: dict, lagrange, rl, times, t_sync) -> dict:
-    t0, t1, t2, t3 = times
-    mask = exp.seqs.response_mask.float()
-    engine_logp = pad_values(gen.logprobs)[:, :mask.shape[1]]
+    mask = seqs.response_mask.float()
     m = {"step": step, "reward_mean": exp.reward.mean().item(),
          "kl": O.approx_kl(exp.old_logp, exp.ref_logp, mask),
          "response_length": mask.sum(1).mean().item(),
-         # the rollout engine's logprobs of its own samples against the learner's: stale weights show here
-         "logprob_gap": O.masked_mean((engine_logp - exp.old_logp).abs(), mask).item(),
-         **stats, "tokens_per_s": int(mask.sum()) / max(1e-9, t1 - t0),
-         "time_generate": t1 - t0, "time_score": t2 - t1, "time_learn": t3 - t2, "time_sync": t_sync}
+         # the engine's logprobs of its own samples against the learner's current policy: numerical
+         # noise when the workers hold the learner's weights, one update's drift under overlap
+         "logprob_gap": O.masked_mean((engine_logp - learner_logp).abs(), mask).item(),
+         # policy updates between the weights that sampled this step's rollouts and the ones they train
+         "rollout_staleness": step - 1 - rollout.weights_step,
+         **stats, "tokens_per_s": int(mask.sum()) / max(1e-9, rollout.seconds),
+         # seconds the step waited on generation (its own without overlap, the next step's with it)
+         "time_generate": (t1 - t0) + (t4 - t3), "time_score": t2 - t1, "time_learn": t3 - t2, "time_sync": t_sync,
+         "time_step": time.perf_counter() - t0, "truncated_share": sum(cut) / len(cut)}
     if exp.cost is not None:
         m.update(cost_mean=exp.cost.mean().item(), unsafe_share=(exp.cost > 0).float().mean().item())
     if O.uses_cost_critic(rl.algorithm):
         m.update({"lambda": lagrange.value, "episode_cost": sum(lagrange.window) / len(lagrange.window)})
-    return {key: (float(f"{v:.6g}") if isinstance(v, float) else v) for key, v in m.items()}
+    return {key: (float(f"{v:.6g}") if isinstance(v, float) else v) for key, v in m.items()}, following
 
 
 # ---------------------------------------------------------------------- the round
@@ -254,20 +299,24 @@ def train_round(ctx, setup: RoundSetup, before_shutdown=None) -> tuple[list[dict
         ctx.log(f"  threshold {threshold['threshold']:.4f}: {threshold['threshold_rule']}")
         lagrange = O.LagrangeMultiplier(rcfg.lambda_init, rcfg.lambda_lr, threshold["threshold"], rl.lambda_max,
                                         rl.lambda_window, rl.lambda_delay_steps)
-        start_step, history = 0, []
+        start_step, history, rollout = 0, [], None
         saved = ckpts.latest()
         if saved is not None:
             ckpts.load(roles, saved)
             lagrange.load_state_dict(saved["lagrange"])
             start_step = saved["step"]
             history = [m for m in read_jsonl(metrics_path) if m["step"] <= start_step]
+            roles.policy_step = start_step
             roles.push_weights(start_step)
+            if rl.overlap_generation and saved.get("next_rollout"):
+                rollout = Rollout.from_state(saved["next_rollout"])  # generated before the interruption
             ctx.log(f"  resumed round {k} from its checkpoint at step {start_step} (lambda {lagrange.value:.4f})")
         # Steps after the checkpoint (from an interrupted attempt) are dropped: each step once.
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
         progress = Progress(ctx.log, "step", setup.steps, every_s=15)
         for step in range(start_step + 1, setup.steps + 1):
-            m = {**ppo_step(roles, setup, lagrange, step, seed), "threshold": lagrange.threshold}
+            m, rollout = ppo_step(roles, setup, lagrange, step, seed, rollout)
+            m["threshold"] = lagrange.threshold
             history.append(m)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -276,7 +325,8 @@ def train_round(ctx, setup: RoundSetup, before_shutdown=None) -> tuple[list[dict
             progress.update(step, reward=m["reward_mean"], cost=m.get("cost_mean", float("nan")),
                             lam=m.get("lambda", 0.0), unsafe=m.get("unsafe_share", float("nan")), kl=m["kl"])
             if step % rl.checkpoint_every_steps == 0 or step == setup.steps:
-                ckpts.save(roles, {"step": step, "lagrange": lagrange.state_dict()})
+                ckpts.save(roles, {"step": step, "lagrange": lagrange.state_dict(),
+                                   "next_rollout": rollout.state_dict() if rollout is not None else None})
         roles.export_policy(ctx.out_dir / "policy")
         summary = {**summarize(history), **threshold, "time_setup": round(time_setup, 2), "retries_in_place": roles.retries}
         if before_shutdown is not None:
@@ -316,7 +366,7 @@ def summarize(history: list[dict]) -> dict:
         if k in last:
             out[f"{k}_first"] = history[0][k]
             out[f"{k}_last10"] = round(sum(h[k] for h in history[-n:]) / n, 6)
-    for k in ("time_generate", "time_score", "time_learn", "time_sync", "tokens_per_s"):
+    for k in ("time_generate", "time_score", "time_learn", "time_sync", "time_step", "tokens_per_s", "rollout_staleness"):
         out[f"{k}_mean"] = round(sum(h[k] for h in history) / len(history), 4)
     return out
 
