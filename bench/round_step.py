@@ -145,6 +145,7 @@ def main() -> None:
             t0 = time.perf_counter()
             roles = RoundRoles(ctx, rl, inputs, Path(tmp) / "sync-ray")
             setup_ray = time.perf_counter() - t0
+            print("Ray actors up after (s): " + ", ".join(f"{n} {t}" for n, t in roles.ready_s.items()), flush=True)
             try:
                 results["ray"] = run_steps(roles, setup, args.steps, cfg.seed)
             finally:

@@ -119,12 +119,28 @@ class RoundRoles:
         self.names.update({h._actor_id.hex(): (f"scorer-{r}-0", "scorer") for r, h in self.scorer.items()})
         self.names.update({h._actor_id.hex(): (n, "learner") for g in self.learners.values() for h, n in zip(g.ranks, g.names)})
         # Every learner group's rendezvous (rank 0's address first), and every engine's start-up, together.
+        t0 = time.perf_counter()
         masters = self._get([g.ranks[0].master_address.remote() for g in self.learners.values()])
-        self._get([r.setup.remote(*m) for g, m in zip(self.learners.values(), masters) for r in g.ranks]
-                  + [a.ready.remote() for a in self.restartable])
+        calls = {n: r.setup.remote(*m) for g, m in zip(self.learners.values(), masters) for r, n in zip(g.ranks, g.names)}
+        calls.update({self.names[a._actor_id.hex()][0]: a.ready.remote() for a in self.restartable})
+        self.ready_s = self._timed_gather(calls, t0)  # {actor: seconds until it was up}, in the round's log
+        t1 = time.perf_counter()
         self.weights = make_weight_sync(rl.weight_sync, self.policy.ranks, self.rollout, sync_dir,
                                         timeout_s=rl.weight_sync_timeout_s)
         self._get_weights(self.weights.connect)
+        self.ready_s["weight_sync"] = time.perf_counter() - t1
+
+    def _timed_gather(self, calls: dict, t0: float) -> dict[str, float]:
+        """Wait for every named call, noting when each finished (seconds since t0): which actor's
+        start-up the round waits on."""
+        import ray
+
+        pending, done_at = {ref: name for name, ref in calls.items()}, {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            self._get(ready)  # an actor that died while starting is named
+            done_at[pending.pop(ready[0])] = round(time.perf_counter() - t0, 1)
+        return done_at
 
     @property
     def policy(self) -> LearnerGroup:

@@ -293,7 +293,7 @@ def train_round(ctx, setup: RoundSetup, before_shutdown=None) -> tuple[list[dict
     t_setup = time.perf_counter()
     roles = RoundRoles(ctx, rl, setup.inputs, sync_dir_for(ctx.run_dir, ctx.name, rl.device), log=ctx.log)
     time_setup = time.perf_counter() - t_setup
-    ctx.log(f"  actors up in {time_setup:.1f}s: {', '.join(a.name for a in roles.plan.actors)}")
+    ctx.log(f"  actors up in {time_setup:.1f}s: " + ", ".join(f"{n} {t:.0f}s" for n, t in roles.ready_s.items()))
     try:
         threshold = round_threshold(roles, setup)
         ctx.log(f"  threshold {threshold['threshold']:.4f}: {threshold['threshold_rule']}")
