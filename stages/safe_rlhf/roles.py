@@ -128,7 +128,7 @@ class RoundRoles:
         self.weights = make_weight_sync(rl.weight_sync, self.policy.ranks, self.rollout, sync_dir,
                                         timeout_s=rl.weight_sync_timeout_s)
         self._get_weights(self.weights.connect)
-        self.ready_s["weight_sync"] = time.perf_counter() - t1
+        self.ready_s["weight_sync"] = round(time.perf_counter() - t1, 1)
 
     def _timed_gather(self, calls: dict, t0: float) -> dict[str, float]:
         """Wait for every named call, noting when each finished (seconds since t0): which actor's
@@ -221,27 +221,33 @@ class RoundRoles:
         without waiting; `finish_generation` gathers them."""
         n = len(self.rollout)
         parts = [prompts[i::n] for i in range(n)]
-        refs = [w.generate.remote(p, worker_sampling(sampling, i)) for i, (w, p) in enumerate(zip(self.rollout, parts))]
-        return {"parts": parts, "sampling": sampling, "refs": refs, "weights_step": self.rollout_step}
+        return {"parts": parts, "sampling": sampling, "refs": self._dispatch(parts, sampling),
+                "weights_step": self.rollout_step}
+
+    def _dispatch(self, parts: list[list[str]], sampling: Sampling) -> list:
+        return [w.generate.remote(p, worker_sampling(sampling, i)) for i, (w, p) in enumerate(zip(self.rollout, parts))]
 
     def finish_generation(self, pending: dict, step: int) -> tuple[Generation, int]:
         """Gather a started generation, merged in prompt order -> (generation, weights step). A worker
         that died is retried in place; the retry samples from the weights the recovery pushed."""
         parts, sampling = pending["parts"], pending["sampling"]
-        first = [pending["refs"]]
+        refs, weights_step = pending["refs"], pending["weights_step"]
 
         def call():
-            refs = first.pop() if first else [w.generate.remote(p, worker_sampling(sampling, i))
-                                               for i, (w, p) in enumerate(zip(self.rollout, parts))]
-            pending["weights_step"] = pending["weights_step"] if refs is pending["refs"] else self.rollout_step
-            return self._get(refs)
+            nonlocal refs, weights_step
+            if refs is None:  # a retry: dispatched again, to workers that now hold rollout_step's weights
+                refs, weights_step = self._dispatch(parts, sampling), self.rollout_step
+            try:
+                return self._get(refs)
+            finally:
+                refs = None
 
         gens = self._in_place("generate", step, call)
         n = len(self.rollout)
         order = [(i, j) for j in range(max(len(p) for p in parts)) for i in range(n) if j < len(parts[i])]
         pick = lambda field: [getattr(gens[i], field)[j] for i, j in order]
         gen = Generation(pick("prompt_ids"), pick("response_ids"), pick("texts"), pick("logprobs"), gens[0].eos_token_id)
-        return gen, pending["weights_step"]
+        return gen, weights_step
 
     def _gather(self, calls: dict) -> dict:
         """{key: () -> [refs]} -> {key: [results]}. Together (the default): every call dispatched,
