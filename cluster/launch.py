@@ -69,16 +69,18 @@ class ResourcePlan:
 class Launcher:
     """Creates a placement group for a plan and starts actors into its bundles."""
 
-    def __init__(self, plan: ResourcePlan, env: dict[str, str], name: str, log=None, placement=None):
+    def __init__(self, plan: ResourcePlan, env: dict[str, str], name: str, log=None, placement=None, prefix: str = ""):
         """Reserve the plan's bundles; waits as long as the cluster needs to free them (stages that
         run side by side queue here for their resources), saying so every minute.
         placement: (an existing placement group, the index of its first bundle for this plan), e.g.
-        a Ray Tune trial's, whose bundles after the trial's own are the plan's; it is not removed."""
+        a Ray Tune trial's, whose bundles after the trial's own are the plan's; it is not removed.
+        prefix: starts every actor's name (Ray's actor names are cluster-wide: concurrent sweep
+        trials each have a rollout-0)."""
         import ray
         from ray.exceptions import GetTimeoutError
         from ray.util.placement_group import placement_group
 
-        self.plan, self.env, self.handles = plan, env, []
+        self.plan, self.env, self.handles, self.prefix = plan, env, [], prefix
         if placement is not None:
             self.pg, self.offset, self.owned = placement[0], placement[1], False
             return
@@ -94,19 +96,22 @@ class Launcher:
                 if log is not None:
                     log(f"waiting {waited} s for the cluster's resources: {plan.bundles()}")
 
-    def start(self, cls, name: str, *args, max_restarts: int = 0, env: dict | None = None, **kwargs):
+    def start(self, cls, name: str, *args, max_restarts: int = 0, env: dict | None = None, slot: str | None = None,
+              **kwargs):
         """Start `cls(*args, **kwargs)` as the named actor. With max_restarts, Ray restarts a dead
         actor by running its constructor again (in-memory state, e.g. weights, is lost). An actor
-        with workers of its own (vLLM tensor parallel) lets them join this placement group."""
+        with workers of its own (vLLM tensor parallel) lets them join this placement group.
+        slot: the plan's actor whose resources and bundle this one takes (default: `name`'s own),
+        e.g. a sweep trial's judge in its finished round's rollout-0 bundle."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        spec = self.plan.spec(name)
+        spec = self.plan.spec(slot or name)
         remote = ray.remote(cls).options(
-            name=name, num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=max_restarts,
+            name=self.prefix + name, num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=max_restarts,
             runtime_env={"env_vars": {**self.env, **(env or {})}}, max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.pg, placement_group_bundle_index=self.offset + self.plan.bundle(name),
+                self.pg, placement_group_bundle_index=self.offset + self.plan.bundle(spec.name),
                 placement_group_capture_child_tasks=spec.worker_gpus > 0))
         handle = remote.remote(*args, **kwargs)
         self.handles.append(handle)

@@ -6,10 +6,12 @@ SFT policy (or `--from`, a later round's policy) with the run's latest fitted re
 models; nothing is refitted. A trial's actors run inside the trial's resources: its placement
 group (`tune.with_resources` with a `PlacementGroupFactory` of the round's resource plan, after one
 bundle for the trial itself) holds them, so concurrent trials share a cluster safely. Every step's
-metrics go to Tune; at the end the trial's rollout worker answers the held-out prompts and the
-trial reports `harmful_rate` and `helpfulness` judged as `evaluate` judges (the oracle on the
-built-in world; the final cost model and the reward model's win rate against SFT otherwise),
-with reward, cost, KL and `reward_helpfulness_gap`. An optional stopper ends a trial whose KL runs
+metrics go to Tune; at the end the trial's exported policy answers the held-out prompts and the
+trial reports `harmful_rate` and `helpfulness` judged as `evaluate` judges, with evaluate's engine,
+samples, seed and judge (`evaluate.judge`: the oracle; the final cost model or a safety judge, with
+the reward model's win rate against SFT as helpfulness), so the starting policy's point is the
+figure `evaluate` gives it; with reward, cost, KL and `reward_helpfulness_gap`. Actor names start
+with the trial's id, so concurrent trials share a cluster. An optional stopper ends a trial whose KL runs
 away (reward hacking) and records why.
 
 The sweep file (YAML, validated; an unknown key is an error naming it):
@@ -148,38 +150,42 @@ def run_trial(config: dict, env: dict) -> None:
         return
     ctx = StageContext(f"sweep-{spec['id']}", cfg, out, {}, run, log=lambda m: print(f"[{spec['id']}] {m}", flush=True),
                        report=lambda m: tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))}),
-                       placement=(ray.util.get_current_placement_group(), 1))
-    judged: dict = {}
-
-    def judge(roles) -> dict:
-        judged.update(judge_policy(cfg, env, roles))
-        return judged
-
-    _, summary = train_round(ctx, setup, before_shutdown=judge)
+                       placement=(ray.util.get_current_placement_group(), 1), actor_prefix=f"{spec['id']}:")
+    _, summary = train_round(ctx, setup)
+    summary.update(judge_trial(cfg, env, out / "policy", ctx))
     result = {**{k: v for k, v in summary.items() if isinstance(v, (int, float))}, "done": 1}
     atomic_write_text(finished, json.dumps(result))
     tune.report(result)
 
 
-def judge_policy(cfg, env: dict, roles) -> dict:
-    """The trial's final policy on the held-out prompts, judged as `evaluate` judges, on the round's
-    own actors (rollout worker 0, the reward and cost scorers)."""
+def judge_trial(cfg, env: dict, policy_dir: Path, ctx) -> dict:
+    """The trial's exported policy on the held-out prompts, judged as `evaluate` judges (its engine,
+    samples, seed and judge: `stages.judging.judged_answers`), by actors started in the bundles
+    the trial's finished round has freed: a rollout worker in rollout-0's, the scorers in the
+    scorers' and then the learners'."""
     import statistics
 
-    from cluster.launch import RemoteEngine
-    from stages.judging import answer, judge_with_oracle, judge_with_scores, reward_helpfulness_gap, summarize, wins_against
+    from actors.rollout import RolloutWorker
+    from actors.scorer import Scorer
+    from cluster.launch import Launcher
+    from stages.judging import judge_models, judged_answers, reward_helpfulness_gap, summarize, wins_against
+    from stages.model_actors import ACTOR_ENV, engine_settings
 
-    ev = cfg.evaluate
-    rows = answer(RemoteEngine(roles.rollout[0]), env["prompts"], ev.samples_per_prompt, ev.max_new_tokens, cfg.seed)
-    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
-    rewards = roles.score_texts("reward", prompts, answers, cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
-    if env["judge"] == "oracle":
-        judge_with_oracle(rows)
-    else:  # the final cost model: unsafe when cost > 0 (a ppo trial has no cost scorer: the sweep's own)
-        costs = roles.score_texts("cost", prompts, answers, cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
-        judge_with_scores(rows, [c > 0 for c in costs])
-    for r, rw in zip(rows, rewards):
-        r["reward"] = rw
+    ev, rl = cfg.evaluate, cfg.safe_rlhf
+    plan = resource_plan(rl)
+    models = judge_models(env["judge"], env["inputs"]["reward_model"], env["inputs"]["cost_model"])
+    slots = [a.name for a in plan.actors if a.name.startswith("scorer-")] + [a.name for a in plan.actors if a.name.startswith("learner-")]
+    launcher = Launcher(plan, {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}, name=ctx.name, placement=ctx.placement,
+                        prefix=ctx.actor_prefix)
+    try:
+        rollout = launcher.start(RolloutWorker, "judge-rollout", ev.engine, str(policy_dir), slot="rollout-0",
+                                 env=plan.worker_env("rollout-0", launcher.offset),
+                                 **engine_settings(cfg, ev.engine, ev.max_new_tokens))
+        scorers = {role: launcher.start(Scorer, f"judge-scorer-{role}", role, path, rl.device, rl.precision, slot=slot)
+                   for (role, path), slot in zip(models.items(), slots)}
+        rows = judged_answers(cfg, rollout, scorers, env["prompts"])
+    finally:
+        launcher.shutdown()
     m = summarize(rows)
     out = {"harmful_rate": m["harmful_rate"], "harmful_n": m["harmful_n"]}
     if env["judge"] == "oracle":
@@ -245,29 +251,22 @@ def sweep_inputs(run: Path, cfg, from_stage: str | None) -> dict:
             "reference": str(run / "stages" / "ingest" / "eval.parquet"), "start": start or "model.path"}
 
 
-def judge_start(cfg, run: Path, inputs: dict, prompts: list[dict], judge: str, log) -> dict:
-    """The starting policy judged as the trials are: its point on the plot, the reward -> oracle
-    helpfulness line the trials' reward_helpfulness_gap uses, and its rewards for the win rate."""
-    from cluster.launch import RemoteEngine
-    from stages.judging import answer, judge_with_oracle, judge_with_scores, reward_calibration, summarize
-    from stages.model_actors import rollout_actor, score_answers, scorer_actors
+def judge_start(cfg, run: Path, inputs: dict, prompts: list[dict], log) -> dict:
+    """The starting policy judged as the trials are (and as `evaluate` judges it: the same figures):
+    its point on the plot, the reward -> oracle helpfulness line the trials' reward_helpfulness_gap
+    uses, and its rewards for the win rate."""
+    from stages.judging import judge_models, judged_answers, reward_calibration, summarize
+    from stages.model_actors import rollout_actor, scorer_actors
 
     ev = cfg.evaluate
     log(f"judging the starting policy ({inputs['start']}) on {len(prompts)} prompts x {ev.samples_per_prompt}")
-    with rollout_actor(cfg, inputs["policy"], "sweep-start-rollout", cfg.safe_rlhf.engine, ev.max_new_tokens) as actor:
-        rows = answer(RemoteEngine(actor), prompts, ev.samples_per_prompt, ev.max_new_tokens, cfg.seed)
-    with scorer_actors(cfg, {"reward": inputs["reward_model"], "cost": inputs["cost_model"]}, "sweep") as scorers:
-        scores = score_answers(cfg, scorers, [r["prompt"] for r in rows], [r["answer"] for r in rows])
-    if judge == "oracle":
-        judge_with_oracle(rows)
-    else:
-        judge_with_scores(rows, [c > 0 for c in scores["cost"]])
+    with scorer_actors(cfg, judge_models(ev.judge, inputs["reward_model"], inputs["cost_model"]), "sweep") as scorers:
+        with rollout_actor(cfg, inputs["policy"], "sweep-start-rollout", ev.engine, ev.max_new_tokens) as actor:
+            rows = judged_answers(cfg, actor, scorers, prompts)
     m = summarize(rows)
-    out = {"harmful_rate": m["harmful_rate"], "harmful_n": m["harmful_n"], "sft_rewards": scores["reward"],
+    out = {"harmful_rate": m["harmful_rate"], "harmful_n": m["harmful_n"], "sft_rewards": [r["reward"] for r in rows],
            "calibration": [0.0, 0.0], "helpfulness": 0.5}
-    if judge == "oracle":
-        for r, rw in zip(rows, scores["reward"]):
-            r["reward"] = rw
+    if ev.judge == "oracle":
         out["calibration"] = list(reward_calibration(rows))
         out["helpfulness"] = m["helpfulness"]
     return out
@@ -292,7 +291,7 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
     out = run / "sweeps" / spec.name
     out.mkdir(parents=True, exist_ok=True)
     inputs = sweep_inputs(run, cfg, from_stage)
-    judge = "oracle" if cfg.evaluate.judge == "oracle" else "cost_model"
+    judge = cfg.evaluate.judge
     prompts = (read_prompt_files(cfg.evaluate.prompt_files) if cfg.evaluate.prompt_files
                else read_jsonl(run / "stages" / "world" / "eval_prompts.jsonl"))
     owns = connect(cfg.ray)
@@ -301,7 +300,7 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
         if resume and start_file.is_file():
             start = json.loads(start_file.read_text())
         else:
-            start = judge_start(cfg, run, inputs, prompts, judge, log)
+            start = judge_start(cfg, run, inputs, prompts, log)
             atomic_write_text(start_file, json.dumps(start))
         env = {"run_dir": str(run), "sweep_dir": str(out), "inputs": inputs, "prompts": prompts, "judge": judge,
                "calibration": start["calibration"], "sft_rewards": start["sft_rewards"]}

@@ -31,6 +31,8 @@ class StageContext:
     report: Callable[[dict], None] = field(default=lambda metrics: None)
     # (placement group, first bundle) to start a round's actors in, e.g. a Ray Tune trial's; None: their own.
     placement: Any = None
+    # Starts the names of the stage's actors (a sweep trial's id: concurrent trials each have a rollout-0).
+    actor_prefix: str = ""
 
     def latest(self, base: str) -> str:
         """The newest input stage named `base` or `base@k` (e.g. ingest@2 over ingest)."""

@@ -23,14 +23,13 @@ import json
 import statistics
 from pathlib import Path
 
-from cluster.launch import RemoteEngine
 from stages.base import StageResult
 from stages.datafiles import read_prompt_files
 from stages.files import read_jsonl, write_jsonl
-from stages.judging import (answer, by_prompt, interval, judge_with_oracle, judge_with_scores, reward_calibration,
-                            reward_helpfulness_gap, summarize, wins_against)
+from stages.judging import (by_prompt, interval, judge_models, judged_answers, reward_calibration, reward_helpfulness_gap,
+                            summarize, wins_against)
 from stages.stats import cluster_bootstrap
-from stages.model_actors import rollout_actor, score_answers, scorer_actors
+from stages.model_actors import rollout_actor, scorer_actors
 
 
 def _policies(ctx) -> dict[str, Path]:
@@ -65,22 +64,13 @@ def arena(a: list[dict], b: list[dict], key: str) -> dict:
 def run(ctx) -> StageResult:
     cfg, ev = ctx.cfg, ctx.cfg.evaluate
     prompts = eval_prompts(ctx)
-    models = {"reward": ctx.input(ctx.latest("fit_reward"), "model"), "cost": ctx.input(ctx.latest("fit_cost"), "model")}
-    if ev.judge not in ("oracle", "cost_model"):
-        models["safety"] = ev.judge
+    models = judge_models(ev.judge, ctx.input(ctx.latest("fit_reward"), "model"), ctx.input(ctx.latest("fit_cost"), "model"))
     oracle = ev.judge == "oracle"
     samples: dict[str, list[dict]] = {}
     with scorer_actors(cfg, models, prefix="eval") as scorers:
         for name, model_dir in _policies(ctx).items():
             with rollout_actor(cfg, model_dir, f"eval-rollout-{name}", ev.engine, ev.max_new_tokens) as actor:
-                rows = answer(RemoteEngine(actor), prompts, ev.samples_per_prompt, ev.max_new_tokens, cfg.seed)
-            scores = score_answers(cfg, scorers, [r["prompt"] for r in rows], [r["answer"] for r in rows])
-            for i, r in enumerate(rows):
-                r.update(policy=name, reward=scores["reward"][i], cost=scores["cost"][i])
-            if oracle:
-                judge_with_oracle(rows)
-            else:
-                judge_with_scores(rows, [s > 0 for s in scores["safety" if "safety" in scores else "cost"]])
+                rows = [{"policy": name, **r} for r in judged_answers(cfg, actor, scorers, prompts)]
             samples[name] = rows
             ctx.log(f"  evaluated {name}: {len(rows)} answers")
 

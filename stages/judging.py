@@ -6,6 +6,9 @@ same policy: same prompts, seeds and engine settings).
     judge_with_oracle(rows) / judge_with_scores(rows, unsafe)          harmful (+ helpfulness)
     summarize(rows)                                                    harmful_rate, helpfulness, ...
 
+`judged_answers` is that loop on Ray actors (a rollout worker and the scorers of `judge_models`),
+by `evaluate.judge`: `evaluate` and the sweep (its starting policy and every trial) both call it.
+
 Prompts are dicts with `prompt`, `harmful` (bool) and `category`: the world's eval prompts, or
 rows of prompt files (stages/datafiles.py). Without the oracle there is no helpfulness per answer;
 `evaluate` measures it as the reward model's win rate against the starting policy instead.
@@ -47,6 +50,35 @@ def judge_with_scores(rows: list[dict], unsafe: list[bool]) -> None:
     """A learned judge's verdicts (e.g. the cost model: cost > 0), one per row."""
     for r, u in zip(rows, unsafe):
         r["harmful"] = bool(u)
+
+
+def judge_models(judge: str, reward_model, cost_model) -> dict[str, str]:
+    """{scorer role: model directory} a judged policy's answers are scored by: the reward and cost
+    models always (reward_mean, cost_mean, the win rate), and the safety judge when `judge`
+    (evaluate.judge) names one."""
+    models = {"reward": str(reward_model), "cost": str(cost_model)}
+    if judge not in ("oracle", "cost_model"):
+        models["safety"] = str(judge)
+    return models
+
+
+def judged_answers(cfg, rollout_actor, scorers: dict, prompts: list[dict]) -> list[dict]:
+    """A policy's answers (its rollout worker actor, `cfg.evaluate`'s samples, length and seed), with
+    every scorer's score (`reward`, `cost`) and labelled by `cfg.evaluate.judge`: the oracle, the
+    cost model (cost > 0) or the safety judge (score > 0)."""
+    from cluster.launch import RemoteEngine
+    from stages.model_actors import score_answers
+
+    ev = cfg.evaluate
+    rows = answer(RemoteEngine(rollout_actor), prompts, ev.samples_per_prompt, ev.max_new_tokens, cfg.seed)
+    scores = score_answers(cfg, scorers, [r["prompt"] for r in rows], [r["answer"] for r in rows])
+    for i, r in enumerate(rows):
+        r.update(reward=scores["reward"][i], cost=scores["cost"][i])
+    if ev.judge == "oracle":
+        judge_with_oracle(rows)
+    else:
+        judge_with_scores(rows, [s > 0 for s in scores["safety" if "safety" in scores else "cost"]])
+    return rows
 
 
 def _mean(values) -> float | None:

@@ -155,29 +155,33 @@ class RayTestCluster:
         """Environment for a `python -m pipeline ...` that joins this cluster."""
         return {**self.env, "RAY_ADDRESS": self.gcs_address}
 
-    def list_actors(self, **filters) -> list[dict]:
-        """Ray's actor table (`ray.util.state.list_actors`), queried as a client of this cluster."""
+    def _state(self, rows: str) -> list[dict]:
+        """Rows of Ray's state API, queried as a client of this cluster: `rows` is an expression
+        over `s` (ray.util.state) and `address` (the dashboard's) that yields state objects."""
         import json
         import subprocess
 
-        code = ("import json, sys, ray.util.state as s; "
-                f"print(json.dumps([a.__dict__ if hasattr(a, '__dict__') else dict(a) for a in s.list_actors("
-                f"address={self.dashboard!r}, filters={[(k, '=', v) for k, v in filters.items()]!r}, limit=10000, "
-                "detail=True, raise_on_missing_output=False)], default=str))")
+        code = (f"import json, ray.util.state as s; address = {self.dashboard!r}; "
+                f"print(json.dumps([r.__dict__ if hasattr(r, '__dict__') else dict(r) for r in {rows}], default=str))")
         proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def list_actors(self, **filters) -> list[dict]:
+        """Ray's actor table (`ray.util.state.list_actors`)."""
+        return self._state(f"s.list_actors(address=address, filters={[(k, '=', v) for k, v in filters.items()]!r}, "
+                           "limit=10000, detail=True, raise_on_missing_output=False)")
+
+    def list_tasks(self, names) -> list[dict]:
+        """Ray's task table (`ray.util.state.list_tasks`, with start and end times) for the tasks of
+        these names (`Class.method` for an actor's; filtered where Ray keeps them, before its
+        10,000-row limit)."""
+        return self._state(f"(t for n in {sorted(names)!r} for t in s.list_tasks(address=address, "
+                           "filters=[('name', '=', n)], limit=10000, detail=True, raise_on_missing_output=False))")
 
     def list_nodes(self) -> list[dict]:
-        """Ray's node table, queried as a client of this cluster."""
-        import json
-        import subprocess
-
-        code = ("import json, ray.util.state as s; "
-                f"print(json.dumps([n.__dict__ if hasattr(n, '__dict__') else dict(n) for n in s.list_nodes(address={self.dashboard!r})], default=str))")
-        proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        """Ray's node table."""
+        return self._state("s.list_nodes(address=address)")
 
     def stop_node(self, node) -> None:
         """The head: SIGTERM its process group. A worker node: as a lost machine, SIGKILL every

@@ -103,13 +103,14 @@ def resumed_round(small_pipeline, ray_cluster, prometheus, tmp_path_factory):
     mid-round from outside, then `resume` runs with weight_sync changed from checkpoint to gloo
     (operational settings: the round's fingerprint and checkpoints stay)."""
     run, command = _round_again(small_pipeline, tmp_path_factory, "resumed_round", dispatch_together=False)
+    t0 = time.time()
     _start_killed_at_step_5(command, run, ray_cluster.driver_env)
     status = json.loads(run_cli("status", "--run-dir", run, "--json").stdout)
     killed_state = {s["name"]: s["state"] for s in status["stages"]}["safe_rlhf@1"]
     _set_round(run, weight_sync="gloo")
     out = subprocess.run(command, cwd=REPO, env=ray_cluster.driver_env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    return {"run": run, "killed_state": killed_state, "out": out}
+    return {"run": run, "killed_state": killed_state, "out": out, "window": (t0, time.time())}
 
 
 def test_killed_driver_resumes_the_round_from_its_checkpoint_with_another_weight_sync(small_pipeline, resumed_round):
@@ -162,6 +163,36 @@ def test_calls_dispatched_one_by_one_give_the_same_bits_as_dispatched_together(s
     assert compared > 50  # weights and both Adam moments of three models
 
 
+STEP_CALLS = {"Scorer.score", "Scorer.logprobs", "Learner.forward", "Learner.train_step"}
+
+
+def step_call_spans(ray_cluster, window: tuple[float, float]) -> list[tuple[int, int]]:
+    """(start, end) in ms of every scoring, forward and update call the round's actors ran within
+    `window`, from Ray's task table, sorted by start."""
+    lo, hi = window[0] * 1000, window[1] * 1000
+    spans = [(t["start_time_ms"], t["end_time_ms"]) for t in ray_cluster.list_tasks(STEP_CALLS)
+             if t.get("start_time_ms") and t.get("end_time_ms")
+             and lo <= t["start_time_ms"] <= hi]
+    return sorted(spans)
+
+
+def test_calls_dispatched_one_by_one_never_run_at_the_same_time(resumed_round, ray_cluster):
+    """Ray's own record of the one-by-one round: no scoring, forward or update call started before
+    the one before it had ended (dispatched together, they overlap: the next test)."""
+    spans = step_call_spans(ray_cluster, resumed_round["window"])
+    # six steps of six scoring calls and three updates; an actor killed with its driver takes its
+    # last second of task events with it (Ray reports them every second): 48-60 seen
+    assert len(spans) >= 3 * 9
+    assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:]))
+
+
+def test_calls_dispatched_together_run_at_the_same_time(overlapped_round, ray_cluster):
+    spans = step_call_spans(ray_cluster, overlapped_round["window"])
+    assert len(spans) >= 3 * 9
+    overlapping = sum(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert overlapping >= len(spans) // 3  # a step's scoring calls run side by side, and its updates
+
+
 def test_rays_actor_table_names_every_role_of_the_round(resumed_round, ray_cluster):
     actors = ray_cluster.list_actors()
     seen = {a["name"]: a["class_name"] for a in actors if a["name"] in ROUND_ACTORS}
@@ -201,12 +232,13 @@ def overlapped_round(small_pipeline, ray_cluster, tmp_path_factory):
     """Round 1 again with overlap_generation on, killed from outside once step 5 is logged (its
     checkpoint is step 4's, which holds step 5's rollouts), then resumed."""
     run, command = _round_again(small_pipeline, tmp_path_factory, "overlapped_round", overlap_generation=True)
+    t0 = time.time()
     _start_killed_at_step_5(command, run, ray_cluster.driver_env)
     before = round_metrics(run)
     state = json.loads((run / "stages" / "safe_rlhf@1" / "ckpt" / "state_step_4.json").read_text())
     out = subprocess.run(command, cwd=REPO, env=ray_cluster.driver_env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    return {"run": run, "before": before, "state": state, "out": out}
+    return {"run": run, "before": before, "state": state, "out": out, "window": (t0, time.time())}
 
 
 def test_overlapped_generation_trains_on_rollouts_one_step_stale(small_pipeline, overlapped_round):

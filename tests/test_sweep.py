@@ -60,10 +60,12 @@ def test_a_three_trial_sweep_killed_mid_way_resumes_without_rerunning_finished_t
     shutil.copytree(small_pipeline["run_dir"], run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["safe_rlhf"]["engine"] = "hf"  # fast actor start-up in a test; the code path is the same
+    # two trials at once on 2 CPUs: their rounds' actors (rollout-0, ...) share one cluster
+    cfg["safe_rlhf"]["cpus_per_actor"] = 0.1
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     sweep = write(tmp_path, {"name": "three", "base": {"steps": 2, "prompts_per_step": 8},
                              "grid": [{"algorithm": "ppo_lag", "auto_unsafe_share": [0.05, 0.2]}, {"algorithm": "ppo"}],
-                             "max_concurrent_trials": 1})
+                             "max_concurrent_trials": 2})
     out = run / "sweeps" / "three"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", "--run-dir", str(run), "--sweep", str(sweep)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -73,12 +75,15 @@ def test_a_three_trial_sweep_killed_mid_way_resumes_without_rerunning_finished_t
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep's driver and the Ray cluster it started, at once
     proc.wait()
-    (first,) = list(out.glob("trials/*/policy/model.safetensors"))
-    stamp = first.stat().st_mtime_ns
+    # a second trial had trained while the first was being judged: two rounds at once, one cluster
+    assert len(list(out.glob("trials/*/metrics.jsonl"))) >= 2
+    finished = {p.parent.name: (p.parent / "policy" / "model.safetensors").stat().st_mtime_ns
+                for p in out.glob("trials/*/result.json")}
     resumed = run_cli("sweep", "--run-dir", run, "--sweep", sweep, "--resume", timeout=1200)
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["trials"] == 3 and summary["done"] == 3
-    assert first.stat().st_mtime_ns == stamp  # the finished trial was not run again
+    for trial, stamp in finished.items():  # a finished trial is not run again
+        assert (out / "trials" / trial / "policy" / "model.safetensors").stat().st_mtime_ns == stamp
     import pyarrow.parquet as pq
 
     rows = pq.read_table(out / "trials.parquet").to_pylist()
@@ -89,5 +94,28 @@ def test_a_three_trial_sweep_killed_mid_way_resumes_without_rerunning_finished_t
     for t in out.glob("trials/*"):  # every step went to Tune, and to the trial's own metrics
         assert [json.loads(l)["step"] for l in (t / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     front = json.loads((out / "frontier.json").read_text())
-    assert front["frontier"] and front["judge"] == "oracle" and front["start"]["harmful_rate"] is not None
+    assert front["frontier"] and front["judge"] == "oracle"
+    # one name, one number: the sweep's SFT point is the harmful rate and helpfulness `evaluate` gave SFT
+    evaluated = json.loads((run / "stages" / "evaluate" / "evaluation.json").read_text())["sft"]
+    assert front["start"] == {"harmful_rate": evaluated["harmful_rate"], "helpfulness": evaluated["helpfulness"]}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_reward_only_trial_is_judged_by_the_cost_model_when_the_run_has_no_oracle_judge(small_pipeline, tmp_path):
+    """A ppo trial's round has no cost scorer; its judge (evaluate.judge: cost_model) gets its own."""
+    run = tmp_path / "run"
+    shutil.copytree(small_pipeline["run_dir"], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["safe_rlhf"]["engine"] = "hf"
+    cfg["evaluate"] = {**cfg.get("evaluate", {}), "judge": "cost_model", "samples_per_prompt": 1}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    sweep = write(tmp_path, {"name": "ppo", "base": {"steps": 1, "prompts_per_step": 8}, "grid": [{"algorithm": "ppo"}]})
+    summary = json.loads(run_cli("sweep", "--run-dir", run, "--sweep", sweep, timeout=900).stdout.strip().splitlines()[-1])
+    assert summary["done"] == 1
+    import pyarrow.parquet as pq
+
+    (row,) = pq.read_table(run / "sweeps" / "ppo" / "trials.parquet").to_pylist()
+    assert row["status"] == "done" and 0 <= row["harmful_rate"] <= 1 and 0 <= row["helpfulness"] <= 1
+    front = json.loads((run / "sweeps" / "ppo" / "frontier.json").read_text())
+    assert front["judge"] == "cost_model" and front["start"]["helpfulness"] == 0.5  # the start against itself

@@ -85,7 +85,8 @@ class RoundRoles:
         self.rl, self.log, self._ray = rl, log, ray
         self.plan = resource_plan(rl)
         env = {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}
-        self.launcher = Launcher(self.plan, env, name=f"round-{ctx.name}", log=log, placement=ctx.placement)
+        self.launcher = Launcher(self.plan, env, name=f"round-{ctx.name}", log=log, placement=ctx.placement,
+                                 prefix=ctx.actor_prefix)
         self.retries = 0  # in-place retries in this round (reported)
         # Which policy step's weights the learners and the rollout workers hold (0: the round's
         # start). The round sets policy_step after each update; a push or a recovery copies it.
