@@ -59,8 +59,9 @@ def test_a_three_trial_sweep_killed_mid_way_resumes_without_rerunning_finished_t
     run = tmp_path / "run"
     shutil.copytree(small_pipeline["run_dir"], run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["safe_rlhf"]["engine"] = "hf"  # fast actor start-up in a test; the code path is the same
-    # two trials at once on 2 CPUs: their rounds' actors (rollout-0, ...) share one cluster
+    # The rounds keep the small pipeline's vLLM while `evaluate` answers with hf (its default): the
+    # sweep's points must come from evaluate's engine, not the round's. Two trials at once on
+    # 2 CPUs: their rounds' actors (rollout-0, ...) share one cluster.
     cfg["safe_rlhf"]["cpus_per_actor"] = 0.1
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     sweep = write(tmp_path, {"name": "three", "base": {"steps": 2, "prompts_per_step": 8},

@@ -281,11 +281,9 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
 
 
 # ---------------------------------------------------------------------- the round
-def train_round(ctx, setup: RoundSetup, before_shutdown=None) -> tuple[list[dict], dict]:
+def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
     """Start the roles, continue from the last checkpoint if there is one, run the steps, export
-    the policy to out_dir/policy. -> (per-step metrics, summary). `before_shutdown(roles)`, when
-    given, runs with the round's actors still up (a sweep judges its trial's policy there); what it
-    returns joins the summary."""
+    the policy to out_dir/policy. -> (per-step metrics, summary)."""
     rl, k, seed = setup.rl, setup.round, ctx.cfg.seed
     rcfg = rl.rounds[k - 1]
     ckpts = RoundCheckpoints(ctx.out_dir / "ckpt")
@@ -329,8 +327,6 @@ def train_round(ctx, setup: RoundSetup, before_shutdown=None) -> tuple[list[dict
                                    "next_rollout": rollout.state_dict() if rollout is not None else None})
         roles.export_policy(ctx.out_dir / "policy")
         summary = {**summarize(history), **threshold, "time_setup": round(time_setup, 2), "retries_in_place": roles.retries}
-        if before_shutdown is not None:
-            summary.update(before_shutdown(roles))
     finally:
         roles.shutdown()
     return history, summary
