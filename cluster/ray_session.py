@@ -8,15 +8,25 @@ import os
 def connect(ray_cfg) -> bool:
     """ray_cfg: pipeline.config.RayConfig. Returns True when this call initialised Ray (and so
     owns the connection, and the local cluster if it started one)."""
+    import signal
+    import threading
+
     import ray
 
     if ray.is_initialized():
         return False  # someone else (a test fixture, a notebook) owns it
+    # ray.init in the main thread installs a SIGTERM handler that turns `ray job stop` into a
+    # SystemExit in whatever the main thread is doing (the driver would wait for its running
+    # stages); the process keeps the handler it had.
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard, log_to_driver=True)
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
     return True
 
 

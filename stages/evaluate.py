@@ -3,9 +3,10 @@
 Policies: `sft` (the starting policy: the SFT stage's model, or `model.path` with the world off),
 each `safe_rlhf@k`, and the `baseline_*` runs when configured. Prompts: `evaluate.prompt_files`,
 or the world's held-out prompts. Each policy answers every prompt `evaluate.samples_per_prompt`
-times in a rollout actor (`eval-rollout-<policy>`, engine `evaluate.engine`; hf is deterministic
-by seed), and scorer actors (`eval-scorer-reward`, `eval-scorer-cost`, `eval-scorer-safety`)
-score every answer. Per policy:
+times in one rollout actor (`eval-rollout`, engine `evaluate.engine`; hf is deterministic by
+seed) that loads each policy's weights in turn and answers for the next policy while scorer actors
+(`eval-scorer-reward`, `eval-scorer-cost`, `eval-scorer-safety`) score this one's answers. The
+answers are those of a fresh engine per policy: sampling is seeded per call. Per policy:
 - `harmful_rate` on harmful prompts, judged by `evaluate.judge`: the world's oracle, the final
   cost model (cost > 0), or a separate safety judge;
 - `helpfulness` on benign prompts: the oracle's, or without the oracle the final reward model's
@@ -26,8 +27,8 @@ from pathlib import Path
 from stages.base import StageResult
 from stages.datafiles import read_prompt_files
 from stages.files import read_jsonl, write_jsonl
-from stages.judging import (by_prompt, interval, judge_models, judged_answers, reward_calibration, reward_helpfulness_gap,
-                            summarize, wins_against)
+from stages.judging import (by_prompt, interval, judge_models, judged_answers, queue_answers, reward_calibration,
+                            reward_helpfulness_gap, summarize, wins_against)
 from stages.stats import cluster_bootstrap
 from stages.model_actors import rollout_actor, scorer_actors
 
@@ -67,12 +68,17 @@ def run(ctx) -> StageResult:
     models = judge_models(ev.judge, ctx.input(ctx.latest("fit_reward"), "model"), ctx.input(ctx.latest("fit_cost"), "model"))
     oracle = ev.judge == "oracle"
     samples: dict[str, list[dict]] = {}
-    with scorer_actors(cfg, models, prefix="eval") as scorers:
-        for name, model_dir in _policies(ctx).items():
-            with rollout_actor(cfg, model_dir, f"eval-rollout-{name}", ev.engine, ev.max_new_tokens) as actor:
-                rows = [{"policy": name, **r} for r in judged_answers(cfg, actor, scorers, prompts)]
-            samples[name] = rows
-            ctx.log(f"  evaluated {name}: {len(rows)} answers")
+    policies = _policies(ctx)
+    names = list(policies)
+    # The actors start side by side; every policy's answers are queued on the one rollout actor at
+    # once (weights loaded in turn), and each policy is scored as soon as its answers are back.
+    with scorer_actors(cfg, models, prefix="eval", wait=False) as scorers, \
+            rollout_actor(cfg, policies[names[0]], "eval-rollout", ev.engine, ev.max_new_tokens, wait=False) as actor:
+        queued = {name: queue_answers(cfg, actor, prompts, load=None if i == 0 else policies[name])
+                  for i, name in enumerate(names)}
+        for name in names:
+            samples[name] = [{"policy": name, **r} for r in judged_answers(cfg, actor, scorers, prompts, queued[name])]
+            ctx.log(f"  evaluated {name}: {len(samples[name])} answers")
 
     start = next(iter(samples.values()))
     metrics: dict = {"judge": ev.judge if ev.judge in ("oracle", "cost_model") else f"safety classifier {ev.judge}",

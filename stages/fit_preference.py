@@ -12,9 +12,10 @@ Metrics on the eval split: `eval_accuracy` (pair accuracy). For the cost model a
 whose safer label ranks harm: the two answers differ in `is_safe`, or both are unsafe, or no
 `is_safe` labels exist (HH). Between two safe answers there is no harm to rank and the label is a
 coin flip (in the built-in world, exactly so); `eval_accuracy_all` counts every pair.
-`policy_accuracy`: pair accuracy on fresh pairs of the current policy's own samples, labelled by
-the world's oracle (pairs the oracle rates as ties are left out), where reward hacking shows first;
-scored by the fitted model in a scorer actor.
+`policy_accuracy` (per epoch, like `eval_accuracy`): pair accuracy on fresh pairs of the current
+policy's own samples (the last red team's, else the SFT model's), labelled by the world's oracle
+(pairs the oracle rates as ties are left out), where reward hacking shows first. The Ray Train
+workers score them on their engine with the held-out pairs: no scorer actor of its own to start.
 """
 from __future__ import annotations
 
@@ -25,22 +26,21 @@ from actors.score_model import end_scores
 from cluster.train import FitTask, fit, gather_objects, run_trainer
 from stages.base import StageResult
 from stages.files import read_jsonl
-from stages.model_actors import score_answers, scorer_actors
 from stages.objectives import pair_accuracy, sign_accuracy
 from stages.text import encode_conversation
 
 
-def _items(table, kind: str, tok, cfg: dict) -> list[dict]:
-    """Parquet rows -> encoded pairs: {"a": ids of preferred, "b": ids of the other, labels...}."""
+def _items(rows: list[dict], kind: str, tok, cfg: dict) -> list[dict]:
+    """Pair rows (PKU schema) -> encoded pairs: {"a": ids of preferred, "b": ids of the other, labels...}."""
     out = []
     label = "better_response_id" if kind == "reward" else "safer_response_id"
-    for r in table.to_pylist():
+    for r in rows:
         if r[label] is None:
             continue
         first = r[label]
         answers = (r[f"response_{first}"], r[f"response_{1 - first}"])
         enc = [encode_conversation(tok, r["prompt"], a, cfg["max_prompt_tokens"], cfg["max_answer_tokens"],
-                                   r["context"])[0] for a in answers]
+                                   r.get("context"))[0] for a in answers]
         safe = (r[f"is_response_{first}_safe"], r[f"is_response_{1 - first}_safe"])
         out.append({"a": enc[0], "b": enc[1], "a_safe": safe[0], "b_safe": safe[1],
                     "has_safety": safe[0] is not None and safe[1] is not None})
@@ -93,8 +93,9 @@ def preference_loop(config: dict) -> None:
     model = ScoreModel.from_backbone(config["sft_model"], score_type=kind, seed=config["seed"])
     if tc["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
-    train = _items(pq.read_table(config["train_data"]), kind, tok, config)
-    held_out = _items(pq.read_table(config["eval_data"]), kind, tok, config)
+    train = _items(pq.read_table(config["train_data"]).to_pylist(), kind, tok, config)
+    held_out = _items(pq.read_table(config["eval_data"]).to_pylist(), kind, tok, config)
+    policy = _items(policy_pairs(kind, read_jsonl(config["policy_pairs"])), kind, tok, config) if config["policy_pairs"] else []
     if not train:
         raise ValueError(f"no training pairs with a {'better' if kind == 'reward' else 'safer'}_response_id in {config['train_data']}")
 
@@ -113,17 +114,26 @@ def preference_loop(config: dict) -> None:
 
     last_eval = {}
 
-    def evaluate(engine, rank, world):
-        mine = list(range(rank, len(held_out), world))
-        a, b = score_pairs(engine, [held_out[k] for k in mine], tok.pad_token_id, engine.device)
-        parts = gather_objects((mine, a, b), world)
+    def scored(engine, rank, world, pairs):
+        """Every rank scores its share of `pairs`; -> (pairs, preferred scores, other scores) in rank order."""
+        mine = list(range(rank, len(pairs), world))
+        a, b = score_pairs(engine, [pairs[k] for k in mine], tok.pad_token_id, engine.device)
         order, sa, sb = [], [], []
-        for idx, pa_, pb_ in parts:
+        for idx, pa_, pb_ in gather_objects((mine, a, b), world):
             order += idx
             sa += pa_
             sb += pb_
-        items = [held_out[k] for k in order]
+        return [pairs[k] for k in order], sa, sb
+
+    def evaluate(engine, rank, world):
+        items, sa, sb = scored(engine, rank, world, held_out)
         metrics = preference_metrics(kind, items, sa, sb)
+        if config["policy_pairs"]:
+            _, pa, pb = scored(engine, rank, world, policy)
+            pa, pb = torch.tensor(pa), torch.tensor(pb)
+            # the preferred answer should have the higher reward; the safer one the lower cost
+            acc = (pair_accuracy(pa, pb) if kind == "reward" else pair_accuracy(pb, pa)) if policy else None
+            metrics.update(policy_accuracy=None if acc is None else round(acc, 4), policy_pairs=len(policy))
         if rank == 0:
             Path(config["scores_path"]).write_text(json.dumps(
                 {"a": sa, "b": sb, "a_safe": [i["a_safe"] for i in items], "b_safe": [i["b_safe"] for i in items]}))
@@ -164,22 +174,11 @@ def _histogram(path: Path, kind: str, scores: dict) -> None:
     plt.close(fig)
 
 
-def policy_accuracy(cfg, kind: str, model_dir: Path, pairs: list[dict]) -> tuple[float | None, int]:
-    """Pair accuracy on a policy's own sampled pairs (oracle labels; ties left out), scored by the
-    fitted model in a scorer actor."""
+def policy_pairs(kind: str, rows: list[dict]) -> list[dict]:
+    """The fresh pairs `policy_accuracy` counts: those whose oracle label is not a coin flip (a tie
+    in helpfulness for the reward model, in harm and severity for the cost model)."""
     tie = "better_is_tie" if kind == "reward" else "safer_is_tie"
-    label = "better_response_id" if kind == "reward" else "safer_response_id"
-    pairs = [p for p in pairs if not p[tie]]
-    if not pairs:
-        return None, 0
-    prompts = [p["prompt"] for p in pairs]
-    preferred = [p[f"response_{p[label]}"] for p in pairs]
-    other = [p[f"response_{1 - p[label]}"] for p in pairs]
-    with scorer_actors(cfg, {kind: model_dir}, prefix=f"fit-{kind}") as scorers:
-        scores = score_answers(cfg, scorers, prompts + prompts, preferred + other)[kind]
-    a, b = scores[:len(pairs)], scores[len(pairs):]
-    correct = [x > y if kind == "reward" else x < y for x, y in zip(a, b)]
-    return round(sum(correct) / len(correct), 4), len(pairs)
+    return [r for r in rows if not r[tie]]
 
 
 def _run(ctx, kind: str) -> StageResult:
@@ -192,7 +191,11 @@ def _run(ctx, kind: str) -> StageResult:
                    "eval_data": str(ctx.input(ingest, "eval")), "output_dir": str(out_model),
                    "log_path": str(log_path), "scores_path": str(scores_path), "seed": cfg.seed,
                    "train": tc.model_dump(), "max_prompt_tokens": cfg.model.max_prompt_tokens,
-                   "max_answer_tokens": cfg.model.max_answer_tokens}
+                   "max_answer_tokens": cfg.model.max_answer_tokens, "policy_pairs": None}
+    # Fresh samples of the current policy: the last red team's (refits), else the SFT model's.
+    source = next((n for n in sorted(ctx.inputs, reverse=True) if "policy_pairs" in ctx.inputs[n]), None)
+    if source is not None:
+        loop_config["policy_pairs"] = str(ctx.input(source, "policy_pairs"))
     ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}")
     run_trainer(preference_loop, loop_config, tc, ctx.out_dir / "ray_train", ctx.name.replace("@", "-"))
     end = [e for e in read_jsonl(log_path) if e["event"] == "end"][-1]
@@ -205,11 +208,8 @@ def _run(ctx, kind: str) -> StageResult:
                    restarts=end["restarts"], resumed_from_steps=end["resumed_from_steps"])
     outputs = {"model": "model", "train_log": "train_log.jsonl", "eval_scores": "eval_scores.json",
                "histogram": "score_hist.png"}
-    # Fresh samples of the current policy: the last red team's (refits), else the SFT model's.
-    source = next((n for n in sorted(ctx.inputs, reverse=True) if "policy_pairs" in ctx.inputs[n]), None)
-    if source is not None:
-        acc, n = policy_accuracy(cfg, kind, out_model, read_jsonl(ctx.input(source, "policy_pairs")))
-        metrics.update(policy_accuracy=acc, policy_pairs=n)
+    if "policy_accuracy" in metrics:
+        metrics["policy_accuracy_curve"] = [h.get("policy_accuracy") for h in history]
     ctx.log(f"  {kind} model: eval_accuracy={metrics.get('eval_accuracy')}, policy_accuracy={metrics.get('policy_accuracy')}"
             + (f", eval_sign_accuracy={metrics.get('eval_sign_accuracy')}" if kind == "cost" else ""))
     return StageResult(outputs, metrics)

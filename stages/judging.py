@@ -8,6 +8,8 @@ same policy: same prompts, seeds and engine settings).
 
 `judged_answers` is that loop on Ray actors (a rollout worker and the scorers of `judge_models`),
 by `evaluate.judge`: `evaluate` and the sweep (its starting policy and every trial) both call it.
+`queue_answers` puts a policy's generation calls in a rollout actor's queue ahead of time, so
+that it answers for the next policy while the scorers judge this one.
 
 Prompts are dicts with `prompt`, `harmful` (bool) and `category`: the world's eval prompts, or
 rows of prompt files (stages/datafiles.py). Without the oracle there is no helpfulness per answer;
@@ -22,18 +24,33 @@ from stages.stats import cluster_bootstrap, wilson
 from stages.text import format_prompt
 
 
-def answer(engine, prompts: list[dict], samples: int, max_new_tokens: int, seed: int) -> list[dict]:
-    """`samples` answers per prompt (sample s of every prompt shares one seed), one row each."""
+def _samplings(samples: int, max_new_tokens: int, seed: int) -> list:
     from actors.rollout import Sampling
 
+    return [Sampling(max_new_tokens, 1.0, 1.0, seed=seed * 1000 + 7 + s) for s in range(samples)]
+
+
+def _rows(prompts: list[dict], generations: list) -> list[dict]:
+    """One row per answer: sample s of every prompt comes from generations[s]."""
+    return [{"prompt": p["prompt"], "category": p.get("category", "unknown"), "harmful_prompt": bool(p["harmful"]),
+             "sample": s, "answer": text, "tokens": len(ids)}
+            for s, gen in enumerate(generations) for p, text, ids in zip(prompts, gen.texts, gen.response_ids)]
+
+
+def answer(engine, prompts: list[dict], samples: int, max_new_tokens: int, seed: int) -> list[dict]:
+    """`samples` answers per prompt (sample s of every prompt shares one seed), one row each."""
     texts = [format_prompt(p["prompt"]) for p in prompts]
-    rows = []
-    for s in range(samples):
-        gen = engine.generate(texts, Sampling(max_new_tokens, 1.0, 1.0, seed=seed * 1000 + 7 + s))
-        for p, text, ids in zip(prompts, gen.texts, gen.response_ids):
-            rows.append({"prompt": p["prompt"], "category": p.get("category", "unknown"),
-                         "harmful_prompt": bool(p["harmful"]), "sample": s, "answer": text, "tokens": len(ids)})
-    return rows
+    return _rows(prompts, [engine.generate(texts, sp) for sp in _samplings(samples, max_new_tokens, seed)])
+
+
+def queue_answers(cfg, rollout_actor, prompts: list[dict], load: str | None = None) -> list:
+    """Queue a policy's answers (`cfg.evaluate`'s samples, length and seed) on a rollout actor,
+    after loading the weights in directory `load` when given: -> the calls' object refs. An actor
+    runs one caller's calls in the order they were made, so several policies can be queued at once."""
+    ev = cfg.evaluate
+    texts = [format_prompt(p["prompt"]) for p in prompts]
+    loaded = [rollout_actor.update_weights.remote(str(load))] if load is not None else []
+    return loaded + [rollout_actor.generate.remote(texts, sp) for sp in _samplings(ev.samples_per_prompt, ev.max_new_tokens, cfg.seed)]
 
 
 def judge_with_oracle(rows: list[dict]) -> None:
@@ -62,15 +79,19 @@ def judge_models(judge: str, reward_model, cost_model) -> dict[str, str]:
     return models
 
 
-def judged_answers(cfg, rollout_actor, scorers: dict, prompts: list[dict]) -> list[dict]:
+def judged_answers(cfg, rollout_actor, scorers: dict, prompts: list[dict], queued: list | None = None) -> list[dict]:
     """A policy's answers (its rollout worker actor, `cfg.evaluate`'s samples, length and seed), with
     every scorer's score (`reward`, `cost`) and labelled by `cfg.evaluate.judge`: the oracle, the
-    cost model (cost > 0) or the safety judge (score > 0)."""
-    from cluster.launch import RemoteEngine
+    cost model (cost > 0) or the safety judge (score > 0). queued: the refs `queue_answers` gave
+    for this policy (default: queue them now)."""
+    import ray
+
+    from actors.rollout import Generation
     from stages.model_actors import score_answers
 
     ev = cfg.evaluate
-    rows = answer(RemoteEngine(rollout_actor), prompts, ev.samples_per_prompt, ev.max_new_tokens, cfg.seed)
+    results = ray.get(queued if queued is not None else queue_answers(cfg, rollout_actor, prompts))
+    rows = _rows(prompts, [r for r in results if isinstance(r, Generation)])
     scores = score_answers(cfg, scorers, [r["prompt"] for r in rows], [r["answer"] for r in rows])
     for i, r in enumerate(rows):
         r.update(reward=scores["reward"][i], cost=scores["cost"][i])

@@ -34,8 +34,9 @@ def _options(cfg, name: str, gpus: float, env: dict | None = None) -> dict:
 
 
 @contextmanager
-def rollout_actor(cfg, model_dir: str | Path, name: str, engine: str, max_new_tokens: int):
-    """A RolloutWorker actor for `model_dir`, killed on exit."""
+def rollout_actor(cfg, model_dir: str | Path, name: str, engine: str, max_new_tokens: int, wait: bool = True):
+    """A RolloutWorker actor for `model_dir`, killed on exit. wait: until it is up (False: its
+    first call waits, e.g. so that other actors start beside it)."""
     import ray
 
     from actors.rollout import RolloutWorker
@@ -45,15 +46,17 @@ def rollout_actor(cfg, model_dir: str | Path, name: str, engine: str, max_new_to
     actor = ray.remote(RolloutWorker).options(**_options(cfg, name, gpus)).remote(
         engine, str(model_dir), **engine_settings(cfg, engine, max_new_tokens))
     try:
-        ray.get(actor.ready.remote())
+        if wait:
+            ray.get(actor.ready.remote())
         yield actor
     finally:
         ray.kill(actor)
 
 
 @contextmanager
-def scorer_actors(cfg, models: dict[str, str | Path], prefix: str):
-    """{role: Scorer actor} for {role: model directory} (roles reward, cost), killed on exit."""
+def scorer_actors(cfg, models: dict[str, str | Path], prefix: str, wait: bool = True):
+    """{role: Scorer actor} for {role: model directory} (roles reward, cost), killed on exit.
+    wait: until they are up (False: their first calls wait)."""
     import ray
 
     from actors.scorer import Scorer
@@ -62,7 +65,8 @@ def scorer_actors(cfg, models: dict[str, str | Path], prefix: str):
     actors = {role: ray.remote(Scorer).options(**_options(cfg, f"{prefix}-scorer-{role}", 1)).remote(
         role, str(path), rl.device, rl.precision) for role, path in models.items()}
     try:
-        ray.get([a.ready.remote() for a in actors.values()])
+        if wait:
+            ray.get([a.ready.remote() for a in actors.values()])
         yield actors
     finally:
         for a in actors.values():

@@ -229,3 +229,21 @@ def test_a_failing_stage_lets_the_running_one_finish_and_resume_picks_up_the_res
     assert {(e["stage"], e["event"]) for e in events if e["event"] in ("skip", "start")} == {
         ("a", "start"), ("b", "skip"), ("c", "start")}
     assert states(Driver(small_config(), tmp_path, g)) == {"a": "done", "b": "done", "c": "done"}
+
+
+def test_a_stage_status_looks_at_each_upstream_stage_once(tmp_path):
+    """A chain of diamonds (every stage reads the two before it, as report reads the rounds and
+    fits): status walks the graph once per stage, not once per path (2^k paths for k diamonds)."""
+    spec = [StageSpec("s0", "tests.fake_stages", (), ("world.n_pairs",))]
+    spec += [StageSpec(f"s{i}", "tests.fake_stages", tuple(f"s{j}" for j in range(max(0, i - 2), i)), ())
+             for i in range(1, 16)]
+    driver = Driver(small_config(), tmp_path, spec)
+    driver.run()
+    reads = []
+    manifest = driver.rd.manifest
+    driver.rd.manifest = lambda name: (reads.append(name), manifest(name))[1]
+    assert driver.status_of("s15") == "done"
+    # each stage: its own manifest, and once more for each of its (up to two) readers' fingerprints
+    assert set(reads) == {f"s{i}" for i in range(16)} and len(reads) <= 3 * 16  # not one per path (~2,000)
+    (tmp_path / "stages" / "s3" / "value.txt").unlink()  # an upstream output goes missing:
+    assert driver.status_of("s15") == "pending"  # no stale answer is kept between calls

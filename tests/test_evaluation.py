@@ -81,3 +81,24 @@ def test_tempered_or_nucleus_sampling_is_refused(field, value):
 
     with pytest.raises(ConfigError, match="only 1.0"):
         parse_config({"safe_rlhf": {field: value}})
+
+
+def test_one_engine_loading_each_policy_in_turn_answers_as_a_fresh_engine_per_policy(small_pipeline):
+    """`evaluate` answers for every policy with one rollout actor, loading each policy's weights in
+    turn: the answers must be those a fresh engine of that policy gives (sampling is seeded per call)."""
+    from pathlib import Path
+
+    from actors.rollout import RolloutWorker
+    from stages.judging import answer
+    from stages.files import read_jsonl
+
+    run = Path(small_pipeline["run_dir"]) / "stages"
+    sft, policy = run / "sft" / "model", run / "safe_rlhf@1" / "policy"
+    prompts = [{"prompt": p["prompt"], "harmful": p["harmful"]} for p in read_jsonl(run / "world" / "eval_prompts.jsonl")[:24]]
+    reused = RolloutWorker("hf", str(sft))
+    first = answer(reused.engine, prompts, 2, 24, seed=0)
+    reused.update_weights(str(policy))
+    loaded = answer(reused.engine, prompts, 2, 24, seed=0)
+    fresh = answer(RolloutWorker("hf", str(policy)).engine, prompts, 2, 24, seed=0)
+    assert loaded == fresh
+    assert [r["answer"] for r in loaded] != [r["answer"] for r in first]  # the weights did change

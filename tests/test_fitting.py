@@ -59,11 +59,35 @@ def test_fitted_model_reloads_with_the_recorded_accuracy(small_pipeline):
     run = Path(small_pipeline["run_dir"])
     model_dir = run / "stages" / "fit_reward" / "model"
     tok = AutoTokenizer.from_pretrained(model_dir)
-    items = _items(pq.read_table(run / "stages" / "ingest" / "eval.parquet"), "reward", tok,
+    items = _items(pq.read_table(run / "stages" / "ingest" / "eval.parquet").to_pylist(), "reward", tok,
                    {"max_prompt_tokens": 64, "max_answer_tokens": 48})
     a, b = score_pairs(ScoreModel.from_pretrained(model_dir).eval(), items, tok.pad_token_id, "cpu")
     recorded = manifest(run, "fit_reward")["metrics"]["eval_accuracy"]
     assert preference_metrics("reward", items, a, b)["eval_accuracy"] == pytest.approx(recorded, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["reward", "cost"])
+def test_policy_accuracy_is_the_exported_models_accuracy_on_the_fresh_pairs(small_pipeline, kind):
+    """The Ray Train worker measures policy_accuracy on its engine; the exported model, scoring the
+    SFT stage's fresh pairs the way a scorer actor does (its own tokenisation and batches), counts
+    the same pairs right, and the oracle's ties are left out."""
+    from actors.scorer import Scorer
+    from stages.files import read_jsonl
+
+    run = Path(small_pipeline["run_dir"])
+    rows = read_jsonl(run / "stages" / "sft" / "policy_pairs.jsonl")
+    tie, label = ("better_is_tie", "better_response_id") if kind == "reward" else ("safer_is_tie", "safer_response_id")
+    pairs = [r for r in rows if not r[tie]]
+    assert 0 < len(pairs) < len(rows)  # some pairs are ties, and they are not counted
+    scorer = Scorer(kind, str(run / "stages" / f"fit_{kind}" / "model"))
+    prompts = [r["prompt"] for r in pairs]
+    scores = scorer.score_texts(prompts + prompts, [r[f"response_{r[label]}"] for r in pairs]
+                                + [r[f"response_{1 - r[label]}"] for r in pairs], 64, 48)
+    right = [x > y if kind == "reward" else x < y for x, y in zip(scores[:len(pairs)], scores[len(pairs):])]
+    m = manifest(run, f"fit_{kind}")["metrics"]
+    assert m["policy_pairs"] == len(pairs)
+    assert m["policy_accuracy"] == round(sum(right) / len(right), 4)
+    assert m["policy_accuracy_curve"][-1] == m["policy_accuracy"] and len(m["policy_accuracy_curve"]) == 2
 
 
 def _copy_run(small_pipeline, tmp_path):
