@@ -1,7 +1,7 @@
 """The scorer role: batched forward only, no gradients.
 
 - `reward`, `cost`: a score model's end score per sequence, [B] (`score`), or per (prompt, answer)
-  text pair (`score_texts`: evaluation, judge annotation, fresh-sample accuracy).
+  text pair (`score_texts`: evaluation, judge annotation, a sweep trial's judge).
 - `reference`: per-token logprobs of the response under the reference policy, [B, T].
 - `safety`: an evaluation judge: a score-model directory (unsafe when its score > 0, like the cost
   model) or a Hugging Face sequence-classification safety classifier (`score_texts` gives the

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 
-def connect(ray_cfg) -> bool:
+def connect(ray_cfg, keep_sigterm: bool = False) -> bool:
     """ray_cfg: pipeline.config.RayConfig. Returns True when this call initialised Ray (and so
-    owns the connection, and the local cluster if it started one)."""
+    owns the connection, and the local cluster if it started one). keep_sigterm: keep the process's
+    own SIGTERM handler (see below) instead of the one Ray installs."""
     import signal
     import threading
 
@@ -16,10 +17,11 @@ def connect(ray_cfg) -> bool:
     if ray.is_initialized():
         return False  # someone else (a test fixture, a notebook) owns it
     # ray.init in the main thread installs a SIGTERM handler that turns `ray job stop` into a
-    # SystemExit in whatever the main thread is doing (the driver would wait for its running
-    # stages); the process keeps the handler it had.
+    # SystemExit in whatever the main thread is doing: the pipeline's driver would wait there for
+    # its running stages, so it keeps the handler it had (a stop ends it at once, as a crash
+    # would; resume continues). The sweep keeps Ray's, so that Tune shuts down in order.
     main = threading.current_thread() is threading.main_thread()
-    sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    sigterm = signal.getsignal(signal.SIGTERM) if main and keep_sigterm else None
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)

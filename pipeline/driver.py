@@ -168,7 +168,7 @@ class Driver:
                 from cluster.metrics import flush_pending
                 from cluster.ray_session import connect
 
-                self._ray_connected = connect(self.cfg.ray)
+                self._ray_connected = connect(self.cfg.ray, keep_sigterm=True)
                 self._ray_checked = True
                 flush_pending()  # durations of the stages that ended before Ray was up
 

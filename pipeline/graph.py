@@ -39,8 +39,8 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
     """The stages of a run, in execution order (each after all of its deps)."""
     stages: list[StageSpec] = []
     world = ("world",) if cfg.world.enabled else ()
-    # Model actors outside the rounds (SFT's check, the fits' fresh-sample accuracy, red teaming,
-    # judge annotation, evaluation) run with the round's device and precision.
+    # Model actors outside the rounds (SFT's check, red teaming, judge annotation, evaluation) run
+    # with the round's device and precision.
     actor_keys = ("safe_rlhf.device", "safe_rlhf.precision")
     if cfg.world.enabled:
         stages.append(StageSpec("world", "stages.world", (),
@@ -54,7 +54,7 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
                                 ("seed", "sft", "model.max_prompt_tokens", "model.max_answer_tokens",
                                  "safe_rlhf.max_new_tokens") + actor_keys, needs_ray=True))
     sft = ("sft",) if cfg.world.enabled else ()
-    fit_keys = ("seed", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens") + actor_keys
+    fit_keys = ("seed", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens")
     stages.append(StageSpec("fit_reward", "stages.fit_preference:run_reward", ("ingest",) + sft, fit_keys + ("reward",),
                             needs_ray=True))
     stages.append(StageSpec("fit_cost", "stages.fit_preference:run_cost", ("ingest",) + sft, fit_keys + ("cost",),

@@ -53,6 +53,25 @@ def score_pairs(model, items: list[dict], pad_id: int, device) -> tuple[list[flo
     return scores[:len(items)], scores[len(items):]
 
 
+def rank_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
+    """Rank `rank`'s share of n items to score: (indices, how many are real). Every rank gets the
+    same number, padded with item 0: under ZeRO-3 each forward is a collective, so a rank with one
+    forward more than the others would wait for them forever."""
+    per_rank = -(-n // world)
+    real = list(range(rank, n, world))
+    return real + [0] * (per_rank - len(real)), len(real)
+
+
+def fresh_pairs_stage(inputs: dict) -> str | None:
+    """The input stage whose `policy_pairs` (fresh pairs of the current policy's samples) a fit
+    measures `policy_accuracy` on: the latest red team's (refits), else SFT's; None without any."""
+    red = sorted((n for n in inputs if n.startswith("red_team@") and "policy_pairs" in inputs[n]),
+                 key=lambda n: int(n.split("@")[1]))
+    if red:
+        return red[-1]
+    return "sft" if "policy_pairs" in inputs.get("sft", {}) else None
+
+
 def preference_metrics(kind: str, items: list[dict], a: list[float], b: list[float]) -> dict:
     """Eval metrics from scores of preferred (a) and other (b) answers."""
     import torch
@@ -116,13 +135,13 @@ def preference_loop(config: dict) -> None:
 
     def scored(engine, rank, world, pairs):
         """Every rank scores its share of `pairs`; -> (pairs, preferred scores, other scores) in rank order."""
-        mine = list(range(rank, len(pairs), world))
+        mine, real = rank_share(len(pairs), rank, world)
         a, b = score_pairs(engine, [pairs[k] for k in mine], tok.pad_token_id, engine.device)
         order, sa, sb = [], [], []
-        for idx, pa_, pb_ in gather_objects((mine, a, b), world):
-            order += idx
-            sa += pa_
-            sb += pb_
+        for idx, n, pa_, pb_ in gather_objects((mine, real, a, b), world):
+            order += idx[:n]
+            sa += pa_[:n]
+            sb += pb_[:n]
         return [pairs[k] for k in order], sa, sb
 
     def evaluate(engine, rank, world):
@@ -192,8 +211,7 @@ def _run(ctx, kind: str) -> StageResult:
                    "log_path": str(log_path), "scores_path": str(scores_path), "seed": cfg.seed,
                    "train": tc.model_dump(), "max_prompt_tokens": cfg.model.max_prompt_tokens,
                    "max_answer_tokens": cfg.model.max_answer_tokens, "policy_pairs": None}
-    # Fresh samples of the current policy: the last red team's (refits), else the SFT model's.
-    source = next((n for n in sorted(ctx.inputs, reverse=True) if "policy_pairs" in ctx.inputs[n]), None)
+    source = fresh_pairs_stage(ctx.inputs)
     if source is not None:
         loop_config["policy_pairs"] = str(ctx.input(source, "policy_pairs"))
     ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}")

@@ -1,5 +1,5 @@
 """Model work off the driver: rollout and scorer actors for the stages that generate or score
-outside a round (SFT's check, the fits' fresh-sample accuracy, red teaming, judge annotation,
+outside a round (SFT's check, red teaming, judge annotation,
 evaluation). Each is a named Ray actor that declares its resources (`safe_rlhf.cpus_per_actor`
 CPUs, and on `safe_rlhf.device: cuda` the GPUs its engine needs), built with the round's device
 and precision; the driver only orchestrates and reads back small results (texts, scores).

@@ -156,3 +156,26 @@ def test_two_workers_zero3_bf16_fit_over_gloo(small_pipeline, tmp_path):
     assert log[0]["world_size"] == 2
     m = manifest(run, "fit_cost")["metrics"]
     assert m["eval_accuracy"] > 0.75 and m["policy_accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("n, world", [(65, 2), (1, 3), (0, 2), (7, 7), (10, 4)])
+def test_every_rank_scores_as_many_pairs_and_each_pair_is_kept_once(n, world):
+    """Under ZeRO-3 a forward is a collective: ranks with different numbers of forwards would hang
+    (65 pairs on 2 ranks: 33 and 32, two batches of 64 sequences against one)."""
+    from stages.fit_preference import rank_share
+
+    shares = [rank_share(n, r, world) for r in range(world)]
+    assert len({len(idx) for idx, _ in shares}) == 1  # the same count on every rank
+    kept = sorted(k for idx, real in shares for k in idx[:real])
+    assert kept == list(range(n))
+
+
+def test_refits_measure_policy_accuracy_on_the_latest_red_teams_pairs():
+    from stages.fit_preference import fresh_pairs_stage
+
+    pairs = {"policy_pairs": "p.jsonl"}
+    # fit_reward@3's inputs: ingest@2, sft and red_team@2 (sorted by name, "sft" comes after "red_team@")
+    assert fresh_pairs_stage({"ingest@2": {}, "sft": pairs, "red_team@2": pairs, "red_team@10": pairs}) == "red_team@10"
+    assert fresh_pairs_stage({"ingest": {}, "sft": pairs}) == "sft"
+    assert fresh_pairs_stage({"ingest@1": {}, "red_team@1": {"pairs": "x"}, "sft": pairs}) == "sft"  # world off: no pairs
+    assert fresh_pairs_stage({"ingest": {}}) is None
