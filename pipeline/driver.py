@@ -172,6 +172,10 @@ class Driver:
                 self._ray_checked = True
                 flush_pending()  # durations of the stages that ended before Ray was up
 
+    def _will_run(self, name: str, force: bool) -> bool:
+        """Whether `run_stage` does the stage's work (not: it is done with these inputs and config)."""
+        return force or self.status_of(name) != "done"
+
     def run_stage(self, spec: StageSpec, force: bool = False, fresh: bool | None = None) -> str:
         """Run one stage unless it is done (`force` runs it anyway). `fresh` discards its folder
         (in-stage checkpoints included); by default a forced run starts fresh."""
@@ -179,7 +183,7 @@ class Driver:
         if exp is None:
             raise RuntimeError(f"stage {spec.name}: upstream stages {list(spec.deps)} are not done")
         fp, fp_inputs = exp
-        if not force and self.status_of(spec.name) == "done":
+        if not self._will_run(spec.name, force):
             m = self.rd.manifest(spec.name)
             log(f"skip  {spec.name}: done, inputs and config unchanged ({_figures(m.get('metrics', {}))})")
             self.rd.event(stage=spec.name, event="skip")
@@ -282,7 +286,7 @@ class Driver:
                         if any(d in busy for d in spec.deps) or any(self.status_of(d) != "done" for d in spec.deps):
                             continue
                         pending.remove(spec)
-                        if spec.needs_ray and (spec.name in forced or self.status_of(spec.name) != "done"):
+                        if spec.needs_ray and self._will_run(spec.name, spec.name in forced):
                             # Connected from this (the main) thread: a connection made in a stage's
                             # thread, which ends, made ray.shutdown wait 15 s on its flush timeouts.
                             self._ensure_ray()
