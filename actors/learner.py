@@ -50,6 +50,15 @@ class Learner:
             raise ValueError(f"a learner's shard of {shard} sequences is not a multiple of micro_batch {self.micro}")
         self.accumulation = shard // self.micro
 
+    # Kept between stages (cluster/pool.py): the same role, rank and group size on the same device
+    # keep the process group this process joined; `setup` then builds a new engine in it.
+    @staticmethod
+    def reuse_key(role: str, model_dir: str, settings: dict, rank: int = 0, world_size: int = 1) -> tuple:
+        return ("Learner", role, rank, world_size, settings["device"])
+
+    def reset(self, *args, **kwargs) -> None:
+        self.__init__(*args, **kwargs)  # drops the engine (weights, optimizer state)
+
     def master_address(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the group's rendezvous."""
         return host_and_free_port()

@@ -16,6 +16,7 @@ import torch
 
 from actors.experience import pad
 from actors.models import torch_dtype
+from actors.restarts import refuse_if_restarted, restarted_by_ray
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,21 @@ class RolloutWorker:
     def __init__(self, engine: str, model_dir: str, **engine_kwargs):
         self.engine_name = engine
         self.engine = make_engine(engine, model_dir, **engine_kwargs)
+        self.restarted = restarted_by_ray()  # then it generates nothing until reset (actors/restarts.py)
+
+    # Kept between stages (cluster/pool.py): an engine with the same settings takes another model
+    # of the run by loading its weights (the run's policies share the SFT model's architecture and
+    # tokenizer); other settings need a new engine, so a new process.
+    @staticmethod
+    def reuse_key(engine: str, model_dir: str, **engine_kwargs) -> tuple:
+        return ("RolloutWorker", engine, tuple(sorted(engine_kwargs.items())))
+
+    def reset(self, engine: str, model_dir: str, **engine_kwargs) -> None:
+        self.engine.update_weights(model_dir)
+        self.restarted = False
 
     def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
+        refuse_if_restarted(self)
         return self.engine.generate(prompts, sampling)
 
     def update_weights(self, model_dir: str) -> float:

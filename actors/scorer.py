@@ -14,6 +14,7 @@ import torch
 
 from actors.experience import SequenceBatch
 from actors.models import response_logprobs, torch_dtype
+from actors.restarts import refuse_if_restarted, restarted_by_ray
 from actors.score_model import end_scores
 from stages.text import encode_conversation, format_prompt
 
@@ -45,10 +46,21 @@ class Scorer:
             self.model = ScoreModel.from_pretrained(model_dir, dtype=torch_dtype(dtype))
         self.model.to(device).eval()
         self._tokenizer = None
+        self.restarted = restarted_by_ray()  # then it scores nothing until reset (actors/restarts.py)
+
+    # Kept between stages (cluster/pool.py): any role and model, loaded in the same process.
+    @staticmethod
+    def reuse_key(*args, **kwargs) -> tuple:
+        return ("Scorer",)
+
+    def reset(self, *args, **kwargs) -> None:
+        self.__init__(*args, **kwargs)
+        self.restarted = False
 
     @torch.no_grad()
     def score(self, batch: SequenceBatch) -> torch.Tensor:
         """reward/cost: [B] end scores (at each sequence's last real token)."""
+        refuse_if_restarted(self)
         if self.role == "reference":
             raise TypeError("the reference scorer gives logprobs, not scores")
         out = []
@@ -61,6 +73,7 @@ class Scorer:
                     contexts: list | None = None) -> list[float]:
         """reward/cost: the end score of each answer to its prompt, encoded as in training
         (template, answer, EOS; prompt truncated from the left, answer from the right)."""
+        refuse_if_restarted(self)
         if self.role == "reference":
             raise TypeError("the reference scorer gives logprobs, not scores")
         if self._tokenizer is None:
@@ -89,6 +102,7 @@ class Scorer:
     @torch.no_grad()
     def logprobs(self, batch: SequenceBatch) -> torch.Tensor:
         """reference: [B, T] per-token logprobs of the response."""
+        refuse_if_restarted(self)
         if self.role != "reference":
             raise TypeError(f"the {self.role} scorer gives end scores, not logprobs")
         out = []

@@ -69,18 +69,25 @@ class ResourcePlan:
 class Launcher:
     """Creates a placement group for a plan and starts actors into its bundles."""
 
-    def __init__(self, plan: ResourcePlan, env: dict[str, str], name: str, log=None, placement=None, prefix: str = ""):
+    def __init__(self, plan: ResourcePlan, env: dict[str, str], name: str, log=None, placement=None, prefix: str = "",
+                 pool=None):
         """Reserve the plan's bundles; waits as long as the cluster needs to free them (stages that
         run side by side queue here for their resources), saying so every minute.
         placement: (an existing placement group, the index of its first bundle for this plan), e.g.
         a Ray Tune trial's, whose bundles after the trial's own are the plan's; it is not removed.
         prefix: starts every actor's name (Ray's actor names are cluster-wide: concurrent sweep
-        trials each have a rollout-0)."""
+        trials each have a rollout-0).
+        pool: a cluster.pool.ActorPool: actors are borrowed from it and parked there by
+        `shutdown(keep=True)`. They live outside the placement group (removing it would kill them),
+        which still reserves the plan's resources while the stage runs."""
         import ray
         from ray.exceptions import GetTimeoutError
         from ray.util.placement_group import placement_group
 
-        self.plan, self.env, self.handles, self.prefix = plan, env, [], prefix
+        self.plan, self.env, self.handles, self.prefix, self.pool = plan, env, [], prefix, pool
+        self.started: dict[str, tuple] = {}  # name -> (handle, args, kwargs): what `reload` loads again
+        self.reused: list[str] = []  # names of the actors borrowed from the pool
+        self.resets: dict[str, object] = {}  # name -> ref of a borrowed actor's reset: wait on them (`take_resets`)
         if placement is not None:
             self.pg, self.offset, self.owned = placement[0], placement[1], False
             return
@@ -103,27 +110,67 @@ class Launcher:
         with workers of its own (vLLM tensor parallel) lets them join this placement group.
         slot: the plan's actor whose resources and bundle this one takes (default: `name`'s own),
         e.g. a sweep trial's judge in its finished round's rollout-0 bundle."""
+        return self.start_group(cls, [(name, args, kwargs)], max_restarts=max_restarts, env=env, slot=slot)[0]
+
+    def start_group(self, cls, members: list[tuple[str, tuple, dict]], max_restarts: int = 0, env: dict | None = None,
+                    slot: str | None = None) -> list:
+        """start() for [(name, args, kwargs)] that work together (a learner group): from a pool,
+        all of them reused or all new."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        spec = self.plan.spec(slot or name)
-        remote = ray.remote(cls).options(
-            name=self.prefix + name, num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=max_restarts,
-            runtime_env={"env_vars": {**self.env, **(env or {})}}, max_concurrency=1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.pg, placement_group_bundle_index=self.offset + self.plan.bundle(spec.name),
-                placement_group_capture_child_tasks=spec.worker_gpus > 0))
-        handle = remote.remote(*args, **kwargs)
-        self.handles.append(handle)
-        return handle
+        runtime_env = {"env_vars": {**self.env, **(env or {})}}
+        if self.pool is not None:  # CPU only (config): no GPUs, no bundles of vLLM's own workers
+            def creator(name, args, kwargs):
+                return lambda: ray.remote(cls).options(name=self.prefix + name, num_cpus=0, max_restarts=max_restarts,
+                                                       runtime_env=runtime_env, max_concurrency=1).remote(*args, **kwargs)
 
-    def shutdown(self) -> None:
+            lent = self.pool.lend_group([(self.prefix + n, cls.reuse_key(*a, **kw), creator(n, a, kw)) for n, a, kw in members])
+            handles = []
+            for (handle, reused), (name, args, kwargs) in zip(lent, members):
+                if reused:  # runs before this caller's later calls (Ray keeps their order)
+                    self.resets[name] = handle.reset.remote(*args, **kwargs)
+                    self.reused.append(name)
+                handles.append(handle)
+        else:
+            handles = []
+            for name, args, kwargs in members:
+                spec = self.plan.spec(slot or name)
+                handles.append(ray.remote(cls).options(
+                    name=self.prefix + name, num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=max_restarts,
+                    runtime_env=runtime_env, max_concurrency=1,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.pg, placement_group_bundle_index=self.offset + self.plan.bundle(spec.name),
+                        placement_group_capture_child_tasks=spec.worker_gpus > 0)).remote(*args, **kwargs))
+        for handle, (name, args, kwargs) in zip(handles, members):
+            self.handles.append(handle)
+            self.started[name] = (handle, args, kwargs)
+        return handles
+
+    def take_resets(self) -> dict:
+        """{name: ref} of the resets of the actors borrowed since the last call: a failed reset
+        (e.g. a model that does not load) must fail the stage, not leave the old model in place."""
+        out, self.resets = self.resets, {}
+        return out
+
+    def reload(self, name: str):
+        """Give a started actor its arguments again (`reset`), e.g. after Ray restarted it with the
+        arguments it was first created with, which a pooled actor's may not be. -> the call's ref."""
+        handle, args, kwargs = self.started[name]
+        return handle.reset.remote(*args, **kwargs)
+
+    def shutdown(self, keep: bool = False) -> None:
+        """Kill the actors, or with a pool and `keep` (the stage succeeded) park them there."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for h in self.handles:
-            ray.kill(h)
+        for name, (h, _, _) in self.started.items():
+            if self.pool is not None:
+                self.pool.give_back(self.prefix + name, keep=keep)
+            else:
+                ray.kill(h)
         self.handles.clear()
+        self.started.clear()
         if self.owned:
             remove_placement_group(self.pg)
 

@@ -179,12 +179,17 @@ class SafeRLHFConfig(Strict):
     logprob_chunk_tokens: int | None = F(4096, "Tokens whose log-probabilities the learners and the reference scorer compute at once: bounds the fp32 logits to this many x the vocabulary (null: every token at once, the full [batch, length, vocabulary] tensor).", ge=1)
     overlap_generation: bool = F(False, "Generate step t+1's rollouts while step t scores and learns, from the rollout workers' weights of step t-1 (one step stale, the step metric rollout_staleness): the PPO ratio and the KL take the sampling engine's own log-probabilities as the behaviour policy's. Hides generation behind learning where they run on different devices; changes the trajectory (one-step-off-policy PPO).")
     dispatch_together: bool = F(True, "A step's independent calls (the scorers and the learners' forwards; the three learner groups' updates) go out together and are gathered once. false: one after another in the algorithm's order: the same results to the bit (tested), slower; for isolating a role when debugging.", operational=True)
+    keep_actors: bool | None = F(None, "Keep the round's actor processes between stages (cluster/pool.py): the next round, red teaming and evaluation's scorers load their models into them instead of starting new processes (on 2 cores, about 25 s of each later round's start-up). null: on with device cpu, off with cuda (a kept actor would hold the GPU the fits between the rounds need; true there is an error).", operational=True)
     weight_sync_timeout_s: float = F(60.0, "A weight transfer whose peer died fails after this many seconds (gloo), and the round handles it like any actor death.", gt=0, operational=True)
 
     @property
     def learner_shard(self) -> int:
         """Sequences of one minibatch on one learner rank."""
         return max(1, self.prompts_per_step // self.minibatches // self.learners_per_role)
+
+    @property
+    def keeps_actors(self) -> bool:
+        return self.device == "cpu" if self.keep_actors is None else self.keep_actors
 
     def unsafe_share(self, k: int) -> float:
         """Round k's target unsafe share for threshold auto: held or lowered from round to round."""
@@ -217,6 +222,13 @@ class SafeRLHFConfig(Strict):
             raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide each learner's shard of a minibatch: "
                              f"prompts_per_step {self.prompts_per_step} / minibatches {self.minibatches} / "
                              f"learners_per_role {self.learners_per_role}")
+        return self
+
+    @model_validator(mode="after")
+    def _kept_actors_on_cpu(self) -> "SafeRLHFConfig":
+        if self.keep_actors and self.device != "cpu":
+            raise ValueError("keep_actors: true needs device cpu: a kept actor would hold its GPU between the rounds, "
+                             "where the reward and cost fits need the GPUs (use null or false)")
         return self
 
     @model_validator(mode="after")

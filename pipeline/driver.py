@@ -81,6 +81,7 @@ class Driver:
         self._ray_checked = False
         self._ray_lock = threading.Lock()  # stages start in threads
         self._external_hashes: dict[Path, str] = {}
+        self.actor_pool = None  # cluster.pool.ActorPool once Ray is up, with safe_rlhf.keep_actors
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> "Driver":
@@ -170,6 +171,18 @@ class Driver:
 
                 self._ray_connected = connect(self.cfg.ray, keep_sigterm=True)
                 self._ray_checked = True
+                if self.cfg.safe_rlhf.keeps_actors:
+                    import ray
+
+                    from cluster.pool import ActorPool
+
+                    # Kept actors run outside the stages' placement groups (which would kill them
+                    # when removed), so on several nodes they would not run where a stage reserved.
+                    nodes = sum(n["Alive"] for n in ray.nodes())
+                    if nodes == 1:
+                        self.actor_pool = ActorPool()
+                    else:
+                        log(f"safe_rlhf.keep_actors: off, the cluster has {nodes} nodes (kept actors are for one machine)")
                 flush_pending()  # durations of the stages that ended before Ray was up
 
     def _will_run(self, name: str, force: bool) -> bool:
@@ -207,7 +220,8 @@ class Driver:
         ctx = StageContext(spec.name, self.cfg, out_dir, self._inputs_for(spec), self.rd.root,
                            log=lambda msg, name=spec.name: log(f"  [{name}] {msg.strip()}"),
                            params=dict(spec.params),
-                           report=lambda m: self.rd.set_state(spec.name, "running", fingerprint=fp, metrics=m))
+                           report=lambda m: self.rd.set_state(spec.name, "running", fingerprint=fp, metrics=m),
+                           actor_pool=self.actor_pool)
         try:
             result: StageResult = spec.load()(ctx)
         except StageWaiting as e:
@@ -262,6 +276,9 @@ class Driver:
                 stages = self.graph[:order.index(until) + 1] if until else self.graph
                 return self._run_stages(stages, forced, max_parallel_stages)
             finally:
+                if self.actor_pool is not None:  # the actors kept between stages (this run's only)
+                    self.actor_pool.close()
+                    self.actor_pool = None
                 if self._ray_connected:
                     from cluster.ray_session import disconnect
 

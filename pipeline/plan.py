@@ -293,7 +293,7 @@ def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> d
     out = {"algorithm": rl.algorithm, "engine": rl.engine, "device": rl.device, "precision": rl.precision,
            "zero_stage": rl.zero_stage, "learners_per_role": rl.learners_per_role,
            "rollout_workers": rl.rollout_workers, "tensor_parallel_size": rl.tensor_parallel_size,
-           "colocate_scorers": rl.colocate_scorers, "actors": actors,
+           "colocate_scorers": rl.colocate_scorers, "keep_actors": rl.keeps_actors, "actors": actors,
            "total_cpus": sum(a["cpus"] for a in actors),
            # Physical GPUs: actors asking for >= 0.5 own theirs; slivers share a learner's.
            "total_gpus": sum(max(1, round(a["gpus"])) for a in actors if a["gpus"] >= 0.5),
@@ -510,7 +510,8 @@ def format_plan(p: dict) -> str:
                          "yes" if g["fits"] else f"NO (over by {_g(-g['free_gib'])})"])
         out += _table(rows, "  ")
     elif rnd["device"] == "cpu":
-        out.append(f"  all round actors together: ~{_g(rnd['host_gib_all_actors'])} GiB of host memory")
+        out.append(f"  all round actors together: ~{_g(rnd['host_gib_all_actors'])} GiB of host memory"
+                   + (" (kept between stages: held during the fits too)" if rnd["keep_actors"] else ""))
     if rnd.get("hint"):
         out.append(f"  hint: {rnd['hint']}")
     out += ["", f"verdict: {p['verdict']}", ""] + p["notes"]

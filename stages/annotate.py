@@ -35,7 +35,8 @@ def _oracle(pairs: list[dict], seed: int) -> list[dict]:
 def _judge(ctx, pairs: list[dict], reward_dir: str, cost_dir: str) -> list[dict]:
     prompts = [p["prompt"] for p in pairs] * 2
     answers = [p["response_0"] for p in pairs] + [p["response_1"] for p in pairs]
-    with scorer_actors(ctx.cfg, {"reward": reward_dir, "cost": cost_dir}, prefix=ctx.name.replace("@", "-")) as scorers:
+    with scorer_actors(ctx.cfg, {"reward": reward_dir, "cost": cost_dir}, prefix=ctx.name.replace("@", "-"),
+                       pool=ctx.actor_pool) as scorers:
         scores = score_answers(ctx.cfg, scorers, prompts, answers)
     n = len(pairs)
     r0, r1, c0, c1 = scores["reward"][:n], scores["reward"][n:], scores["cost"][:n], scores["cost"][n:]

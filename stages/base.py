@@ -33,6 +33,8 @@ class StageContext:
     placement: Any = None
     # Starts the names of the stage's actors (a sweep trial's id: concurrent trials each have a rollout-0).
     actor_prefix: str = ""
+    # The driver's cluster.pool.ActorPool (safe_rlhf.keep_actors): actors kept between stages; None: none.
+    actor_pool: Any = None
 
     def latest(self, base: str) -> str:
         """The newest input stage named `base` or `base@k` (e.g. ingest@2 over ingest)."""

@@ -5,7 +5,8 @@ each `safe_rlhf@k`, and the `baseline_*` runs when configured. Prompts: `evaluat
 or the world's held-out prompts. Each policy answers every prompt `evaluate.samples_per_prompt`
 times in one rollout actor (`eval-rollout`, engine `evaluate.engine`; hf is deterministic by
 seed) that loads each policy's weights in turn and answers for the next policy while scorer actors
-(`eval-scorer-reward`, `eval-scorer-cost`, `eval-scorer-safety`) score this one's answers. The
+(`eval-scorer-reward`, `eval-scorer-cost`, `eval-scorer-safety`; with `safe_rlhf.keep_actors` the
+last round's `scorer-<role>-0`, loading the judge models) score this one's answers. The
 answers are those of a fresh engine per policy: sampling is seeded per call. Per policy:
 - `harmful_rate` on harmful prompts, judged by `evaluate.judge`: the world's oracle, the final
   cost model (cost > 0), or a separate safety judge;
@@ -72,7 +73,7 @@ def run(ctx) -> StageResult:
     names = list(policies)
     # The actors start side by side; every policy's answers are queued on the one rollout actor at
     # once (weights loaded in turn), and each policy is scored as soon as its answers are back.
-    with scorer_actors(cfg, models, prefix="eval", wait=False) as scorers, \
+    with scorer_actors(cfg, models, prefix="eval", wait=False, pool=ctx.actor_pool) as scorers, \
             rollout_actor(cfg, policies[names[0]], "eval-rollout", ev.engine, ev.max_new_tokens, wait=False) as actor:
         queued = {name: queue_answers(cfg, actor, prompts, load=None if i == 0 else policies[name])
                   for i, name in enumerate(names)}

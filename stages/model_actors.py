@@ -33,44 +33,75 @@ def _options(cfg, name: str, gpus: float, env: dict | None = None) -> dict:
             "runtime_env": {"env_vars": {**ACTOR_ENV, **(env or {})}}}
 
 
+def _lend(pool, name: str, cls, args: tuple, kwargs: dict, options: dict):
+    """(actor, reset ref or None): from the driver's actor pool when there is one (the name is the
+    round's, e.g. rollout-0: a kept actor loads this stage's model with `reset`), else a new one."""
+    import ray
+
+    if pool is None:
+        return ray.remote(cls).options(**options).remote(*args, **kwargs), None
+    create = lambda: ray.remote(cls).options(**{**options, "name": name, "num_cpus": 0}).remote(*args, **kwargs)
+    handle, reused = pool.lend(name, cls.reuse_key(*args, **kwargs), create)
+    return handle, (handle.reset.remote(*args, **kwargs) if reused else None)
+
+
 @contextmanager
-def rollout_actor(cfg, model_dir: str | Path, name: str, engine: str, max_new_tokens: int, wait: bool = True):
+def rollout_actor(cfg, model_dir: str | Path, name: str, engine: str, max_new_tokens: int, wait: bool = True, pool=None):
     """A RolloutWorker actor for `model_dir`, killed on exit. wait: until it is up (False: its
-    first call waits, e.g. so that other actors start beside it)."""
+    first call waits, e.g. so that other actors start beside it). pool: the driver's actor pool
+    (safe_rlhf.keep_actors): the round's rollout-0 is borrowed and parked again on exit, unless
+    the stage failed."""
     import ray
 
     from actors.rollout import RolloutWorker
 
     tp = cfg.safe_rlhf.tensor_parallel_size if engine == "vllm" else 1
     gpus = 1 if tp == 1 else 0  # tensor parallel: vLLM's own Ray workers take the GPUs, in a placement group of its own
-    actor = ray.remote(RolloutWorker).options(**_options(cfg, name, gpus)).remote(
-        engine, str(model_dir), **engine_settings(cfg, engine, max_new_tokens))
+    pooled = "rollout-0" if pool is not None else None
+    actor, reset = _lend(pool, pooled, RolloutWorker, (engine, str(model_dir)), engine_settings(cfg, engine, max_new_tokens),
+                         _options(cfg, name, gpus))
+    ok = False
     try:
+        if reset is not None:
+            ray.get(reset)  # a model that does not load fails here, not silently
         if wait:
             ray.get(actor.ready.remote())
         yield actor
+        ok = True
     finally:
-        ray.kill(actor)
+        if pool is not None:
+            pool.give_back(pooled, keep=ok)
+        else:
+            ray.kill(actor)
 
 
 @contextmanager
-def scorer_actors(cfg, models: dict[str, str | Path], prefix: str, wait: bool = True):
+def scorer_actors(cfg, models: dict[str, str | Path], prefix: str, wait: bool = True, pool=None):
     """{role: Scorer actor} for {role: model directory} (roles reward, cost), killed on exit.
-    wait: until they are up (False: their first calls wait)."""
+    wait: until they are up (False: their first calls wait). pool: as rollout_actor's (the
+    round's scorer-<role>-0)."""
     import ray
 
     from actors.scorer import Scorer
 
     rl = cfg.safe_rlhf
-    actors = {role: ray.remote(Scorer).options(**_options(cfg, f"{prefix}-scorer-{role}", 1)).remote(
-        role, str(path), rl.device, rl.precision) for role, path in models.items()}
+    names = {role: f"scorer-{role}-0" if pool is not None else f"{prefix}-scorer-{role}" for role in models}
+    lent = {role: _lend(pool, names[role], Scorer, (role, str(path), rl.device, rl.precision), {},
+                        _options(cfg, names[role], 1)) for role, path in models.items()}
+    actors = {role: a for role, (a, _) in lent.items()}
+    ok = False
     try:
+        ray.get([r for _, r in lent.values() if r is not None])
         if wait:
             ray.get([a.ready.remote() for a in actors.values()])
         yield actors
+        ok = True
     finally:
-        for a in actors.values():
-            ray.kill(a)
+        for role, a in actors.items():
+            if pool is not None:
+                pool.give_back(names[role], keep=ok)
+            else:
+                ray.kill(a)
 
 
 def score_answers(cfg, scorers: dict, prompts: list[str], answers: list[str], contexts: list | None = None) -> dict[str, list[float]]:

@@ -6,7 +6,8 @@ Prompts, `red_team.prompts` of them per round:
   categories kept out of the base data); the rest are the world's plain training prompts, or rows
   of `red_team.prompt_files` when given;
 - with the world off: rows of `red_team.prompt_files`.
-The round's policy answers each twice in a rollout actor (`redteam-rollout-k`, the round's engine).
+The round's policy answers each twice in a rollout actor (`redteam-rollout-k`, the round's engine;
+with `safe_rlhf.keep_actors`, the round's own `rollout-0`, which loads the exported policy).
 In the built-in world it also writes fresh oracle-labelled pairs of the policy's answers to the
 held-out prompts, for the next fits' `policy_accuracy`.
 """
@@ -51,7 +52,7 @@ def run(ctx) -> StageResult:
     texts = [format_prompt(p["prompt"]) for p in prompts]
     metrics = {"prompts": len(prompts), "harder_prompts": sum(p["form"] == "red_team" for p in prompts)}
     outputs = {"pairs": "pairs_to_label.jsonl"}
-    with rollout_actor(cfg, policy, f"redteam-rollout-{k}", rl.engine, rl.max_new_tokens) as actor:
+    with rollout_actor(cfg, policy, f"redteam-rollout-{k}", rl.engine, rl.max_new_tokens, pool=ctx.actor_pool) as actor:
         engine = RemoteEngine(actor)
         a, b = (engine.generate(texts, Sampling(rl.max_new_tokens, 1.0, 1.0, seed=cfg.seed * 10 + k * 2 + s)) for s in (0, 1))
         if "world" in ctx.inputs:

@@ -43,11 +43,11 @@ def small_config(**overrides):
     return parse_config(data, "<test>")
 
 
-def run_cli(*args, cwd=None, check=True, timeout=600):
+def run_cli(*args, cwd=None, check=True, timeout=600, env=None):
     import subprocess
 
     proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

@@ -55,3 +55,12 @@ def test_validate_command_exit_codes(tmp_path):
     assert "world.n_pairz: unknown key" in proc.stderr and "sft.epochs:" in proc.stderr
     ok = run_cli("validate", REPO / "configs" / "tiny.yaml")
     assert "valid" in ok.stdout
+
+
+def test_actors_are_kept_between_stages_on_cpu_and_never_on_gpus():
+    cpu = parse_config({"name": "t"}, "<t>").safe_rlhf
+    gpu = parse_config({"name": "t", "safe_rlhf": {"device": "cuda"}}, "<t>").safe_rlhf
+    assert cpu.keeps_actors and not gpu.keeps_actors  # null: by device
+    assert not parse_config({"name": "t", "safe_rlhf": {"keep_actors": False}}, "<t>").safe_rlhf.keeps_actors
+    with pytest.raises(ConfigError, match="keep_actors: true needs device cpu"):
+        parse_config({"name": "t", "safe_rlhf": {"device": "cuda", "keep_actors": True}}, "<t>")

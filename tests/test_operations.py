@@ -153,6 +153,68 @@ def test_learner_killed_from_outside_restarts_the_round_from_its_checkpoint(smal
     assert all(m["logprob_gap"] < 1e-3 for m in steps)
 
 
+def _events(run) -> set[tuple[str, str]]:
+    path = run / "events.jsonl"
+    return {(e["stage"], e["event"]) for e in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
+
+
+def test_later_stages_borrow_the_rounds_actors_and_answer_as_fresh_ones_would(small_pipeline, ray_cluster, tmp_path):
+    """safe_rlhf.keep_actors, on by default on CPU: red teaming, round 2 and evaluation borrow round
+    1's actor processes (Ray's actor table: one record per name for the run), also after two of them
+    were SIGKILLed while parked, during the fits: rollout-0 (Ray restarts it, with round 1's
+    arguments: it must be given round 2's model) and learner-policy-0 (dead: replaced). Red teaming
+    and round 2 run again with fresh actors give the same results."""
+    run = tmp_path / "run"
+    shutil.copytree(small_pipeline["run_dir"], run)
+    shutil.rmtree(run / "stages" / "safe_rlhf@1")  # round 1 runs in this driver, so its actors can be kept
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["safe_rlhf"]["rounds"].append({"threshold": "auto", "lambda_init": 0.5, "lambda_lr": 0.5, "steps": 3})
+    cfg["red_team"] = {"prompts": 32}
+    cfg["evaluate"] = {"samples_per_prompt": 2}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = {a["actor_id"] for a in ray_cluster.list_actors()}
+    ours = lambda: [a for a in ray_cluster.list_actors() if a["actor_id"] not in before]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run)], cwd=REPO,
+                            env=ray_cluster.driver_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, pids = time.time() + 900, {}
+    while len(pids) < 2:  # the victims' PIDs, from Ray's actor table, while round 1 runs
+        assert proc.poll() is None and time.time() < deadline, "round 1's actors never showed up"
+        pids = {a["name"]: int(a["pid"]) for a in ours() if a["state"] == "ALIVE" and a["name"] in ("rollout-0", "learner-policy-0")}
+    while ("red_team@1", "done") not in _events(run):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+    assert ("safe_rlhf@2", "start") not in _events(run)  # parked: the fits of round 2 are running
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, err[-4000:]
+
+    by_name: dict[str, list[dict]] = {}
+    for a in ours():
+        by_name.setdefault(a["name"], []).append(a)
+    # one process per role for the whole run, the killed learner's replacement aside
+    for name in ("rollout-0", "scorer-reward-0", "scorer-cost-0", "scorer-reference-0", "learner-reward_critic-0",
+                 "learner-cost_critic-0"):
+        assert len(by_name[name]) == 1, (name, by_name[name])
+    assert len(by_name["learner-policy-0"]) == 2
+    assert int(by_name["rollout-0"][0]["num_restarts"]) == 1
+    assert not [n for n in by_name if n.startswith(("redteam-rollout", "eval-scorer"))], sorted(by_name)
+    m2 = json.loads((run / "stages" / "safe_rlhf@2" / "manifest.json").read_text())["metrics"]
+    assert m2["actors_kept"] == 6 and m2["round_restarts"] == 0 and m2["retries_in_place"] == 0
+
+    kept = {"red_team": (run / "stages" / "red_team@1" / "pairs_to_label.jsonl").read_text(),
+            "round": (run / "stages" / "safe_rlhf@2" / "metrics.jsonl").read_text()}
+    cfg["safe_rlhf"]["keep_actors"] = False  # operational: the stages' fingerprints do not change
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for stage in ("red_team@1", "safe_rlhf@2"):
+        run_cli("resume", "--run-dir", run, "--only-stage", stage, env=ray_cluster.driver_env)
+    assert (run / "stages" / "red_team@1" / "pairs_to_label.jsonl").read_text() == kept["red_team"]
+    untimed = lambda text: [{k: v for k, v in json.loads(l).items() if not k.startswith(("time_", "tokens_per_s"))}
+                            for l in text.splitlines()]
+    assert untimed((run / "stages" / "safe_rlhf@2" / "metrics.jsonl").read_text()) == untimed(kept["round"])
+    assert json.loads((run / "stages" / "safe_rlhf@2" / "manifest.json").read_text())["metrics"]["actors_kept"] == 0
+
+
 def test_worker_node_lost_mid_round_the_round_continues_on_the_head(small_pipeline, tmp_path):
     """Two Ray nodes on this machine: a head and a worker node (`ray start --address`). The round's
     actors start on the worker node (a detached blocker actor holds the head's CPUs until then);

@@ -15,8 +15,11 @@ generation (`start_generation`) before the learners update and gathers it afterw
 
 Faults. A rollout worker or scorer that dies (the OOM killer, a lost node, kill -9) is restarted by
 Ray (`max_actor_restarts`); the phase of the step that failed (generate, score or the weight push)
-is retried in place once it is back, after the rollout workers have the current weights again (the
-transfer group is formed again). A weight transfer whose peer died fails after
+is retried in place once it is back, after every rollout worker and scorer has been given the
+round's models again (`reset`: Ray restarts an actor with the arguments it was first created with,
+an earlier stage's with kept actors) and the rollout workers the current weights (the transfer
+group is formed again). One that died and came back between two calls refuses work until then
+(actors/restarts.py), which counts as its death. A weight transfer whose peer died fails after
 `weight_sync_timeout_s` and is handled the same way. At most `max_step_retries` retries per step,
 then the stage fails (`resume` continues from the last checkpoint). A learner that dies raises
 `ActorDied` with kind "learner": round.py restarts the round from its last checkpoint.
@@ -31,6 +34,7 @@ import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
 from actors.learner import Learner
+from actors.restarts import ActorRestarted, restarted_actor_id
 from actors.rollout import Generation, RolloutWorker, Sampling
 from actors.scorer import Scorer
 from cluster.launch import Launcher
@@ -63,8 +67,8 @@ class LearnerGroup:
     def __init__(self, launcher: Launcher, role: str, model_dir: str, settings: dict, size: int):
         self.role, self.size = role, size
         self.names = [f"learner-{role}-{i}" for i in range(size)]
-        self.ranks = [launcher.start(Learner, name, role, model_dir, settings, i, size)
-                      for i, name in enumerate(self.names)]
+        self.ranks = launcher.start_group(Learner, [(name, (role, model_dir, settings, i, size), {})
+                                                    for i, name in enumerate(self.names)])
 
     def forward(self, seqs: SequenceBatch) -> list:
         return [r.forward.remote(seqs.select(s)) for r, s in zip(self.ranks, _split(len(seqs), self.size))]
@@ -85,8 +89,11 @@ class RoundRoles:
         self.rl, self.log, self._ray = rl, log, ray
         self.plan = resource_plan(rl)
         env = {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}
+        # A baseline round may run beside round 1 (on a machine with the CPUs for both): its actors
+        # need names of their own.
+        prefix = ctx.actor_prefix or (f"{ctx.name}:" if ctx.name.startswith("baseline_") else "")
         self.launcher = Launcher(self.plan, env, name=f"round-{ctx.name}", log=log, placement=ctx.placement,
-                                 prefix=ctx.actor_prefix)
+                                 prefix=prefix, pool=getattr(ctx, "actor_pool", None))
         self.retries = 0  # in-place retries in this round (reported)
         # Which policy step's weights the learners and the rollout workers hold (0: the round's
         # start). The round sets policy_step after each update; a push or a recovery copies it.
@@ -119,6 +126,7 @@ class RoundRoles:
         self.names = {h._actor_id.hex(): (n, "rollout") for h, n in zip(self.rollout, self.rollout_names)}
         self.names.update({h._actor_id.hex(): (f"scorer-{r}-0", "scorer") for r, h in self.scorer.items()})
         self.names.update({h._actor_id.hex(): (n, "learner") for g in self.learners.values() for h, n in zip(g.ranks, g.names)})
+        self._get(list(self.launcher.take_resets().values()))  # actors kept from the last stage load this round's models
         # Every learner group's rendezvous (rank 0's address first), and every engine's start-up, together.
         t0 = time.perf_counter()
         masters = self._get([g.ranks[0].master_address.remote() for g in self.learners.values()])
@@ -151,6 +159,10 @@ class RoundRoles:
     def restartable(self) -> list:
         return self.rollout + list(self.scorer.values())
 
+    @property
+    def restartable_names(self) -> list[str]:
+        return self.rollout_names + [f"scorer-{r}-0" for r in self.scorer]
+
     # ------------------------------------------------------------------ calling actors
     def _get(self, refs: list):
         """ray.get, naming the actor whose call failed because it died."""
@@ -161,6 +173,9 @@ class RoundRoles:
             return ray.get(refs)
         except RayActorError as err:
             name, kind = self.names.get(err.actor_id or "", ("an actor of the round", "learner"))
+            raise ActorDied(name, kind, err) from err
+        except ActorRestarted as err:  # died and came back between two calls: as good as dead until reloaded
+            name, kind = self.names.get(restarted_actor_id(err), ("an actor of the round", "learner"))
             raise ActorDied(name, kind, err) from err
 
     def _get_weights(self, call):
@@ -202,6 +217,10 @@ class RoundRoles:
         while True:
             try:
                 self._ray.get([a.ready.remote() for a in self.restartable], timeout=max(1.0, deadline - time.monotonic()))
+                # Ray restarted the dead one with the arguments it was created with: with actors kept
+                # between stages (safe_rlhf.keep_actors) those may be an earlier stage's models.
+                self._ray.get([self.launcher.reload(n) for n in self.restartable_names],
+                              timeout=max(1.0, deadline - time.monotonic()))
                 break
             except (RayActorError, GetTimeoutError):
                 if time.monotonic() > deadline:
@@ -316,8 +335,10 @@ class RoundRoles:
     def export_policy(self, out_dir: Path) -> None:
         self._get([r.export.remote(str(out_dir)) for r in self.policy.ranks])
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep: bool = False) -> None:
+        """Kill the round's actors, or (keep: the round succeeded) park them in the driver's actor
+        pool, if it has one, for the next stage."""
         try:
             self.weights.close()
         finally:
-            self.launcher.shutdown()
+            self.launcher.shutdown(keep=keep)

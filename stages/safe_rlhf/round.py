@@ -291,7 +291,10 @@ def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
     t_setup = time.perf_counter()
     roles = RoundRoles(ctx, rl, setup.inputs, sync_dir_for(ctx.run_dir, ctx.name, rl.device), log=ctx.log)
     time_setup = time.perf_counter() - t_setup
-    ctx.log(f"  actors up in {time_setup:.1f}s: " + ", ".join(f"{n} {t:.0f}s" for n, t in roles.ready_s.items()))
+    kept = roles.launcher.reused
+    ctx.log(f"  actors up in {time_setup:.1f}s" + (f" ({len(kept)} kept from the last stage)" if kept else "") + ": "
+            + ", ".join(f"{n} {t:.0f}s" for n, t in roles.ready_s.items()))
+    finished = False
     try:
         threshold = round_threshold(roles, setup)
         ctx.log(f"  threshold {threshold['threshold']:.4f}: {threshold['threshold_rule']}")
@@ -326,9 +329,11 @@ def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
                 ckpts.save(roles, {"step": step, "lagrange": lagrange.state_dict(),
                                    "next_rollout": rollout.state_dict() if rollout is not None else None})
         roles.export_policy(ctx.out_dir / "policy")
-        summary = {**summarize(history), **threshold, "time_setup": round(time_setup, 2), "retries_in_place": roles.retries}
+        summary = {**summarize(history), **threshold, "time_setup": round(time_setup, 2), "actors_kept": len(kept),
+                   "retries_in_place": roles.retries}
+        finished = True
     finally:
-        roles.shutdown()
+        roles.shutdown(keep=finished)  # parked for the next stage (safe_rlhf.keep_actors) only when it went well
     return history, summary
 
 

@@ -1,0 +1,45 @@
+"""Ray restarts a dead actor (max_restarts) by running its constructor again with the arguments it
+was first created with. Those may not be what the actor held when it died: a rollout worker had
+newer weights pushed to it, and an actor kept between stages (cluster/pool.py) had a later stage's
+model loaded with `reset`. So a restarted rollout worker or scorer answers no work until its caller
+has given it the current model again (`reset`); its calls raise `ActorRestarted` until then, which
+the round treats as the actor's death (recover, reload, retry in place)."""
+from __future__ import annotations
+
+
+class ActorRestarted(RuntimeError):
+    def __init__(self, message: str, actor_id: str = ""):
+        super().__init__(message)
+        self.actor_id = actor_id  # hex: which of the caller's actors (Ray's error does not say)
+
+
+def restarted_by_ray() -> bool:
+    """Whether this process is a Ray actor that Ray has restarted (False outside Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return False
+    if not ray.is_initialized():
+        return False
+    import warnings
+
+    ctx = ray.get_runtime_context()
+    if ctx.get_actor_id() is None:
+        return False
+    with warnings.catch_warnings():  # Ray's own property reads a deprecated one of Ray's
+        warnings.simplefilter("ignore")
+        return bool(ctx.was_current_actor_reconstructed)
+
+
+def refuse_if_restarted(obj) -> None:
+    if getattr(obj, "restarted", False):
+        import ray
+
+        raise ActorRestarted(f"{type(obj).__name__} was restarted by Ray with the arguments it was created with; "
+                             "it answers again once its caller has reset it with the current model",
+                             ray.get_runtime_context().get_actor_id() or "")
+
+
+def restarted_actor_id(err: ActorRestarted) -> str:
+    """The restarted actor's id (hex) from the error a caller's ray.get raised."""
+    return getattr(getattr(err, "cause", None), "actor_id", "") or getattr(err, "actor_id", "") or ""
