@@ -40,6 +40,17 @@ def refuse_if_restarted(obj) -> None:
                              ray.get_runtime_context().get_actor_id() or "")
 
 
+def awaits_reset(obj) -> bool:
+    """For `handle.__ray_call__`: whether the actor was restarted and not yet reset."""
+    return bool(getattr(obj, "restarted", False))
+
+
+def ever_restarted(obj) -> bool:
+    """For `handle.__ray_call__`: whether Ray has ever restarted this actor (its restart budget is
+    partly spent, whatever has been loaded into it since)."""
+    return restarted_by_ray()
+
+
 def restarted_actor_id(err: ActorRestarted) -> str:
     """The restarted actor's id (hex) from the error a caller's ray.get raised."""
     return getattr(getattr(err, "cause", None), "actor_id", "") or getattr(err, "actor_id", "") or ""

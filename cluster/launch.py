@@ -8,6 +8,7 @@ class runs in-process in unit tests.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -122,30 +123,39 @@ class Launcher:
         runtime_env = {"env_vars": {**self.env, **(env or {})}}
         if self.pool is not None:  # CPU only (config): no GPUs, no bundles of vLLM's own workers
             def creator(name, args, kwargs):
-                return lambda: ray.remote(cls).options(name=self.prefix + name, num_cpus=0, max_restarts=max_restarts,
-                                                       runtime_env=runtime_env, max_concurrency=1).remote(*args, **kwargs)
+                # Outside the placement group, with no CPUs of its own: its threads as Ray would set them
+                # for the plan's CPUs (Ray's default for num_cpus 0 is one thread).
+                threads = {"OMP_NUM_THREADS": str(max(1, math.floor(self.plan.spec(slot or name).cpus)))}
+                return lambda: ray.remote(cls).options(
+                    name=self.prefix + name, num_cpus=0, max_restarts=max_restarts, max_concurrency=1,
+                    runtime_env={"env_vars": {**threads, **runtime_env["env_vars"]}}).remote(*args, **kwargs)
 
-            lent = self.pool.lend_group([(self.prefix + n, cls.reuse_key(*a, **kw), creator(n, a, kw)) for n, a, kw in members])
+            lent = self.pool.lend_group([(self.prefix + n, (*cls.reuse_key(*a, **kw), ("max_restarts", max_restarts)),
+                                          creator(n, a, kw)) for n, a, kw in members])
             handles = []
             for (handle, reused), (name, args, kwargs) in zip(lent, members):
                 if reused:  # runs before this caller's later calls (Ray keeps their order)
                     self.resets[name] = handle.reset.remote(*args, **kwargs)
                     self.reused.append(name)
+                self._started(name, handle, args, kwargs)
                 handles.append(handle)
-        else:
-            handles = []
-            for name, args, kwargs in members:
-                spec = self.plan.spec(slot or name)
-                handles.append(ray.remote(cls).options(
-                    name=self.prefix + name, num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=max_restarts,
-                    runtime_env=runtime_env, max_concurrency=1,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self.pg, placement_group_bundle_index=self.offset + self.plan.bundle(spec.name),
-                        placement_group_capture_child_tasks=spec.worker_gpus > 0)).remote(*args, **kwargs))
-        for handle, (name, args, kwargs) in zip(handles, members):
-            self.handles.append(handle)
-            self.started[name] = (handle, args, kwargs)
+            return handles
+        handles = []
+        for name, args, kwargs in members:
+            spec = self.plan.spec(slot or name)
+            handle = ray.remote(cls).options(
+                name=self.prefix + name, num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=max_restarts,
+                runtime_env=runtime_env, max_concurrency=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=self.offset + self.plan.bundle(spec.name),
+                    placement_group_capture_child_tasks=spec.worker_gpus > 0)).remote(*args, **kwargs)
+            self._started(name, handle, args, kwargs)  # at once: shutdown kills it if the next one fails
+            handles.append(handle)
         return handles
+
+    def _started(self, name: str, handle, args: tuple, kwargs: dict) -> None:
+        self.handles.append(handle)
+        self.started[name] = (handle, args, kwargs)
 
     def take_resets(self) -> dict:
         """{name: ref} of the resets of the actors borrowed since the last call: a failed reset
@@ -164,10 +174,11 @@ class Launcher:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for name, (h, _, _) in self.started.items():
-            if self.pool is not None:
+        if self.pool is not None:
+            for name in self.started:
                 self.pool.give_back(self.prefix + name, keep=keep)
-            else:
+        else:
+            for h in self.handles:
                 ray.kill(h)
         self.handles.clear()
         self.started.clear()

@@ -8,14 +8,18 @@ own model into it (`reset`): round 2 takes round 1's `rollout-0`, `scorer-reward
 `learner-policy-0`, ..., red teaming takes `rollout-0`, evaluation the scorers.
 
 - An actor is reused only when its class says the new arguments fit the running process
-  (`reuse_key`: a vLLM engine's settings, a learner's rank and process group); a parked actor that
-  does not fit is killed and a fresh one takes its name.
+  (`reuse_key`: a vLLM engine's settings, a learner's rank and process group) and it was created
+  with the restart budget the borrower asks for (max_restarts) and has spent none of it (Ray
+  counts restarts over an actor's life, not per stage); a parked actor that does not fit is
+  killed and a fresh one takes its name.
 - What a stage hands back after a failure is killed, not parked: after a fault the next stage
   starts fresh processes, as without the pool.
-- Parked actors reserve no resources (num_cpus 0): a stage's own placement group still reserves
-  what it needs while it runs, so which stages Ray admits side by side does not change. That is
-  also why the pool is off on GPUs: a parked actor would hold its GPU, which the fits between the
-  rounds need.
+- Kept actors reserve no resources (num_cpus 0; their torch threads are set from the CPUs the
+  stage asks for): a round's placement group still reserves the round's CPUs while it runs, so
+  which stages Ray admits beside a round does not change; red teaming, annotation and evaluation,
+  which run alone, borrow without reserving. That is also why the pool is off on GPUs: a parked
+  actor would hold its GPU, which the fits between the rounds need.
+- Baseline rounds do not park their actors: nothing after them has their names.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ class ActorPool:
 
     def lend(self, name: str, key: tuple, create: Callable[[], Any]) -> tuple[Any, bool]:
         """The parked actor `name` when its key equals `key` (-> (handle, True): the caller resets it
-        with its own arguments), else a new one from `create()`, which names it `name` (-> (handle, False))."""
+        with its own arguments), else a new one from `create()`, which names it `name` (-> (handle, False)).
+        The key holds what `reuse_key` gives and the actor's max_restarts."""
         return self.lend_group([(name, key, create)])[0]
 
     def lend_group(self, items: list[tuple[str, tuple, Callable[[], Any]]]) -> list[tuple[Any, bool]]:
@@ -46,14 +51,23 @@ class ActorPool:
                                    "actors of their own names (an actor prefix)")
             parked = [self._parked.pop(n, None) for n, _, _ in items]
         reuse = all(p is not None and p[0] == key for p, (_, key, _) in zip(parked, items))
-        reuse = reuse and all([_alive(p[1]) for p in parked])  # every one checked (a dead one is killed)
+        reuse = reuse and all([_usable(p[1]) for p in parked])  # every one checked (a dead one is killed)
         if reuse:
             out = [(p[1], True) for p in parked]
         else:
             for p, (name, _, _) in zip(parked, items):
                 if p is not None:
                     _kill_and_wait(name, p[1])
-            out = [(create(), False) for _, _, create in items]
+            out = []
+            try:
+                for _, _, create in items:
+                    out.append((create(), False))
+            except BaseException:
+                import ray
+
+                for handle, _ in out:  # a group is all or nothing
+                    ray.kill(handle)
+                raise
         with self._lock:
             for (handle, reused), (name, key, _) in zip(out, items):
                 self._lent[name] = (key, handle)
@@ -88,18 +102,21 @@ class ActorPool:
             ray.kill(handle)
 
 
-def _alive(handle, timeout_s: float = 30.0) -> bool:
-    """Whether a parked actor still answers. One killed while parked (the OOM killer) is dead, or
-    restarted by Ray with the arguments it was created with: the reset that follows loads the
-    borrower's model either way, so only death matters."""
+def _usable(handle, timeout_s: float = 30.0) -> bool:
+    """Whether a parked actor answers and has never been restarted by Ray. One killed while parked
+    (the OOM killer) is dead, or was restarted by Ray: it would come with part of its restart budget
+    spent. Either way it is not lent again (a dead one is killed for good)."""
     import ray
 
+    from actors.restarts import ever_restarted
+
     try:
-        ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
-        return True
+        if not ray.get(handle.__ray_call__.remote(ever_restarted), timeout=timeout_s):
+            return True
     except Exception:  # noqa: BLE001 - RayActorError, GetTimeoutError: not usable
-        ray.kill(handle)
-        return False
+        pass
+    ray.kill(handle)
+    return False
 
 
 def _kill_and_wait(name: str, handle, timeout_s: float = 30.0) -> None:

@@ -33,15 +33,22 @@ def _options(cfg, name: str, gpus: float, env: dict | None = None) -> dict:
             "runtime_env": {"env_vars": {**ACTOR_ENV, **(env or {})}}}
 
 
-def _lend(pool, name: str, cls, args: tuple, kwargs: dict, options: dict):
+def _lend(cfg, pool, name: str, cls, args: tuple, kwargs: dict, options: dict):
     """(actor, reset ref or None): from the driver's actor pool when there is one (the name is the
-    round's, e.g. rollout-0: a kept actor loads this stage's model with `reset`), else a new one."""
+    round's, e.g. rollout-0: a kept actor loads this stage's model with `reset`), else a new one.
+    A new one made for the pool is made as the round makes its own (the same restart budget and
+    threads), so that the next round can take it."""
+    import math
+
     import ray
 
     if pool is None:
         return ray.remote(cls).options(**options).remote(*args, **kwargs), None
-    create = lambda: ray.remote(cls).options(**{**options, "name": name, "num_cpus": 0}).remote(*args, **kwargs)
-    handle, reused = pool.lend(name, cls.reuse_key(*args, **kwargs), create)
+    rl = cfg.safe_rlhf
+    env = {"OMP_NUM_THREADS": str(max(1, math.floor(rl.cpus_per_actor))), **options["runtime_env"]["env_vars"]}
+    create = lambda: ray.remote(cls).options(**{**options, "name": name, "num_cpus": 0, "max_restarts": rl.max_actor_restarts,
+                                                "runtime_env": {"env_vars": env}}).remote(*args, **kwargs)
+    handle, reused = pool.lend(name, (*cls.reuse_key(*args, **kwargs), ("max_restarts", rl.max_actor_restarts)), create)
     return handle, (handle.reset.remote(*args, **kwargs) if reused else None)
 
 
@@ -58,7 +65,7 @@ def rollout_actor(cfg, model_dir: str | Path, name: str, engine: str, max_new_to
     tp = cfg.safe_rlhf.tensor_parallel_size if engine == "vllm" else 1
     gpus = 1 if tp == 1 else 0  # tensor parallel: vLLM's own Ray workers take the GPUs, in a placement group of its own
     pooled = "rollout-0" if pool is not None else None
-    actor, reset = _lend(pool, pooled, RolloutWorker, (engine, str(model_dir)), engine_settings(cfg, engine, max_new_tokens),
+    actor, reset = _lend(cfg, pool, pooled, RolloutWorker, (engine, str(model_dir)), engine_settings(cfg, engine, max_new_tokens),
                          _options(cfg, name, gpus))
     ok = False
     try:
@@ -86,18 +93,19 @@ def scorer_actors(cfg, models: dict[str, str | Path], prefix: str, wait: bool = 
 
     rl = cfg.safe_rlhf
     names = {role: f"scorer-{role}-0" if pool is not None else f"{prefix}-scorer-{role}" for role in models}
-    lent = {role: _lend(pool, names[role], Scorer, (role, str(path), rl.device, rl.precision), {},
-                        _options(cfg, names[role], 1)) for role, path in models.items()}
-    actors = {role: a for role, (a, _) in lent.items()}
-    ok = False
+    lent, ok = {}, False
     try:
+        for role, path in models.items():
+            lent[role] = _lend(cfg, pool, names[role], Scorer, (role, str(path), rl.device, rl.precision), {},
+                               _options(cfg, names[role], 1))
+        actors = {role: a for role, (a, _) in lent.items()}
         ray.get([r for _, r in lent.values() if r is not None])
         if wait:
             ray.get([a.ready.remote() for a in actors.values()])
         yield actors
         ok = True
     finally:
-        for role, a in actors.items():
+        for role, (a, _) in lent.items():
             if pool is not None:
                 pool.give_back(names[role], keep=ok)
             else:

@@ -148,3 +148,29 @@ def test_a_restarted_rollout_worker_refuses_work_until_reset_and_the_round_names
     again = ray.get(worker.generate.remote(["a prompt"], sampling))
     assert again.response_ids == first.response_ids
     ray.kill(worker)
+
+
+def test_an_actor_restarted_by_ray_while_parked_is_not_lent_again(local_ray):
+    """Ray counts restarts over an actor's life: one that used some while parked would come to the
+    next stage with less than its max_restarts."""
+    import signal
+    import time
+
+    ray, pool = local_ray, ActorPool()
+    create = lambda: ray.remote(Tagged).options(name="p-restarted", num_cpus=0, max_restarts=2).remote("round 1")
+    a, _ = pool.lend("p-restarted", ("Tagged", 1), create)
+    pid = ray.get(a.state.remote())[2]
+    pool.give_back("p-restarted")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # until Ray has restarted it
+        try:
+            assert ray.get(a.state.remote(), timeout=30)[2] != pid
+            break
+        except ray.exceptions.RayActorError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    b, reused = pool.lend("p-restarted", ("Tagged", 1), create)
+    assert not reused and dies(ray, a)
+    assert ray.get(b.state.remote()) == ("round 1", 0, ray.get(b.state.remote())[2])
+    pool.close()

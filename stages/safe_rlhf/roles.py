@@ -34,7 +34,7 @@ import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
 from actors.learner import Learner
-from actors.restarts import ActorRestarted, restarted_actor_id
+from actors.restarts import ActorRestarted, awaits_reset, restarted_actor_id
 from actors.rollout import Generation, RolloutWorker, Sampling
 from actors.scorer import Scorer
 from cluster.launch import Launcher
@@ -90,10 +90,11 @@ class RoundRoles:
         self.plan = resource_plan(rl)
         env = {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}
         # A baseline round may run beside round 1 (on a machine with the CPUs for both): its actors
-        # need names of their own.
-        prefix = ctx.actor_prefix or (f"{ctx.name}:" if ctx.name.startswith("baseline_") else "")
+        # need names of their own, and it keeps none (nothing after it has their names).
+        baseline = ctx.name.startswith("baseline_")
+        prefix = ctx.actor_prefix or (f"{ctx.name}:" if baseline else "")
         self.launcher = Launcher(self.plan, env, name=f"round-{ctx.name}", log=log, placement=ctx.placement,
-                                 prefix=prefix, pool=getattr(ctx, "actor_pool", None))
+                                 prefix=prefix, pool=None if baseline else getattr(ctx, "actor_pool", None))
         self.retries = 0  # in-place retries in this round (reported)
         # Which policy step's weights the learners and the rollout workers hold (0: the round's
         # start). The round sets policy_step after each update; a push or a recovery copies it.
@@ -219,7 +220,9 @@ class RoundRoles:
                 self._ray.get([a.ready.remote() for a in self.restartable], timeout=max(1.0, deadline - time.monotonic()))
                 # Ray restarted the dead one with the arguments it was created with: with actors kept
                 # between stages (safe_rlhf.keep_actors) those may be an earlier stage's models.
-                self._ray.get([self.launcher.reload(n) for n in self.restartable_names],
+                waiting = self._ray.get([a.__ray_call__.remote(awaits_reset) for a in self.restartable],
+                                        timeout=max(1.0, deadline - time.monotonic()))
+                self._ray.get([self.launcher.reload(n) for n, w in zip(self.restartable_names, waiting) if w],
                               timeout=max(1.0, deadline - time.monotonic()))
                 break
             except (RayActorError, GetTimeoutError):
