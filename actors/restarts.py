@@ -3,7 +3,8 @@ was first created with. Those may not be what the actor held when it died: a rol
 newer weights pushed to it, and an actor kept between stages (cluster/pool.py) had a later stage's
 model loaded with `reset`. So a restarted rollout worker or scorer answers no work until its caller
 has given it the current model again (`reset`); its calls raise `ActorRestarted` until then, which
-the round treats as the actor's death (recover, reload, retry in place)."""
+the round treats as the actor's death (recover, reload, retry in place). Whether Ray restarted
+this process is `cluster.pool.restarted_by_ray`."""
 from __future__ import annotations
 
 
@@ -11,24 +12,6 @@ class ActorRestarted(RuntimeError):
     def __init__(self, message: str, actor_id: str = ""):
         super().__init__(message)
         self.actor_id = actor_id  # hex: which of the caller's actors (Ray's error does not say)
-
-
-def restarted_by_ray() -> bool:
-    """Whether this process is a Ray actor that Ray has restarted (False outside Ray)."""
-    try:
-        import ray
-    except ImportError:
-        return False
-    if not ray.is_initialized():
-        return False
-    import warnings
-
-    ctx = ray.get_runtime_context()
-    if ctx.get_actor_id() is None:
-        return False
-    with warnings.catch_warnings():  # Ray's own property reads a deprecated one of Ray's
-        warnings.simplefilter("ignore")
-        return bool(ctx.was_current_actor_reconstructed)
 
 
 def refuse_if_restarted(obj) -> None:
@@ -43,12 +26,6 @@ def refuse_if_restarted(obj) -> None:
 def awaits_reset(obj) -> bool:
     """For `handle.__ray_call__`: whether the actor was restarted and not yet reset."""
     return bool(getattr(obj, "restarted", False))
-
-
-def ever_restarted(obj) -> bool:
-    """For `handle.__ray_call__`: whether Ray has ever restarted this actor (its restart budget is
-    partly spent, whatever has been loaded into it since)."""
-    return restarted_by_ray()
 
 
 def restarted_actor_id(err: ActorRestarted) -> str:

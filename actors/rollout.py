@@ -16,7 +16,8 @@ import torch
 
 from actors.experience import pad
 from actors.models import torch_dtype
-from actors.restarts import refuse_if_restarted, restarted_by_ray
+from actors.restarts import refuse_if_restarted
+from cluster.pool import restarted_by_ray
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import torch
 
 from actors.experience import SequenceBatch
 from actors.models import response_logprobs, torch_dtype
-from actors.restarts import refuse_if_restarted, restarted_by_ray
+from actors.restarts import refuse_if_restarted
+from cluster.pool import restarted_by_ray
 from actors.score_model import end_scores
 from stages.text import encode_conversation, format_prompt
 

@@ -102,13 +102,35 @@ class ActorPool:
             ray.kill(handle)
 
 
+def restarted_by_ray() -> bool:
+    """Whether this process is a Ray actor that Ray has restarted (False outside Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return False
+    if not ray.is_initialized():
+        return False
+    import warnings
+
+    ctx = ray.get_runtime_context()
+    if ctx.get_actor_id() is None:
+        return False
+    with warnings.catch_warnings():  # Ray's own property reads a deprecated one of Ray's
+        warnings.simplefilter("ignore")
+        return bool(ctx.was_current_actor_reconstructed)
+
+
+def ever_restarted(obj) -> bool:
+    """For `handle.__ray_call__`: whether Ray has ever restarted this actor (its restart budget is
+    partly spent, whatever has been loaded into it since)."""
+    return restarted_by_ray()
+
+
 def _usable(handle, timeout_s: float = 30.0) -> bool:
     """Whether a parked actor answers and has never been restarted by Ray. One killed while parked
     (the OOM killer) is dead, or was restarted by Ray: it would come with part of its restart budget
     spent. Either way it is not lent again (a dead one is killed for good)."""
     import ray
-
-    from actors.restarts import ever_restarted
 
     try:
         if not ray.get(handle.__ray_call__.remote(ever_restarted), timeout=timeout_s):
