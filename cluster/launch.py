@@ -8,7 +8,6 @@ class runs in-process in unit tests.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 
@@ -122,24 +121,15 @@ class Launcher:
 
         runtime_env = {"env_vars": {**self.env, **(env or {})}}
         if self.pool is not None:  # CPU only (config): no GPUs, no bundles of vLLM's own workers
-            def creator(name, args, kwargs):
-                # Outside the placement group, with no CPUs of its own: its threads as Ray would set them
-                # for the plan's CPUs (Ray's default for num_cpus 0 is one thread).
-                threads = {"OMP_NUM_THREADS": str(max(1, math.floor(self.plan.spec(slot or name).cpus)))}
-                return lambda: ray.remote(cls).options(
-                    name=self.prefix + name, num_cpus=0, max_restarts=max_restarts, max_concurrency=1,
-                    runtime_env={"env_vars": {**threads, **runtime_env["env_vars"]}}).remote(*args, **kwargs)
-
-            lent = self.pool.lend_group([(self.prefix + n, (*cls.reuse_key(*a, **kw), ("max_restarts", max_restarts)),
-                                          creator(n, a, kw)) for n, a, kw in members])
-            handles = []
-            for (handle, reused), (name, args, kwargs) in zip(lent, members):
-                if reused:  # runs before this caller's later calls (Ray keeps their order)
-                    self.resets[name] = handle.reset.remote(*args, **kwargs)
+            # Outside the placement group (removing it would kill them); a plan's actors all ask the same CPUs.
+            lent = self.pool.borrow(cls, [(self.prefix + n, a, kw) for n, a, kw in members],
+                                    self.plan.spec(slot or members[0][0]).cpus, max_restarts, runtime_env["env_vars"])
+            for (handle, reset), (name, args, kwargs) in zip(lent, members):
+                if reset is not None:
+                    self.resets[name] = reset
                     self.reused.append(name)
                 self._started(name, handle, args, kwargs)
-                handles.append(handle)
-            return handles
+            return [h for h, _ in lent]
         handles = []
         for name, args, kwargs in members:
             spec = self.plan.spec(slot or name)

@@ -75,6 +75,26 @@ class ActorPool:
                 self.created += not reused
         return out
 
+    def borrow(self, cls, members: list[tuple[str, tuple, dict]], cpus: float, max_restarts: int,
+               env: dict[str, str]) -> list[tuple[Any, Any]]:
+        """Actors of role class `cls` for [(name, args, kwargs)], lent as a group: -> [(handle, ref of
+        its `reset` with the args, or None for a new one)]. A new one is made as every kept actor is:
+        no CPUs reserved, `cpus` worth of torch threads, `max_restarts` (in the key with `reuse_key`)."""
+        import math
+
+        import ray
+
+        env = {"OMP_NUM_THREADS": str(max(1, math.floor(cpus))), **env}  # num_cpus 0 would give one thread
+
+        def creator(name, args, kwargs):
+            return lambda: ray.remote(cls).options(name=name, num_cpus=0, max_restarts=max_restarts, max_concurrency=1,
+                                                   runtime_env={"env_vars": env}).remote(*args, **kwargs)
+
+        lent = self.lend_group([(n, (*cls.reuse_key(*a, **kw), ("max_restarts", max_restarts)), creator(n, a, kw))
+                                for n, a, kw in members])
+        # a reset runs before the borrower's later calls (Ray keeps one caller's calls in order)
+        return [(h, h.reset.remote(*a, **kw) if reused else None) for (h, reused), (_, a, kw) in zip(lent, members)]
+
     def give_back(self, name: str, keep: bool = True) -> None:
         """Park a lent actor (keep) or kill it (after a failure: its state is unknown)."""
         with self._lock:

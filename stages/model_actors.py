@@ -38,18 +38,13 @@ def _lend(cfg, pool, name: str, cls, args: tuple, kwargs: dict, options: dict):
     round's, e.g. rollout-0: a kept actor loads this stage's model with `reset`), else a new one.
     A new one made for the pool is made as the round makes its own (the same restart budget and
     threads), so that the next round can take it."""
-    import math
-
     import ray
 
     if pool is None:
         return ray.remote(cls).options(**options).remote(*args, **kwargs), None
     rl = cfg.safe_rlhf
-    env = {"OMP_NUM_THREADS": str(max(1, math.floor(rl.cpus_per_actor))), **options["runtime_env"]["env_vars"]}
-    create = lambda: ray.remote(cls).options(**{**options, "name": name, "num_cpus": 0, "max_restarts": rl.max_actor_restarts,
-                                                "runtime_env": {"env_vars": env}}).remote(*args, **kwargs)
-    handle, reused = pool.lend(name, (*cls.reuse_key(*args, **kwargs), ("max_restarts", rl.max_actor_restarts)), create)
-    return handle, (handle.reset.remote(*args, **kwargs) if reused else None)
+    return pool.borrow(cls, [(name, args, kwargs)], rl.cpus_per_actor, rl.max_actor_restarts,
+                       options["runtime_env"]["env_vars"])[0]
 
 
 @contextmanager
