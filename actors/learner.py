@@ -23,7 +23,8 @@ import os
 import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
-from actors.models import enable_gradient_checkpointing, response_logprobs, response_values, torch_dtype
+from actors.models import enable_gradient_checkpointing, import_ahead, response_logprobs, response_values, torch_dtype
+from actors.restarts import refuse_if_restarted
 from cluster.deepspeed_setup import deepspeed_config, full_state_dict, without_inference_shm_op
 from cluster.network import host_and_free_port
 from cluster.weight_sync import make_sender
@@ -34,12 +35,17 @@ ROLES = ("policy", "reward_critic", "cost_critic")
 
 
 class Learner:
-    def __init__(self, role: str, model_dir: str, settings: dict, rank: int = 0, world_size: int = 1):
+    def __init__(self, role: str, model_dir: str | None, settings: dict, rank: int = 0, world_size: int = 1):
         """settings: lr, zero_stage, precision, device, seed, clip_ratio, clip_value; micro_batch
         (sequences per forward/backward) and shard (sequences per train_step on this rank; a multiple
-        of micro_batch); gradient_checkpointing; logprob_chunk (tokens; None: all at once)."""
+        of micro_batch); gradient_checkpointing; logprob_chunk (tokens; None: all at once).
+        model_dir None: started ahead of its stage (cluster/pool.py `prestart`): DeepSpeed and
+        transformers imported; `reset` gives it the stage's model before `setup`."""
         if role not in ROLES:
             raise ValueError(f"unknown learner role {role!r}; choose one of {ROLES}")
+        self.prestarted = model_dir is None
+        if self.prestarted:
+            import_ahead("deepspeed", "transformers:AutoModelForCausalLM")
         self.role, self.model_dir, self.settings = role, model_dir, settings
         self.rank, self.world_size = rank, world_size
         self.engine = None
@@ -65,6 +71,7 @@ class Learner:
 
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the group and build the engine. Called on every rank at once."""
+        refuse_if_restarted(self)  # started ahead with no model: reset first
         # Each learner actor sees exactly one device (Ray sets CUDA_VISIBLE_DEVICES), so its local
         # rank is 0 whatever its rank in the group.
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),

@@ -67,3 +67,15 @@ def enable_gradient_checkpointing(model) -> None:
     target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(target.config, "use_cache", None):
         target.config.use_cache = False
+
+
+def import_ahead(*names: str) -> None:
+    """Import "module" or "module:attribute" (transformers' lazy names) now: for an actor started
+    ahead of its stage (cluster/pool.py `prestart`), whose start on CPU is mostly its imports."""
+    import importlib
+
+    for name in names:
+        module, _, attribute = name.partition(":")
+        loaded = importlib.import_module(module)
+        if attribute:
+            getattr(loaded, attribute)

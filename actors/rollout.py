@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.experience import pad
-from actors.models import torch_dtype
+from actors.models import import_ahead, torch_dtype
 from actors.restarts import refuse_if_restarted
 from cluster.pool import restarted_by_ray
 
@@ -184,12 +184,22 @@ def make_engine(engine: str, model_dir: str, **kw):
     raise ValueError(f"unknown rollout engine {engine!r}; choose 'vllm' or 'hf'")
 
 
+def import_engine(engine: str) -> None:
+    """Import what `make_engine(engine, ...)` needs, building nothing."""
+    import_ahead(*(["vllm:LLM"] if engine == "vllm" else []), "transformers:AutoModelForCausalLM", "transformers:AutoTokenizer")
+
+
 class RolloutWorker:
     """The rollout role: one engine, generate and update_weights. cluster/ makes it a Ray actor."""
 
-    def __init__(self, engine: str, model_dir: str, **engine_kwargs):
+    def __init__(self, engine: str, model_dir: str | None, **engine_kwargs):
+        """model_dir None: started ahead of its stage (cluster/pool.py `prestart`): the engine's
+        libraries are imported (most of a start on CPU), the engine is built by `reset`."""
         self.engine_name = engine
-        self.engine = make_engine(engine, model_dir, **engine_kwargs)
+        self.prestarted = model_dir is None
+        self.engine = None if self.prestarted else make_engine(engine, model_dir, **engine_kwargs)
+        if self.prestarted:
+            import_engine(engine)
         self.restarted = restarted_by_ray()  # then it generates nothing until reset (actors/restarts.py)
 
     # Kept between stages (cluster/pool.py): an engine with the same settings takes another model
@@ -200,8 +210,11 @@ class RolloutWorker:
         return ("RolloutWorker", engine, tuple(sorted(engine_kwargs.items())))
 
     def reset(self, engine: str, model_dir: str, **engine_kwargs) -> None:
-        self.engine.update_weights(model_dir)
-        self.restarted = False
+        if self.engine is None:  # started ahead
+            self.engine = make_engine(engine, model_dir, **engine_kwargs)
+        else:
+            self.engine.update_weights(model_dir)
+        self.prestarted = self.restarted = False
 
     def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
         refuse_if_restarted(self)
@@ -210,11 +223,15 @@ class RolloutWorker:
     def update_weights(self, model_dir: str) -> float:
         import time
 
+        if self.engine is None:  # started ahead (or restarted from that): reset builds the engine
+            refuse_if_restarted(self)
         t0 = time.perf_counter()
         self.engine.update_weights(model_dir)
         return time.perf_counter() - t0
 
     def _transfer_engine(self) -> "VLLMEngine":
+        if self.engine is None:
+            refuse_if_restarted(self)
         if not isinstance(self.engine, VLLMEngine):
             raise TypeError(f"weight transfer needs the vllm engine, not {self.engine_name!r} (use weight_sync: checkpoint)")
         return self.engine

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from actors.experience import SequenceBatch
-from actors.models import response_logprobs, torch_dtype
+from actors.models import import_ahead, response_logprobs, torch_dtype
 from actors.restarts import refuse_if_restarted
 from cluster.pool import restarted_by_ray
 from actors.score_model import end_scores
@@ -24,13 +24,20 @@ UNSAFE_LABEL_WORDS = ("unsafe", "harm", "toxic")
 
 
 class Scorer:
-    def __init__(self, role: str, model_dir: str, device: str = "cpu", dtype: str = "fp32", batch_size: int = 128,
+    def __init__(self, role: str, model_dir: str | None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 128,
                  logprob_chunk: int | None = None):
         if role not in ROLES:
             raise ValueError(f"unknown scorer role {role!r}; choose one of {ROLES}")
         from actors.score_model import ScoreModel, is_score_model_dir
 
         self.role, self.model_dir, self.device, self.batch_size = role, model_dir, device, batch_size
+        self.restarted = restarted_by_ray()  # then it scores nothing until reset (actors/restarts.py)
+        # model_dir None: started ahead of its stage (cluster/pool.py `prestart`), libraries imported;
+        # `reset` loads the stage's model.
+        self.prestarted = model_dir is None
+        if self.prestarted:
+            import_ahead("transformers:AutoModelForCausalLM", "transformers:AutoModelForSequenceClassification")
+            return
         self.logprob_chunk = logprob_chunk  # reference: tokens whose logprobs are computed at once
         self.classifier = role == "safety" and not is_score_model_dir(model_dir)
         if role == "reference":
@@ -47,7 +54,6 @@ class Scorer:
             self.model = ScoreModel.from_pretrained(model_dir, dtype=torch_dtype(dtype))
         self.model.to(device).eval()
         self._tokenizer = None
-        self.restarted = restarted_by_ray()  # then it scores nothing until reset (actors/restarts.py)
 
     # Kept between stages (cluster/pool.py): any role and model, loaded in the same process.
     @staticmethod

@@ -35,23 +35,17 @@ class LocalRoles:
         from actors.rollout import RolloutWorker
         from actors.scorer import Scorer
         from cluster.network import free_port
-        from stages.model_actors import engine_settings
-        from stages.safe_rlhf.resources import learner_roles, scorer_roles
+        from stages.safe_rlhf.roles import actor_arguments
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DS_ACCELERATOR=rl.device)
-        self.rollout = RolloutWorker(rl.engine, str(inputs["policy"]), **engine_settings(cfg, rl.engine, rl.max_new_tokens))
-        models = {"reward": inputs["reward_model"], "reference": inputs["policy"], "cost": inputs.get("cost_model")}
-        self.scorer = {r: Scorer(r, str(models[r]), rl.device, rl.precision, logprob_chunk=rl.logprob_chunk_tokens)
-                       for r in scorer_roles(rl.algorithm)}
-        settings = {"device": rl.device, "precision": rl.precision, "zero_stage": rl.zero_stage, "seed": cfg.seed,
-                    "shard": rl.learner_shard, "micro_batch": rl.micro_batch_size or rl.learner_shard,
-                    "gradient_checkpointing": rl.gradient_checkpointing, "logprob_chunk": rl.logprob_chunk_tokens,
-                    "clip_ratio": rl.clip_ratio, "clip_value": rl.clip_value}
-        lr = {"policy": rl.actor_lr, "reward_critic": rl.critic_lr, "cost_critic": rl.critic_lr}
-        start = {"policy": inputs["policy"], "reward_critic": inputs["reward_model"], "cost_critic": inputs.get("cost_model")}
+        # the round's own constructor arguments; in one process the weights go through a checkpoint directory
+        rollout, scorers, learners = actor_arguments(cfg, rl, inputs)
+        (args, kw), = rollout.values()
+        self.rollout = RolloutWorker(*args, **({**kw, "weight_sync": "checkpoint"} if "weight_sync" in kw else kw))
+        self.scorer = {r: Scorer(*a, **k) for r, (_, a, k) in scorers.items()}
         self.learners = {}
-        for role in learner_roles(rl.algorithm):
-            self.learners[role] = Learner(role, str(start[role]), {**settings, "lr": lr[role]})
+        for role, ((_, args, kw),) in learners.items():  # one rank per role
+            self.learners[role] = Learner(*args, **kw)
             self.learners[role].setup("127.0.0.1", int(os.environ["MASTER_PORT"]))
         self.sync_dir, self.retries = tmp / "sync", 0
         self.policy_step = self.rollout_step = 0

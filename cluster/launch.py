@@ -87,6 +87,7 @@ class Launcher:
         self.plan, self.env, self.handles, self.prefix, self.pool = plan, env, [], prefix, pool
         self.started: dict[str, tuple] = {}  # name -> (handle, args, kwargs): what `reload` loads again
         self.reused: list[str] = []  # names of the actors borrowed from the pool
+        self.ahead: list[str] = []  # those of them started ahead of the stage (the rest: kept from the last one)
         self.resets: dict[str, object] = {}  # name -> ref of a borrowed actor's reset: wait on them (`take_resets`)
         if placement is not None:
             self.pg, self.offset, self.owned = placement[0], placement[1], False
@@ -128,6 +129,8 @@ class Launcher:
                 if reset is not None:
                     self.resets[name] = reset
                     self.reused.append(name)
+                    if self.pool.started_ahead(self.prefix + name):
+                        self.ahead.append(name)
                 self._started(name, handle, args, kwargs)
             return [h for h, _ in lent]
         handles = []

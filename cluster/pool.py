@@ -20,6 +20,12 @@ own model into it (`reset`): round 2 takes round 1's `rollout-0`, `scorer-reward
   which run alone, borrow without reserving. That is also why the pool is off on GPUs: a parked
   actor would hold its GPU, which the fits between the rounds need.
 - Baseline rounds do not park their actors: nothing after them has their names.
+- The first round's actors have no earlier stage to come from: the driver starts them ahead
+  (`prestart`, with no model) once the stages the round needs are running (the reward and cost
+  fits), so that their imports run meanwhile and round 1 only loads its models; only where the
+  fits leave at least one CPU of the cluster unreserved. Where they fill it (2 cores, the default
+  config) the imports would be the same CPU work done earlier, and the fits beside them took
+  longer by more than round 1's start-up saved.
 """
 from __future__ import annotations
 
@@ -28,12 +34,17 @@ import time
 from typing import Any, Callable
 
 
+PARKED_ANSWER_S = 30.0  # a parked actor that does not answer within this is taken for hung (and replaced)
+
+
 class ActorPool:
     def __init__(self):
         self._parked: dict[str, tuple[tuple, Any]] = {}  # name -> (reuse key, handle)
         self._lent: dict[str, tuple[tuple, Any]] = {}
         self._lock = threading.Lock()
-        self.created = self.reused = 0  # over the driver's life (the round logs its own share)
+        self._starting: set[str] = set()  # parked by `prestart`: may still be in their constructor
+        self._lent_ahead: set[str] = set()  # lent, and started ahead by `prestart` (not kept from a stage)
+        self.created = self.reused = self.prestarted = 0  # over the driver's life (the round logs its own share)
 
     def lend(self, name: str, key: tuple, create: Callable[[], Any]) -> tuple[Any, bool]:
         """The parked actor `name` when its key equals `key` (-> (handle, True): the caller resets it
@@ -50,8 +61,11 @@ class ActorPool:
                 raise RuntimeError(f"actors {taken} are lent to another stage; stages that run side by side need "
                                    "actors of their own names (an actor prefix)")
             parked = [self._parked.pop(n, None) for n, _, _ in items]
+            starting = {n for n, _, _ in items} & self._starting
+            self._starting -= starting
         reuse = all(p is not None and p[0] == key for p, (_, key, _) in zip(parked, items))
-        reuse = reuse and all([_usable(p[1]) for p in parked])  # every one checked (a dead one is killed)
+        # every one checked (a dead one is killed); one started ahead may still be importing: waited for
+        reuse = reuse and all([_usable(p[1], None if n in starting else PARKED_ANSWER_S) for p, (n, _, _) in zip(parked, items)])
         if reuse:
             out = [(p[1], True) for p in parked]
         else:
@@ -71,6 +85,8 @@ class ActorPool:
         with self._lock:
             for (handle, reused), (name, key, _) in zip(out, items):
                 self._lent[name] = (key, handle)
+                if reused and name in starting:
+                    self._lent_ahead.add(name)
                 self.reused += reused
                 self.created += not reused
         return out
@@ -79,26 +95,50 @@ class ActorPool:
                env: dict[str, str]) -> list[tuple[Any, Any]]:
         """Actors of role class `cls` for [(name, args, kwargs)], lent as a group: -> [(handle, ref of
         its `reset` with the args, or None for a new one)]. A new one is made as every kept actor is:
-        no CPUs reserved, `cpus` worth of torch threads, `max_restarts` (in the key with `reuse_key`)."""
-        import math
-
-        import ray
-
-        env = {"OMP_NUM_THREADS": str(max(1, math.floor(cpus))), **env}  # num_cpus 0 would give one thread
-
-        def creator(name, args, kwargs):
-            return lambda: ray.remote(cls).options(name=name, num_cpus=0, max_restarts=max_restarts, max_concurrency=1,
-                                                   runtime_env={"env_vars": env}).remote(*args, **kwargs)
-
-        lent = self.lend_group([(n, (*cls.reuse_key(*a, **kw), ("max_restarts", max_restarts)), creator(n, a, kw))
+        no CPUs reserved, `cpus` worth of torch threads, `max_restarts` (in the key with `reuse_key`).
+        The environment is the first borrower's (or `prestart`'s): it is not in the key."""
+        lent = self.lend_group([(n, _key(cls, a, kw, max_restarts), _creator(cls, n, a, kw, cpus, max_restarts, env))
                                 for n, a, kw in members])
         # a reset runs before the borrower's later calls (Ray keeps one caller's calls in order)
         return [(h, h.reset.remote(*a, **kw) if reused else None) for (h, reused), (_, a, kw) in zip(lent, members)]
+
+    def prestart(self, cls, members: list[tuple[str, tuple, dict]], cpus: float, max_restarts: int,
+                 env: dict[str, str]) -> list[str]:
+        """Start actors ahead of the stage that will borrow them, as `borrow` would make them, and
+        park them at once: their processes import their libraries while the stages before run.
+        The args are the borrower's with no model (model_dir None: the role class builds nothing;
+        the borrower's `reset` loads its model). A group whose names are parked or lent already is
+        left alone. -> the names started."""
+        with self._lock:
+            if any(n in self._parked or n in self._lent for n, _, _ in members):
+                return []
+        started = []
+        try:
+            for n, a, kw in members:
+                started.append((n, _key(cls, a, kw, max_restarts), _creator(cls, n, a, kw, cpus, max_restarts, env)()))
+        except BaseException:
+            import ray
+
+            for _, _, handle in started:  # a group is all or nothing
+                ray.kill(handle)
+            raise
+        with self._lock:
+            for name, key, handle in started:
+                self._parked[name] = (key, handle)
+                self._starting.add(name)
+                self.prestarted += 1
+        return [n for n, _, _ in started]
+
+    def started_ahead(self, name: str) -> bool:
+        """Whether the lent actor `name` was started ahead by `prestart` (else kept from a stage)."""
+        with self._lock:
+            return name in self._lent_ahead
 
     def give_back(self, name: str, keep: bool = True) -> None:
         """Park a lent actor (keep) or kill it (after a failure: its state is unknown)."""
         with self._lock:
             entry = self._lent.pop(name, None)
+            self._lent_ahead.discard(name)
             if entry is not None and keep:
                 self._parked[name] = entry
         if entry is not None and not keep:
@@ -117,9 +157,26 @@ class ActorPool:
         with self._lock:
             entries = list(self._parked.values()) + list(self._lent.values())
             self._parked.clear()
+            self._starting.clear()
+            self._lent_ahead.clear()
             self._lent.clear()
         for _, handle in entries:
             ray.kill(handle)
+
+
+def _key(cls, args: tuple, kwargs: dict, max_restarts: int) -> tuple:
+    return (*cls.reuse_key(*args, **kwargs), ("max_restarts", max_restarts))
+
+
+def _creator(cls, name: str, args: tuple, kwargs: dict, cpus: float, max_restarts: int, env: dict[str, str]):
+    """A function that starts `cls(*args, **kwargs)` as a kept actor named `name`."""
+    import math
+
+    import ray
+
+    env = {"OMP_NUM_THREADS": str(max(1, math.floor(cpus))), **env}  # num_cpus 0 would give one thread
+    return lambda: ray.remote(cls).options(name=name, num_cpus=0, max_restarts=max_restarts, max_concurrency=1,
+                                           runtime_env={"env_vars": env}).remote(*args, **kwargs)
 
 
 def restarted_by_ray() -> bool:
@@ -146,10 +203,11 @@ def ever_restarted(obj) -> bool:
     return restarted_by_ray()
 
 
-def _usable(handle, timeout_s: float = 30.0) -> bool:
-    """Whether a parked actor answers and has never been restarted by Ray. One killed while parked
-    (the OOM killer) is dead, or was restarted by Ray: it would come with part of its restart budget
-    spent. Either way it is not lent again (a dead one is killed for good)."""
+def _usable(handle, timeout_s: float | None) -> bool:
+    """Whether a parked actor answers (within timeout_s; None: however long its constructor takes)
+    and has never been restarted by Ray. One killed while parked (the OOM killer) is dead, or was
+    restarted by Ray: it would come with part of its restart budget spent. Either way it is not
+    lent again (a dead one is killed for good)."""
     import ray
 
     try:

@@ -82,6 +82,7 @@ class Driver:
         self._ray_lock = threading.Lock()  # stages start in threads
         self._external_hashes: dict[Path, str] = {}
         self.actor_pool = None  # cluster.pool.ActorPool once Ray is up, with safe_rlhf.keep_actors
+        self._prestarted = False  # the first round's actors were started ahead (`_prestart`)
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> "Driver":
@@ -286,11 +287,37 @@ class Driver:
                     self._ray_connected = self._ray_checked = False
 
 
+    def _prestart(self, pending: list[StageSpec], running: set[str], forced: set[str]) -> None:
+        """With kept actors: start the actors of the first round this run will run ahead, with no
+        models, once (later rounds borrow the round before's), as soon as every stage it depends
+        on is running or done. Their imports, most of a round's start-up on CPU, then run while
+        its last inputs are made (the reward and cost fits), not at its start, where the fits
+        leave CPUs free (the stage's `prestart` decides). Not earlier: beside SFT, whose torch
+        threads work as one team, they cost SFT more than their own CPU time."""
+        if self._prestarted or self.actor_pool is None:
+            return
+        spec = next((s for s in pending if s.prestart and self._will_run(s.name, s.name in forced)), None)
+        if spec is None:
+            self._prestarted = True
+            return
+        to_run = {s.name for s in pending if self._will_run(s.name, s.name in forced)}  # done ones forced again too
+        if not all(d in running or (d not in to_run and self.status_of(d) == "done") for d in spec.deps):
+            return
+        self._prestarted = True
+        try:
+            names = spec.load_prestart()(self.cfg, dict(spec.params), self.actor_pool, log)
+        except Exception as e:  # noqa: BLE001 - a speed-up: the round starts its own actors
+            log(f"prestart {spec.name}: failed ({type(e).__name__}: {e}); the round starts its own actors")
+            return
+        if names:
+            log(f"prestart {spec.name}'s actors ({len(names)}, no models yet) while the stages it needs finish")
+
     def _run_stages(self, stages: list[StageSpec], forced: set[str], limit: int | None) -> str:
         """Start each stage once every stage it depends on has finished as done; independent ones
         side by side in threads (the work itself is in Ray). After a failure or a stage that waits
         for a person no new stage starts; the running ones finish, then the first failure is raised."""
         pending, running = list(stages), {}
+        self._prestarted = False
         failure: BaseException | None = None
         waiting = False
         with ThreadPoolExecutor(max_workers=max(1, limit or len(stages)), thread_name_prefix="stage") as pool:
@@ -308,6 +335,12 @@ class Driver:
                             # thread, which ends, made ray.shutdown wait 15 s on its flush timeouts.
                             self._ensure_ray()
                         running[pool.submit(self.run_stage, spec, spec.name in forced)] = spec
+                if failure is None and not waiting and not self._ray_checked and any(
+                        s.needs_ray and self._will_run(s.name, s.name in forced) for s in pending):
+                    # Ray starts while the first stages (world, ingest), which do not need it, run.
+                    self._ensure_ray()
+                if self._ray_checked and failure is None and not waiting:
+                    self._prestart(pending, {s.name for s in running.values()}, forced)
                 if not running:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -25,14 +25,24 @@ class StageSpec:
     external_inputs: Callable[[RunConfig], list[Path]] = field(default=lambda cfg: [])
     needs_ray: bool = False
     params: tuple[tuple[str, object], ...] = ()  # e.g. (("round", 2),), passed to the stage
+    # "module:function" (cfg, params, actor pool, log) -> names: starts the stage's actors ahead, with
+    # no models, while the stages it needs run (cluster/pool.py); None: the stage starts its own.
+    prestart: str | None = None
 
     @property
     def base_name(self) -> str:
         return self.name.split("@")[0]
 
     def load(self):
-        module, _, fn = self.module.partition(":")
-        return getattr(importlib.import_module(module), fn or "run")
+        return _function(self.module, "run")
+
+    def load_prestart(self):
+        return _function(self.prestart, None)
+
+
+def _function(ref: str, default: str | None):
+    module, _, fn = ref.partition(":")
+    return getattr(importlib.import_module(module), fn or default)
 
 
 def build_graph(cfg: RunConfig) -> list[StageSpec]:
@@ -73,7 +83,8 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
         # the first ingest too: its held-out labelled answers are threshold auto's fixed reference set
         deps = world + sft + tuple(dict.fromkeys(("ingest", ingest))) + (fits[0],) + ((fits[1],) if uses_cost_model(algorithm) else ())
         return StageSpec(name, "stages.safe_rlhf.round", deps + prev, ("seed", "model.path", "model.max_prompt_tokens")
-                         + shared + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params)
+                         + shared + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params,
+                         prestart=None if params else "stages.safe_rlhf.roles:prestart")  # baselines keep no actors
 
     for k in range(1, n_rounds + 1):
         stages.append(round_stage(f"safe_rlhf@{k}", k, (f"safe_rlhf@{k - 1}",) if k > 1 else ()))

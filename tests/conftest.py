@@ -58,8 +58,10 @@ SMALL_PIPELINE = {
     "world": {"n_pairs": 1000, "n_sft": 2000},
     "model": {"small": {"vocab_size": 1024}},
     "sft": {"epochs": 3, "lr": 3e-3, "checkpoint_every_steps": 50},
-    "reward": {"epochs": 2, "checkpoint_every_steps": 10},
-    "cost": {"epochs": 2, "checkpoint_every_steps": 10},
+    # half a CPU each: the fits leave one of the cluster's two free, so round 1's actors start ahead
+    # beside them (on the default 1 CPU each they fill the cluster and start with the round)
+    "reward": {"epochs": 2, "checkpoint_every_steps": 10, "cpus_per_worker": 0.5},
+    "cost": {"epochs": 2, "checkpoint_every_steps": 10, "cpus_per_worker": 0.5},
     "safe_rlhf": {"engine": "vllm", "rounds": [{"threshold": "auto", "lambda_init": 1.0, "lambda_lr": 0.5}],
                   "steps_per_round": 6, "prompts_per_step": 16, "max_new_tokens": 40, "actor_lr": 5e-5,
                   "critic_lr": 5e-5, "checkpoint_every_steps": 2, "max_num_seqs": 64},

@@ -247,3 +247,67 @@ def test_a_stage_status_looks_at_each_upstream_stage_once(tmp_path):
     assert set(reads) == {f"s{i}" for i in range(16)} and len(reads) <= 3 * 16  # not one per path (~2,000)
     (tmp_path / "stages" / "s3" / "value.txt").unlink()  # an upstream output goes missing:
     assert driver.status_of("s15") == "pending"  # no stale answer is kept between calls
+
+
+def test_the_first_round_this_run_runs_has_its_actors_started_ahead_once(tmp_path, monkeypatch):
+    """With kept actors the driver starts the first pending round's actors (the graph's `prestart`)
+    once every stage the round depends on is running or done, before the round starts; a done
+    round is not started ahead again, and the round after it is the one started ahead next run."""
+    import sys
+    import time
+    import types
+
+    class FakePool:
+        def close(self):
+            pass
+
+    started_ahead = []
+
+    def record_prestart(cfg, params, pool, log):
+        started_ahead.append((params["round"], isinstance(pool, FakePool), time.time()))
+        return ["rollout-0"]
+
+    def slow(ctx):
+        time.sleep(0.5)
+        (ctx.out_dir / "v.txt").write_text(ctx.name)
+        return fake_stages.StageResult({"v": "v.txt"})
+
+    monkeypatch.setitem(sys.modules, "tests.fake_prestart", types.SimpleNamespace(prestart=record_prestart, run=slow))
+    g = [StageSpec("a", "tests.fake_stages"), StageSpec("b", "tests.fake_prestart", ("a",)),
+         StageSpec("r1", "tests.fake_consume", ("a", "b"), params=(("round", 1),), prestart="tests.fake_prestart:prestart"),
+         StageSpec("r2", "tests.fake_consume", ("a", "r1"), params=(("round", 2),), prestart="tests.fake_prestart:prestart")]
+
+    def driver():
+        d = Driver(small_config(), tmp_path, g)
+        d._ray_checked, d.actor_pool = True, FakePool()  # as after _ensure_ray with safe_rlhf.keep_actors
+        return d
+
+    def events():
+        return {(e["stage"], e["event"]): e["time"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())}
+
+    driver().run(until="r1")
+    (k, pooled, at), = started_ahead
+    ev = events()
+    assert k == 1 and pooled
+    assert ev[("a", "done")] <= at < ev[("b", "done")] < ev[("r1", "start")]  # once b, the last input, runs
+    started_ahead.clear()
+    driver().run()  # r1 is done: r2 is the first round to run (its inputs are done: started ahead at once)
+    assert [r for r, _, _ in started_ahead] == [2] and started_ahead[0][2] < events()[("r2", "start")]
+    started_ahead.clear()
+    driver().run()  # nothing to run: nothing started ahead
+    assert started_ahead == []
+    driver().run(from_stage="a")  # a and b run again: their old outputs do not count as done
+    (k, _, at), = started_ahead
+    assert k == 1 and events()[("a", "done")] <= at < events()[("r1", "start")]
+    started_ahead.clear()
+    no_pool = Driver(small_config(), tmp_path, g)
+    no_pool._ray_checked = True  # Ray up, keep_actors off: no pool, nothing started ahead
+    no_pool.run(from_stage="r2")
+    assert started_ahead == []
+
+    def broken(cfg, params, pool, log):
+        raise RuntimeError("no actors today")
+
+    monkeypatch.setitem(sys.modules, "tests.fake_prestart", types.SimpleNamespace(prestart=broken, run=slow))
+    driver().run(from_stage="r1")  # a failed start ahead is a lost speed-up, not a failed run
+    assert Driver(small_config(), tmp_path, g).status_of("r2") == "done"

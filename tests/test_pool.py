@@ -29,7 +29,7 @@ class Tagged:
 def local_ray():
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:
@@ -116,21 +116,15 @@ def test_a_group_is_reused_whole_or_not_at_all(local_ray):
     pool.close()
 
 
-def test_a_restarted_rollout_worker_refuses_work_until_reset_and_the_round_names_it(local_ray, small_model_dir):
-    """Ray restarts a dead actor with the arguments it was first created with (with kept actors, an
-    earlier stage's model): a call that reaches it before the caller reloads it must fail, naming
-    the actor, so that the round retries in place after a reload (not sample from the wrong model)."""
+def kill_and_expect_a_restart_the_round_names(ray, worker, sampling) -> None:
+    """SIGKILL rollout worker `worker`, wait until Ray has restarted it, then check that its next
+    `generate` reaches the round as the death of `rollout-0`, kind rollout (retry in place)."""
     import signal
     import time
     from types import SimpleNamespace
 
-    from actors.rollout import RolloutWorker, Sampling
     from stages.safe_rlhf.roles import ActorDied, RoundRoles
 
-    ray = local_ray
-    worker = ray.remote(RolloutWorker).options(num_cpus=0, max_restarts=1).remote("hf", str(small_model_dir))
-    sampling = Sampling(8, seed=3)
-    first = ray.get(worker.generate.remote(["a prompt"], sampling))
     os.kill(ray.get(worker.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
     deadline = time.monotonic() + 120
     while True:  # Ray restarts it; until then calls fail as a dead actor's
@@ -144,6 +138,19 @@ def test_a_restarted_rollout_worker_refuses_work_until_reset_and_the_round_names
     with pytest.raises(ActorDied) as died:
         RoundRoles._get(roles, [worker.generate.remote(["a prompt"], sampling)])
     assert (died.value.name, died.value.kind) == ("rollout-0", "rollout")
+
+
+def test_a_restarted_rollout_worker_refuses_work_until_reset_and_the_round_names_it(local_ray, small_model_dir):
+    """Ray restarts a dead actor with the arguments it was first created with (with kept actors, an
+    earlier stage's model): a call that reaches it before the caller reloads it must fail, naming
+    the actor, so that the round retries in place after a reload (not sample from the wrong model)."""
+    from actors.rollout import RolloutWorker, Sampling
+
+    ray = local_ray
+    worker = ray.remote(RolloutWorker).options(num_cpus=0, max_restarts=1).remote("hf", str(small_model_dir))
+    sampling = Sampling(8, seed=3)
+    first = ray.get(worker.generate.remote(["a prompt"], sampling))
+    kill_and_expect_a_restart_the_round_names(ray, worker, sampling)
     ray.get(worker.reset.remote("hf", str(small_model_dir)))
     again = ray.get(worker.generate.remote(["a prompt"], sampling))
     assert again.response_ids == first.response_ids
@@ -173,4 +180,85 @@ def test_an_actor_restarted_by_ray_while_parked_is_not_lent_again(local_ray):
     b, reused = pool.lend("p-restarted", ("Tagged", 1), create)
     assert not reused and dies(ray, a)
     assert ray.get(b.state.remote()) == ("round 1", 0, ray.get(b.state.remote())[2])
+    pool.close()
+
+
+class SlowStart(Tagged):
+    """A role class whose constructor takes a while, as a CPU actor's imports do."""
+
+    def __init__(self, tag, group: int = 1):
+        import time
+
+        time.sleep(4)
+        super().__init__(tag, group)
+
+
+def test_an_actor_started_ahead_is_waited_for_while_a_parked_one_that_does_not_answer_is_replaced(local_ray, monkeypatch):
+    """A prestarted actor may still be importing when its stage borrows it: it is waited for, not
+    taken for a hung parked actor (those get PARKED_ANSWER_S)."""
+    import cluster.pool
+
+    ray, pool = local_ray, ActorPool()
+    monkeypatch.setattr(cluster.pool, "PARKED_ANSWER_S", 1.0)  # shorter than SlowStart's constructor
+    assert pool.prestart(SlowStart, [("p-ahead", (None,), {})], 1, 0, {}) == ["p-ahead"]
+    assert pool.prestart(SlowStart, [("p-ahead", (None,), {})], 1, 0, {}) == []  # once
+    (handle, reset), = pool.borrow(SlowStart, [("p-ahead", ("round 1",), {})], 1, 0, {})
+    assert reset is not None  # borrowed, not replaced
+    ray.get(reset)
+    pid = ray.get(handle.state.remote())[2]
+    assert ray.get(handle.state.remote()) == ("round 1", 1, pid)
+    pool.give_back("p-ahead")
+    # a parked actor that is not answering within PARKED_ANSWER_S (here: busy in a 4 s call) is replaced
+    handle.__ray_call__.remote(lambda self: __import__("time").sleep(4))
+    (again, reset), = pool.borrow(SlowStart, [("p-ahead", ("round 2",), {})], 1, 0, {})
+    assert reset is None and dies(ray, handle)
+    assert ray.get(again.state.remote())[:2] == ("round 2", 0)
+    assert (pool.prestarted, pool.reused, pool.created) == (1, 1, 1)
+    pool.close()
+
+
+def test_round_actors_started_ahead_refuse_work_until_the_round_loads_its_models(local_ray, small_model_dir):
+    """`prestart` makes a round's actors with no models, as the round's Launcher would borrow them;
+    the round then borrows every one and its reset loads the round's models: a rollout worker
+    started ahead samples what a fresh one does, and before its reset it refuses to sample. Killed
+    and restarted by Ray (with no model again), it counts as restarted, as any round actor does."""
+    from actors.rollout import RolloutWorker, Sampling
+    from cluster.launch import Launcher
+    from stages.safe_rlhf.resources import resource_plan
+    from stages.safe_rlhf.roles import actor_arguments, actor_env, prestart
+    from tests.conftest import small_config
+
+    ray, pool = local_ray, ActorPool()
+    said = []
+    # the fits reserve both of the cluster's CPUs (the default here): nothing is started ahead
+    assert prestart(small_config(**{"safe_rlhf.engine": "hf"}), {"round": 1}, pool, said.append) == []
+    assert pool.parked() == [] and "leaves no whole CPU" in said[0]
+    cfg = small_config(**{"safe_rlhf.engine": "hf", "reward.cpus_per_worker": 0.5, "cost.cpus_per_worker": 0.5})
+    rl = cfg.safe_rlhf
+    started = prestart(cfg, {"round": 1}, pool, said.append)
+    assert sorted(started) == sorted(pool.parked()) == sorted(
+        ["rollout-0", "scorer-reward-0", "scorer-reference-0", "scorer-cost-0",
+         "learner-policy-0", "learner-reward_critic-0", "learner-cost_critic-0"])
+    early = ray.get_actor("rollout-0")
+    with pytest.raises(ray.exceptions.RayTaskError, match="started ahead of its stage"):
+        ray.get(early.generate.remote(["a prompt"], Sampling(8, seed=3)))
+    # the round's own launcher borrows them (borrowed actors live outside its placement group)
+    launcher = Launcher(resource_plan(rl), actor_env(rl), name="p-round", pool=pool, placement=(None, 0))
+    models = {"policy": small_model_dir, "reward_model": small_model_dir, "cost_model": small_model_dir}
+    rollout, _, _ = actor_arguments(cfg, rl, models)
+    (name, (args, kwargs)), = rollout.items()
+    worker = launcher.start(RolloutWorker, name, *args, max_restarts=rl.max_actor_restarts, **kwargs)
+    assert launcher.reused == launcher.ahead == ["rollout-0"] and worker._actor_id == early._actor_id
+    ray.get(list(launcher.take_resets().values()))
+    fresh = ray.remote(RolloutWorker).options(num_cpus=0).remote(*args, **kwargs)
+    sampling = Sampling(8, seed=3)
+    first = ray.get(worker.generate.remote(["a prompt"], sampling)).response_ids
+    assert first == ray.get(fresh.generate.remote(["a prompt"], sampling)).response_ids
+    ray.kill(fresh)
+    # Killed from outside mid-round, Ray restarts it with the arguments it was made with: no model.
+    # The round must see a restart (ActorDied, kind rollout: reload and retry in place), not a misuse.
+    kill_and_expect_a_restart_the_round_names(ray, worker, sampling)
+    ray.get(launcher.reload("rollout-0"))
+    assert ray.get(worker.generate.remote(["a prompt"], sampling)).response_ids == first
+    launcher.shutdown(keep=False)
     pool.close()

@@ -41,6 +41,13 @@ def test_round_runs_ppo_lagrangian_with_vllm_rollouts(small_pipeline):
     assert {"lambda", "episode_cost", "time_generate_mean", "time_setup", "round_restarts"} <= set(manifest["metrics"])
     # The round reports training figures only: harm is measured once, by `evaluate` (one name, one number).
     assert "harmful_rate" not in manifest["metrics"]
+    # The user's default (keep_actors on CPU): round 1's seven actors were started ahead, while the
+    # fits ran, and the round borrowed every one of them.
+    err = small_pipeline["proc"].stderr
+    assert (manifest["metrics"]["actors_started_ahead"], manifest["metrics"]["actors_kept"]) == (7, 0)
+    ahead = err.index("prestart safe_rlhf@1's actors (7, no models yet)")
+    assert err.index("done  sft") < ahead < err.index("start safe_rlhf@1")
+    assert "(7 started ahead)" in err
 
 
 def test_lambda_moves_with_episode_cost_against_threshold(small_pipeline):

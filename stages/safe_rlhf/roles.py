@@ -40,6 +40,7 @@ from actors.scorer import Scorer
 from cluster.launch import Launcher
 from cluster.weight_sync import make_weight_sync
 from stages.model_actors import ACTOR_ENV, engine_settings
+from stages.objectives import uses_cost_model
 from stages.safe_rlhf.resources import learner_roles, resource_plan, scorer_roles
 
 
@@ -64,17 +65,72 @@ def _split(n: int, parts: int) -> list[slice]:
 class LearnerGroup:
     """N learners of one role as one data-parallel group, with typed methods that return refs."""
 
-    def __init__(self, launcher: Launcher, role: str, model_dir: str, settings: dict, size: int):
-        self.role, self.size = role, size
-        self.names = [f"learner-{role}-{i}" for i in range(size)]
-        self.ranks = launcher.start_group(Learner, [(name, (role, model_dir, settings, i, size), {})
-                                                    for i, name in enumerate(self.names)])
+    def __init__(self, launcher: Launcher, role: str, members: list[tuple[str, tuple, dict]]):
+        self.role, self.size = role, len(members)
+        self.names = [name for name, _, _ in members]
+        self.ranks = launcher.start_group(Learner, members)
 
     def forward(self, seqs: SequenceBatch) -> list:
         return [r.forward.remote(seqs.select(s)) for r, s in zip(self.ranks, _split(len(seqs), self.size))]
 
     def train_step(self, batch: PolicyMinibatch | CriticMinibatch) -> list:
         return [r.train_step.remote(batch.select(s)) for r, s in zip(self.ranks, _split(len(batch.seqs), self.size))]
+
+
+def actor_arguments(cfg, rl, models: dict) -> tuple[dict, dict, dict]:
+    """What a round's actors are built from, by name: (rollout {name: (args, kwargs)}, scorers
+    {role: (name, args, kwargs)}, learner groups {role: [(name, args, kwargs) per rank]}).
+    models: policy, reward_model, cost_model (when used); absent: none yet (`prestart`)."""
+    path = {k: None if models.get(k) is None else str(models[k]) for k in ("policy", "reward_model", "cost_model")}
+    engine_kw = engine_settings(cfg, rl.engine, rl.max_new_tokens, weight_sync=rl.weight_sync)
+    rollout = {f"rollout-{i}": ((rl.engine, path["policy"]), engine_kw) for i in range(rl.rollout_workers)}
+    scorer_model = {"reward": path["reward_model"], "reference": path["policy"], "cost": path["cost_model"]}
+    scorers = {r: (f"scorer-{r}-0", (r, scorer_model[r], rl.device, rl.precision), {"logprob_chunk": rl.logprob_chunk_tokens})
+               for r in scorer_roles(rl.algorithm)}
+    settings = {"device": rl.device, "precision": rl.precision, "zero_stage": rl.zero_stage, "seed": cfg.seed,
+                "shard": rl.learner_shard, "micro_batch": rl.micro_batch_size or rl.learner_shard,
+                "gradient_checkpointing": rl.gradient_checkpointing, "logprob_chunk": rl.logprob_chunk_tokens,
+                "clip_ratio": rl.clip_ratio, "clip_value": rl.clip_value}
+    lr = {"policy": rl.actor_lr, "reward_critic": rl.critic_lr, "cost_critic": rl.critic_lr}
+    start_model = {"policy": path["policy"], "reward_critic": path["reward_model"], "cost_critic": path["cost_model"]}
+    size = rl.learners_per_role
+    learners = {r: [(f"learner-{r}-{i}", (r, start_model[r], {**settings, "lr": lr[r]}, i, size), {}) for i in range(size)]
+                for r in learner_roles(rl.algorithm)}
+    return rollout, scorers, learners
+
+
+def actor_env(rl) -> dict[str, str]:
+    """The environment of a round's actors."""
+    return {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}
+
+
+def prestart(cfg, params: dict, pool, log=print) -> list[str]:
+    """Start a round's actors in the driver's pool ahead of the round, with no models (the graph's
+    `prestart` of safe_rlhf@k; the driver calls it for the first round it will run, once the
+    stages the round needs are running: the reward and cost fits). They are made as the round's
+    Launcher would borrow them (names, threads, restart budget, environment), so the round borrows
+    them and only loads its models. Only onto CPUs the fits leave free: where the fits reserve the
+    whole cluster (2 cores here), the imports would only slow the fits by what they save the round.
+    -> the names started."""
+    import ray
+
+    rl = cfg.safe_rlhf
+    total = ray.cluster_resources().get("CPU", 0.0)
+    fits = [cfg.reward] + ([cfg.cost] if uses_cost_model(rl.algorithm) else [])
+    reserved = sum(t.num_workers * t.cpus_per_worker for t in fits)
+    if total - reserved < 1:
+        log(f"round {params['round']}'s actors start with the round: the fits before it reserve {reserved:g} of the "
+            f"cluster's {total:g} CPUs, which leaves no whole CPU to start them ahead on")
+        return []
+    plan, env, restarts = resource_plan(rl), actor_env(rl), rl.max_actor_restarts
+    rollout, scorers, learners = actor_arguments(cfg, rl, {})
+    groups = [(RolloutWorker, [(n, a, kw)], restarts) for n, (a, kw) in rollout.items()]
+    groups += [(Scorer, [member], restarts) for member in scorers.values()]
+    groups += [(Learner, members, 0) for members in learners.values()]
+    started = []
+    for cls, members, max_restarts in groups:
+        started += pool.prestart(cls, members, plan.spec(members[0][0]).cpus, max_restarts, env)
+    return started
 
 
 def worker_sampling(sampling: Sampling, worker: int) -> Sampling:
@@ -88,7 +144,7 @@ class RoundRoles:
 
         self.rl, self.log, self._ray = rl, log, ray
         self.plan = resource_plan(rl)
-        env = {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}
+        env = actor_env(rl)
         # A baseline round may run beside round 1 (on a machine with the CPUs for both): its actors
         # need names of their own, and it keeps none (nothing after it has their names).
         baseline = ctx.name.startswith("baseline_")
@@ -108,22 +164,12 @@ class RoundRoles:
     def _start(self, ctx, rl, inputs: dict, sync_dir: Path) -> None:
         start = self.launcher.start
         restarts = rl.max_actor_restarts  # rollout workers and scorers come back; learners do not
-        engine_kw = engine_settings(ctx.cfg, rl.engine, rl.max_new_tokens, weight_sync=rl.weight_sync)
-        self.rollout_names = [f"rollout-{i}" for i in range(rl.rollout_workers)]
-        self.rollout = [start(RolloutWorker, n, rl.engine, str(inputs["policy"]), max_restarts=restarts,
-                              env=self.plan.worker_env(n, self.launcher.offset), **engine_kw) for n in self.rollout_names]
-        models = {"reward": inputs["reward_model"], "reference": inputs["policy"], "cost": inputs.get("cost_model")}
-        self.scorer = {r: start(Scorer, f"scorer-{r}-0", r, str(models[r]), rl.device, rl.precision,
-                                logprob_chunk=rl.logprob_chunk_tokens, max_restarts=restarts)
-                       for r in scorer_roles(rl.algorithm)}
-        settings = {"device": rl.device, "precision": rl.precision, "zero_stage": rl.zero_stage, "seed": ctx.cfg.seed,
-                    "shard": rl.learner_shard, "micro_batch": rl.micro_batch_size or rl.learner_shard,
-                    "gradient_checkpointing": rl.gradient_checkpointing, "logprob_chunk": rl.logprob_chunk_tokens,
-                    "clip_ratio": rl.clip_ratio, "clip_value": rl.clip_value}
-        lr = {"policy": rl.actor_lr, "reward_critic": rl.critic_lr, "cost_critic": rl.critic_lr}
-        start_model = {"policy": inputs["policy"], "reward_critic": inputs["reward_model"], "cost_critic": inputs.get("cost_model")}
-        self.learners = {r: LearnerGroup(self.launcher, r, str(start_model[r]), {**settings, "lr": lr[r]}, rl.learners_per_role)
-                         for r in learner_roles(rl.algorithm)}
+        rollout, scorers, learners = actor_arguments(ctx.cfg, rl, inputs)
+        self.rollout_names = list(rollout)
+        self.rollout = [start(RolloutWorker, n, *a, max_restarts=restarts, env=self.plan.worker_env(n, self.launcher.offset),
+                              **kw) for n, (a, kw) in rollout.items()]
+        self.scorer = {r: start(Scorer, n, *a, max_restarts=restarts, **kw) for r, (n, a, kw) in scorers.items()}
+        self.learners = {r: LearnerGroup(self.launcher, r, members) for r, members in learners.items()}
         self.names = {h._actor_id.hex(): (n, "rollout") for h, n in zip(self.rollout, self.rollout_names)}
         self.names.update({h._actor_id.hex(): (f"scorer-{r}-0", "scorer") for r, h in self.scorer.items()})
         self.names.update({h._actor_id.hex(): (n, "learner") for g in self.learners.values() for h, n in zip(g.ranks, g.names)})

@@ -291,8 +291,10 @@ def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
     t_setup = time.perf_counter()
     roles = RoundRoles(ctx, rl, setup.inputs, sync_dir_for(ctx.run_dir, ctx.name, rl.device), log=ctx.log)
     time_setup = time.perf_counter() - t_setup
-    kept = roles.launcher.reused
-    ctx.log(f"  actors up in {time_setup:.1f}s" + (f" ({len(kept)} kept from the last stage)" if kept else "") + ": "
+    ahead = roles.launcher.ahead
+    kept = [n for n in roles.launcher.reused if n not in ahead]
+    origin = ([f"{len(kept)} kept from the last stage"] if kept else []) + ([f"{len(ahead)} started ahead"] if ahead else [])
+    ctx.log(f"  actors up in {time_setup:.1f}s" + (f" ({', '.join(origin)})" if origin else "") + ": "
             + ", ".join(f"{n} {t:.0f}s" for n, t in roles.ready_s.items()))
     finished = False
     try:
@@ -330,6 +332,7 @@ def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
                                    "next_rollout": rollout.state_dict() if rollout is not None else None})
         roles.export_policy(ctx.out_dir / "policy")
         summary = {**summarize(history), **threshold, "time_setup": round(time_setup, 2), "actors_kept": len(kept),
+                   "actors_started_ahead": len(ahead),
                    "retries_in_place": roles.retries}
         finished = True
     finally:
