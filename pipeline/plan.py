@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.safe_rlhf.resources import resource_plan
+from stages.safe_rlhf.resources import cpus_to_start_ahead, resource_plan
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -368,6 +368,7 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
     fits = [_plan_fit(stage, sec, getattr(cfg, sec), kind, s, cfg.model, gpu_memory_gib) for stage, sec, kind in FIT_SECTIONS]
     rl = cfg.safe_rlhf
     rnd = _plan_round(rl, cfg.model, s, gpu_memory_gib)
+    rnd["start_ahead_from_cpus"] = cpus_to_start_ahead(cfg) if rnd["keep_actors"] else None
     if rnd["fits"] is False and any(not g["fits"] for g in rnd["gpus"] if g["kind"] == "learner"):
         rnd["hint"] = _learner_hint(rl, cfg.model, s, gpu_memory_gib)
 
@@ -512,6 +513,10 @@ def format_plan(p: dict) -> str:
     elif rnd["device"] == "cpu":
         out.append(f"  all round actors together: ~{_g(rnd['host_gib_all_actors'])} GiB of host memory"
                    + (" (kept between stages: held during the fits too)" if rnd["keep_actors"] else ""))
+        if rnd["start_ahead_from_cpus"] is not None:
+            n = rnd["start_ahead_from_cpus"]
+            out.append(f"  round 1's actors start ahead, beside the fits, on a cluster of {n:g} CPUs or more (the fits "
+                       f"reserve {n - 1:g}); with fewer they start with the round")
     if rnd.get("hint"):
         out.append(f"  hint: {rnd['hint']}")
     out += ["", f"verdict: {p['verdict']}", ""] + p["notes"]

@@ -249,6 +249,8 @@ def test_tiny_plans_on_cpu_with_no_gpus():
     assert p["verdict"].startswith("CPU run")
     text = format_plan(p)
     assert "Plan for tiny" in text and "verdict: CPU run" in text
+    # the fits reserve 1 CPU each: round 1's actors start ahead from 3 CPUs (not on 2 cores)
+    assert rnd["start_ahead_from_cpus"] == 3 and "start ahead, beside the fits, on a cluster of 3 CPUs or more (the fits reserve 2)" in text
     assert plan(load_config(TINY), gpu_memory_gib=80)["verdict"].startswith("CPU run")
 
 

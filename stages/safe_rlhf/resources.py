@@ -11,7 +11,7 @@ holds one GPU, so both actors see the same device.
 from __future__ import annotations
 
 from cluster.launch import ActorSpec, ResourcePlan
-from stages.objectives import get_algorithm
+from stages.objectives import get_algorithm, uses_cost_model
 
 
 def learner_roles(algorithm: str) -> list[str]:
@@ -42,3 +42,10 @@ def resource_plan(rl) -> ResourcePlan:
             else:
                 actors.append(ActorSpec(f"learner-{r}-{i}", cpu, learner_gpu))
     return ResourcePlan(actors)
+
+
+def cpus_to_start_ahead(cfg) -> float:
+    """The cluster CPUs above which round 1's actors start ahead, beside the reward and cost fits
+    that run just before it (what those fits reserve, plus one whole CPU for the imports)."""
+    fits = [cfg.reward] + ([cfg.cost] if uses_cost_model(cfg.safe_rlhf.algorithm) else [])
+    return sum(t.num_workers * t.cpus_per_worker for t in fits) + 1

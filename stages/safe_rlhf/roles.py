@@ -40,8 +40,7 @@ from actors.scorer import Scorer
 from cluster.launch import Launcher
 from cluster.weight_sync import make_weight_sync
 from stages.model_actors import ACTOR_ENV, engine_settings
-from stages.objectives import uses_cost_model
-from stages.safe_rlhf.resources import learner_roles, resource_plan, scorer_roles
+from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan, scorer_roles
 
 
 class ActorDied(Exception):
@@ -115,11 +114,9 @@ def prestart(cfg, params: dict, pool, log=print) -> list[str]:
     import ray
 
     rl = cfg.safe_rlhf
-    total = ray.cluster_resources().get("CPU", 0.0)
-    fits = [cfg.reward] + ([cfg.cost] if uses_cost_model(rl.algorithm) else [])
-    reserved = sum(t.num_workers * t.cpus_per_worker for t in fits)
-    if total - reserved < 1:
-        log(f"round {params['round']}'s actors start with the round: the fits before it reserve {reserved:g} of the "
+    total, needed = ray.cluster_resources().get("CPU", 0.0), cpus_to_start_ahead(cfg)
+    if total < needed:
+        log(f"round {params['round']}'s actors start with the round: the fits before it reserve {needed - 1:g} of the "
             f"cluster's {total:g} CPUs, which leaves no whole CPU to start them ahead on")
         return []
     plan, env, restarts = resource_plan(rl), actor_env(rl), rl.max_actor_restarts
