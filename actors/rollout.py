@@ -223,18 +223,20 @@ class RolloutWorker:
     def update_weights(self, model_dir: str) -> float:
         import time
 
-        if self.engine is None:  # started ahead (or restarted from that): reset builds the engine
-            refuse_if_restarted(self)
         t0 = time.perf_counter()
-        self.engine.update_weights(model_dir)
+        self._loaded_engine().update_weights(model_dir)
         return time.perf_counter() - t0
 
-    def _transfer_engine(self) -> "VLLMEngine":
-        if self.engine is None:
+    def _loaded_engine(self):
+        if self.engine is None:  # started ahead (or restarted from that): reset builds the engine
             refuse_if_restarted(self)
-        if not isinstance(self.engine, VLLMEngine):
-            raise TypeError(f"weight transfer needs the vllm engine, not {self.engine_name!r} (use weight_sync: checkpoint)")
         return self.engine
+
+    def _transfer_engine(self) -> "VLLMEngine":
+        engine = self._loaded_engine()
+        if not isinstance(engine, VLLMEngine):
+            raise TypeError(f"weight transfer needs the vllm engine, not {self.engine_name!r} (use weight_sync: checkpoint)")
+        return engine
 
     def transfer_world_size(self) -> int:
         return self._transfer_engine().transfer_world_size()

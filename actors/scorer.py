@@ -15,8 +15,8 @@ import torch
 from actors.experience import SequenceBatch
 from actors.models import import_ahead, response_logprobs, torch_dtype
 from actors.restarts import refuse_if_restarted
-from cluster.pool import restarted_by_ray
 from actors.score_model import end_scores
+from cluster.pool import restarted_by_ray
 from stages.text import encode_conversation, format_prompt
 
 ROLES = ("reward", "cost", "reference", "safety")

@@ -186,9 +186,10 @@ class Driver:
                         log(f"safe_rlhf.keep_actors: off, the cluster has {nodes} nodes (kept actors are for one machine)")
                 flush_pending()  # durations of the stages that ended before Ray was up
 
-    def _will_run(self, name: str, force: bool) -> bool:
-        """Whether `run_stage` does the stage's work (not: it is done with these inputs and config)."""
-        return force or self.status_of(name) != "done"
+    def _will_run(self, name: str, force: bool, _memo: dict | None = None) -> bool:
+        """Whether `run_stage` does the stage's work (not: it is done with these inputs and config).
+        _memo: as status_of's, shared by calls that ask about several stages at once."""
+        return force or self.status_of(name, _memo) != "done"
 
     def run_stage(self, spec: StageSpec, force: bool = False, fresh: bool | None = None) -> str:
         """Run one stage unless it is done (`force` runs it anyway). `fresh` discards its folder
@@ -296,12 +297,14 @@ class Driver:
         threads work as one team, they cost SFT more than their own CPU time."""
         if self._prestarted or self.actor_pool is None:
             return
-        spec = next((s for s in pending if s.prestart and self._will_run(s.name, s.name in forced)), None)
+        memo: dict = {}  # each stage looked at once in this call
+        to_run = [s for s in pending if self._will_run(s.name, s.name in forced, memo)]  # done ones forced again too
+        spec = next((s for s in to_run if s.prestart), None)
         if spec is None:
             self._prestarted = True
             return
-        to_run = {s.name for s in pending if self._will_run(s.name, s.name in forced)}  # done ones forced again too
-        if not all(d in running or (d not in to_run and self.status_of(d) == "done") for d in spec.deps):
+        later = {s.name for s in to_run}
+        if not all(d in running or (d not in later and self.status_of(d, memo) == "done") for d in spec.deps):
             return
         self._prestarted = True
         try:

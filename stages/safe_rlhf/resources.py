@@ -45,7 +45,7 @@ def resource_plan(rl) -> ResourcePlan:
 
 
 def cpus_to_start_ahead(cfg) -> float:
-    """The cluster CPUs above which round 1's actors start ahead, beside the reward and cost fits
+    """The cluster CPUs from which on round 1's actors start ahead, beside the reward and cost fits
     that run just before it (what those fits reserve, plus one whole CPU for the imports)."""
     fits = [cfg.reward] + ([cfg.cost] if uses_cost_model(cfg.safe_rlhf.algorithm) else [])
     return sum(t.num_workers * t.cpus_per_worker for t in fits) + 1
