@@ -8,6 +8,12 @@ first fitted reward and cost models) and seeds. The Ray path uses the round's ac
 (`RoundRoles`: rollout worker, scorers, DeepSpeed learner groups, placement group); the in-process
 path calls the same plain classes directly (`LocalRoles` below), with the checkpoint weight push.
 Prints each phase's median over the steps after the first, and the ratio Ray / in-process.
+
+Then where each step's time goes: in the roles (Ray path: some actor runs a method, from Ray's
+task timeline; in-process: inside a role's call) or outside them (the driver's own work, and on
+the Ray path Ray's dispatch, transfer and gather). The difference of the two "outside" figures is
+Ray's own time on the step's critical path; the rest of a gap between the paths is the roles'
+compute itself (here: one-thread actors sharing 2 cores, against one process on 2 threads).
 """
 from __future__ import annotations
 
@@ -23,6 +29,17 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PHASES = ("time_generate", "time_score", "time_learn", "time_sync")
+
+
+def timed(method):
+    """A LocalRoles method whose time counts as time in the roles."""
+    def call(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.in_roles_s += time.perf_counter() - t0
+    return call
 
 
 class LocalRoles:
@@ -49,6 +66,7 @@ class LocalRoles:
             self.learners[role].setup("127.0.0.1", int(os.environ["MASTER_PORT"]))
         self.sync_dir, self.retries = tmp / "sync", 0
         self.policy_step = self.rollout_step = 0
+        self.in_roles_s = 0.0  # time inside the roles' calls, for `run_steps`
 
     def generate(self, prompts, sampling, step):
         return self.finish_generation(self.start_generation(prompts, sampling), step)
@@ -56,12 +74,14 @@ class LocalRoles:
     def start_generation(self, prompts, sampling):  # one process: nothing runs beside the caller
         return prompts, sampling, self.rollout_step
 
+    @timed
     def finish_generation(self, pending, step):
         from stages.safe_rlhf.roles import worker_sampling
 
         prompts, sampling, weights_step = pending  # as the round's one worker
         return self.rollout.generate(prompts, worker_sampling(sampling, 0)), weights_step
 
+    @timed
     def score(self, seqs, scored, step):
         return {"ref_logp": self.scorer["reference"].logprobs(seqs), "reward": self.scorer["reward"].score(scored),
                 "cost": self.scorer["cost"].score(scored) if "cost" in self.scorer else None,
@@ -69,12 +89,14 @@ class LocalRoles:
                 "reward_values": self.learners["reward_critic"].forward(seqs),
                 "cost_values": self.learners["cost_critic"].forward(seqs) if "cost_critic" in self.learners else None}
 
+    @timed
     def train(self, batches):
         stats = {}
         for role, b in batches.items():
             stats.update(self.learners[role].train_step(b))
         return stats
 
+    @timed
     def push_weights(self, step):
         import shutil
 
@@ -95,9 +117,35 @@ def run_steps(roles, setup, steps: int, seed: int) -> list[dict]:
     lagrange = O.LagrangeMultiplier(rc.lambda_init, rc.lambda_lr, -3.0, rl.lambda_max, rl.lambda_window)
     out, rollout = [], None
     for step in range(1, steps + 1):
+        t0, in_roles = time.time(), getattr(roles, "in_roles_s", None)
         m, rollout = ppo_step(roles, setup, lagrange, step, seed, rollout)
+        m["window"] = (t0, time.time())
+        if in_roles is not None:
+            m["in_roles_s"] = roles.in_roles_s - in_roles
         out.append(m)
     return out
+
+
+def covered_s(spans: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of [start, end] inside at least one of the (sorted) spans."""
+    total, reach = 0.0, start
+    for a, b in spans:
+        a, b = max(a, reach), min(b, end)
+        if b > a:
+            total += b - a
+            reach = b
+    return total
+
+
+def time_in_actors(steps: list[dict]) -> None:
+    """Each step's time in which some actor ran a method, from Ray's task timeline -> m["in_roles_s"]."""
+    import ray
+
+    time.sleep(3)  # workers report their task events about once a second
+    spans = sorted((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in ray.timeline()
+                   if e.get("ph") == "X" and e.get("cat", "").startswith("task::"))  # the methods, not Ray's parts
+    for m in steps:
+        m["in_roles_s"] = covered_s(spans, *m["window"])
 
 
 def main() -> None:
@@ -142,6 +190,7 @@ def main() -> None:
             print("Ray actors up after (s): " + ", ".join(f"{n} {t}" for n, t in roles.ready_s.items()), flush=True)
             try:
                 results["ray"] = run_steps(roles, setup, args.steps, cfg.seed)
+                time_in_actors(results["ray"])
             finally:
                 roles.shutdown()
         finally:
@@ -160,6 +209,16 @@ def main() -> None:
     ray_step, local_step = med("ray", "time_step"), med("in-process", "time_step")
     print(f"{'whole step':<30}{ray_step:>9.3f}{local_step:>14.3f}{ray_step / local_step:>18.2f}")
     print(f"{'set-up (actors / objects)':<30}{setup_ray:>9.1f}{setup_local:>14.1f}")
+    wall = lambda m: m["window"][1] - m["window"][0]
+    outside = {path: statistics.median(wall(m) - m["in_roles_s"] for m in results[path][1:]) for path in results}
+    inside = {path: statistics.median(m["in_roles_s"] for m in results[path][1:]) for path in results}
+    print("where a step's time goes (median of steps 2..)")
+    print(f"{'  in the roles':<30}{inside['ray']:>9.3f}{inside['in-process']:>14.3f}"
+          f"{inside['ray'] / inside['in-process']:>18.2f}   (Ray: some actor runs a method)")
+    print(f"{'  outside them':<30}{outside['ray']:>9.3f}{outside['in-process']:>14.3f}"
+          f"{'':>18}   (the driver; Ray: also dispatch, transfer, gather)")
+    ray_own = outside["ray"] - outside["in-process"]
+    print(f"Ray's own time on a step's critical path: {ray_own * 1e3:.0f} ms ({ray_own / ray_step:.1%} of the Ray step)")
     same = all(abs(a["reward_mean"] - b["reward_mean"]) < 0.05 for a, b in zip(results["ray"], results["in-process"]))
     print(f"same trajectory (reward_mean within 0.05 at every step): {same}")
     for path in ("ray", "in-process"):
