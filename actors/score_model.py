@@ -26,6 +26,31 @@ SCORE_CONFIG = "score_config.json"
 SCORE_HEAD = "score_head.safetensors"
 
 
+def load_backbone(path: str | Path, dtype=None) -> nn.Module:
+    """The base model of a checkpoint (`AutoModel`). The checkpoint's own head (a causal LM's
+    lm_head) is left out by design, so transformers' load report, which lists it as UNEXPECTED in
+    every fit's log, is not printed; backbone weights the checkpoint lacks (they would start random)
+    or whose shapes differ are still reported, by name."""
+    import logging
+
+    from transformers import AutoModel
+
+    report = logging.getLogger("transformers.modeling_utils")  # where transformers logs its load report
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        backbone, info = AutoModel.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
+    finally:
+        report.setLevel(level)
+    missing, mismatched = sorted(info.get("missing_keys") or []), info.get("mismatched_keys") or []
+    if missing or mismatched:
+        logging.getLogger(__name__).warning(
+            "backbone %s: %s", path, "; ".join(part for part in (
+                f"{len(missing)} weights not in the checkpoint start random: {', '.join(missing[:8])}" if missing else "",
+                f"{len(mismatched)} weights of another shape: {mismatched[:8]}" if mismatched else "") if part))
+    return backbone
+
+
 class ScoreModel(nn.Module):
     def __init__(self, backbone: nn.Module, score_type: str = "reward"):
         super().__init__()
@@ -39,9 +64,7 @@ class ScoreModel(nn.Module):
     @classmethod
     def from_backbone(cls, path: str | Path, score_type: str = "reward", dtype=None, seed: int = 0) -> "ScoreModel":
         """A new score model on a pretrained backbone (e.g. the SFT model); the head starts near 0."""
-        from transformers import AutoModel
-
-        backbone = AutoModel.from_pretrained(str(path), dtype=dtype)
+        backbone = load_backbone(path, dtype)
         model = cls(backbone, score_type)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():

@@ -83,3 +83,26 @@ def test_per_token_values_have_sequence_shape(tmp_path):
     values, end = model(ids, mask)
     assert values.shape == (3, 7) and end.shape == (3,)
     assert torch.equal(end, values[torch.arange(3), torch.tensor([6, 1, 3])])
+
+
+def test_a_backbone_from_a_causal_lm_loads_without_a_load_report_and_names_the_weights_it_lacks(tmp_path, capfd, caplog):
+    """The SFT checkpoint's lm_head is left out by design: no "LOAD REPORT ... UNEXPECTED" in every
+    fit's log. A backbone weight the checkpoint lacks still is reported, by name."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    caplog.set_level("WARNING")
+    ScoreModel.from_backbone(tmp_path)
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.name == "actors.score_model"]
+
+    weights = tmp_path / "model.safetensors"
+    kept = {k: v for k, v in load_file(weights).items() if "layers.1.mlp" not in k}
+    save_file(kept, weights, metadata={"format": "pt"})
+    ScoreModel.from_backbone(tmp_path)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "actors.score_model"]
+    assert "3 weights not in the checkpoint start random" in warning
+    assert "layers.1.mlp.down_proj.weight" in warning
