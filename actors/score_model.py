@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from torch import nn
 
 from actors.experience import pad, position_ids
 from stages.objectives import last_token_index
+
+log = logging.getLogger(__name__)
 
 SCORE_CONFIG = "score_config.json"
 SCORE_HEAD = "score_head.safetensors"
@@ -31,8 +34,6 @@ def load_backbone(path: str | Path, dtype=None) -> nn.Module:
     lm_head) is left out by design, so transformers' load report, which lists it as UNEXPECTED in
     every fit's log, is not printed; backbone weights the checkpoint lacks (they would start random)
     or whose shapes differ are still reported, by name."""
-    import logging
-
     from transformers import AutoModel
 
     report = logging.getLogger("transformers.modeling_utils")  # where transformers logs its load report
@@ -43,11 +44,13 @@ def load_backbone(path: str | Path, dtype=None) -> nn.Module:
     finally:
         report.setLevel(level)
     missing, mismatched = sorted(info.get("missing_keys") or []), info.get("mismatched_keys") or []
-    if missing or mismatched:
-        logging.getLogger(__name__).warning(
-            "backbone %s: %s", path, "; ".join(part for part in (
-                f"{len(missing)} weights not in the checkpoint start random: {', '.join(missing[:8])}" if missing else "",
-                f"{len(mismatched)} weights of another shape: {mismatched[:8]}" if mismatched else "") if part))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights not in the checkpoint start random: {', '.join(missing[:8])}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} weights of another shape: {mismatched[:8]}")
+    if problems:
+        log.warning("backbone %s: %s", path, "; ".join(problems))
     return backbone
 
 
