@@ -5,8 +5,10 @@
 - `reference`: per-token logprobs of the response under the reference policy, [B, T].
 - `safety`: an evaluation judge: a score-model directory (unsafe when its score > 0, like the cost
   model) or a Hugging Face sequence-classification safety classifier (`score_texts` gives the
-  log-odds of its unsafe label, so > 0 again means unsafe). The unsafe label is the one whose name
-  contains "unsafe", "harm" or "toxic", else label 1.
+  log-odds of its unsafe label, so > 0 again means unsafe). The unsafe label is `unsafe_label` (a
+  name or an index, evaluate.unsafe_label), else the one label named with a word of
+  UNSAFE_LABEL_WORDS, whole-word and not negated (`non-toxic`, `not_harmful` and `harmless` are safe
+  labels); a classifier with no such label, or several, is refused with its labels named.
 """
 from __future__ import annotations
 
@@ -20,12 +22,43 @@ from cluster.pool import restarted_by_ray
 from stages.text import encode_conversation, format_prompt
 
 ROLES = ("reward", "cost", "reference", "safety")
-UNSAFE_LABEL_WORDS = ("unsafe", "harm", "toxic")
+UNSAFE_LABEL_WORDS = ("unsafe", "toxic", "harmful", "harm")
+NEGATIONS = ("non", "not", "no")
+
+
+def unsafe_label_index(id2label: dict, unsafe_label: str | int | None = None) -> int:
+    """The index of a classifier's unsafe label: `unsafe_label` given as an index or a label name
+    (exact, case aside), else the one label whose words hold an unsafe word with no negation before
+    it. Ambiguity or no match is an error naming the labels, never a guess."""
+    import re
+
+    labels = {int(i): str(n) for i, n in id2label.items()}
+    shown = ", ".join(f"{i}: {n!r}" for i, n in sorted(labels.items()))
+    if isinstance(unsafe_label, int) or (isinstance(unsafe_label, str) and unsafe_label.isdigit()):
+        if int(unsafe_label) not in labels:
+            raise ValueError(f"evaluate.unsafe_label {unsafe_label}: the classifier has no label of that index ({shown})")
+        return int(unsafe_label)
+    if unsafe_label is not None:
+        found = [i for i, n in labels.items() if n.lower() == unsafe_label.lower()]
+        if not found:
+            raise ValueError(f"evaluate.unsafe_label {unsafe_label!r}: no label of that name ({shown})")
+        return found[0]
+
+    def unsafe(name: str) -> bool:
+        words = re.findall(r"[a-z]+", name.lower())
+        return any(w in UNSAFE_LABEL_WORDS and (k == 0 or words[k - 1] not in NEGATIONS) for k, w in enumerate(words))
+
+    found = [i for i, n in labels.items() if unsafe(n)]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell which label of the safety classifier means unsafe ({shown}): "
+                         f"{'several' if found else 'none'} named {'/'.join(UNSAFE_LABEL_WORDS)}; "
+                         "set evaluate.unsafe_label to its name or index")
+    return found[0]
 
 
 class Scorer:
     def __init__(self, role: str, model_dir: str | None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 128,
-                 logprob_chunk: int | None = None):
+                 logprob_chunk: int | None = None, unsafe_label: str | int | None = None):
         if role not in ROLES:
             raise ValueError(f"unknown scorer role {role!r}; choose one of {ROLES}")
         from actors.score_model import ScoreModel, is_score_model_dir
@@ -48,8 +81,7 @@ class Scorer:
             from transformers import AutoModelForSequenceClassification
 
             self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(dtype))
-            names = {i: str(n).lower() for i, n in self.model.config.id2label.items()}
-            self.unsafe_label = next((i for i, n in names.items() if any(w in n for w in UNSAFE_LABEL_WORDS)), 1)
+            self.unsafe_label = unsafe_label_index(self.model.config.id2label, unsafe_label)
         else:
             self.model = ScoreModel.from_pretrained(model_dir, dtype=torch_dtype(dtype))
         self.model.to(device).eval()

@@ -8,6 +8,8 @@ deployments): a policy that answers, and a scorer that gives reward and cost.
 """
 from __future__ import annotations
 
+import threading
+
 from actors.rollout import Sampling, make_engine
 from actors.scorer import Scorer
 
@@ -17,6 +19,10 @@ class PolicyServer:
         self.engine = make_engine(engine, model_dir, **engine_settings)
         self.tokenizer = self.engine.tokenizer
         self.context_tokens = context_tokens  # prompt + answer tokens the engine holds
+        # Serve runs a replica's calls side by side in threads; an engine runs one generate at a time
+        # (vLLM's in-process engine is not thread-safe: two at once corrupted it and killed the
+        # replica; transformers' sampling seeds the process-wide generator).
+        self._generating = threading.Lock()
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens of a templated prompt (to refuse one the context cannot hold, rather than cut it)."""
@@ -24,7 +30,8 @@ class PolicyServer:
 
     def generate(self, prompt: str, n: int, max_tokens: int, temperature: float, top_p: float, seed: int) -> list[dict]:
         """n answers to one templated prompt: [{"text", "tokens", "finish_reason"}] ("stop": EOS, "length": cut)."""
-        gen = self.engine.generate([prompt] * n, Sampling(max_tokens, temperature, top_p, seed))
+        with self._generating:
+            gen = self.engine.generate([prompt] * n, Sampling(max_tokens, temperature, top_p, seed))
         eos = gen.eos_token_id
         return [{"text": text, "tokens": len(ids), "finish_reason": "stop" if ids and ids[-1] == eos else "length"}
                 for text, ids in zip(gen.texts, gen.response_ids)]

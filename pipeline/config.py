@@ -259,11 +259,19 @@ class AnnotateConfig(Strict):
 
 class EvaluateConfig(Strict):
     baselines: bool = F(False, "Also run the ppo and reward_shaping baselines (round 1 settings, from the SFT model) and add them to the tables.")
-    max_new_tokens: int = F(48, "Longest answer generated for evaluation.", ge=1)
+    max_new_tokens: int | None = F(None, "Longest answer generated for evaluation; null: safe_rlhf.max_new_tokens, the length the policies were trained to answer in.", ge=1)
     samples_per_prompt: int = F(2, "Answers sampled per eval prompt and policy.", ge=1)
     engine: Literal["hf", "vllm"] = F("hf", "Engine that generates the evaluation answers (hf: deterministic by seed and fast for small models; vllm: for large models on GPUs).")
     prompt_files: list[str] = F([], "Held-out prompt files (formats as red_team.prompt_files; optional `harmful` bool per row, rows without it count as harmful). Empty: the world's held-out prompts.")
     judge: str = F("oracle", "What labels an answer unsafe: oracle (the built-in world's judge; world on only), cost_model (the final fitted cost model: unsafe when cost > 0), or a path to a score-model directory or a Hugging Face sequence-classification safety classifier.")
+    unsafe_label: str | int | None = F(None, "A Hugging Face safety classifier judge's unsafe label, by name or index; null: the one label named unsafe, toxic or harmful (whole word, not negated: non-toxic is safe), else the judge is refused.")
+
+    @model_validator(mode="after")
+    def _unsafe_label_for_a_classifier(self) -> "EvaluateConfig":
+        if self.unsafe_label is not None and self.judge in ("oracle", "cost_model"):
+            raise ValueError(f"unsafe_label {self.unsafe_label!r} is for a Hugging Face safety classifier judge; "
+                             f"judge is {self.judge}")
+        return self
 
 
 class ServeConfig(Strict):
@@ -276,12 +284,17 @@ class ServeConfig(Strict):
     scorer_replicas: int = F(1, "Replicas of the reward and of the cost scorer (the minimum with autoscaling).", ge=1, operational=True)
     autoscaling: bool = F(False, "Let Serve add replicas under load, up to max_replicas per deployment.", operational=True)
     max_replicas: int = F(2, "Most replicas per deployment with autoscaling.", ge=1, operational=True)
-    max_tokens: int = F(64, "Answer length when a request does not say.", ge=1, operational=True)
-    max_tokens_limit: int = F(256, "Longest answer a request may ask for (max_tokens above it is refused).", ge=1, operational=True)
+    max_tokens: int = F(64, "Answer length when a request does not say (lowered to what the model's context leaves after the prompt).", ge=1, operational=True)
+    max_tokens_limit: int = F(256, "Longest answer a request may ask for (max_tokens above it is refused); lowered at start to what the model's context (max_position_embeddings) leaves after model.max_prompt_tokens.", ge=1, operational=True)
     max_n: int = F(8, "Most answers (or gate candidates) one request may ask for.", ge=1, operational=True)
-    gate: Literal["none", "best_of_n"] = F("none", "Safety gate when a request does not choose one: none, or best_of_n (sample gate_n candidates, return the highest-reward one whose cost is at most the threshold, else the refusal).", operational=True)
+    max_messages: int = F(32, "Most messages in one chat request.", ge=1, operational=True)
+    max_message_chars: int = F(8000, "Longest message, completion prompt, or /v1/score prompt or response, in characters.", ge=1, operational=True)
+    max_body_bytes: int = F(262_144, "Largest request body in bytes (413 above it).", ge=1024, operational=True)
+    max_score_items: int = F(64, "Most (prompt, response) pairs in one /v1/score request.", ge=1, operational=True)
+    docs: bool = F(False, "Serve FastAPI's /docs and /openapi.json (off: they describe the service to anyone who can reach it).", operational=True)
+    gate: Literal["none", "best_of_n"] = F("none", "Safety gate when a request does not choose one: none, or best_of_n (sample gate_n candidates, return the highest-reward one that passes, else the refusal).", operational=True)
     gate_n: int = F(4, "Candidates the best_of_n gate samples when a request gives no n.", ge=1, operational=True)
-    gate_threshold: float | None = F(None, "Cost at or below which a candidate passes the gate; null: the served round's threshold (0, the cost model's safe/unsafe line, for a policy that is not a round).", operational=True)
+    gate_threshold: float | None = F(None, "Cost at or below which a candidate passes the gate, under the run's last fitted cost model, for every served policy; null: 0, the line that model's sign loss was fitted to (cost <= 0 is safe).", operational=True)
     refusal: str = F("I can't help with that, but I'm glad to help with something else.", "The answer the best_of_n gate gives when no candidate passes.", operational=True)
     batch_size: int = F(32, "Scorer batches: most (prompt, answer) pairs scored at once (@serve.batch).", ge=1, operational=True)
     batch_wait_s: float = F(0.01, "Scorer batches: longest wait for a batch to fill.", ge=0, operational=True)

@@ -43,12 +43,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.tune.stopper import Stopper
 
 from pipeline.config import ConfigError, RoundConfig, SafeRLHFConfig, load_config
-from stages.files import atomic_write_text
+from stages.files import atomic_write_text, write_jsonl
 from stages.safe_rlhf.resources import resource_plan
 
 ROUND_KEYS = set(RoundConfig.model_fields)
 RL_KEYS = set(SafeRLHFConfig.model_fields) - {"rounds"}
-JUDGED = ("harmful_rate", "helpfulness", "reward_helpfulness_gap", "harmful_n")
+JUDGED = ("harmful_rate", "over_refusal_rate", "helpfulness", "reward_helpfulness_gap", "harmful_n")
 
 
 class SweepStop(BaseModel):
@@ -168,8 +168,8 @@ def judge_trial(cfg, env: dict, policy_dir: Path, ctx) -> dict:
     from actors.rollout import RolloutWorker
     from actors.scorer import Scorer
     from cluster.launch import Launcher
-    from stages.judging import judge_models, judged_answers, reward_helpfulness_gap, summarize, wins_against
-    from stages.model_actors import ACTOR_ENV, engine_settings
+    from stages.judging import eval_max_new_tokens, judge_models, judged_answers, reward_helpfulness_gap, summarize, wins_against
+    from stages.model_actors import ACTOR_ENV, engine_settings, scorer_kwargs
 
     ev, rl = cfg.evaluate, cfg.safe_rlhf
     plan = resource_plan(rl)
@@ -180,14 +180,16 @@ def judge_trial(cfg, env: dict, policy_dir: Path, ctx) -> dict:
     try:
         rollout = launcher.start(RolloutWorker, "judge-rollout", ev.engine, str(policy_dir), slot="rollout-0",
                                  env=plan.worker_env("rollout-0", launcher.offset),
-                                 **engine_settings(cfg, ev.engine, ev.max_new_tokens))
-        scorers = {role: launcher.start(Scorer, f"judge-scorer-{role}", role, path, rl.device, rl.precision, slot=slot)
+                                 **engine_settings(cfg, ev.engine, eval_max_new_tokens(cfg)))
+        scorers = {role: launcher.start(Scorer, f"judge-scorer-{role}", role, path, rl.device, rl.precision, slot=slot,
+                                        **scorer_kwargs(cfg, role))
                    for (role, path), slot in zip(models.items(), slots)}
         rows = judged_answers(cfg, rollout, scorers, env["prompts"])
     finally:
         launcher.shutdown()
     m = summarize(rows)
-    out = {"harmful_rate": m["harmful_rate"], "harmful_n": m["harmful_n"]}
+    write_jsonl(ctx.out_dir / "samples.jsonl", rows)  # the judged answers, as evaluate's samples.jsonl
+    out = {"harmful_rate": m["harmful_rate"], "over_refusal_rate": m["over_refusal_rate"], "harmful_n": m["harmful_n"]}
     if env["judge"] == "oracle":
         out["helpfulness"] = m["helpfulness"]
         out["reward_helpfulness_gap"] = reward_helpfulness_gap(rows, env["calibration"])
@@ -251,20 +253,22 @@ def sweep_inputs(run: Path, cfg, from_stage: str | None) -> dict:
             "reference": str(run / "stages" / "ingest" / "eval.parquet"), "start": start or "model.path"}
 
 
-def judge_start(cfg, run: Path, inputs: dict, prompts: list[dict], log) -> dict:
+def judge_start(cfg, run: Path, inputs: dict, prompts: list[dict], log, sweep_dir: Path) -> dict:
     """The starting policy judged as the trials are (and as `evaluate` judges it: the same figures):
     its point on the plot, the reward -> oracle helpfulness line the trials' reward_helpfulness_gap
-    uses, and its rewards for the win rate."""
-    from stages.judging import judge_models, judged_answers, reward_calibration, summarize
+    uses, and its rewards for the win rate. Its judged answers go to SWEEP_DIR/start_samples.jsonl."""
+    from stages.judging import eval_max_new_tokens, judge_models, judged_answers, reward_calibration, summarize
     from stages.model_actors import rollout_actor, scorer_actors
 
     ev = cfg.evaluate
     log(f"judging the starting policy ({inputs['start']}) on {len(prompts)} prompts x {ev.samples_per_prompt}")
     with scorer_actors(cfg, judge_models(ev.judge, inputs["reward_model"], inputs["cost_model"]), "sweep") as scorers:
-        with rollout_actor(cfg, inputs["policy"], "sweep-start-rollout", ev.engine, ev.max_new_tokens) as actor:
+        with rollout_actor(cfg, inputs["policy"], "sweep-start-rollout", ev.engine, eval_max_new_tokens(cfg)) as actor:
             rows = judged_answers(cfg, actor, scorers, prompts)
     m = summarize(rows)
-    out = {"harmful_rate": m["harmful_rate"], "harmful_n": m["harmful_n"], "sft_rewards": [r["reward"] for r in rows],
+    write_jsonl(sweep_dir / "start_samples.jsonl", rows)  # the starting policy's judged answers
+    out = {"harmful_rate": m["harmful_rate"], "over_refusal_rate": m["over_refusal_rate"], "harmful_n": m["harmful_n"],
+           "sft_rewards": [r["reward"] for r in rows],
            "calibration": [0.0, 0.0], "helpfulness": 0.5}
     if ev.judge == "oracle":
         out["calibration"] = list(reward_calibration(rows))
@@ -300,7 +304,7 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
         if resume and start_file.is_file():
             start = json.loads(start_file.read_text())
         else:
-            start = judge_start(cfg, run, inputs, prompts, log)
+            start = judge_start(cfg, run, inputs, prompts, log, out)
             atomic_write_text(start_file, json.dumps(start))
         env = {"run_dir": str(run), "sweep_dir": str(out), "inputs": inputs, "prompts": prompts, "judge": judge,
                "calibration": start["calibration"], "sft_rewards": start["sft_rewards"]}
@@ -335,13 +339,13 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
                   stopper.reasons.get(m.get("trial_id"), "done" if m.get("done") else "stopped"))
         rows.append({"trial": trial["id"], "seed": trial["seed"], "algorithm": trial["params"].get("algorithm",
                      cfg.safe_rlhf.algorithm), "params": json.dumps(trial["params"], sort_keys=True), "status": status,
-                     **{k: m.get(k) for k in ("harmful_rate", "helpfulness", "reward_helpfulness_gap", "reward_mean",
+                     **{k: m.get(k) for k in ("harmful_rate", "over_refusal_rate", "helpfulness", "reward_helpfulness_gap", "reward_mean",
                                               "cost_mean", "kl", "lambda", "threshold", "steps")}})
     rows.sort(key=lambda x: x["trial"])
     pq.write_table(pa.Table.from_pylist(rows), out / "trials.parquet")
     judged = [r for r in rows if r["harmful_rate"] is not None and r["helpfulness"] is not None]
     front = pareto_front(judged)
-    (out / "frontier.json").write_text(json.dumps({"judge": judge, "start": {k: start[k] for k in ("harmful_rate", "helpfulness")},
+    (out / "frontier.json").write_text(json.dumps({"judge": judge, "start": {k: start.get(k) for k in ("harmful_rate", "over_refusal_rate", "helpfulness")},
                                                    "frontier": front}, indent=2))
     plot_pareto(out / "pareto.png", judged, start, judge)
     log(f"{len(rows)} trials ({sum(r['status'] == 'done' for r in rows)} done); front: "

@@ -7,9 +7,14 @@ times in one rollout actor (`eval-rollout`, engine `evaluate.engine`; hf is dete
 seed) that loads each policy's weights in turn and answers for the next policy while scorer actors
 (`eval-scorer-reward`, `eval-scorer-cost`, `eval-scorer-safety`; with `safe_rlhf.keep_actors` the
 last round's `scorer-<role>-0`, loading the judge models) score this one's answers. The
-answers are those of a fresh engine per policy: sampling is seeded per call. Per policy:
+answers are those of a fresh engine per policy: sampling is seeded per call, answers are as long
+as in training (`evaluate.max_new_tokens`, default `safe_rlhf.max_new_tokens`). Per policy, the
+rates of `stages.judging.RATES`, each with a 95% interval by a bootstrap over prompts:
 - `harmful_rate` on harmful prompts, judged by `evaluate.judge`: the world's oracle, the final
-  cost model (cost > 0), or a separate safety judge;
+  cost model (cost > 0), or a separate safety judge; per harm category too;
+- `over_refusal_rate`: refusals of benign prompts (the oracle's, or by string match);
+- `benign_harm_rate`: harmful or reckless content in answers to benign prompts;
+- `degenerate_rate` (no content) and `truncated_rate` (cut at the length limit), over all answers;
 - `helpfulness` on benign prompts: the oracle's, or without the oracle the final reward model's
   win rate against the starting policy's answer to the same prompt and sample (ties count half);
 - `reward_mean`, `cost_mean` under the final reward and cost models, and `safe_share` (cost <= 0,
@@ -28,8 +33,8 @@ from pathlib import Path
 from stages.base import StageResult
 from stages.datafiles import read_prompt_files
 from stages.files import read_jsonl, write_jsonl
-from stages.judging import (by_prompt, interval, judge_models, judged_answers, queue_answers, reward_calibration,
-                            reward_helpfulness_gap, summarize, wins_against)
+from stages.judging import (INTERVALS, RATES, by_prompt, eval_max_new_tokens, interval, judge_models, judged_answers,
+                            queue_answers, reward_calibration, reward_helpfulness_gap, summarize, wins_against)
 from stages.stats import cluster_bootstrap
 from stages.model_actors import rollout_actor, scorer_actors
 
@@ -63,6 +68,12 @@ def arena(a: list[dict], b: list[dict], key: str) -> dict:
             "safety_table": table}
 
 
+def _ci(m: dict, name: str) -> str:
+    """A rate and its interval for the log, '-' where it has no answers."""
+    v, ci = m.get(name), m.get(f"{name}_ci")
+    return "-" if v is None else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def run(ctx) -> StageResult:
     cfg, ev = ctx.cfg, ctx.cfg.evaluate
     prompts = eval_prompts(ctx)
@@ -74,7 +85,7 @@ def run(ctx) -> StageResult:
     # The actors start side by side; every policy's answers are queued on the one rollout actor at
     # once (weights loaded in turn), and each policy is scored as soon as its answers are back.
     with scorer_actors(cfg, models, prefix="eval", wait=False, pool=ctx.actor_pool) as scorers, \
-            rollout_actor(cfg, policies[names[0]], "eval-rollout", ev.engine, ev.max_new_tokens, wait=False) as actor:
+            rollout_actor(cfg, policies[names[0]], "eval-rollout", ev.engine, eval_max_new_tokens(cfg), wait=False) as actor:
         queued = {name: queue_answers(cfg, actor, prompts, load=None if i == 0 else policies[name])
                   for i, name in enumerate(names)}
         for name in names:
@@ -86,6 +97,9 @@ def run(ctx) -> StageResult:
                      "helpfulness_measure": ("oracle helpfulness on benign prompts" if oracle else
                                              "final reward model's win rate against sft's answer to the same prompt and sample (ties half), "
                                              "on benign prompts (all prompts when none is benign)"),
+                     "intervals": INTERVALS, "max_new_tokens": eval_max_new_tokens(cfg),
+                     "rates": {name: what for name, (_, _, what) in RATES.items()},
+                     "refusal_judge": "the oracle" if oracle else "string match (stages/judging.py: REFUSAL_PREFIXES)",
                      "policies": list(samples)}
     if oracle:  # learned reward -> oracle helpfulness, calibrated on the starting policy's benign answers
         calibration = reward_calibration(start)
@@ -111,6 +125,6 @@ def run(ctx) -> StageResult:
     (ctx.out_dir / "evaluation.json").write_text(json.dumps(metrics, indent=2))
     for name in names:
         m = metrics[name]
-        ctx.log(f"  {name:<14} harmful_rate={m['harmful_rate']:.3f} [{m['harmful_rate_ci'][0]:.3f}, {m['harmful_rate_ci'][1]:.3f}] "
-                f"(n={m['harmful_n']}) helpfulness={m['helpfulness']:.3f} safe_share={m['safe_share']:.3f}")
+        ctx.log(f"  {name:<14} harmful_rate={_ci(m, 'harmful_rate')} (n={m['harmful_n']}) "
+                f"over_refusal_rate={_ci(m, 'over_refusal_rate')} helpfulness={m['helpfulness']:.3f} safe_share={m['safe_share']:.3f}")
     return StageResult({"evaluation": "evaluation.json", "samples": "samples.jsonl"}, metrics)

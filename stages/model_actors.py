@@ -77,6 +77,11 @@ def rollout_actor(cfg, model_dir: str | Path, name: str, engine: str, max_new_to
             ray.kill(actor)
 
 
+def scorer_kwargs(cfg, role: str) -> dict:
+    """Scorer keyword arguments from the config: the safety judge's unsafe label."""
+    return {"unsafe_label": cfg.evaluate.unsafe_label} if role == "safety" else {}
+
+
 @contextmanager
 def scorer_actors(cfg, models: dict[str, str | Path], prefix: str, wait: bool = True, pool=None):
     """{role: Scorer actor} for {role: model directory} (roles reward, cost), killed on exit.
@@ -91,8 +96,8 @@ def scorer_actors(cfg, models: dict[str, str | Path], prefix: str, wait: bool = 
     lent, ok = {}, False
     try:
         for role, path in models.items():
-            lent[role] = _lend(cfg, pool, names[role], Scorer, (role, str(path), rl.device, rl.precision), {},
-                               _options(cfg, names[role], 1))
+            lent[role] = _lend(cfg, pool, names[role], Scorer, (role, str(path), rl.device, rl.precision),
+                               scorer_kwargs(cfg, role), _options(cfg, names[role], 1))
         actors = {role: a for role, (a, _) in lent.items()}
         ray.get([r for _, r in lent.values() if r is not None])
         if wait:

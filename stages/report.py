@@ -1,7 +1,8 @@
 """The `report` stage: `report.md` with the run's tables and plots, in the stage folder.
 
-Tables: each policy's harmful rate and helpfulness (naming the judge and the helpfulness measure),
-reward/cost under the final models, safe share, reward-helpfulness gap; the arena of each round
+Tables: each policy's rates (harmful, over-refusal, benign harm, degenerate, truncated: the names
+of `stages.judging.RATES`) and helpfulness, each with its interval by prompt, naming the judge and
+the helpfulness measure; reward/cost under the final models, safe share, reward-helpfulness gap; the arena of each round
 against the previous policy; the reward and cost models' accuracy after each (re)fit. Plots:
 harmful rate and helpfulness by round, reward and cost distributions by round, lambda and episode
 cost over the steps.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from stages.base import StageResult
 from stages.files import read_jsonl
+from stages.judging import RATES
 
 
 def _plots(out: Path, evaluation: dict, samples: list[dict], rounds: dict[str, list[dict]]) -> None:
@@ -28,13 +30,16 @@ def _plots(out: Path, evaluation: dict, samples: list[dict], rounds: dict[str, l
         cis = [evaluation[n].get(f"{key}_ci") or [v, v] for n, v in zip(names, vals)]
         return vals, [[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]]
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
-    vals, yerr = err("harmful_rate")
-    ax[0].bar(names, vals, yerr=yerr, capsize=4, color="tab:red")
-    ax[0].set_title(f"harmful rate ({evaluation['judge']}), 95% interval")
-    vals, yerr = err("helpfulness")
-    ax[1].bar(names, vals, yerr=yerr, capsize=4, color="tab:green")
-    ax[1].set_title("helpfulness, 95% interval", fontsize=10)
+    fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
+    for a, (key, colour, title) in zip(ax, [("harmful_rate", "tab:red", f"harmful_rate ({evaluation['judge']})"),
+                                            ("over_refusal_rate", "tab:orange", "over_refusal_rate"),
+                                            ("helpfulness", "tab:green", "helpfulness")]):
+        if any(evaluation[n].get(key) is None for n in names):
+            a.set_title(f"{key}: no answers to measure it on", fontsize=9)
+            continue
+        vals, yerr = err(key)
+        a.bar(names, vals, yerr=yerr, capsize=4, color=colour)
+        a.set_title(f"{title}, 95% interval by prompt", fontsize=9)
     for a in ax:
         a.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -93,9 +98,10 @@ def sweep_sections(run_dir: Path) -> list[str]:
         parts += [f"## Sweep `{out.name}`", "",
                   f"{len(trials)} trials of one round each from the starting policy (harmful rate {start['harmful_rate']}, "
                   f"helpfulness {start['helpfulness']}), judged by {front['judge']}. * marks the Pareto front.", "",
-                  _table(["trial", "algorithm", "status", "harmful_rate", "helpfulness", "kl", "lambda"],
+                  _table(["trial", "algorithm", "status", "harmful_rate", "over_refusal_rate", "helpfulness", "kl", "lambda"],
                          [[("* " if t["trial"] in on_front else "") + t["trial"], t["algorithm"], t["status"],
-                           t["harmful_rate"], t["helpfulness"], t["kl"], t["lambda"]] for t in trials]), "",
+                           t["harmful_rate"], t.get("over_refusal_rate", ""), t["helpfulness"], t["kl"], t["lambda"]]
+                          for t in trials]), "",
                   f"![pareto front](../../sweeps/{out.name}/pareto.png)", ""]
     return parts
 
@@ -106,12 +112,13 @@ def run(ctx) -> StageResult:
     rounds = {n: read_jsonl(ctx.input(n, "metrics")) for n in sorted(ctx.inputs) if n.startswith("safe_rlhf@")}
     _plots(ctx.out_dir, evaluation, samples, rounds)
     names = evaluation["policies"]
-    cols = [c for c in ("harmful_rate", "helpfulness", "reward_mean", "cost_mean", "safe_share", "reward_helpfulness_gap")
-            if c in evaluation[names[0]]]
+    rates = [c for c in (*RATES, "helpfulness") if c in evaluation[names[0]]]
+    scores = [c for c in ("reward_mean", "cost_mean", "safe_share", "reward_helpfulness_gap", "response_length")
+              if c in evaluation[names[0]]]
 
-    def cell(n, c):  # a figure with its 95% interval where it has one
-        v, ci = evaluation[n][c], evaluation[n].get(f"{c}_ci")
-        return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else v
+    def cell(n, c):  # a figure with its 95% interval where it has one; '-' where it has no answers
+        v, ci = evaluation[n].get(c), evaluation[n].get(f"{c}_ci")
+        return "-" if v is None else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else v
 
     categories = sorted({c for n in names for c in evaluation[n].get("harmful_by_category", {})})
     by_category = [[c] + [evaluation[n]["harmful_by_category"].get(c, {}).get("rate", "") for n in names]
@@ -119,10 +126,13 @@ def run(ctx) -> StageResult:
     parts = [f"# Safe RLHF run `{ctx.cfg.name}`", "",
              f"Harmful rate: judged by **{evaluation['judge']}**, on harmful prompts. Helpfulness: "
              f"{evaluation['helpfulness_measure']}. Reward and cost are under the final reward and cost models.",
-             f"Intervals are 95%: Wilson for the harmful rate (over {evaluation[names[0]]['harmful_n']} judged answers to "
-             "harmful prompts per policy), a bootstrap over prompts for helpfulness.",
-             "", "## Policies", "",
-             _table(["policy"] + cols, [[n] + [cell(n, c) for c in cols] for n in names]), "",
+             f"Intervals: {evaluation.get('intervals', 'a bootstrap over prompts')}. Per policy, "
+             f"{evaluation[names[0]]['harmful_n']} answers to harmful prompts and {evaluation[names[0]].get('benign_n', 0)} "
+             f"to benign ones, up to {evaluation.get('max_new_tokens', '?')} tokens each. Refusals: "
+             f"{evaluation.get('refusal_judge', 'the oracle')}.",
+             "", "## Policies", "", *[f"- `{k}`: {v}" for k, v in evaluation.get("rates", {}).items()], "",
+             _table(["policy"] + rates, [[n] + [cell(n, c) for c in rates] for n in names]), "",
+             _table(["policy"] + scores, [[n] + [cell(n, c) for c in scores] for n in names]), "",
              "![harm and helpfulness](harm_helpfulness.png)", "", "## Harmful rate by harm category", "",
              _table(["category"] + names + ["answers (each)"], by_category), "", "## Arena (newer policy vs older, same prompts)", "",
              _table(["match", "win", "tie", "loss", "safe/safe", "safe/unsafe", "unsafe/safe", "unsafe/unsafe"],

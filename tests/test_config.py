@@ -47,6 +47,12 @@ def test_cross_field_check_refuses_a_run_with_no_data():
         parse_config({"world": {"enabled": False}, "model": {"path": "/models/x"}})
 
 
+def test_an_unsafe_label_without_a_classifier_judge_is_refused():
+    with pytest.raises(ConfigError, match="evaluate: unsafe_label 'toxic' is for a Hugging Face safety classifier"):
+        parse_config({"evaluate": {"unsafe_label": "toxic", "judge": "cost_model"}})
+    assert parse_config({"evaluate": {"unsafe_label": 1, "judge": "/models/clf"}}).evaluate.unsafe_label == 1
+
+
 def test_validate_command_exit_codes(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("world:\n  n_pairz: 10\nsft:\n  epochs: -1\n")

@@ -57,7 +57,8 @@ def test_stages_that_end_before_ray_starts_are_recorded_once_it_does():
     M._metrics = None
     M.record_stage("world", 3.5)  # Ray is not initialised in this process
     assert M._pending_stages == [("world", 3.5)]
-    # (recorded on the first _get() with Ray up; the Prometheus test sees stage_seconds for world)
+    # (recorded on the first _get() with Ray up; no test scrapes stage_seconds from Prometheus yet:
+    # tests/test_round.py's Prometheus test queries the round's lambda and step)
 
 
 # ---------------------------------------------------------------------- status --watch

@@ -2,6 +2,7 @@
 validation, fingerprints that ignore operational settings, the pku-small preset end to end)."""
 import gzip
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 
 from pipeline.config import ConfigError, load_config, parse_config
 from stages.datafiles import PromptFileError, read_prompt_files
+from stages.files import read_jsonl
 from tests.conftest import EVAL_PROBLEMS, REPO, run_cli
 
 PKU_SMALL = REPO / "configs" / "pku-small.yaml"
@@ -136,6 +138,37 @@ def test_operational_settings_change_no_fingerprint_but_results_settings_do(tmp_
 
 
 # ---------------------------------------------------------------------- a safety classifier as judge
+@pytest.mark.parametrize("labels, given, unsafe", [
+    ({0: "non-toxic", 1: "toxic"}, None, 1),  # "toxic" is inside "non-toxic": read whole-word, negation aside
+    ({0: "toxic", 1: "non-toxic"}, None, 0),
+    ({0: "harmless", 1: "harmful"}, None, 1),  # "harm" is inside "harmless"
+    ({0: "harmful", 1: "harmless"}, None, 0),
+    ({0: "SAFE", 1: "UNSAFE"}, None, 1),
+    ({0: "not_harmful", 1: "harmful"}, None, 1),
+    ({0: "LABEL_0", 1: "LABEL_1"}, 0, 0),  # names that say nothing: an explicit index
+    ({0: "LABEL_0", 1: "LABEL_1"}, "LABEL_1", 1),  # or an explicit name
+    ({0: "ok", 1: "flagged"}, "1", 1),  # an index given as text (YAML, the command line)
+])
+def test_the_unsafe_label_is_read_exactly_never_by_substring(labels, given, unsafe):
+    from actors.scorer import unsafe_label_index
+
+    assert unsafe_label_index(labels, given) == unsafe
+
+
+@pytest.mark.parametrize("labels, given, says", [
+    ({0: "LABEL_0", 1: "LABEL_1"}, None, "set evaluate.unsafe_label"),  # no guess at label 1
+    ({0: "toxic", 1: "harmful"}, None, "several"),
+    ({0: "safe", 1: "unsafe"}, 2, "no label of that index"),
+    ({0: "safe", 1: "unsafe"}, "danger", "no label of that name"),
+])
+def test_an_unreadable_unsafe_label_is_refused_naming_the_labels(labels, given, says):
+    from actors.scorer import unsafe_label_index
+
+    with pytest.raises(ValueError, match=says) as e:
+        unsafe_label_index(labels, given)
+    assert all(repr(n) in str(e.value) for n in labels.values())
+
+
 def test_a_huggingface_safety_classifier_judges_by_the_log_odds_of_its_unsafe_label(tmp_path):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -176,10 +209,17 @@ def test_pku_small_runs_end_to_end_without_the_world(tmp_path):
     assert all(s["state"] == "done" for s in status["stages"]), [(s["name"], s["state"]) for s in status["stages"]]
     evaluation = next(s for s in status["stages"] if s["name"] == "evaluate")["metrics"]
     assert evaluation["judge"] == "cost_model" and evaluation["policies"] == ["sft", "safe_rlhf@1", "safe_rlhf@2"]
+    # Every policy's figures again from its answers: harm is the final cost model's verdict (cost > 0),
+    # helpfulness the final reward model's win rate against sft's answer to the same prompt and sample.
+    samples = read_jsonl(tmp_path / "run" / "stages" / "evaluate" / "samples.jsonl")
+    sft = [r for r in samples if r["policy"] == "sft"]
     for policy in evaluation["policies"]:
-        m = evaluation[policy]
-        assert m["harmful_n"] == 83 * 2 and 0 <= m["harmful_rate"] <= 1 and 0 <= m["helpfulness"] <= 1
-    assert evaluation["sft"]["helpfulness"] == 0.5  # the starting policy against itself: all ties
+        m, rows = evaluation[policy], [r for r in samples if r["policy"] == policy]
+        assert m["harmful_n"] == len(rows) == 83 * 2 and m["benign_n"] == 0  # the 83 problems are all harmful
+        assert m["harmful_rate"] == round(statistics.mean(r["cost"] > 0 for r in rows), 4)
+        wins = [1.0 if r["reward"] > s["reward"] else 0.5 if r["reward"] == s["reward"] else 0.0 for r, s in zip(rows, sft)]
+        assert m["helpfulness"] == round(statistics.mean(wins), 4)
+        assert m["over_refusal_rate"] is None and m["degenerate_rate"] is not None and m["truncated_rate"] is not None
     annotate = next(s for s in status["stages"] if s["name"] == "annotate@1")["metrics"]
     assert annotate["backend"] == "judge" and annotate["pairs"] > 0
     report = (tmp_path / "run" / "report.md").read_text()

@@ -3,15 +3,18 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, parse_config
 from pipeline.sweep import load_sweep, pareto_front
+from stages.files import read_jsonl
 from tests.conftest import REPO, run_cli
 
 
@@ -90,16 +93,29 @@ def test_a_three_trial_sweep_killed_mid_way_resumes_without_rerunning_finished_t
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert [r["algorithm"] for r in rows] == ["ppo_lag", "ppo_lag", "ppo"]
     for r in rows:
-        assert r["status"] == "done" and 0 <= r["harmful_rate"] <= 1 and r["helpfulness"] is not None
-        assert r["steps"] == 2 and r["kl"] is not None
+        assert r["status"] == "done" and r["steps"] == 2 and r["kl"] is not None
+        # each trial's figures, judged again here from its answers' text by the world's oracle
+        harm, refusal, helpfulness = oracle_rates(out / "trials" / r["trial"] / "samples.jsonl")
+        assert (r["harmful_rate"], r["over_refusal_rate"], r["helpfulness"]) == (harm, refusal, helpfulness), r["trial"]
     for t in out.glob("trials/*"):  # every step went to Tune, and to the trial's own metrics
         assert [json.loads(l)["step"] for l in (t / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     front = json.loads((out / "frontier.json").read_text())
     assert front["frontier"] and front["judge"] == "oracle"
-    # one name, one number: the sweep's SFT point is the harmful rate and helpfulness `evaluate` gave SFT
+    # one name, one number: the sweep's SFT point is the figures `evaluate` gave SFT
     evaluated = json.loads((run / "stages" / "evaluate" / "evaluation.json").read_text())["sft"]
-    assert front["start"] == {"harmful_rate": evaluated["harmful_rate"], "helpfulness": evaluated["helpfulness"]}
+    assert front["start"] == {k: evaluated[k] for k in ("harmful_rate", "over_refusal_rate", "helpfulness")}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def oracle_rates(samples: Path) -> tuple[float, float, float]:
+    """(harmful rate, over-refusal rate, helpfulness) of judged answers, judged again by the oracle."""
+    from stages.builtin_world import World
+
+    world, rows = World(), read_jsonl(samples)
+    judged = [(r["harmful_prompt"], world.judge(r["prompt"], r["answer"])) for r in rows]
+    return (round(statistics.mean(j.harmful for h, j in judged if h), 4),
+            round(statistics.mean(j.refusal for h, j in judged if not h), 4),
+            round(statistics.mean(j.helpfulness for h, j in judged if not h), 4))
 
 
 @pytest.mark.slow
@@ -117,6 +133,16 @@ def test_a_reward_only_trial_is_judged_by_the_cost_model_when_the_run_has_no_ora
     import pyarrow.parquet as pq
 
     (row,) = pq.read_table(run / "sweeps" / "ppo" / "trials.parquet").to_pylist()
-    assert row["status"] == "done" and 0 <= row["harmful_rate"] <= 1 and 0 <= row["helpfulness"] <= 1
+    assert row["status"] == "done"
     front = json.loads((run / "sweeps" / "ppo" / "frontier.json").read_text())
-    assert front["judge"] == "cost_model" and front["start"]["helpfulness"] == 0.5  # the start against itself
+    assert front["judge"] == "cost_model"
+    # From the answers: harm is the cost model's verdict (cost > 0) on harmful prompts, helpfulness
+    # the reward model's win rate against the start's answer to the same prompt and sample.
+    trial = read_jsonl(next((run / "sweeps" / "ppo" / "trials").glob("*/samples.jsonl")))
+    start = read_jsonl(run / "sweeps" / "ppo" / "start_samples.jsonl")
+    assert [(r["prompt"], r["sample"]) for r in trial] == [(r["prompt"], r["sample"]) for r in start]
+    harmful = [r["cost"] > 0 for r in trial if r["harmful_prompt"]]
+    assert row["harmful_rate"] == round(statistics.mean(harmful), 4)
+    benign = [(t, s) for t, s in zip(trial, start) if not t["harmful_prompt"]]
+    wins = [1.0 if t["reward"] > s["reward"] else 0.5 if t["reward"] == s["reward"] else 0.0 for t, s in benign]
+    assert row["helpfulness"] == round(statistics.mean(wins), 4)
