@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from actors.serving import PolicyServer, ScoreServer
+from pipeline.config import ServeConfig
 from stages.text import format_prompt
 
 APP_NAME = "safe_rlhf"
@@ -114,7 +115,7 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _guard(request: Request, call_next):
     """Before any route: FastAPI's docs only with serve.docs; bodies over serve.max_body_bytes
     refused (413) by their declared length, or by the bytes read when none is declared."""
-    limits = getattr(api.state, "limits", None) or {"docs": False, "max_body_bytes": 262_144}
+    limits = getattr(api.state, "limits", None) or ServeConfig().model_dump()  # before the ingress is up: defaults
     if request.url.path in DOCS_PATHS and not limits["docs"]:
         return _error(404, None, "not found (FastAPI's docs are off: serve.docs)")
     cap = limits["max_body_bytes"]
@@ -374,8 +375,9 @@ def build_app(run_dir: str | Path, cfg, policy_names: list[str] | None = None, l
         info[name] = {**limits, "evaluation": policy_evaluation(run, name)}
     scorer, models = {}, {role: last_fitted(run, f"fit_{role}") for role in ("reward", "cost")}
     for role, model in models.items():
+        # as many calls in flight as a batch holds (Serve's default of 5 would cap every batch at 5)
         dep = serve.deployment(ScorerDeployment).options(name=f"scorer-{role}", ray_actor_options=actor,
-                                                         **scale(sc.scorer_replicas))
+                                                         max_ongoing_requests=sc.batch_size, **scale(sc.scorer_replicas))
         answers = context_limits(model, cfg.model.max_prompt_tokens, sc.max_tokens_limit)["max_tokens_limit"]
         scorer[role] = dep.bind(role, str(model), rl.device, rl.precision, cfg.model.max_prompt_tokens, answers,
                                 batch_size=sc.batch_size, batch_wait_s=sc.batch_wait_s)

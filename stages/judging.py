@@ -140,7 +140,7 @@ def judged_answers(cfg, rollout_actor, scorers: dict, prompts: list[dict], queue
 
 def _mean(values) -> float | None:
     values = list(values)
-    return round(statistics.mean(values), 4) if values else None
+    return round(float(statistics.mean(values)), 4) if values else None
 
 
 def by_prompt(rows: list[dict], key: str) -> list[list[float]]:
