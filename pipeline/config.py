@@ -22,6 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from stages.objectives import ALGORITHM_NAMES, ALGORITHMS
+
 Device = Literal["cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -132,7 +134,8 @@ class RoundConfig(Strict):
 
 
 class SafeRLHFConfig(Strict):
-    algorithm: Literal["ppo_lag", "ppo", "reward_shaping"] = F("ppo_lag", "ppo_lag: Safe RLHF; ppo: reward only; reward_shaping: reward - nu * cost.")
+    algorithm: Literal[ALGORITHM_NAMES] = F("ppo_lag", "; ".join(f"{n}: {a.summary}" for n, a in ALGORITHMS.items()) + " (the registry in stages/objectives.py).")
+    group_size: int = F(4, "grpo_lag: answers sampled per prompt, whose returns are normalised as a group; a step samples prompts_per_step answers, prompts_per_step / group_size prompts (4: the smallest group whose mean is a usable baseline at 16 prompts per step).", ge=2)
     engine: Literal["vllm", "hf"] = F("vllm", "Rollout engine: vLLM (GPU-scale) or transformers generate (faster for tiny models on CPU).")
     device: Device = F("cpu", "Device of learners, scorers and rollout workers.")
     precision: Precision = F("fp32", "Learner precision.")
@@ -212,6 +215,13 @@ class SafeRLHFConfig(Strict):
         if any(b > a for a, b in zip(shares, shares[1:])) or (shares and shares[0] > self.auto_unsafe_share):
             raise ValueError(f"rounds' unsafe_share {shares} (after auto_unsafe_share {self.auto_unsafe_share}) rises: "
                              "a later round may hold or tighten the constraint, not loosen it")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "SafeRLHFConfig":
+        if ALGORITHMS[self.algorithm].group_sampling and self.prompts_per_step % self.group_size:
+            raise ValueError(f"{self.algorithm} samples group_size {self.group_size} answers per prompt: prompts_per_step "
+                             f"{self.prompts_per_step} (answers per step) must be a multiple of it")
         return self
 
     @model_validator(mode="after")
