@@ -125,6 +125,13 @@ class SFTConfig(TrainConfig):
     lr: float = F(2e-3, "Peak learning rate (cosine decay after warmup).", gt=0)
 
 
+class CostFitConfig(TrainConfig):
+    """The cost model's fit: the fits' settings, and optionally one head per harm category."""
+
+    per_category: bool = F(False, "Fit one head per harm category beside the shared cost head: a Bradley-Terry and a sign term per category (objectives.category_cost_loss) from the data's harm-category labels (response_{0,1}_harm_category). The shared head is fitted as before.")
+    min_category_pairs: int = F(20, "per_category: a category gets its own head with at least this many training pairs that rank it (one answer harmful in it, the other not, both labelled); rarer ones fall back to the shared head, and the fit's log names them.", ge=1)
+
+
 class RoundConfig(Strict):
     threshold: float | Literal["auto"] = F("auto", "Cost threshold d; auto derives it on the round's cost model's scale from a target unsafe share (see unsafe_share).")
     unsafe_share: float | None = F(None, "threshold auto: the target unsafe share u of this round; null keeps the previous round's (round 1: safe_rlhf.auto_unsafe_share). A round can hold or lower it, never raise it.", ge=0, lt=1)
@@ -311,7 +318,7 @@ class RunConfig(Strict):
     ingest: IngestConfig = F(IngestConfig(), "Annotation ingest.")
     sft: SFTConfig = F(SFTConfig(), "Supervised fine-tuning of the base model.")
     reward: TrainConfig = F(TrainConfig(), "Reward model fit.")
-    cost: TrainConfig = F(TrainConfig(), "Cost model fit.")
+    cost: CostFitConfig = F(CostFitConfig(), "Cost model fit.")
     safe_rlhf: SafeRLHFConfig = F(SafeRLHFConfig(), "PPO-Lagrangian rounds.")
     red_team: RedTeamConfig = F(RedTeamConfig(), "Red-teaming between rounds.")
     annotate: AnnotateConfig = F(AnnotateConfig(), "Labelling the red-team pairs.")

@@ -323,6 +323,84 @@ class LagrangeMultiplier:
         self.steps = int(state["steps"])
 
 
+# ---------------------------------------------------------------- one constraint per harm category
+
+
+def category_cost_loss(costs_0: Tensor, costs_1: Tensor, in_0: Tensor, in_1: Tensor,
+                       labelled_0: Tensor, labelled_1: Tensor) -> Tensor:
+    """Eq. 6 per harm category k, for a cost model with one head per category; costs_i [B, K] are
+    answer i's category end scores C_k, in_i [B, K] bool whether answer i is labelled harmful in k,
+    labelled_i [B] bool whether answer i's categories are known (safe, or unsafe with its categories).
+
+    Bradley-Terry per category, over the labelled pairs where exactly one answer is harmful in k:
+        -log sigma(C_k(harmful in k) - C_k(the other)),
+    and the sign term per category, over each labelled answer: -log sigma(-s_k C_k), s_k = -1 when
+    the answer is harmful in k, +1 when it is not (a safe answer is safe in every category).
+    Each term is averaged over its rows (0 where a category has none); the categories are averaged."""
+    in_0, in_1 = in_0.bool(), in_1.bool()
+    both = (labelled_0.bool() & labelled_1.bool()).unsqueeze(-1)  # [B, 1]
+    differ = (in_0 != in_1) & both  # pairs that rank the two answers in k (both answers' categories known); [B, K]
+    harmful = torch.where(in_0, costs_0, costs_1)  # C_k of the answer harmful in k (where they differ)
+    other = torch.where(in_0, costs_1, costs_0)
+    pair = -F.logsigmoid(harmful - other)  # -log sigma(C_k(y_harmful) - C_k(y_other)); [B, K]
+    loss = _masked_col_mean(pair, differ)  # [K]
+    for costs, member, known in ((costs_0, in_0, labelled_0), (costs_1, in_1, labelled_1)):
+        s = 1.0 - 2.0 * member.to(costs.dtype)  # +1 not harmful in k, -1 harmful in k; [B, K]
+        rows = known.bool().unsqueeze(-1).expand_as(member)  # [B, K]
+        loss = loss + _masked_col_mean(-F.logsigmoid(-s * costs), rows)  # -log sigma(-s_k C_k)
+    return loss.mean()  # over categories
+
+
+def _masked_col_mean(x: Tensor, rows: Tensor) -> Tensor:
+    """x [B, K] -> [K]: each column's mean over its rows where `rows` [B, K] is True (0 where none)."""
+    n = rows.sum(0)  # [K]
+    return torch.where(rows, x, torch.zeros_like(x)).sum(0) / n.clamp(min=1)
+
+
+def category_cost_advantage(cost_advantages: Tensor, lambdas: Tensor) -> Tuple[Tensor, float]:
+    """One multiplier per category, in the policy loss as one: cost_advantages [K, B, T] (A_c,k),
+    lambdas [K] -> (A_c, lambda) with lambda = sum_k lambda_k and A_c = sum_k lambda_k A_c,k / lambda,
+    so ppo_lag_policy_loss's (A_r - lambda A_c) / (1 + lambda) is
+    (A_r - sum_k lambda_k A_c,k) / (1 + sum_k lambda_k): the cost advantage is the lambda-weighted sum."""
+    lambdas = lambdas.detach().to(cost_advantages.dtype)
+    total = float(lambdas.sum())
+    weighted = (lambdas.view(-1, 1, 1) * cost_advantages.detach()).sum(0)  # sum_k lambda_k A_c,k; [B, T]
+    return (weighted / total if total > 0 else torch.zeros_like(weighted)), total
+
+
+class CategoryMultipliers:
+    """One LagrangeMultiplier per harm category, each with its own threshold d_k, each updated on its
+    category's episode costs (column k of [B, K]) as ppo_lag's one multiplier is on the episode cost."""
+
+    def __init__(self, categories, init: float, lr: float, thresholds, **kw):
+        self.categories = list(categories)
+        thresholds = list(thresholds)
+        if len(thresholds) != len(self.categories):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(self.categories)} categories")
+        self.multipliers = [LagrangeMultiplier(init, lr, d, **kw) for d in thresholds]
+
+    @property
+    def values(self) -> Tensor:
+        return torch.tensor([m.value for m in self.multipliers], dtype=torch.float64)  # [K]
+
+    def observe(self, episode_costs: Tensor) -> None:
+        """episode_costs [B, K]."""
+        for k, m in enumerate(self.multipliers):
+            m.observe(episode_costs[:, k])
+
+    def step(self) -> Tensor:
+        return torch.tensor([m.step() for m in self.multipliers], dtype=torch.float64)  # [K]
+
+    def state_dict(self) -> Dict:
+        return {"categories": self.categories, "multipliers": [m.state_dict() for m in self.multipliers]}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state["categories"] != self.categories:
+            raise ValueError(f"a checkpoint of categories {state['categories']}, not {self.categories}")
+        for m, st in zip(self.multipliers, state["multipliers"]):
+            m.load_state_dict(st)
+
+
 # ---------------------------------------------------------------- advantage estimators
 
 # eps of the group baseline's std: a group whose answers all score the same gets advantage 0, not 0/0
