@@ -16,7 +16,7 @@ GRPO = {
     "sft": {"epochs": 1, "lr": 3e-3},
     "reward": {"epochs": 1},
     "cost": {"epochs": 1},
-    "safe_rlhf": {"algorithm": "grpo_lag", "group_size": 4, "engine": "hf", "steps_per_round": 3,
+    "safe_rlhf": {"algorithm": "grpo_lag", "group_size": 4, "engine": "vllm", "max_num_seqs": 16, "steps_per_round": 3,
                   "prompts_per_step": 8, "max_new_tokens": 16, "actor_lr": 5e-5, "checkpoint_every_steps": 2,
                   "rounds": [{"threshold": "auto", "lambda_init": 1.0, "lambda_lr": 0.5}]},
 }
@@ -52,6 +52,8 @@ def test_grpo_lag_round_trains_a_policy_with_a_moving_lambda(grpo_round):
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert {"reward_mean", "cost_mean", "lambda", "episode_cost", "policy_loss", "kl", "threshold"} <= set(steps[0])
     assert not {"reward_critic_loss", "cost_critic_loss"} & set(steps[0])
+    # the four answers to one prompt differ (vLLM samples each request with its own seed): groups have spread
+    assert all(m["reward_group_std"] > 0 for m in steps)
     assert len({m["lambda"] for m in steps}) == 3  # lambda moves every step (lambda_lr 0.5)
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 3 and "lambda" in manifest["metrics"]

@@ -11,9 +11,8 @@ Each step, as the algorithm reads (`ppo_step`):
     learn       PPO epochs over minibatches: policy, reward critic, cost critic      roles.train
     sync        the policy's weights to the rollout workers                         roles.push_weights
 
-That is ppo_lag; what differs between algorithms is their registration (objectives.ALGORITHMS):
-which critics learn, how the advantages are estimated (grpo_lag: `group_size` answers per prompt,
-each answer's return normalised within its group, no critics), whether lambda moves.
+That is ppo_lag; the other algorithms differ by their registration (objectives.ALGORITHMS), e.g.
+grpo_lag: group_size answers per prompt, returns normalised within each group, no critics.
 
 With `overlap_generation`, step t+1's rollouts are generated while step t scores and learns, by
 the rollout workers' weights of step t-1 (one step stale, logged as `rollout_staleness`); the PPO
@@ -285,6 +284,8 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
          "time_step": time.perf_counter() - t0, "truncated_share": sum(cut) / len(cut)}
     if exp.cost is not None:
         m.update(cost_mean=exp.cost.mean().item(), unsafe_share=(exp.cost > 0).float().mean().item())
+    if algorithm.group_sampling:  # a group whose answers all score alike has no advantage: it teaches nothing
+        m["reward_group_std"] = exp.reward.view(-1, rl.group_size).std(-1, correction=0).mean().item()
     if algorithm.constrained:
         m.update({"lambda": lagrange.value, "episode_cost": sum(lagrange.window) / len(lagrange.window)})
     return {key: (float(f"{v:.6g}") if isinstance(v, float) else v) for key, v in m.items()}, following
