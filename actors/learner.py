@@ -7,8 +7,8 @@ of `micro_batch` sequences with gradient accumulation (one optimizer step per sh
 averages the gradients across the group.
 
 - policy: a causal LM; `forward` gives per-token logprobs of the response [B, T] (computed in
-  chunks of `logprob_chunk` tokens, never the full-vocabulary fp32 logits); the loss is
-  `ppo_lag_policy_loss` from stages/objectives.py (all the math lives in that one pure module).
+  chunks of `logprob_chunk` tokens, never the full-vocabulary fp32 logits); the loss is the
+  algorithm's `policy_loss` (its registration in stages/objectives.py, where all the math lives).
 - reward_critic / cost_critic: score models started from the fitted reward / cost model;
   `forward` gives per-token values [B, T]; the loss is `clipped_value_loss`.
 
@@ -29,14 +29,15 @@ from cluster.deepspeed_setup import deepspeed_config, full_state_dict, without_i
 from cluster.network import host_and_free_port
 from cluster.weight_sync import make_sender
 from cluster.weight_sync.base import transfer_metadata
-from stages.objectives import clip_fraction, clipped_value_loss, masked_mean, ppo_lag_policy_loss
+from stages.objectives import clip_fraction, clipped_value_loss, get_algorithm, masked_mean
 
 ROLES = ("policy", "reward_critic", "cost_critic")
 
 
 class Learner:
     def __init__(self, role: str, model_dir: str | None, settings: dict, rank: int = 0, world_size: int = 1):
-        """settings: lr, zero_stage, precision, device, seed, clip_ratio, clip_value; micro_batch
+        """settings: lr, zero_stage, precision, device, seed, clip_ratio, clip_value; algorithm (whose
+        registered policy loss the policy learner minimises; absent: ppo_lag's); micro_batch
         (sequences per forward/backward) and shard (sequences per train_step on this rank; a multiple
         of micro_batch); gradient_checkpointing; logprob_chunk (tokens; None: all at once).
         model_dir None: started ahead of its stage (cluster/pool.py `prestart`): DeepSpeed and
@@ -55,6 +56,7 @@ class Learner:
         if shard % self.micro:
             raise ValueError(f"a learner's shard of {shard} sequences is not a multiple of micro_batch {self.micro}")
         self.accumulation = shard // self.micro
+        self.policy_loss = get_algorithm(settings.get("algorithm", "ppo_lag")).policy_loss
 
     # Kept between stages (cluster/pool.py): the same role, rank and group size on the same device
     # keep the process group this process joined; `setup` then builds a new engine in it.
@@ -131,7 +133,7 @@ class Learner:
         if self.role == "policy":
             logp = self._forward(batch.seqs)  # [b, T]
             old = batch.old_logp.to(self.device)
-            loss = ppo_lag_policy_loss(logp, old, batch.reward_advantages.to(self.device),
+            loss = self.policy_loss(logp, old, batch.reward_advantages.to(self.device),
                                        None if batch.cost_advantages is None else batch.cost_advantages.to(self.device),
                                        mask, batch.lagrange_lambda, self.settings["clip_ratio"])
             return loss, {"policy_loss": loss.item(),

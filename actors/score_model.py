@@ -1,7 +1,10 @@
 """Score model: any `AutoModel` backbone plus `Linear(hidden, 1)`.
 
 Used for the reward model, the cost model and the two critics. The score of a sequence is the
-head's output at its last non-padding token; per-token outputs are the critics' values.
+head's output at its last non-padding token; per-token outputs are the critics' values. A cost
+model may also have one head per harm category (`categories`, `category_scores`; saved as
+`category_head.safetensors`, the names in `score_config.json`); without categories nothing of
+that exists, and the model and its files are as before.
 Saved as a Hugging Face directory: the backbone (config + safetensors), the tokenizer, and
 `score_head.safetensors` + `score_config.json` beside them, so transformers loads the backbone
 and `ScoreModel.from_pretrained` restores the whole model exactly.
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SCORE_CONFIG = "score_config.json"
 SCORE_HEAD = "score_head.safetensors"
+CATEGORY_HEAD = "category_head.safetensors"
 
 
 def load_backbone(path: str | Path, dtype=None) -> nn.Module:
@@ -55,24 +59,29 @@ def load_backbone(path: str | Path, dtype=None) -> nn.Module:
 
 
 class ScoreModel(nn.Module):
-    def __init__(self, backbone: nn.Module, score_type: str = "reward"):
+    def __init__(self, backbone: nn.Module, score_type: str = "reward", categories: tuple[str, ...] = ()):
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config
         hidden = getattr(backbone.config, "hidden_size", None) or backbone.config.n_embd
         self.score_head = nn.Linear(hidden, 1)
         self.score_type = score_type  # "reward" | "cost" | "reward_critic" | "cost_critic"
+        self.categories = tuple(categories)  # harm categories, one head each (a per-category cost model)
+        if self.categories:
+            self.category_head = nn.Linear(hidden, len(self.categories))
         self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
 
     @classmethod
-    def from_backbone(cls, path: str | Path, score_type: str = "reward", dtype=None, seed: int = 0) -> "ScoreModel":
-        """A new score model on a pretrained backbone (e.g. the SFT model); the head starts near 0."""
+    def from_backbone(cls, path: str | Path, score_type: str = "reward", dtype=None, seed: int = 0,
+                      categories: tuple[str, ...] = ()) -> "ScoreModel":
+        """A new score model on a pretrained backbone (e.g. the SFT model); the heads start near 0."""
         backbone = load_backbone(path, dtype)
-        model = cls(backbone, score_type)
+        model = cls(backbone, score_type, categories)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            model.score_head.weight.normal_(0.0, 1.0 / (model.score_head.in_features ** 0.5 * 10), generator=g)
-            model.score_head.bias.zero_()
+            for head in [model.score_head] + ([model.category_head] if model.categories else []):
+                head.weight.normal_(0.0, 1.0 / (head.in_features ** 0.5 * 10), generator=g)
+                head.bias.zero_()
         return model.to(dtype) if dtype is not None else model
 
     @classmethod
@@ -82,8 +91,10 @@ class ScoreModel(nn.Module):
 
         path = Path(path)
         meta = json.loads((path / SCORE_CONFIG).read_text())
-        model = cls(AutoModel.from_pretrained(str(path), dtype=dtype), meta["score_type"])
+        model = cls(AutoModel.from_pretrained(str(path), dtype=dtype), meta["score_type"], meta.get("categories", ()))
         model.score_head.load_state_dict(load_file(str(path / SCORE_HEAD)))
+        if model.categories:
+            model.category_head.load_state_dict(load_file(str(path / CATEGORY_HEAD)))
         return model.to(dtype) if dtype is not None else model
 
     def save_pretrained(self, path: str | Path, tokenizer=None, state_dict: dict | None = None, **meta) -> None:
@@ -97,17 +108,35 @@ class ScoreModel(nn.Module):
         head_sd = {k[len("score_head."):]: v.contiguous() for k, v in sd.items() if k.startswith("score_head.")}
         self.backbone.save_pretrained(str(path), state_dict=backbone_sd, safe_serialization=True)
         save_file(head_sd, str(path / SCORE_HEAD))
+        if self.categories:
+            prefix = "category_head."
+            save_file({k[len(prefix):]: v.contiguous() for k, v in sd.items() if k.startswith(prefix)},
+                      str(path / CATEGORY_HEAD))
+            meta = {"categories": list(self.categories), **meta}
         (path / SCORE_CONFIG).write_text(json.dumps({"score_type": self.score_type, **meta}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """-> (values [B, L] per token, end scores [B] at each row's last real token)."""
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs = {"position_ids": position_ids(attention_mask)} if self._takes_positions else {}
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # [B, L, H]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_categories: bool = False):
+        """-> (values [B, L] per token, end scores [B] at each row's last real token); with_categories:
+        also the per-category end scores [B, K], from the same backbone pass."""
+        hidden = self._hidden(input_ids, attention_mask)  # [B, L, H]
         values = self.score_head(hidden).squeeze(-1)  # [B, L]
-        end = values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)  # [B]
-        return values, end
+        last = last_token_index(attention_mask)  # [B]
+        end = values.gather(1, last.unsqueeze(1)).squeeze(1)  # [B]
+        if not with_categories:
+            return values, end
+        if not self.categories:
+            raise ValueError("this score model has no per-category heads (categories=())")
+        return values, end, self.category_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # [B, K]
+
+    def category_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """-> (shared end scores [B], per-category end scores [B, K])."""
+        return self(input_ids, attention_mask, with_categories=True)[1:]
 
 
 def is_score_model_dir(path: str | Path) -> bool:

@@ -86,7 +86,7 @@ class LocalRoles:
         return {"ref_logp": self.scorer["reference"].logprobs(seqs), "reward": self.scorer["reward"].score(scored),
                 "cost": self.scorer["cost"].score(scored) if "cost" in self.scorer else None,
                 "old_logp": self.learners["policy"].forward(seqs),
-                "reward_values": self.learners["reward_critic"].forward(seqs),
+                "reward_values": self.learners["reward_critic"].forward(seqs) if "reward_critic" in self.learners else None,
                 "cost_values": self.learners["cost_critic"].forward(seqs) if "cost_critic" in self.learners else None}
 
     @timed

@@ -22,6 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from stages.objectives import ALGORITHM_NAMES, ALGORITHMS
+
 Device = Literal["cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -123,6 +125,13 @@ class SFTConfig(TrainConfig):
     lr: float = F(2e-3, "Peak learning rate (cosine decay after warmup).", gt=0)
 
 
+class CostFitConfig(TrainConfig):
+    """The cost model's fit: the fits' settings, and optionally one head per harm category."""
+
+    per_category: bool = F(False, "Fit one head per harm category beside the shared cost head: a Bradley-Terry and a sign term per category (objectives.category_cost_loss) from the data's harm-category labels (response_{0,1}_harm_category). The shared head is fitted as before.")
+    min_category_pairs: int = F(20, "per_category: a category gets its own head with at least this many training pairs that rank it (one answer harmful in it, the other not, both labelled); rarer ones fall back to the shared head, and the fit's log names them.", ge=1)
+
+
 class RoundConfig(Strict):
     threshold: float | Literal["auto"] = F("auto", "Cost threshold d; auto derives it on the round's cost model's scale from a target unsafe share (see unsafe_share).")
     unsafe_share: float | None = F(None, "threshold auto: the target unsafe share u of this round; null keeps the previous round's (round 1: safe_rlhf.auto_unsafe_share). A round can hold or lower it, never raise it.", ge=0, lt=1)
@@ -132,7 +141,8 @@ class RoundConfig(Strict):
 
 
 class SafeRLHFConfig(Strict):
-    algorithm: Literal["ppo_lag", "ppo", "reward_shaping"] = F("ppo_lag", "ppo_lag: Safe RLHF; ppo: reward only; reward_shaping: reward - nu * cost.")
+    algorithm: Literal[ALGORITHM_NAMES] = F("ppo_lag", "; ".join(f"{n}: {a.summary}" for n, a in ALGORITHMS.items()) + " (the registry in stages/objectives.py).")
+    group_size: int = F(4, "grpo_lag: answers sampled per prompt, whose returns are normalised as a group; a step samples prompts_per_step answers, prompts_per_step / group_size prompts (4: the smallest group whose mean is a usable baseline at 16 prompts per step).", ge=2)
     engine: Literal["vllm", "hf"] = F("vllm", "Rollout engine: vLLM (GPU-scale) or transformers generate (faster for tiny models on CPU).")
     device: Device = F("cpu", "Device of learners, scorers and rollout workers.")
     precision: Precision = F("fp32", "Learner precision.")
@@ -212,6 +222,13 @@ class SafeRLHFConfig(Strict):
         if any(b > a for a, b in zip(shares, shares[1:])) or (shares and shares[0] > self.auto_unsafe_share):
             raise ValueError(f"rounds' unsafe_share {shares} (after auto_unsafe_share {self.auto_unsafe_share}) rises: "
                              "a later round may hold or tighten the constraint, not loosen it")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "SafeRLHFConfig":
+        if ALGORITHMS[self.algorithm].group_sampling and self.prompts_per_step % self.group_size:
+            raise ValueError(f"{self.algorithm} samples group_size {self.group_size} answers per prompt: prompts_per_step "
+                             f"{self.prompts_per_step} (answers per step) must be a multiple of it")
         return self
 
     @model_validator(mode="after")
@@ -314,7 +331,7 @@ class RunConfig(Strict):
     ingest: IngestConfig = F(IngestConfig(), "Annotation ingest.")
     sft: SFTConfig = F(SFTConfig(), "Supervised fine-tuning of the base model.")
     reward: TrainConfig = F(TrainConfig(), "Reward model fit.")
-    cost: TrainConfig = F(TrainConfig(), "Cost model fit.")
+    cost: CostFitConfig = F(CostFitConfig(), "Cost model fit.")
     safe_rlhf: SafeRLHFConfig = F(SafeRLHFConfig(), "PPO-Lagrangian rounds.")
     red_team: RedTeamConfig = F(RedTeamConfig(), "Red-teaming between rounds.")
     annotate: AnnotateConfig = F(AnnotateConfig(), "Labelling the red-team pairs.")

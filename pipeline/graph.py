@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import RunConfig, SafeRLHFConfig, is_operational
-from stages.objectives import uses_cost_model
+from stages.objectives import get_algorithm
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,12 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
     def round_stage(name, k, prev, params=()):
         algorithm = dict(params).get("algorithm", cfg.safe_rlhf.algorithm)
         # the first ingest too: its held-out labelled answers are threshold auto's fixed reference set
-        deps = world + sft + tuple(dict.fromkeys(("ingest", ingest))) + (fits[0],) + ((fits[1],) if uses_cost_model(algorithm) else ())
+        alg = get_algorithm(algorithm)
+        deps = world + sft + tuple(dict.fromkeys(("ingest", ingest))) + (fits[0],) + ((fits[1],) if alg.uses_cost_model else ())
+        # group_size counts only where the algorithm samples in groups (a ppo_lag round's fingerprint stays as it was)
+        keys = tuple(key for key in shared if alg.group_sampling or key != "safe_rlhf.group_size")
         return StageSpec(name, "stages.safe_rlhf.round", deps + prev, ("seed", "model.path", "model.max_prompt_tokens")
-                         + shared + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params,
+                         + keys + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params,
                          prestart=None if params else "stages.safe_rlhf.roles:prestart")  # baselines keep no actors
 
     for k in range(1, n_rounds + 1):

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.safe_rlhf.resources import cpus_to_start_ahead, resource_plan
+from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -325,7 +325,7 @@ def _learner_hint(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float) -> str | 
         if all(g["fits"] for g in gpu_layout(actors, roles, gpu_memory_gib) if g["kind"] == "learner"):
             stage = "" if zero == rl.zero_stage else f"zero_stage {zero} and "
             return (f"learners' model state fits with {stage}learners_per_role >= {n} "
-                    f"({n * (3 if 'learner-cost_critic' in roles else 2)} learner GPUs)")
+                    f"({n * len(learner_roles(rl.algorithm))} learner GPUs)")
     return None
 
 

@@ -22,6 +22,7 @@ The sweep file (YAML, validated; an unknown key is an error naming it):
       - {algorithm: ppo_lag, threshold: [auto], auto_unsafe_share: [0.01, 0.05, 0.2], lambda_lr: [0.05, 0.2]}
       - {algorithm: reward_shaping, shaping_nu: [0.25, 1, 4, 16]}
       - {algorithm: ppo}
+      - {algorithm: grpo_lag, group_size: [4, 8]}
     seeds: [0]
     max_concurrent_trials: 2
     stop: {max_kl: 0.5}        # optional
@@ -44,6 +45,7 @@ from ray.tune.stopper import Stopper
 
 from pipeline.config import ConfigError, RoundConfig, SafeRLHFConfig, load_config
 from stages.files import atomic_write_text, write_jsonl
+from stages.objectives import ALGORITHMS
 from stages.safe_rlhf.resources import resource_plan
 
 ROUND_KEYS = set(RoundConfig.model_fields)
@@ -361,7 +363,7 @@ def plot_pareto(path: Path, rows: list[dict], start: dict, judge: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    colours = {"ppo_lag": "tab:blue", "reward_shaping": "tab:orange", "ppo": "tab:red"}
+    colours = {name: alg.colour for name, alg in ALGORITHMS.items()}  # each algorithm's, from its registration
     for alg in sorted({r["algorithm"] for r in rows}):
         pts = [r for r in rows if r["algorithm"] == alg]
         ax.scatter([p["harmful_rate"] for p in pts], [p["helpfulness"] for p in pts], color=colours.get(alg), alpha=0.7,

@@ -5,7 +5,10 @@ Train `TorchTrainer` jobs with a DeepSpeed engine per worker (cluster/train.py).
 
 - reward: pairs with a `better_response_id`; loss `reward_pair_loss` (stages/objectives.py).
 - cost: pairs with a `safer_response_id`; loss `cost_pair_loss`, with the sign terms on rows that
-  have `is_safe` labels (HH-RLHF rows have none: the pairwise term alone).
+  have `is_safe` labels (HH-RLHF rows have none: the pairwise term alone). With `cost.per_category`
+  the model also has one head per harm category with `cost.min_category_pairs` ranking pairs or
+  more (`category_heads`; the rest fall back to the shared head, logged), fitted by
+  `category_cost_loss` beside the shared head's loss; `eval_category_sign_accuracy` per head.
 
 Metrics on the eval split: `eval_accuracy` (pair accuracy). For the cost model also
 `eval_sign_accuracy` (cost < 0 exactly when safe). The cost model's `eval_accuracy` counts pairs
@@ -43,14 +46,78 @@ def _items(rows: list[dict], kind: str, tok, cfg: dict) -> list[dict]:
                                    r.get("context"))[0] for a in answers]
         safe = (r[f"is_response_{first}_safe"], r[f"is_response_{1 - first}_safe"])
         out.append({"a": enc[0], "b": enc[1], "a_safe": safe[0], "b_safe": safe[1],
-                    "has_safety": safe[0] is not None and safe[1] is not None})
+                    "has_safety": safe[0] is not None and safe[1] is not None, **pair_categories(r, first)})
     return out
+
+
+def pair_categories(r: dict, first: int) -> dict:
+    """The harm categories of a pair's preferred (a) and other (b) answer, and whether each is known:
+    a safe answer's are (none), an unsafe answer's are when the data lists them."""
+    cats = [list(r.get(f"response_{i}_harm_category") or []) for i in (first, 1 - first)]
+    safe = [r[f"is_response_{i}_safe"] for i in (first, 1 - first)]
+    return {"a_cats": cats[0], "b_cats": cats[1],
+            "cats_known": [s is True or (s is False and bool(c)) for s, c in zip(safe, cats)]}
+
+
+def category_heads(items: list[dict], min_pairs: int) -> tuple[list[str], dict[str, int]]:
+    """-> (categories with at least `min_pairs` training pairs that rank them: one answer harmful in
+    the category, the other not, both labelled; {rarer category: its pairs}, which fall back)."""
+    counts: dict[str, int] = {}
+    for i in items:
+        if all(i["cats_known"]):
+            for c in set(i["a_cats"]) ^ set(i["b_cats"]):
+                counts[c] = counts.get(c, 0) + 1
+    for i in items:  # categories seen only on one side of unlabelled pairs count as 0
+        for c in i["a_cats"] + i["b_cats"]:
+            counts.setdefault(c, 0)
+    kept = sorted(c for c, n in counts.items() if n >= min_pairs)
+    return kept, {c: n for c, n in sorted(counts.items()) if n < min_pairs}
+
+
+def category_labels(items: list[dict], categories: list[str], side: str):
+    """-> (membership [B, K] bool, known [B] bool) of one side ("a" or "b") of the pairs."""
+    import torch
+
+    member = torch.tensor([[c in i[f"{side}_cats"] for c in categories] for i in items], dtype=torch.bool)
+    known = torch.tensor([i["cats_known"][0 if side == "a" else 1] for i in items], dtype=torch.bool)
+    return member.view(len(items), len(categories)), known
 
 
 def score_pairs(model, items: list[dict], pad_id: int, device) -> tuple[list[float], list[float]]:
     """End scores of both answers of each pair: -> (scores of the preferred, scores of the other)."""
     scores = end_scores(model, [i["a"] for i in items] + [i["b"] for i in items], pad_id, device)
     return scores[:len(items)], scores[len(items):]
+
+
+def score_category_pairs(model, items: list[dict], pad_id: int, device, batch: int = 64) -> tuple[list, list]:
+    """Per-category end scores of both answers of each pair: -> ([K scores] of each preferred, of each other)."""
+    import torch
+
+    from actors.experience import pad
+
+    seqs, out = [i["a"] for i in items] + [i["b"] for i in items], []
+    with torch.no_grad():
+        for s in range(0, len(seqs), batch):
+            ids, mask = pad(seqs[s:s + batch], pad_id)
+            out += model(ids.to(device), mask.to(device), with_categories=True)[2].float().cpu().tolist()
+    return out[:len(items)], out[len(items):]
+
+
+def category_sign_metrics(items: list[dict], a: list, b: list, categories: list[str]) -> dict:
+    """eval_sign_accuracy_<category>: the share of answers (categories known) whose category cost is
+    below zero exactly when the answer is not harmful in that category."""
+    import torch
+
+    costs, harmful = [], []
+    for i, ca, cb in zip(items, a, b):
+        for cats, c, known in ((i["a_cats"], ca, i["cats_known"][0]), (i["b_cats"], cb, i["cats_known"][1])):
+            if known:
+                costs.append(c)
+                harmful.append([k in cats for k in categories])
+    if not costs:
+        return {}
+    costs, harmful = torch.tensor(costs), torch.tensor(harmful)  # [N, K] each
+    return {f"eval_sign_accuracy_{k}": sign_accuracy(costs[:, j], ~harmful[:, j]) for j, k in enumerate(categories)}
 
 
 def rank_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
@@ -105,14 +172,15 @@ def preference_loop(config: dict) -> None:
     from actors.experience import pad
     from actors.models import enable_gradient_checkpointing
     from actors.score_model import ScoreModel
-    from stages.objectives import cost_pair_loss, reward_pair_loss
+    from stages.objectives import category_cost_loss, cost_pair_loss, reward_pair_loss
 
     kind, tc = config["kind"], config["train"]
     tok = AutoTokenizer.from_pretrained(config["sft_model"])
-    model = ScoreModel.from_backbone(config["sft_model"], score_type=kind, seed=config["seed"])
+    train = _items(pq.read_table(config["train_data"]).to_pylist(), kind, tok, config)
+    categories = category_heads(train, tc["min_category_pairs"])[0] if kind == "cost" and tc["per_category"] else []
+    model = ScoreModel.from_backbone(config["sft_model"], score_type=kind, seed=config["seed"], categories=tuple(categories))
     if tc["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
-    train = _items(pq.read_table(config["train_data"]).to_pylist(), kind, tok, config)
     held_out = _items(pq.read_table(config["eval_data"]).to_pylist(), kind, tok, config)
     policy = _items(policy_pairs(kind, read_jsonl(config["policy_pairs"])), kind, tok, config) if config["policy_pairs"] else []
     if not train:
@@ -120,23 +188,28 @@ def preference_loop(config: dict) -> None:
 
     def loss(engine, items):
         ids, mask = pad([i["a"] for i in items] + [i["b"] for i in items], tok.pad_token_id)
-        _, end = engine(ids.to(engine.device), mask.to(engine.device))
-        end = end.float()
+        out = engine(ids.to(engine.device), mask.to(engine.device), **({"with_categories": True} if categories else {}))
+        end = out[1].float()
         a, b = end[:len(items)], end[len(items):]  # [B] preferred, [B] other
         if kind == "reward":
             return reward_pair_loss(a, b, tc["regularization"]), {"tokens": int(mask.sum())}
         labelled = torch.tensor([i["has_safety"] for i in items], device=end.device)
         a_safe = torch.tensor([bool(i["a_safe"]) for i in items], device=end.device)
         b_safe = torch.tensor([bool(i["b_safe"]) for i in items], device=end.device)
-        return (cost_pair_loss(a, b, a_safe, b_safe, tc["regularization"], has_safety_labels=labelled),
-                {"tokens": int(mask.sum())})
+        total = cost_pair_loss(a, b, a_safe, b_safe, tc["regularization"], has_safety_labels=labelled)
+        if categories:  # one Bradley-Terry and sign term per category head, beside the shared head's
+            per = out[2].float()  # [2B, K]
+            (in_a, known_a), (in_b, known_b) = (category_labels(items, categories, side) for side in ("a", "b"))
+            total = total + category_cost_loss(per[:len(items)], per[len(items):], in_a.to(end.device),
+                                               in_b.to(end.device), known_a.to(end.device), known_b.to(end.device))
+        return total, {"tokens": int(mask.sum())}
 
     last_eval = {}
 
-    def scored(engine, rank, world, pairs):
+    def scored(engine, rank, world, pairs, score=score_pairs):
         """Every rank scores its share of `pairs`; -> (pairs, preferred scores, other scores) in rank order."""
         mine, real = rank_share(len(pairs), rank, world)
-        a, b = score_pairs(engine, [pairs[k] for k in mine], tok.pad_token_id, engine.device)
+        a, b = score(engine, [pairs[k] for k in mine], tok.pad_token_id, engine.device)
         order, sa, sb = [], [], []
         for idx, n, pa_, pb_ in gather_objects((mine, real, a, b), world):
             order += idx[:n]
@@ -147,6 +220,8 @@ def preference_loop(config: dict) -> None:
     def evaluate(engine, rank, world):
         items, sa, sb = scored(engine, rank, world, held_out)
         metrics = preference_metrics(kind, items, sa, sb)
+        if categories:
+            metrics.update(category_sign_metrics(*scored(engine, rank, world, held_out, score_category_pairs), categories))
         if config["policy_pairs"]:
             _, pa, pb = scored(engine, rank, world, policy)
             pa, pb = torch.tensor(pa), torch.tensor(pb)
@@ -215,6 +290,14 @@ def _run(ctx, kind: str) -> StageResult:
     if source is not None:
         loop_config["policy_pairs"] = str(ctx.input(source, "policy_pairs"))
     ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}")
+    if kind == "cost" and tc.per_category:
+        import pyarrow.parquet as pq
+
+        rows = [r for r in pq.read_table(ctx.input(ingest, "train")).to_pylist() if r["safer_response_id"] is not None]
+        heads, rare = category_heads([pair_categories(r, r["safer_response_id"]) for r in rows], tc.min_category_pairs)
+        ctx.log(f"  cost heads per category ({len(heads)}): {', '.join(heads) or 'none'}"
+                + (f"; on the shared head (under {tc.min_category_pairs} ranking pairs): "
+                   + ", ".join(f"{c} ({n})" for c, n in rare.items()) if rare else ""))
     run_trainer(preference_loop, loop_config, tc, ctx.out_dir / "ray_train", ctx.name.replace("@", "-"))
     end = [e for e in read_jsonl(log_path) if e["event"] == "end"][-1]
     history = end["history"]

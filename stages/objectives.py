@@ -2,8 +2,10 @@
 
 Pure torch, no I/O: the preference-model losses (reward model R and cost model C,
 paper Eq. 5 and 6), the PPO-Lagrangian policy / critic losses with GAE (Sec. 3.3),
-the Lagrange multiplier update, and a small registry of the algorithm variants
-(`ppo_lag`, the reward-only `ppo` baseline, and fixed-penalty `reward_shaping`).
+the Lagrange multiplier update, the critic-free group advantages of `grpo_lag`, and the
+registry of algorithms: each one `Algorithm` object (`ppo_lag`; the reward-only `ppo` and
+fixed-penalty `reward_shaping` baselines; `grpo_lag`) that the round, its actors, the plan, the
+config and the sweep read. Adding an algorithm: its math and its registration here, its tests.
 
 Shape legend: B = batch (sequences or preference pairs), T = response tokens.
 Token tensors are [B, T] over response positions, right-padded; `mask` is 1 (or
@@ -13,7 +15,7 @@ True) on real response tokens.
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -321,25 +323,238 @@ class LagrangeMultiplier:
         self.steps = int(state["steps"])
 
 
-# ---------------------------------------------------------------- algorithm variants
+# ---------------------------------------------------------------- one constraint per harm category
+
+
+def category_cost_loss(costs_0: Tensor, costs_1: Tensor, in_0: Tensor, in_1: Tensor,
+                       labelled_0: Tensor, labelled_1: Tensor) -> Tensor:
+    """Eq. 6 per harm category k, for a cost model with one head per category; costs_i [B, K] are
+    answer i's category end scores C_k, in_i [B, K] bool whether answer i is labelled harmful in k,
+    labelled_i [B] bool whether answer i's categories are known (safe, or unsafe with its categories).
+
+    Bradley-Terry per category, over the labelled pairs where exactly one answer is harmful in k:
+        -log sigma(C_k(harmful in k) - C_k(the other)),
+    and the sign term per category, over each labelled answer: -log sigma(-s_k C_k), s_k = -1 when
+    the answer is harmful in k, +1 when it is not (a safe answer is safe in every category).
+    Each term is averaged over its rows (0 where a category has none); the categories are averaged."""
+    in_0, in_1 = in_0.bool(), in_1.bool()
+    both = (labelled_0.bool() & labelled_1.bool()).unsqueeze(-1)  # [B, 1]
+    differ = (in_0 != in_1) & both  # pairs that rank the two answers in k (both answers' categories known); [B, K]
+    harmful = torch.where(in_0, costs_0, costs_1)  # C_k of the answer harmful in k (where they differ)
+    other = torch.where(in_0, costs_1, costs_0)
+    pair = -F.logsigmoid(harmful - other)  # -log sigma(C_k(y_harmful) - C_k(y_other)); [B, K]
+    loss = _masked_col_mean(pair, differ)  # [K]
+    for costs, member, known in ((costs_0, in_0, labelled_0), (costs_1, in_1, labelled_1)):
+        s = 1.0 - 2.0 * member.to(costs.dtype)  # +1 not harmful in k, -1 harmful in k; [B, K]
+        rows = known.bool().unsqueeze(-1).expand_as(member)  # [B, K]
+        loss = loss + _masked_col_mean(-F.logsigmoid(-s * costs), rows)  # -log sigma(-s_k C_k)
+    return loss.mean()  # over categories
+
+
+def _masked_col_mean(x: Tensor, rows: Tensor) -> Tensor:
+    """x [B, K] -> [K]: each column's mean over its rows where `rows` [B, K] is True (0 where none)."""
+    n = rows.sum(0)  # [K]
+    return torch.where(rows, x, torch.zeros_like(x)).sum(0) / n.clamp(min=1)
+
+
+def category_cost_advantage(cost_advantages: Tensor, lambdas: Tensor) -> Tuple[Tensor, float]:
+    """One multiplier per category, in the policy loss as one: cost_advantages [K, B, T] (A_c,k),
+    lambdas [K] -> (A_c, lambda) with lambda = sum_k lambda_k and A_c = sum_k lambda_k A_c,k / lambda,
+    so ppo_lag_policy_loss's (A_r - lambda A_c) / (1 + lambda) is
+    (A_r - sum_k lambda_k A_c,k) / (1 + sum_k lambda_k): the cost advantage is the lambda-weighted sum."""
+    lambdas = lambdas.detach().to(cost_advantages.dtype)
+    total = float(lambdas.sum())
+    weighted = (lambdas.view(-1, 1, 1) * cost_advantages.detach()).sum(0)  # sum_k lambda_k A_c,k; [B, T]
+    return (weighted / total if total > 0 else torch.zeros_like(weighted)), total
+
+
+class CategoryMultipliers:
+    """One LagrangeMultiplier per harm category, each with its own threshold d_k, each updated on its
+    category's episode costs (column k of [B, K]) as ppo_lag's one multiplier is on the episode cost."""
+
+    def __init__(self, categories, init: float, lr: float, thresholds, **kw):
+        self.categories = list(categories)
+        thresholds = list(thresholds)
+        if len(thresholds) != len(self.categories):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(self.categories)} categories")
+        self.multipliers = [LagrangeMultiplier(init, lr, d, **kw) for d in thresholds]
+
+    @property
+    def values(self) -> Tensor:
+        return torch.tensor([m.value for m in self.multipliers], dtype=torch.float64)  # [K]
+
+    def observe(self, episode_costs: Tensor) -> None:
+        """episode_costs [B, K]."""
+        for k, m in enumerate(self.multipliers):
+            m.observe(episode_costs[:, k])
+
+    def step(self) -> Tensor:
+        return torch.tensor([m.step() for m in self.multipliers], dtype=torch.float64)  # [K]
+
+    def state_dict(self) -> Dict:
+        return {"categories": self.categories, "multipliers": [m.state_dict() for m in self.multipliers]}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state["categories"] != self.categories:
+            raise ValueError(f"a checkpoint of categories {state['categories']}, not {self.categories}")
+        for m, st in zip(self.multipliers, state["multipliers"]):
+            m.load_state_dict(st)
+
+
+# ---------------------------------------------------------------- advantage estimators
+
+# eps of the group baseline's std: a group whose answers all score the same gets advantage 0, not 0/0
+GROUP_STD_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class StepScores:
+    """One step's scored rollouts: what an algorithm turns into advantages."""
+    reward: Tensor  # [B] reward model end scores R(x, y)
+    cost: Optional[Tensor]  # [B] cost model end scores C(x, y); None when the algorithm uses no cost model
+    logp: Tensor  # [B, T] behaviour policy logprobs of the sampled tokens
+    ref_logp: Tensor  # [B, T] reference policy logprobs
+    mask: Tensor  # [B, T] 1.0 on response tokens
+    reward_values: Optional[Tensor] = None  # [B, T] reward critic values; None without that critic
+    cost_values: Optional[Tensor] = None  # [B, T] cost critic values; None without that critic
+
+
+@dataclass(frozen=True)
+class AdvantageSettings:
+    kl_coeff: float  # beta of the per-token KL penalty
+    clip_score: float  # clip of the per-token shaped reward / cost
+    gamma: float = 1.0  # GAE discount
+    gae_lambda: float = 0.95  # GAE lambda
+    shaping_nu: float = 1.0  # reward_shaping's fixed cost penalty
+    group_size: int = 1  # answers per prompt, consecutive rows of the batch (grouped algorithms)
+
+
+@dataclass(frozen=True)
+class Advantages:
+    reward: Tensor  # [B, T] A_r
+    cost: Optional[Tensor]  # [B, T] A_c; None for a reward-only algorithm
+    reward_returns: Optional[Tensor]  # [B, T] the reward critic's targets; None without critics
+    cost_returns: Optional[Tensor]  # [B, T] the cost critic's targets; None without that critic
+
+
+def gae_advantages(s: StepScores, end_reward: Tensor, hp: AdvantageSettings) -> Advantages:
+    """KL-shaped per-token rewards and costs, then GAE on each critic (paper Sec. 3.3)."""
+    cost = s.cost if s.cost is not None else torch.zeros_like(s.reward)
+    rewards, costs = kl_shaped_rewards(end_reward, cost, s.logp, s.ref_logp, s.mask, hp.kl_coeff, hp.clip_score)
+    reward_adv, reward_ret = gae(s.reward_values, rewards, s.mask, hp.gamma, hp.gae_lambda)
+    cost_adv = cost_ret = None
+    if s.cost_values is not None:
+        cost_adv, cost_ret = gae(s.cost_values, costs, s.mask, hp.gamma, hp.gae_lambda)
+    return Advantages(reward_adv, cost_adv, reward_ret, cost_ret)
+
+
+@torch.no_grad()
+def group_normalized(x: Tensor, group_size: int, eps: float = GROUP_STD_EPS) -> Tensor:
+    """x [B] -> (x - mean of its group) / (std of its group + eps) [B], each group `group_size`
+    consecutive rows (one prompt's answers). std is the group's population std (divides by G)."""
+    if x.shape[0] % group_size:
+        raise ValueError(f"a batch of {x.shape[0]} is not whole groups of {group_size}")
+    g = x.detach().view(-1, group_size)  # [B/G, G]
+    mean = g.mean(-1, keepdim=True)  # [B/G, 1]
+    std = g.std(-1, correction=0, keepdim=True)  # [B/G, 1]
+    return ((g - mean) / (std + eps)).view(-1)  # A_i = (x_i - mean_g) / (std_g + eps)
+
+
+@torch.no_grad()
+def group_advantages(s: StepScores, end_reward: Tensor, hp: AdvantageSettings) -> Advantages:
+    """Critic-free (grpo_lag): each answer's episode totals of the KL-shaped per-token rewards and
+    costs, normalised within its prompt's group (the group mean is the baseline, as in GRPO, Shao et
+    al. 2024, arXiv 2402.03300, Sec. 4.1.2), each separately and before the policy loss combines them
+    as (A_r - lambda A_c) / (1 + lambda): Constrained GRPO (arXiv 2602.05863) combines reward and cost
+    after normalisation, because normalising a combined score would rescale lambda by the group's std.
+    Every token of an answer gets its answer's advantage; no critic, no GAE.
+
+    The KL to the reference stays in the per-token reward and cost (-beta KL_t, +beta KL_t) as in
+    ppo_lag, rather than GRPO's separate KL loss term: the Lagrangian then trades the same
+    KL-regularised returns as ppo_lag (the comparison isolates the baseline: critic or group), and
+    the learner, its minibatch and its loss are ppo_lag's unchanged (no reference logprobs shipped
+    to the learner)."""
+    if s.cost is None:
+        raise ValueError("group_advantages needs the cost scores")
+    rewards, costs = kl_shaped_rewards(end_reward, s.cost, s.logp, s.ref_logp, s.mask, hp.kl_coeff, hp.clip_score)
+    m = s.mask.to(rewards.dtype)  # [B, T]
+    reward_adv = group_normalized(rewards.sum(-1), hp.group_size)  # A_r from sum_t r_t (gamma 1); [B]
+    cost_adv = group_normalized(costs.sum(-1), hp.group_size)  # A_c from sum_t c_t; [B]
+    return Advantages(reward_adv[:, None] * m, cost_adv[:, None] * m, None, None)  # [B, T] each
+
+
+# ---------------------------------------------------------------- algorithms: one registration each
+
+
+def lagrangian_update(multiplier: LagrangeMultiplier, episode_costs: Tensor) -> float:
+    """The episode costs join the window, then log_lambda += lr * lambda * (J_c - d) -> lambda."""
+    multiplier.observe(episode_costs)
+    return multiplier.step()
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    cost_in_end_reward: bool  # end reward = reward - nu * cost (fixed penalty nu)
-    uses_cost_critic: bool  # cost critic, cost advantages and a Lagrange multiplier
+    """Everything that makes a variant, in one object: the roles it needs, how rewards and costs
+    become advantages, its policy loss, its multiplier and how it updates, and how it samples.
+    The round, its actors, the plan, the config, the graph and the sweep read it from here."""
+    summary: str  # one line: what it optimises (the config's description lists these)
+    critics: Tuple[str, ...]  # learner roles beside the policy: reward_critic, cost_critic
+    uses_cost_model: bool  # the round scores answers with the cost model (scorer-cost, fit_cost upstream)
+    estimator: Callable[[StepScores, Tensor, AdvantageSettings], Advantages]  # (scores, end reward, settings)
+    policy_loss: Callable[..., Tensor] = ppo_lag_policy_loss  # (logp, old_logp, A_r, A_c, mask, lambda, clip)
+    # lambda's update from the step's episode costs; None: no constraint (lambda 0, threshold logged only)
+    multiplier_update: Optional[Callable[[LagrangeMultiplier, Tensor], float]] = None
+    cost_in_end_reward: bool = False  # end reward = reward - nu * cost (fixed penalty nu)
+    group_sampling: bool = False  # safe_rlhf.group_size answers per prompt, normalised as a group
+    colour: str = "tab:gray"  # in the sweep's Pareto plot
 
     @property
-    def uses_cost_model(self) -> bool:
-        """Whether the round scores answers with the cost model at all."""
-        return self.cost_in_end_reward or self.uses_cost_critic
+    def constrained(self) -> bool:
+        """A Lagrange multiplier on the episode cost: a threshold, lambda and its update."""
+        return self.multiplier_update is not None
+
+    @property
+    def uses_cost_critic(self) -> bool:
+        return "cost_critic" in self.critics
+
+    @property
+    def learner_roles(self) -> Tuple[str, ...]:
+        return ("policy",) + self.critics
+
+    @property
+    def scorer_roles(self) -> Tuple[str, ...]:
+        return ("reward", "reference") + (("cost",) if self.uses_cost_model else ())
+
+    def answers_per_prompt(self, group_size: int) -> int:
+        return group_size if self.group_sampling else 1
+
+    def end_reward(self, reward: Tensor, cost: Optional[Tensor], nu: float) -> Tensor:
+        """The end score fed into kl_shaped_rewards: R, or R - nu * C with cost_in_end_reward."""
+        if not self.cost_in_end_reward:
+            return reward
+        if cost is None:
+            raise ValueError("an algorithm with the cost in its end reward needs the cost scores")
+        return reward - nu * cost  # R - nu * C
+
+    def advantages(self, s: StepScores, hp: AdvantageSettings) -> Advantages:
+        return self.estimator(s, self.end_reward(s.reward, s.cost, hp.shaping_nu), hp)
+
+    def update_multiplier(self, multiplier: LagrangeMultiplier, episode_costs: Optional[Tensor]) -> float:
+        """This step's lambda (0 for an unconstrained algorithm, whose multiplier never moves)."""
+        return 0.0 if self.multiplier_update is None else self.multiplier_update(multiplier, episode_costs)
 
 
 ALGORITHMS: Dict[str, Algorithm] = {
-    "ppo_lag": Algorithm(cost_in_end_reward=False, uses_cost_critic=True),  # Safe RLHF
-    "ppo": Algorithm(cost_in_end_reward=False, uses_cost_critic=False),  # reward only, cost ignored
-    "reward_shaping": Algorithm(cost_in_end_reward=True, uses_cost_critic=False),  # R - nu * C
+    "ppo_lag": Algorithm("Safe RLHF (PPO-Lagrangian, a reward and a cost critic)", ("reward_critic", "cost_critic"),
+                         True, gae_advantages, multiplier_update=lagrangian_update, colour="tab:blue"),
+    "ppo": Algorithm("reward only, the cost ignored", ("reward_critic",), False, gae_advantages, colour="tab:red"),
+    "reward_shaping": Algorithm("reward - nu * cost, a fixed penalty", ("reward_critic",), True, gae_advantages,
+                                cost_in_end_reward=True, colour="tab:orange"),
+    "grpo_lag": Algorithm("critic-free Lagrangian, group-normalised reward and cost advantages (group_size answers "
+                          "per prompt)", (), True, group_advantages, multiplier_update=lagrangian_update,
+                          group_sampling=True, colour="tab:green"),
 }
+ALGORITHM_NAMES = tuple(ALGORITHMS)
 
 
 def get_algorithm(name: str) -> Algorithm:
@@ -357,9 +572,5 @@ def uses_cost_model(algorithm: str) -> bool:
 
 
 def shaped_end_reward(algorithm: str, reward: Tensor, cost: Optional[Tensor], nu: float) -> Tensor:
-    """End score fed into kl_shaped_rewards: R for ppo / ppo_lag, R - nu * C for reward_shaping."""
-    if not get_algorithm(algorithm).cost_in_end_reward:
-        return reward
-    if cost is None:
-        raise ValueError(f"algorithm {algorithm!r} needs the cost scores")
-    return reward - nu * cost  # R - nu * C
+    """End score fed into kl_shaped_rewards: R for ppo / ppo_lag / grpo_lag, R - nu * C for reward_shaping."""
+    return get_algorithm(algorithm).end_reward(reward, cost, nu)

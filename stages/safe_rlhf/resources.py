@@ -1,6 +1,7 @@
 """Which actors a round has, with their resources (also what `python -m pipeline plan` prints).
 
-On a CPU machine every actor takes a fraction of a CPU (all seven fit on 2 cores). On GPUs the
+On a CPU machine every actor takes a fraction of a CPU (all seven of ppo_lag fit on 2 cores;
+grpo_lag has five: no critics). On GPUs the
 learners take one GPU each and scorers share the learners' GPUs (`colocate_scorers`). A rollout
 worker with `tensor_parallel_size` 1 takes one GPU; with more, it takes none itself and gets one
 single-GPU bundle per tensor-parallel rank, which vLLM's own Ray workers take (the pattern OpenRLHF
@@ -15,11 +16,12 @@ from stages.objectives import get_algorithm, uses_cost_model
 
 
 def learner_roles(algorithm: str) -> list[str]:
-    return ["policy", "reward_critic"] + (["cost_critic"] if get_algorithm(algorithm).uses_cost_critic else [])
+    """The policy and the algorithm's critics (its registration in stages/objectives.py)."""
+    return list(get_algorithm(algorithm).learner_roles)
 
 
 def scorer_roles(algorithm: str) -> list[str]:
-    return ["reward", "reference"] + (["cost"] if get_algorithm(algorithm).uses_cost_model else [])
+    return list(get_algorithm(algorithm).scorer_roles)
 
 
 def resource_plan(rl) -> ResourcePlan:

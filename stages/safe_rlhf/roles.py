@@ -3,7 +3,8 @@
 Actors, named as the dashboard lists them: `rollout-i` (vLLM, or transformers with engine hf),
 `scorer-reward-0`, `scorer-reference-0`, `scorer-cost-0`, and the DeepSpeed learner groups
 `learner-policy-i`, `learner-reward_critic-i`, `learner-cost_critic-i`, all in one placement group
-(resources.py). They start together: the engines load while the learner groups meet.
+(resources.py); an algorithm's registration says which scorers and critics it has (grpo_lag: no
+critics). They start together: the engines load while the learner groups meet.
 
 A step's independent calls go out together and are gathered once: the three scorers and the
 learners' forwards in `score`, the three learner groups' updates in `train`. The results are the
@@ -89,7 +90,7 @@ def actor_arguments(cfg, rl, models: dict) -> tuple[dict, dict, dict]:
     settings = {"device": rl.device, "precision": rl.precision, "zero_stage": rl.zero_stage, "seed": cfg.seed,
                 "shard": rl.learner_shard, "micro_batch": rl.micro_batch_size or rl.learner_shard,
                 "gradient_checkpointing": rl.gradient_checkpointing, "logprob_chunk": rl.logprob_chunk_tokens,
-                "clip_ratio": rl.clip_ratio, "clip_value": rl.clip_value}
+                "clip_ratio": rl.clip_ratio, "clip_value": rl.clip_value, "algorithm": rl.algorithm}
     lr = {"policy": rl.actor_lr, "reward_critic": rl.critic_lr, "cost_critic": rl.critic_lr}
     start_model = {"policy": path["policy"], "reward_critic": path["reward_model"], "cost_critic": path["cost_model"]}
     size = rl.learners_per_role
@@ -339,14 +340,15 @@ class RoundRoles:
             if "cost" in self.scorer:
                 calls["cost"] = lambda: [self.scorer["cost"].score.remote(scored)]
             calls["old_logp"] = lambda: self.policy.forward(seqs)
-            calls["reward_values"] = lambda: self.learners["reward_critic"].forward(seqs)
+            if "reward_critic" in self.learners:
+                calls["reward_values"] = lambda: self.learners["reward_critic"].forward(seqs)
             if "cost_critic" in self.learners:
                 calls["cost_values"] = lambda: self.learners["cost_critic"].forward(seqs)
             return {key: torch.cat(parts) for key, parts in self._gather(calls).items()}
 
         out = self._in_place("score", step, call)
-        out.setdefault("cost", None)
-        out.setdefault("cost_values", None)
+        for key in ("cost", "reward_values", "cost_values"):  # None where the algorithm has no such scorer or critic
+            out.setdefault(key, None)
         return out
 
     def score_texts(self, role: str, prompts: list[str], answers: list[str], max_prompt_tokens: int,

@@ -11,6 +11,9 @@ Each step, as the algorithm reads (`ppo_step`):
     learn       PPO epochs over minibatches: policy, reward critic, cost critic      roles.train
     sync        the policy's weights to the rollout workers                         roles.push_weights
 
+That is ppo_lag; the other algorithms differ by their registration (objectives.ALGORITHMS), e.g.
+grpo_lag: group_size answers per prompt, returns normalised within each group, no critics.
+
 With `overlap_generation`, step t+1's rollouts are generated while step t scores and learns, by
 the rollout workers' weights of step t-1 (one step stale, logged as `rollout_staleness`); the PPO
 ratio and the KL then take the sampling engine's own log-probabilities as the behaviour policy's.
@@ -67,7 +70,7 @@ class RoundSetup:
     def for_inputs(cls, cfg, rl, k: int, inputs: dict) -> "RoundSetup":
         """Round k of `rl` from explicit inputs (policy, reward_model, cost_model, train_pairs, reference)."""
         rcfg = rl.rounds[k - 1]
-        if not O.uses_cost_critic(rl.algorithm):
+        if not O.get_algorithm(rl.algorithm).constrained:
             threshold = 0.0  # no Lagrangian constraint (ppo, reward_shaping): logged for completeness
         else:
             threshold = None if rcfg.threshold == "auto" else float(rcfg.threshold)
@@ -158,27 +161,31 @@ class Experience:
     ref_logp: torch.Tensor  # [B, T] reference policy logprobs
     reward: torch.Tensor  # [B] reward model end scores
     cost: torch.Tensor | None  # [B] cost model end scores
-    reward_values: torch.Tensor  # [B, T]
-    cost_values: torch.Tensor | None  # [B, T]
+    reward_values: torch.Tensor | None  # [B, T]; None without a reward critic
+    cost_values: torch.Tensor | None  # [B, T]; None without a cost critic
     reward_advantages: torch.Tensor | None = None
     reward_returns: torch.Tensor | None = None
     cost_advantages: torch.Tensor | None = None
     cost_returns: torch.Tensor | None = None
 
 
+def advantage_settings(rl) -> O.AdvantageSettings:
+    return O.AdvantageSettings(kl_coeff=rl.kl_coeff, clip_score=rl.clip_score, gamma=rl.gamma, gae_lambda=rl.gae_lambda,
+                               shaping_nu=rl.shaping_nu, group_size=rl.group_size)
+
+
 def compute_advantages(exp: Experience, rl) -> None:
-    """KL-shaped per-token rewards and costs, then GAE on each critic (paper Sec. 3.3)."""
-    mask = exp.seqs.response_mask.float()  # [B, T]
-    end_reward = O.shaped_end_reward(rl.algorithm, exp.reward, exp.cost, rl.shaping_nu)  # [B]
-    cost = exp.cost if exp.cost is not None else torch.zeros_like(exp.reward)
-    rewards, costs = O.kl_shaped_rewards(end_reward, cost, exp.old_logp, exp.ref_logp, mask, rl.kl_coeff, rl.clip_score)
-    exp.reward_advantages, exp.reward_returns = O.gae(exp.reward_values, rewards, mask, rl.gamma, rl.gae_lambda)
-    if exp.cost_values is not None:
-        exp.cost_advantages, exp.cost_returns = O.gae(exp.cost_values, costs, mask, rl.gamma, rl.gae_lambda)
+    """The algorithm's advantages (ppo_lag: KL-shaped per-token rewards and costs, then GAE on each
+    critic, paper Sec. 3.3; grpo_lag: group-normalised returns)."""
+    scores = O.StepScores(exp.reward, exp.cost, exp.old_logp, exp.ref_logp, exp.seqs.response_mask.float(),
+                          exp.reward_values, exp.cost_values)
+    adv = O.get_algorithm(rl.algorithm).advantages(scores, advantage_settings(rl))
+    exp.reward_advantages, exp.reward_returns = adv.reward, adv.reward_returns
+    exp.cost_advantages, exp.cost_returns = adv.cost, adv.cost_returns
 
 
 def learn(roles: RoundRoles, exp: Experience, lagrange_lambda: float, rl, generator: torch.Generator) -> dict:
-    """PPO epochs over shuffled minibatches; each minibatch updates the policy and both critics together."""
+    """PPO epochs over shuffled minibatches; each minibatch updates the policy and the critics together."""
     stats: dict[str, list[float]] = {}
     for _ in range(rl.ppo_epochs):
         order = torch.randperm(len(exp.seqs), generator=generator)
@@ -186,8 +193,9 @@ def learn(roles: RoundRoles, exp: Experience, lagrange_lambda: float, rl, genera
             seqs = exp.seqs.select(rows)
             batches = {"policy": PolicyMinibatch(seqs, exp.old_logp[rows], exp.reward_advantages[rows],
                                                  exp.cost_advantages[rows] if exp.cost_advantages is not None else None,
-                                                 lagrange_lambda),
-                       "reward_critic": CriticMinibatch(seqs, exp.reward_values[rows], exp.reward_returns[rows])}
+                                                 lagrange_lambda)}
+            if exp.reward_values is not None:
+                batches["reward_critic"] = CriticMinibatch(seqs, exp.reward_values[rows], exp.reward_returns[rows])
             if exp.cost_values is not None:
                 batches["cost_critic"] = CriticMinibatch(seqs, exp.cost_values[rows], exp.cost_returns[rows])
             for k, v in roles.train(batches).items():
@@ -212,9 +220,12 @@ class Rollout:
 
 
 def step_inputs(setup: RoundSetup, step: int, seed: int) -> tuple[list[str], Sampling]:
-    """Step `step`'s prompts and sampling (1-based): functions of the step alone."""
+    """Step `step`'s prompts and sampling (1-based): functions of the step alone. prompts_per_step
+    answers: as many prompts, or (grpo_lag) prompts_per_step / group_size prompts, each repeated
+    group_size times in consecutive rows (one group)."""
     rl, k = setup.rl, setup.round
-    prompts = step_prompts(setup.pool, step - 1, rl.prompts_per_step, seed * 1000 + k)
+    g = O.get_algorithm(rl.algorithm).answers_per_prompt(rl.group_size)
+    prompts = [p for p in step_prompts(setup.pool, step - 1, rl.prompts_per_step // g, seed * 1000 + k) for _ in range(g)]
     return prompts, Sampling(rl.max_new_tokens, rl.temperature, rl.top_p, seed=seed * 100_000 + k * 10_000 + step)
 
 
@@ -247,10 +258,8 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
     exp = Experience(seqs=seqs, **scores)
     t2 = time.perf_counter()
     compute_advantages(exp, rl)
-    lam = 0.0
-    if O.uses_cost_critic(rl.algorithm):
-        lagrange.observe(exp.cost)  # episode costs of this batch join the window
-        lam = lagrange.step()  # log_lambda += lr * lambda * (mean(window) - threshold)
+    algorithm = O.get_algorithm(rl.algorithm)
+    lam = algorithm.update_multiplier(lagrange, exp.cost)  # log_lambda += lr * lambda * (mean(window) - threshold)
     stats = learn(roles, exp, lam, rl, torch.Generator().manual_seed(seed * 1_000_003 + setup.round * 10_007 + step))
     roles.policy_step = step
     t3 = time.perf_counter()
@@ -275,7 +284,9 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
          "time_step": time.perf_counter() - t0, "truncated_share": sum(cut) / len(cut)}
     if exp.cost is not None:
         m.update(cost_mean=exp.cost.mean().item(), unsafe_share=(exp.cost > 0).float().mean().item())
-    if O.uses_cost_critic(rl.algorithm):
+    if algorithm.group_sampling:  # a group whose answers all score alike has no advantage: it teaches nothing
+        m["reward_group_std"] = exp.reward.view(-1, rl.group_size).std(-1, correction=0).mean().item()
+    if algorithm.constrained:
         m.update({"lambda": lagrange.value, "episode_cost": sum(lagrange.window) / len(lagrange.window)})
     return {key: (float(f"{v:.6g}") if isinstance(v, float) else v) for key, v in m.items()}, following
 
@@ -344,7 +355,7 @@ def round_threshold(roles: RoundRoles, setup: RoundSetup) -> dict:
     """The round's cost threshold d and how it was derived (reported with the round's metrics)."""
     rl, k = setup.rl, setup.round
     if setup.threshold is not None:
-        rule = "set in the config" if O.uses_cost_critic(rl.algorithm) else f"none ({rl.algorithm} has no cost constraint)"
+        rule = "set in the config" if O.get_algorithm(rl.algorithm).constrained else f"none ({rl.algorithm} has no cost constraint)"
         return {"threshold": setup.threshold, "threshold_rule": rule}
     u = rl.unsafe_share(k)
     prompts, answers, safe = reference_answers(setup.inputs["reference"])
