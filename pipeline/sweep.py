@@ -50,7 +50,6 @@ from stages.safe_rlhf.resources import resource_plan
 
 ROUND_KEYS = set(RoundConfig.model_fields)
 RL_KEYS = set(SafeRLHFConfig.model_fields) - {"rounds"}
-JUDGED = ("harmful_rate", "over_refusal_rate", "helpfulness", "reward_helpfulness_gap", "harmful_n")
 
 
 class SweepStop(BaseModel):
@@ -165,12 +164,11 @@ def judge_trial(cfg, env: dict, policy_dir: Path, ctx) -> dict:
     samples, seed and judge: `stages.judging.judged_answers`), by actors started in the bundles
     the trial's finished round has freed: a rollout worker in rollout-0's, the scorers in the
     scorers' and then the learners'."""
-    import statistics
-
     from actors.rollout import RolloutWorker
     from actors.scorer import Scorer
     from cluster.launch import Launcher
-    from stages.judging import eval_max_new_tokens, judge_models, judged_answers, reward_helpfulness_gap, summarize, wins_against
+    from stages.judging import (eval_max_new_tokens, judge_models, judged_answers, rate, reward_helpfulness_gap, summarize,
+                                wins_against)
     from stages.model_actors import ACTOR_ENV, engine_settings, scorer_kwargs
 
     ev, rl = cfg.evaluate, cfg.safe_rlhf
@@ -196,7 +194,7 @@ def judge_trial(cfg, env: dict, policy_dir: Path, ctx) -> dict:
         out["helpfulness"] = m["helpfulness"]
         out["reward_helpfulness_gap"] = reward_helpfulness_gap(rows, env["calibration"])
     else:  # the reward model's win rate against SFT's answer to the same prompt and sample
-        out["helpfulness"] = round(statistics.mean(w["win"] for w in wins_against(env["sft_rewards"], rows)), 4)
+        out["helpfulness"] = rate(wins_against(env["sft_rewards"], rows), "win")[0]
         out["reward_helpfulness_gap"] = 0.0
     return out
 

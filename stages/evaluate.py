@@ -33,9 +33,8 @@ from pathlib import Path
 from stages.base import StageResult
 from stages.datafiles import read_prompt_files
 from stages.files import read_jsonl, write_jsonl
-from stages.judging import (INTERVALS, RATES, by_prompt, eval_max_new_tokens, interval, judge_models, judged_answers,
-                            queue_answers, reward_calibration, reward_helpfulness_gap, summarize, wins_against)
-from stages.stats import cluster_bootstrap
+from stages.judging import (INTERVALS, RATES, eval_max_new_tokens, judge_models, judged_answers, queue_answers, rate,
+                            reward_calibration, reward_helpfulness_gap, summarize, wins_against)
 from stages.model_actors import rollout_actor, scorer_actors
 
 
@@ -111,9 +110,7 @@ def run(ctx) -> StageResult:
         if oracle:
             m["reward_helpfulness_gap"] = reward_helpfulness_gap(rows, calibration)
         else:  # the reward model's win rate against the starting policy, on benign prompts (all, if none is)
-            wins = wins_against([r["reward"] for r in start], rows)
-            m["helpfulness"] = round(statistics.mean(w["win"] for w in wins), 4)
-            m["helpfulness_ci"] = interval(cluster_bootstrap(by_prompt(wins, "win")))
+            m["helpfulness"], m["helpfulness_ci"] = rate(wins_against([r["reward"] for r in start], rows), "win")
         metrics[name] = m
     key = "helpfulness" if oracle else "reward"
     names = [n for n in samples if not n.startswith("baseline_")]
