@@ -34,7 +34,21 @@ class Generation:
     response_ids: list[list[int]]  # B responses, up to and including EOS when one was sampled
     texts: list[str]  # B decoded responses (special tokens removed, stripped)
     logprobs: list[list[float]]  # B x len(response_ids[i]) sampled-token logprobs
-    eos_token_id: int | None = None  # a response that does not end with it was cut at max_new_tokens
+    eos_token_id: int | None = None  # the tokenizer's EOS: appended where a scorer needs an end
+    stop_token_ids: tuple[int, ...] = ()  # what ended an answer (EOS and the generation config's); () = (EOS,)
+
+    def ended(self, ids: list[int]) -> bool:
+        """Whether an answer ended by itself (a stop token last), not cut at max_new_tokens."""
+        return bool(ids) and ids[-1] in (self.stop_token_ids or (self.eos_token_id,))
+
+
+def stop_token_ids(tokenizer, generation_config) -> tuple[int, ...]:
+    """The tokens that end an answer: the tokenizer's EOS (a chat template's end of turn, such as
+    `<|im_end|>`) and every EOS of the model's generation config (chat models often list several)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
 class HFEngine:
@@ -45,6 +59,7 @@ class HFEngine:
         self.device, self.batch_size, self.max_prompt_tokens = device, batch_size, max_prompt_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(device).eval()
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
 
     def update_weights(self, model_dir: str) -> None:
         """Load new weights in place (same architecture), e.g. after a policy update."""
@@ -68,17 +83,17 @@ class HFEngine:
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                 max_new_tokens=sampling.max_new_tokens, do_sample=True, temperature=sampling.temperature,
-                top_p=sampling.top_p, top_k=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                top_p=sampling.top_p, top_k=0, pad_token_id=tok.pad_token_id, eos_token_id=list(self.stop_ids),
                 return_dict_in_generate=True, output_logits=True)
             new = out.sequences[:, ids.shape[1]:]  # [b, T]
             logits = torch.stack(out.logits, dim=1).float()  # [b, T, V] raw (before temperature)
             lp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [b, T]
             for row, row_lp in zip(new.tolist(), lp.tolist()):
-                n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+                n = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
                 responses.append(row[:n])
                 logprobs.append(row_lp[:n])
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
-        return Generation(prompt_ids, responses, texts, logprobs, tok.eos_token_id)
+        return Generation(prompt_ids, responses, texts, logprobs, tok.eos_token_id, self.stop_ids)
 
 
 class VLLMEngine:
@@ -124,6 +139,13 @@ class VLLMEngine:
                        use_tqdm_on_load=False,  # no progress bar on every weight reload (readable job logs)
                        **extra, **engine_kwargs(weight_sync))
         self.tokenizer = self.llm.get_tokenizer()
+        from transformers import GenerationConfig
+
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_dir)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            generation_config = None
+        self.stop_ids = stop_token_ids(self.tokenizer, generation_config)
         self.weight_sync = weight_sync
 
     def update_weights(self, model_dir: str) -> None:
@@ -160,7 +182,8 @@ class VLLMEngine:
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"][-self.max_prompt_tokens:] for p in prompts]
         # One seed per request: the same prompt list and seed give the same samples.
         params = [SamplingParams(n=1, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                 top_p=sampling.top_p, logprobs=0, seed=sampling.seed * 1_000_003 + i)
+                                 top_p=sampling.top_p, logprobs=0, seed=sampling.seed * 1_000_003 + i,
+                                 stop_token_ids=list(self.stop_ids))
                   for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
         responses, logprobs = [], []
@@ -170,7 +193,7 @@ class VLLMEngine:
             responses.append(ids)
             logprobs.append([step[t].logprob for step, t in zip(c.logprobs, ids)])
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
-        return Generation(prompt_ids, responses, texts, logprobs, tok.eos_token_id)
+        return Generation(prompt_ids, responses, texts, logprobs, tok.eos_token_id, self.stop_ids)
 
 
 def make_engine(engine: str, model_dir: str, **kw):

@@ -1,7 +1,8 @@
 """What a served run's deployments hold, as plain classes (pipeline/serve.py makes them Ray Serve
 deployments): a policy that answers, and a scorer that gives reward and cost.
 
-- `PolicyServer`: one policy's engine (vLLM or transformers), `n` answers to one templated prompt,
+- `PolicyServer`: one policy's engine (vLLM or transformers), `n` answers to one prompt (with its
+  earlier turns) in the policy's own template (its chat template when its tokenizer has one),
   with token counts and why each answer ended.
 - `ScoreServer`: one fitted score model (reward or cost) scoring (prompt, answer) pairs as it was
   trained (template, answer, EOS), in batches.
@@ -12,6 +13,7 @@ import threading
 
 from actors.rollout import Sampling, make_engine
 from actors.scorer import Scorer
+from stages.text import format_prompt
 
 
 class PolicyServer:
@@ -24,16 +26,17 @@ class PolicyServer:
         # replica; transformers' sampling seeds the process-wide generator).
         self._generating = threading.Lock()
 
-    def prompt_tokens(self, prompt: str) -> int:
-        """Tokens of a templated prompt (to refuse one the context cannot hold, rather than cut it)."""
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def prompt_tokens(self, prompt: str, context: list) -> int:
+        """Tokens of the templated prompt (to refuse one the context cannot hold, rather than cut it)."""
+        return len(self.tokenizer(format_prompt(prompt, context, self.tokenizer), add_special_tokens=False)["input_ids"])
 
-    def generate(self, prompt: str, n: int, max_tokens: int, temperature: float, top_p: float, seed: int) -> list[dict]:
-        """n answers to one templated prompt: [{"text", "tokens", "finish_reason"}] ("stop": EOS, "length": cut)."""
+    def generate(self, prompt: str, context: list, n: int, max_tokens: int, temperature: float, top_p: float,
+                 seed: int) -> list[dict]:
+        """n answers to one prompt: [{"text", "tokens", "finish_reason"}] ("stop": EOS, "length": cut)."""
+        text = format_prompt(prompt, context, self.tokenizer)
         with self._generating:
-            gen = self.engine.generate([prompt] * n, Sampling(max_tokens, temperature, top_p, seed))
-        eos = gen.eos_token_id
-        return [{"text": text, "tokens": len(ids), "finish_reason": "stop" if ids and ids[-1] == eos else "length"}
+            gen = self.engine.generate([text] * n, Sampling(max_tokens, temperature, top_p, seed))
+        return [{"text": text, "tokens": len(ids), "finish_reason": "stop" if gen.ended(ids) else "length"}
                 for text, ids in zip(gen.texts, gen.response_ids)]
 
 

@@ -44,7 +44,6 @@ from ray import serve
 
 from actors.serving import PolicyServer, ScoreServer
 from pipeline.config import ServeConfig
-from stages.text import format_prompt
 
 APP_NAME = "safe_rlhf"
 api = FastAPI(title="Safe RLHF on Ray", description="A finished run's policies with reward and cost on every answer.")
@@ -198,8 +197,7 @@ class Ingress:
         if n > lim["max_n"]:
             raise ApiError(400, "n", f"n {n} is above this service's limit of {lim['max_n']}")
         policy = self.policies[req.model]
-        text = format_prompt(prompt, context)
-        prompt_tokens = await policy.prompt_tokens.remote(text)
+        prompt_tokens = await policy.prompt_tokens.remote(prompt, context)
         if prompt_tokens > info["max_prompt_tokens"]:  # the engine would cut it from the left: refuse instead
             raise ApiError(400, field, f"the prompt is {prompt_tokens} tokens, above this model's limit of "
                                        f"{info['max_prompt_tokens']} (model.max_prompt_tokens)")
@@ -207,7 +205,7 @@ class Ingress:
             raise ApiError(400, field, f"the prompt is {prompt_tokens} tokens; with max_tokens {max_tokens} it is longer "
                                        f"than the model's context of {info['context']} tokens")
         seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-        drawn = await policy.generate.remote(text, n, max_tokens, req.temperature, req.top_p, seed)
+        drawn = await policy.generate.remote(prompt, context, n, max_tokens, req.temperature, req.top_p, seed)
         safety = await self._safety(prompt, context, [d["text"] for d in drawn])
         out = {"prompt_tokens": prompt_tokens}
         if gate == "none":

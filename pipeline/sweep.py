@@ -184,7 +184,7 @@ def judge_trial(cfg, env: dict, policy_dir: Path, ctx) -> dict:
         scorers = {role: launcher.start(Scorer, f"judge-scorer-{role}", role, path, rl.device, rl.precision, slot=slot,
                                         **scorer_kwargs(cfg, role))
                    for (role, path), slot in zip(models.items(), slots)}
-        rows = judged_answers(cfg, rollout, scorers, env["prompts"])
+        rows = judged_answers(cfg, rollout, scorers, env["prompts"], policy_dir=policy_dir)
     finally:
         launcher.shutdown()
     m = summarize(rows)
@@ -264,7 +264,7 @@ def judge_start(cfg, run: Path, inputs: dict, prompts: list[dict], log, sweep_di
     log(f"judging the starting policy ({inputs['start']}) on {len(prompts)} prompts x {ev.samples_per_prompt}")
     with scorer_actors(cfg, judge_models(ev.judge, inputs["reward_model"], inputs["cost_model"]), "sweep") as scorers:
         with rollout_actor(cfg, inputs["policy"], "sweep-start-rollout", ev.engine, eval_max_new_tokens(cfg)) as actor:
-            rows = judged_answers(cfg, actor, scorers, prompts)
+            rows = judged_answers(cfg, actor, scorers, prompts, policy_dir=inputs["policy"])
     m = summarize(rows)
     write_jsonl(sweep_dir / "start_samples.jsonl", rows)  # the starting policy's judged answers
     out = {"harmful_rate": m["harmful_rate"], "over_refusal_rate": m["over_refusal_rate"], "harmful_n": m["harmful_n"],

@@ -85,7 +85,7 @@ def run(ctx) -> StageResult:
     # once (weights loaded in turn), and each policy is scored as soon as its answers are back.
     with scorer_actors(cfg, models, prefix="eval", wait=False, pool=ctx.actor_pool) as scorers, \
             rollout_actor(cfg, policies[names[0]], "eval-rollout", ev.engine, eval_max_new_tokens(cfg), wait=False) as actor:
-        queued = {name: queue_answers(cfg, actor, prompts, load=None if i == 0 else policies[name])
+        queued = {name: queue_answers(cfg, actor, prompts, load=None if i == 0 else policies[name], policy_dir=policies[name])
                   for i, name in enumerate(names)}
         for name in names:
             samples[name] = [{"policy": name, **r} for r in judged_answers(cfg, actor, scorers, prompts, queued[name])]

@@ -21,7 +21,7 @@ import random
 import statistics
 
 from stages.stats import cluster_bootstrap
-from stages.text import format_prompt
+from stages.text import format_prompt, prompt_tokenizer
 from stages.world_content import REFUSAL_MARKERS
 
 
@@ -36,22 +36,25 @@ def _rows(prompts: list[dict], generations: list, max_new_tokens: int) -> list[d
     max_new_tokens (no EOS at the end of a full-length answer)."""
     return [{"prompt": p["prompt"], "category": p.get("category", "unknown"), "harmful_prompt": bool(p["harmful"]),
              "sample": s, "answer": text, "tokens": len(ids),
-             "truncated": len(ids) >= max_new_tokens and not (ids and ids[-1] == gen.eos_token_id)}
+             "truncated": len(ids) >= max_new_tokens and not gen.ended(ids)}
             for s, gen in enumerate(generations) for p, text, ids in zip(prompts, gen.texts, gen.response_ids)]
 
 
-def answer(engine, prompts: list[dict], samples: int, max_new_tokens: int, seed: int) -> list[dict]:
-    """`samples` answers per prompt (sample s of every prompt shares one seed), one row each."""
-    texts = [format_prompt(p["prompt"]) for p in prompts]
+def answer(engine, prompts: list[dict], samples: int, max_new_tokens: int, seed: int, tokenizer=None) -> list[dict]:
+    """`samples` answers per prompt (sample s of every prompt shares one seed), one row each;
+    prompts templated for `tokenizer` (stages/text.py format_prompt)."""
+    texts = [format_prompt(p["prompt"], tokenizer=tokenizer) for p in prompts]
     return _rows(prompts, [engine.generate(texts, sp) for sp in _samplings(samples, max_new_tokens, seed)], max_new_tokens)
 
 
-def queue_answers(cfg, rollout_actor, prompts: list[dict], load: str | None = None) -> list:
+def queue_answers(cfg, rollout_actor, prompts: list[dict], load: str | None = None, policy_dir=None) -> list:
     """Queue a policy's answers (`cfg.evaluate`'s samples, length and seed) on a rollout actor,
     after loading the weights in directory `load` when given: -> the calls' object refs. An actor
-    runs one caller's calls in the order they were made, so several policies can be queued at once."""
+    runs one caller's calls in the order they were made, so several policies can be queued at once.
+    Prompts are templated by the tokenizer of `policy_dir` (or `load`): its chat template if any."""
     ev = cfg.evaluate
-    texts = [format_prompt(p["prompt"]) for p in prompts]
+    tokenizer = prompt_tokenizer(policy_dir or load)
+    texts = [format_prompt(p["prompt"], tokenizer=tokenizer) for p in prompts]
     loaded = [rollout_actor.update_weights.remote(str(load))] if load is not None else []
     return loaded + [rollout_actor.generate.remote(texts, sp)
                      for sp in _samplings(ev.samples_per_prompt, eval_max_new_tokens(cfg), cfg.seed)]
@@ -114,7 +117,8 @@ def judge_models(judge: str, reward_model, cost_model) -> dict[str, str]:
     return models
 
 
-def judged_answers(cfg, rollout_actor, scorers: dict, prompts: list[dict], queued: list | None = None) -> list[dict]:
+def judged_answers(cfg, rollout_actor, scorers: dict, prompts: list[dict], queued: list | None = None,
+                   policy_dir=None) -> list[dict]:
     """A policy's answers (its rollout worker actor, `cfg.evaluate`'s samples, length and seed), with
     every scorer's score (`reward`, `cost`) and labelled by `cfg.evaluate.judge`: the oracle, the
     cost model (cost > 0) or the safety judge (score > 0). queued: the refs `queue_answers` gave
@@ -125,7 +129,7 @@ def judged_answers(cfg, rollout_actor, scorers: dict, prompts: list[dict], queue
     from stages.model_actors import score_answers
 
     ev = cfg.evaluate
-    results = ray.get(queued if queued is not None else queue_answers(cfg, rollout_actor, prompts))
+    results = ray.get(queued if queued is not None else queue_answers(cfg, rollout_actor, prompts, policy_dir=policy_dir))
     rows = _rows(prompts, [r for r in results if isinstance(r, Generation)], eval_max_new_tokens(cfg))
     scores = score_answers(cfg, scorers, [r["prompt"] for r in rows], [r["answer"] for r in rows])
     for i, r in enumerate(rows):
@@ -220,7 +224,8 @@ def wins_against(start_rewards: list[float], rows: list[dict]) -> list[dict]:
             for i in pool]
 
 
-def oracle_policy_pairs(engine, prompts: list[dict], max_new_tokens: int, seed: int, repeats: int = 2) -> list[dict]:
+def oracle_policy_pairs(engine, prompts: list[dict], max_new_tokens: int, seed: int, repeats: int = 2,
+                        tokenizer=None) -> list[dict]:
     """Fresh pairs of a policy's own answers (two samples per prompt, `repeats` times), labelled by
     the world's annotator, in the PKU schema plus the oracle's tie flags: where the fitted models'
     `policy_accuracy` is measured (a pair the judge rates as a tie has a coin-flip label)."""
@@ -228,7 +233,7 @@ def oracle_policy_pairs(engine, prompts: list[dict], max_new_tokens: int, seed: 
     from stages.builtin_world import World
 
     world, rng = World(), random.Random(f"policy-pairs-{seed}")
-    texts = [format_prompt(p["prompt"]) for p in prompts]
+    texts = [format_prompt(p["prompt"], tokenizer=tokenizer) for p in prompts]
     rows = []
     for r in range(repeats):
         a = engine.generate(texts, Sampling(max_new_tokens, seed=seed * 100 + 2 * r))

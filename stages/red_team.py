@@ -23,7 +23,7 @@ from stages.datafiles import read_prompt_files
 from stages.files import read_jsonl, write_jsonl
 from stages.judging import oracle_policy_pairs
 from stages.model_actors import rollout_actor
-from stages.text import format_prompt
+from stages.text import format_prompt, prompt_tokenizer
 
 
 def red_team_prompts(cfg, k: int) -> list[dict]:
@@ -49,7 +49,7 @@ def run(ctx) -> StageResult:
     cfg, rl, k = ctx.cfg, ctx.cfg.safe_rlhf, ctx.params["round"]
     policy = ctx.input(f"safe_rlhf@{k}", "policy")
     prompts = red_team_prompts(cfg, k)
-    texts = [format_prompt(p["prompt"]) for p in prompts]
+    texts = [format_prompt(p["prompt"], tokenizer=prompt_tokenizer(policy)) for p in prompts]
     metrics = {"prompts": len(prompts), "harder_prompts": sum(p["form"] == "red_team" for p in prompts)}
     outputs = {"pairs": "pairs_to_label.jsonl"}
     with rollout_actor(cfg, policy, f"redteam-rollout-{k}", rl.engine, rl.max_new_tokens, pool=ctx.actor_pool) as actor:
@@ -57,7 +57,7 @@ def run(ctx) -> StageResult:
         a, b = (engine.generate(texts, Sampling(rl.max_new_tokens, 1.0, 1.0, seed=cfg.seed * 10 + k * 2 + s)) for s in (0, 1))
         if "world" in ctx.inputs:
             fresh = oracle_policy_pairs(engine, read_jsonl(ctx.input("world", "eval_prompts")), rl.max_new_tokens,
-                                        seed=cfg.seed * 100 + k)
+                                        seed=cfg.seed * 100 + k, tokenizer=prompt_tokenizer(policy))
             write_jsonl(ctx.out_dir / "policy_pairs.jsonl", fresh)
             outputs["policy_pairs"] = "policy_pairs.jsonl"
     pairs = [{"prompt": p["prompt"], "response_0": t0, "response_1": t1, "form": p["form"], "category": p["category"]}

@@ -1,6 +1,15 @@
-"""Text conventions shared by every stage: the conversation template and word normalisation."""
+"""Text conventions shared by every stage: the conversation template and word normalisation.
+
+Two templates. A tokenizer with a chat template (an instruct model's: SmolLM2's `<|im_start|>`
+turns, Llama 3's headers, with the system prompt the template adds) renders every conversation:
+rollouts, red teaming, evaluation, serving, and the reward, cost and reference models' inputs,
+which share the policy's tokenizer. Its answer follows the generation prompt as it is, then the
+tokenizer's EOS, which ends an assistant turn (`<|im_end|>`). A tokenizer without one (the built-in
+world's, pku-small's) gets the paper's plain template below: " " + answer, then EOS.
+"""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -11,26 +20,67 @@ PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 _WORD = re.compile(r"[a-z0-9']+")
 
 
-def format_prompt(prompt: str, context=()) -> str:
-    """The template around a prompt; earlier turns ({"role", "text"}) go before it, as in
+def has_chat_template(tokenizer) -> bool:
+    return bool(tokenizer is not None and getattr(tokenizer, "chat_template", None))
+
+
+def chat_messages(prompt: str, context=()) -> list[dict]:
+    """Earlier turns ({"role": "user" | "assistant", "text"}) and the prompt as chat messages."""
+    return [{"role": "user" if t["role"] == "user" else "assistant", "content": t["text"]} for t in context] + \
+        [{"role": "user", "content": prompt}]
+
+
+def format_prompt(prompt: str, context=(), tokenizer=None) -> str:
+    """The text a model answers: the tokenizer's chat template with its generation prompt when it
+    has one, else the paper's template, earlier turns ({"role", "text"}) before the prompt as in
     safe-rlhf's multi-turn format: "... USER: u1 ASSISTANT: a1 USER: prompt ASSISTANT:"."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(chat_messages(prompt, context), tokenize=False, add_generation_prompt=True)
     if not context:
         return PROMPT_TEMPLATE.format(prompt=prompt)
     turns = " ".join(f"{'USER' if t['role'] == 'user' else 'ASSISTANT'}: {t['text']}" for t in context)
     return PROMPT_TEMPLATE.format(prompt=f"{turns} USER: {prompt}")
 
 
+def format_answer(answer: str, tokenizer=None) -> str:
+    """The answer's text after its prompt: as it is after a chat template's generation prompt
+    (which ends in a newline), after a space in the plain one."""
+    return answer.strip() if has_chat_template(tokenizer) else " " + answer.strip()
+
+
+def format_conversation(prompt: str, answer: str, context=(), tokenizer=None) -> str:
+    """Prompt and answer as one text (without the closing EOS): what a text classifier reads."""
+    return format_prompt(prompt, context, tokenizer) + format_answer(answer, tokenizer)
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def prompt_tokenizer(model_dir) -> object | None:
+    """The tokenizer that renders prompts for the policy in `model_dir` (every policy of a run
+    shares its starting model's), or None where the directory has none yet."""
+    from pathlib import Path
+
+    if model_dir is None or not (Path(model_dir) / "tokenizer_config.json").exists():
+        return None
+    return _tokenizer(str(model_dir))
+
+
 def encode_conversation(tokenizer, prompt: str, answer: str, max_prompt_tokens: int,
                         max_answer_tokens: int, context=()) -> tuple[list[int], int]:
-    """Token ids of template(prompt) + " " + answer + EOS, and how many of them are the prompt.
+    """Token ids of format_prompt + format_answer + EOS, and how many of them are the prompt.
 
-    Prompt and answer are tokenised apart (the byte-level pre-tokeniser splits at the space, so
-    this equals tokenising the whole), which makes the prompt/answer boundary exact. The prompt
-    is truncated from the left (its end, next to the answer, matters most), the answer from the
-    right.
+    Prompt and answer are tokenised apart (the byte-level pre-tokeniser splits at the space or
+    the chat template's newline, so this equals tokenising the whole), which makes the
+    prompt/answer boundary exact. The prompt is truncated from the left (its end, next to the
+    answer, matters most), the answer from the right.
     """
-    p = tokenizer(format_prompt(prompt, context), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
-    a = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"][:max_answer_tokens]
+    p = tokenizer(format_prompt(prompt, context, tokenizer), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+    a = tokenizer(format_answer(answer, tokenizer), add_special_tokens=False)["input_ids"][:max_answer_tokens]
     return p + a + [tokenizer.eos_token_id], len(p)
 
 

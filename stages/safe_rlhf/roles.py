@@ -313,7 +313,8 @@ class RoundRoles:
         n = len(self.rollout)
         order = [(i, j) for j in range(max(len(p) for p in parts)) for i in range(n) if j < len(parts[i])]
         pick = lambda field: [getattr(gens[i], field)[j] for i, j in order]
-        gen = Generation(pick("prompt_ids"), pick("response_ids"), pick("texts"), pick("logprobs"), gens[0].eos_token_id)
+        gen = Generation(pick("prompt_ids"), pick("response_ids"), pick("texts"), pick("logprobs"), gens[0].eos_token_id,
+                         gens[0].stop_token_ids)
         return gen, weights_step
 
     def _gather(self, calls: dict) -> dict:

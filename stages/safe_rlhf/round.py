@@ -43,7 +43,7 @@ from stages.files import read_jsonl
 from stages.safe_rlhf.checkpoints import RoundCheckpoints
 from stages.safe_rlhf.plots import training_curves
 from stages.safe_rlhf.roles import ActorDied, RoundRoles
-from stages.text import format_prompt
+from stages.text import format_prompt, prompt_tokenizer
 
 
 # ---------------------------------------------------------------------- what the round starts from
@@ -74,7 +74,7 @@ class RoundSetup:
             threshold = 0.0  # no Lagrangian constraint (ppo, reward_shaping): logged for completeness
         else:
             threshold = None if rcfg.threshold == "auto" else float(rcfg.threshold)
-        return cls(rl, k, rcfg.steps or rl.steps_per_round, threshold, inputs, prompt_pool(inputs["train_pairs"]),
+        return cls(rl, k, rcfg.steps or rl.steps_per_round, threshold, inputs, prompt_pool(inputs["train_pairs"], prompt_tokenizer(inputs["policy"])),
                    cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
 
 
@@ -96,13 +96,14 @@ def round_inputs(ctx, algorithm: str) -> dict:
     return out
 
 
-def prompt_pool(train_parquet: Path) -> list[str]:
-    """Distinct training prompts (templated, with their earlier turns), in a stable order."""
+def prompt_pool(train_parquet: Path, tokenizer=None) -> list[str]:
+    """Distinct training prompts (templated for the policy's tokenizer, with their earlier turns),
+    in a stable order."""
     import pyarrow.parquet as pq
 
     seen, out = set(), []
     for r in pq.read_table(train_parquet, columns=["prompt", "context"]).to_pylist():
-        text = format_prompt(r["prompt"], r["context"])
+        text = format_prompt(r["prompt"], r["context"], tokenizer)
         if text not in seen:
             seen.add(text)
             out.append(text)
@@ -248,7 +249,7 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
     # The reward and cost models were trained on answers that end with EOS: an answer cut at
     # max_new_tokens is scored with EOS appended (the policy's tokens stay as sampled).
     eos = gen.eos_token_id
-    cut = [not (r and r[-1] == eos) for r in gen.response_ids]
+    cut = [not gen.ended(r) for r in gen.response_ids]
     scored = SequenceBatch.from_ids(gen.prompt_ids, [r + [eos] if c else r for r, c in zip(gen.response_ids, cut)], pad_id=0)
     scores = roles.score(seqs, scored, step)
     learner_logp = scores["old_logp"]  # the learner's current policy

