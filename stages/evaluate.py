@@ -152,7 +152,7 @@ def run(ctx) -> StageResult:
                                              "on benign prompts (all prompts when none is benign)"),
                      "intervals": INTERVALS, "max_new_tokens": eval_max_new_tokens(cfg),
                      "rates": {name: what for name, (_, _, what) in RATES.items()},
-                     "refusal_judge": "the oracle" if oracle else "string match (stages/judging.py: REFUSAL_PREFIXES)",
+                     "refusal_judge": "the oracle" if oracle else SET_JUDGES["refusal"],
                      "policies": list(samples)}
     if oracle:  # learned reward -> oracle helpfulness, calibrated on the starting policy's benign answers
         calibration = reward_calibration(start)

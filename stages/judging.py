@@ -209,7 +209,7 @@ SET_RATES = {
     "reward_mean_unsafe": ("reward", "unsafe", "mean reward of the answers to unsafe prompts, final reward model"),
     "reward_mean_safe": ("reward", "safe", "mean reward of the answers to safe prompts, final reward model"),
 }
-SET_JUDGES = {"refusal": "string match (stages/judging.py REFUSAL_PREFIXES)", "harm": "final cost model (cost > 0)",
+SET_JUDGES = {"refusal": "string match (stages/judging.py: REFUSAL_PREFIXES)", "harm": "final cost model (cost > 0)",
               "reward": "final reward model"}
 
 
