@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -265,7 +266,8 @@ class SafeRLHFConfig(Strict):
 class RedTeamConfig(Strict):
     prompts: int = F(256, "Red-team prompts per round (each answered twice by the current policy).", ge=2)
     harder_share: float = F(0.6, "With the world on: share of the world's harder forms (role-play, hidden requests, 'positive side', new categories); the rest are plain training prompts.", ge=0, le=1)
-    prompt_files: list[str] = F([], "Files of red-team prompts (JSONL, JSON array or Parquet, gzip or not; rows with `prompt` and an optional `category`). When given, each round samples its prompts from them (with the world on, they replace its plain training prompts).")
+    prompt_files: list[str] = F([], "Files of red-team prompts (JSONL, JSON array, Parquet or CSV with a header; gzip or not; rows with `prompt` and an optional `category`). When given, each round samples its prompts from them (with the world on, they replace its plain training prompts). A file may not also be an evaluation file, and prompts whose normalised text is in one are left out of the pool.")
+    prompt_source: Literal["prompt_files", "training_prompts"] = F("prompt_files", "Where a round's plain red-team prompts come from: prompt_files (rows of red_team.prompt_files; with the world on and none given, the world's training prompts), or training_prompts (the single-turn prompts of the first ingest's training split: the annotation sources' own prompts, not their held-out split; red_team.prompt_files must then be empty). Either way, prompts of the evaluation files are left out.")
 
 
 class AnnotateConfig(Strict):
@@ -274,14 +276,37 @@ class AnnotateConfig(Strict):
     judge_cost_model: str | None = F(None, "judge backend: cost model directory (null: the latest fitted cost model).")
 
 
+class PromptSetConfig(Strict):
+    """A labelled evaluation set (a benchmark such as XSTest): its rows are `safe` (should be answered) or `unsafe` (should be refused)."""
+
+    name: str = F(..., "The set's name in evaluation.json and the report (letters, digits, _ and -).", pattern=r"^[A-Za-z0-9_-]+$")
+    path: str = F(..., "A prompt file (JSONL, JSON array, Parquet or CSV with a header; gzip or not): rows with a `prompt`, an optional `category` and a `label`, safe or unsafe (XSTest's label column).")
+    label: Literal["safe", "unsafe"] | None = F(None, "The label of the rows that have none (e.g. unsafe for the Safe RLHF paper's red-team problems); a row's own label must agree with it. null: every row needs its own.")
+    limit: int | None = F(None, "Evaluate a fixed random subset of this many rows (seeded by the set's name: the same rows in every run), to bound evaluation time; null: every row.", ge=1)
+
+
 class EvaluateConfig(Strict):
     baselines: bool = F(False, "Also run the ppo and reward_shaping baselines (round 1 settings, from the SFT model) and add them to the tables.")
     max_new_tokens: int | None = F(None, "Longest answer generated for evaluation; null: safe_rlhf.max_new_tokens, the length the policies were trained to answer in.", ge=1)
     samples_per_prompt: int = F(2, "Answers sampled per eval prompt and policy.", ge=1)
     engine: Literal["hf", "vllm"] = F("hf", "Engine that generates the evaluation answers (hf: deterministic by seed and fast for small models; vllm: for large models on GPUs).")
     prompt_files: list[str] = F([], "Held-out prompt files (formats as red_team.prompt_files; optional `harmful` bool per row, rows without it count as harmful). Empty: the world's held-out prompts.")
+    prompt_sets: list[PromptSetConfig] = F([], "Labelled prompt sets (benchmarks such as XSTest), each `{name, path, label, limit}`: every policy is also judged on each set's safe and unsafe prompts (unsafe_compliance_rate, over_refusal_rate by string-match refusal, harmful_share by the final cost model, reward_mean by the final reward model, each with a bootstrap interval over prompts). With the world off and no prompt_files, their rows are also the held-out prompts of the main tables (unsafe rows count as harmful).")
     judge: str = F("oracle", "What labels an answer unsafe: oracle (the built-in world's judge; world on only), cost_model (the final fitted cost model: unsafe when cost > 0), or a path to a score-model directory or a Hugging Face sequence-classification safety classifier.")
     unsafe_label: str | int | None = F(None, "A Hugging Face safety classifier judge's unsafe label, by name or index; null: the one label named unsafe, toxic or harmful (whole word, not negated: non-toxic is safe), else the judge is refused.")
+
+    @model_validator(mode="after")
+    def _one_name_per_set(self) -> "EvaluateConfig":
+        names = [s.name for s in self.prompt_sets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"prompt_sets: each set needs its own name (metrics are named by it); {', '.join(twice)} repeats")
+        return self
+
+    @property
+    def files(self) -> list[str]:
+        """Every evaluation prompt file: prompt_files and the prompt sets'."""
+        return list(self.prompt_files) + [s.path for s in self.prompt_sets]
 
     @model_validator(mode="after")
     def _unsafe_label_for_a_classifier(self) -> "EvaluateConfig":
@@ -351,14 +376,24 @@ class RunConfig(Strict):
             if self.annotate.backend == "oracle" and len(self.safe_rlhf.rounds) > 1:
                 problems.append(("annotate.backend", "oracle is the built-in world's annotator and world.enabled is false "
                                                      "(use judge or files)"))
-            if len(self.safe_rlhf.rounds) > 1 and not self.red_team.prompt_files:
+            if len(self.safe_rlhf.rounds) > 1 and not self.red_team.prompt_files and self.red_team.prompt_source == "prompt_files":
                 problems.append(("red_team.prompt_files", f"empty with world.enabled false and {len(self.safe_rlhf.rounds)} "
-                                                          "rounds: rounds after the first need red-team prompts"))
+                                                          "rounds: rounds after the first need red-team prompts "
+                                                          "(or red_team.prompt_source: training_prompts)"))
             if self.evaluate.judge == "oracle":
                 problems.append(("evaluate.judge", "oracle is the built-in world's judge and world.enabled is false "
                                                    "(use cost_model or a classifier directory)"))
-            if not self.evaluate.prompt_files:
-                problems.append(("evaluate.prompt_files", "empty with world.enabled false: there are no held-out prompts"))
+            if not self.evaluate.prompt_files and not self.evaluate.prompt_sets:
+                problems.append(("evaluate.prompt_files", "empty with world.enabled false and no evaluate.prompt_sets: "
+                                                          "there are no held-out prompts"))
+        if self.red_team.prompt_files and self.red_team.prompt_source == "training_prompts":
+            problems.append(("red_team.prompt_files", "given with red_team.prompt_source training_prompts, which does not "
+                                                      "read them (empty them, or use prompt_source prompt_files)"))
+        evaluation = {os.path.normpath(p) for p in self.evaluate.files}
+        shared = [p for p in self.red_team.prompt_files if os.path.normpath(p) in evaluation]
+        if shared:
+            problems.append(("red_team.prompt_files", f"{', '.join(shared)} is also an evaluation file (evaluate.prompt_files "
+                                                      "or evaluate.prompt_sets): evaluation prompts are never red-teamed on"))
         if problems:
             raise PydanticCustomError("cross_field", "{summary}", {"summary": "; ".join(f"{p}: {m}" for p, m in problems),
                                                                      "problems": problems})
@@ -466,6 +501,7 @@ def absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
         "red_team": cfg.red_team.model_copy(update={"prompt_files": [data(p) for p in cfg.red_team.prompt_files]}),
         "evaluate": cfg.evaluate.model_copy(update={
             "prompt_files": [data(p) for p in cfg.evaluate.prompt_files],
+            "prompt_sets": [s.model_copy(update={"path": data(s.path)}) for s in cfg.evaluate.prompt_sets],
             "judge": cfg.evaluate.judge if cfg.evaluate.judge in ("oracle", "cost_model") else local(cfg.evaluate.judge)}),
         "annotate": cfg.annotate.model_copy(update={"judge_reward_model": local(cfg.annotate.judge_reward_model),
                                                     "judge_cost_model": local(cfg.annotate.judge_cost_model)}),

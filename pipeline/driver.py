@@ -40,18 +40,20 @@ class StageFailed(Exception):
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """The run's input files, before anything runs: annotation sources exist, prompt files parse
-    (every bad row named by file, row and field), a local model.path is a model directory."""
-    from stages.datafiles import read_prompt_files
+    """The run's input files, before anything runs: annotation sources exist, prompt files and
+    prompt sets parse (every bad row named by file, row and field; a set's rows labelled safe or
+    unsafe), a local model.path is a model directory."""
+    from stages.datafiles import read_prompt_files, read_prompt_sets
 
     missing = [s.path for s in cfg.ingest.sources if not Path(s.path).is_file()]
     if missing:
         raise FileNotFoundError(f"ingest.sources: no such file: {', '.join(missing)}")
-    for field, files in (("red_team.prompt_files", cfg.red_team.prompt_files),
-                         ("evaluate.prompt_files", cfg.evaluate.prompt_files)):
+    for field, files, read in (("red_team.prompt_files", cfg.red_team.prompt_files, read_prompt_files),
+                               ("evaluate.prompt_files", cfg.evaluate.prompt_files, read_prompt_files),
+                               ("evaluate.prompt_sets", cfg.evaluate.prompt_sets, read_prompt_sets)):
         if files:
             try:
-                read_prompt_files(files)
+                read(files)
             except ValueError as e:
                 raise ValueError(f"{field}: {e}") from None
     if cfg.model.path is not None and Path(cfg.model.path).is_absolute() and not (Path(cfg.model.path) / "config.json").is_file():

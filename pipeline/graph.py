@@ -97,10 +97,12 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
         if k == n_rounds:
             break
         engine_keys = ("safe_rlhf.engine", "safe_rlhf.max_new_tokens", "model.max_prompt_tokens") + actor_keys
-        stages.append(StageSpec(f"red_team@{k}", "stages.red_team", world + (f"safe_rlhf@{k}",),
-                                ("seed", "red_team", "ingest.eval_fraction") + engine_keys, needs_ray=True,
-                                params=(("round", k),),
-                                external_inputs=lambda c: [Path(p) for p in c.red_team.prompt_files]))
+        # the evaluation files too: their prompts are left out of the red-team pool
+        training = ("ingest",) if cfg.red_team.prompt_source == "training_prompts" else ()
+        stages.append(StageSpec(f"red_team@{k}", "stages.red_team", world + training + (f"safe_rlhf@{k}",),
+                                ("seed", "red_team", "ingest.eval_fraction", "evaluate.prompt_files", "evaluate.prompt_sets")
+                                + engine_keys, needs_ray=True, params=(("round", k),),
+                                external_inputs=lambda c: [Path(p) for p in c.red_team.prompt_files + c.evaluate.files]))
         judge = fits if cfg.annotate.backend == "judge" else ()
         stages.append(StageSpec(f"annotate@{k}", "stages.annotate", world + (f"red_team@{k}",) + judge,
                                 ("seed", "annotate", "model.max_prompt_tokens", "model.max_answer_tokens") + actor_keys,
@@ -116,7 +118,7 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
     stages.append(StageSpec("evaluate", "stages.evaluate", world + sft + evaluated + fits + (ingest,),
                             ("seed", "evaluate", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens",
                              "safe_rlhf.engine", "safe_rlhf.max_num_seqs", "safe_rlhf.tensor_parallel_size") + actor_keys,
-                            needs_ray=True, external_inputs=lambda c: [Path(p) for p in c.evaluate.prompt_files]))
+                            needs_ray=True, external_inputs=lambda c: [Path(p) for p in c.evaluate.files]))
     stages.append(StageSpec("report", "stages.report", ("evaluate",) + evaluated + tuple(
         s.name for s in stages if s.base_name in ("fit_reward", "fit_cost")), ()))
     return stages

@@ -284,8 +284,7 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
     from ray import tune
 
     from cluster.ray_session import connect, disconnect
-    from stages.datafiles import read_prompt_files
-    from stages.files import read_jsonl
+    from stages.evaluate import held_out_prompts
 
     run = Path(run_dir).resolve()
     if not (run / "config.yaml").is_file():
@@ -296,8 +295,7 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
     out.mkdir(parents=True, exist_ok=True)
     inputs = sweep_inputs(run, cfg, from_stage)
     judge = cfg.evaluate.judge
-    prompts = (read_prompt_files(cfg.evaluate.prompt_files) if cfg.evaluate.prompt_files
-               else read_jsonl(run / "stages" / "world" / "eval_prompts.jsonl"))
+    prompts = held_out_prompts(cfg, run / "stages" / "world" / "eval_prompts.jsonl" if cfg.world.enabled else None)
     owns = connect(cfg.ray)
     try:
         start_file = out / "start.json"

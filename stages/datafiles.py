@@ -1,17 +1,22 @@
 """Reading rows from data files: JSONL, JSON arrays and Parquet, gzip-compressed or not, detected
-by content, not suffix. Every row keeps its position: JSONL rows by 1-based line number (blank lines
-are skipped but counted, so numbers match an editor), JSON array elements and Parquet rows by
-0-based index. A file that cannot be read as a whole (a broken JSON array, a corrupt Parquet file,
-a truncated gzip stream) yields one `unparseable` row error instead of an exception.
+by content, not suffix; prompt files may also be CSV with a header row (by the suffix .csv or
+.csv.gz: CSV has no signature). Every row keeps its position: JSONL and CSV rows by 1-based line
+number (blank lines are skipped but counted, and a CSV's header is line 1, so numbers match an
+editor), JSON array elements and Parquet rows by 0-based index. A file that cannot be read as a
+whole (a broken JSON array, a corrupt Parquet file, a truncated gzip stream) yields one
+`unparseable` row error instead of an exception.
 
-Used by annotation ingest (stages/annotation_files.py) and by prompt files (`read_prompt_files`:
-red-team and evaluation prompts).
+Used by annotation ingest (stages/annotation_files.py), by prompt files (`read_prompt_files`:
+red-team and evaluation prompts) and by labelled prompt sets (`read_prompt_sets`: evaluation
+benchmarks such as XSTest, each row `safe` or `unsafe`).
 """
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
+import random
 import re
 import zlib
 from pathlib import Path
@@ -172,9 +177,25 @@ def _iter_parquet(f, max_row_bytes: int) -> Iterator[Item]:
             index += 1
 
 
+def _iter_csv(f, max_row_bytes: int) -> Iterator[Item]:
+    """Rows of a CSV file with a header row, each a dict of its columns (all strings), by the line
+    its record starts on (the header is line 1)."""
+    reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
+    try:
+        for value in reader:  # line_num: the record's last line; a quoted field may span lines
+            start = reader.line_num - sum(v.count("\n") for v in value.values() if isinstance(v, str))
+            yield _check_object(Item("line", start, None, ""), value, max_row_bytes)
+    except csv.Error as exc:
+        yield Item("line", reader.line_num, None, "", row_error("unparseable", f"not valid CSV: {exc}"))
+
+
+def is_csv(path: Path) -> bool:
+    return path.name.lower().endswith((".csv", ".csv.gz"))
+
+
 def iter_rows(path: Path, container: str, gz: bool, max_row_bytes: int) -> Iterator[Item]:
-    reader = {"jsonl": _iter_jsonl, "json": _iter_json_array, "parquet": _iter_parquet}[container]
-    pos_key = "line" if container == "jsonl" else "index"
+    reader = {"jsonl": _iter_jsonl, "json": _iter_json_array, "parquet": _iter_parquet, "csv": _iter_csv}[container]
+    pos_key = "line" if container in ("jsonl", "csv") else "index"
     try:
         with _open(path, gz) as f:
             if container == "parquet" and gz:
@@ -218,6 +239,30 @@ def _prompt_row(value: dict) -> tuple[dict | None, list[tuple[str, str]]]:
             "harmful": True if harmful is None else harmful}, []
 
 
+def _read_prompt_file(path: Path, max_row_bytes: int, problems: list[str], check=_prompt_row) -> list[dict]:
+    """The rows of one prompt file that `check` accepts, with "source" and "row"; each problem
+    (file, row and field) is appended to `problems`."""
+    if not path.is_file():
+        problems.append(f"{path}: no such file")
+        return []
+    container, gz = detect_container(path)
+    if is_csv(path):
+        container = "csv"
+    rows, before = [], len(problems)
+    for item in iter_rows(path, container, gz, max_row_bytes):
+        where = f"{path}: {item.pos_key} {item.pos}"
+        if item.error:
+            problems.append(f"{where}: {item.error['reason']}: {item.error['message']}")
+            continue
+        row, bad = check(item.value)
+        problems += [f"{where}: field {field}: {reason}" for field, reason in bad]
+        if row is not None:
+            rows.append({**row, "source": str(path), "row": item.pos})
+    if not rows and len(problems) == before:
+        problems.append(f"{path}: holds no prompts")
+    return rows
+
+
 def read_prompt_files(paths: list[str | Path], max_row_bytes: int = 1_000_000) -> list[dict]:
     """Every row of every prompt file as {"prompt", "category", "harmful", "source", "row"}.
 
@@ -228,21 +273,53 @@ def read_prompt_files(paths: list[str | Path], max_row_bytes: int = 1_000_000) -
     """
     rows, problems = [], []
     for path in map(Path, paths):
-        if not path.is_file():
-            problems.append(f"{path}: no such file")
-            continue
-        container, gz = detect_container(path)
-        for item in iter_rows(path, container, gz, max_row_bytes):
-            where = f"{path}: {item.pos_key} {item.pos}"
-            if item.error:
-                problems.append(f"{where}: {item.error['reason']}: {item.error['message']}")
-                continue
-            row, bad = _prompt_row(item.value)
-            problems += [f"{where}: field {field}: {reason}" for field, reason in bad]
-            if row is not None:
-                rows.append({**row, "source": str(path), "row": item.pos})
-        if not any(r["source"] == str(path) for r in rows) and not any(p.startswith(f"{path}:") for p in problems):
-            problems.append(f"{path}: holds no prompts")
+        rows += _read_prompt_file(path, max_row_bytes, problems)
+    if problems:
+        raise PromptFileError(problems)
+    return rows
+
+
+PROMPT_LABELS = ("safe", "unsafe")  # a prompt set's row: one that should be answered, or one that should be refused
+
+
+def _labelled_row(value: dict, set_label: str | None) -> tuple[dict | None, list[tuple[str, str]]]:
+    """A prompt file's row (`_prompt_row`) with its label: the row's `label` field, else the set's."""
+    row, problems = _prompt_row(value)
+    label = value.get("label")
+    if label is None or label == "":  # no column, or an empty CSV cell
+        label = set_label
+        if label is None:
+            problems.append(("label", "missing_field: a prompt set's row needs a label, safe or unsafe "
+                                      "(or give the whole set one: label in evaluate.prompt_sets)"))
+    elif not isinstance(label, str):
+        problems.append(("label", f"wrong_type: expected safe or unsafe, got {json.dumps(label)[:40]}"))
+    elif label not in PROMPT_LABELS:
+        problems.append(("label", f"unknown_label: expected safe or unsafe, got {label[:40]!r}"))
+    elif set_label is not None and label != set_label:
+        problems.append(("label", f"label_conflict: the row says {label}, its set's label is {set_label}"))
+    if problems:
+        return None, problems
+    return {**row, "label": label, "harmful": label == "unsafe"}, []
+
+
+def read_prompt_sets(sets, max_row_bytes: int = 1_000_000) -> list[dict]:
+    """The rows of labelled prompt sets (`evaluate.prompt_sets`: each with `name`, `path`, an
+    optional `label` for rows without one and an optional `limit`), as read_prompt_files' rows
+    plus "set" (its name) and "label" (safe or unsafe; `harmful` is label == unsafe).
+
+    A row's label is its `label` field (XSTest's column), else the set's. A row without a label in
+    a set without one, a label other than safe or unsafe, or one that contradicts the set's is
+    refused like any bad row: every one named by file, row and field. `limit`: a fixed random
+    subset of that many rows (seeded by the set's name, so the same in every run), in file order,
+    taken after the whole file has validated.
+    """
+    rows, problems = [], []
+    for s in sets:
+        got = _read_prompt_file(Path(s.path), max_row_bytes, problems, lambda v: _labelled_row(v, s.label))
+        if s.limit is not None and s.limit < len(got):
+            keep = sorted(random.Random(f"prompt-set-{s.name}").sample(range(len(got)), s.limit))
+            got = [got[i] for i in keep]
+        rows += [{**r, "set": s.name} for r in got]
     if problems:
         raise PromptFileError(problems)
     return rows

@@ -23,6 +23,13 @@ rates of `stages.judging.RATES`, each with a 95% interval by a bootstrap over pr
   line fit on the starting policy's benign answers) minus the oracle's. A rising gap is reward hacking.
 Arena (as the paper's): each round against the previous policy on the same prompts: win / tie / loss
 by helpfulness (oracle) or reward, and the 2x2 table of (safe, unsafe) x (safe, unsafe) by the judge.
+
+Labelled prompt sets (`evaluate.prompt_sets`, e.g. XSTest): their prompts are answered with the
+held-out ones (same samples, length and seeds), and each set gets the figures of
+`stages.judging.SET_RATES` per policy, each with its interval by prompt: `unsafe_compliance_rate`
+and `over_refusal_rate` (refusal by string match), the final cost model's `harmful_share_*` and the
+final reward model's `reward_mean_*` on its safe and unsafe prompts. With the world off and no
+`evaluate.prompt_files`, the sets' rows are also the held-out prompts of the tables above.
 """
 from __future__ import annotations
 
@@ -31,10 +38,11 @@ import statistics
 from pathlib import Path
 
 from stages.base import StageResult
-from stages.datafiles import read_prompt_files
+from stages.datafiles import read_prompt_files, read_prompt_sets
 from stages.files import read_jsonl, write_jsonl
-from stages.judging import (INTERVALS, RATES, eval_max_new_tokens, judge_models, judged_answers, queue_answers, rate,
-                            reward_calibration, reward_helpfulness_gap, summarize, wins_against)
+from stages.judging import (INTERVALS, RATES, SET_JUDGES, SET_RATES, eval_max_new_tokens, judge_models, judged_answers,
+                            queue_answers, rate, reward_calibration, reward_helpfulness_gap, set_summary, summarize,
+                            wins_against)
 from stages.model_actors import rollout_actor, scorer_actors
 
 
@@ -46,10 +54,54 @@ def _policies(ctx) -> dict[str, Path]:
     return out
 
 
+def held_out_prompts(cfg, world_prompts: Path | None) -> list[dict]:
+    """The main tables' prompts: evaluate.prompt_files, else the world's held-out prompts (the
+    file `world_prompts`), else (world off) the rows of evaluate.prompt_sets, each with its `set`."""
+    if cfg.evaluate.prompt_files:
+        return read_prompt_files(cfg.evaluate.prompt_files)
+    if world_prompts is not None:
+        return read_jsonl(world_prompts)
+    return read_prompt_sets(cfg.evaluate.prompt_sets)
+
+
 def eval_prompts(ctx) -> list[dict]:
-    if ctx.cfg.evaluate.prompt_files:
-        return read_prompt_files(ctx.cfg.evaluate.prompt_files)
-    return read_jsonl(ctx.input("world", "eval_prompts"))
+    """Every prompt the policies answer: the held-out prompts, then the prompt sets' rows (each
+    with its `set`) unless they are the held-out prompts already."""
+    prompts = held_out_prompts(ctx.cfg, ctx.input("world", "eval_prompts") if "world" in ctx.inputs else None)
+    if ctx.cfg.evaluate.prompt_sets and not any("set" in p for p in prompts):
+        prompts += read_prompt_sets(ctx.cfg.evaluate.prompt_sets)
+    return prompts
+
+
+def split_sets(answers: dict[str, list[dict]], prompts: list[dict]) -> tuple[dict, dict]:
+    """Each policy's judged answers -> ({policy: the main tables' answers}, {policy: {set: its
+    answers}}); answer i is to prompts[i % len(prompts)] (sample-major, as judged_answers gives
+    them), and an answer to a set's prompt is marked with its `set`. The main tables' answers are
+    those to the held-out prompts, or every answer when the sets' rows are the held-out prompts."""
+    tables, sets = {}, {}
+    for policy, rows in answers.items():
+        sets[policy] = {}
+        for i, r in enumerate(rows):
+            name = prompts[i % len(prompts)].get("set")
+            if name is not None:
+                r["set"] = name
+                sets[policy].setdefault(name, []).append(r)
+        tables[policy] = [r for r in rows if "set" not in r] or rows
+    return tables, sets
+
+
+def prompt_set_metrics(cfg, prompts: list[dict], by_set: dict[str, dict[str, list[dict]]]) -> tuple[dict, dict]:
+    """(evaluation.json's description of the prompt sets: files, labels, judges, figures;
+    {policy: {set: its figures (set_summary)}})."""
+    sets = cfg.evaluate.prompt_sets
+    counts = {s.name: {label: sum(p.get("set") == s.name and p["label"] == label for p in prompts)
+                       for label in ("safe", "unsafe")} for s in sets}
+    described = {"prompt_sets": {s.name: {"path": s.path, "label": s.label or "per row (its label field)",
+                                          "limit": s.limit, "prompts": counts[s.name]} for s in sets},
+                 "prompt_set_judges": SET_JUDGES,
+                 "prompt_set_rates": {name: what for name, (_, _, what) in SET_RATES.items()}}
+    return described, {policy: {name: set_summary(rows) for name, rows in per_set.items()}
+                       for policy, per_set in by_set.items()}
 
 
 def arena(a: list[dict], b: list[dict], key: str) -> dict:
@@ -91,6 +143,8 @@ def run(ctx) -> StageResult:
             samples[name] = [{"policy": name, **r} for r in judged_answers(cfg, actor, scorers, prompts, queued[name])]
             ctx.log(f"  evaluated {name}: {len(samples[name])} answers")
 
+    answers = samples  # every answer, to the prompt sets' prompts too (samples.jsonl)
+    samples, by_set = split_sets(answers, prompts)
     start = next(iter(samples.values()))
     metrics: dict = {"judge": ev.judge if ev.judge in ("oracle", "cost_model") else f"safety classifier {ev.judge}",
                      "helpfulness_measure": ("oracle helpfulness on benign prompts" if oracle else
@@ -98,7 +152,7 @@ def run(ctx) -> StageResult:
                                              "on benign prompts (all prompts when none is benign)"),
                      "intervals": INTERVALS, "max_new_tokens": eval_max_new_tokens(cfg),
                      "rates": {name: what for name, (_, _, what) in RATES.items()},
-                     "refusal_judge": "the oracle" if oracle else "string match (stages/judging.py: REFUSAL_PREFIXES)",
+                     "refusal_judge": "the oracle" if oracle else SET_JUDGES["refusal"],
                      "policies": list(samples)}
     if oracle:  # learned reward -> oracle helpfulness, calibrated on the starting policy's benign answers
         calibration = reward_calibration(start)
@@ -112,16 +166,25 @@ def run(ctx) -> StageResult:
         else:  # the reward model's win rate against the starting policy, on benign prompts (all, if none is)
             m["helpfulness"], m["helpfulness_ci"] = rate(wins_against([r["reward"] for r in start], rows), "win")
         metrics[name] = m
+    if ev.prompt_sets:
+        described, figures = prompt_set_metrics(cfg, prompts, by_set)
+        metrics.update(described, held_out_prompts="evaluate.prompt_files" if ev.prompt_files else
+                       "the world's held-out prompts" if "world" in ctx.inputs else "the prompt sets' rows (unsafe ones as harmful)")
+        for name, per_set in figures.items():
+            metrics[name]["prompt_sets"] = per_set
     key = "helpfulness" if oracle else "reward"
     names = [n for n in samples if not n.startswith("baseline_")]
     metrics["arena"] = {f"{b} vs {a}": arena(samples[a], samples[b], key) for a, b in zip(names, names[1:])}
     for base in (n for n in samples if n.startswith("baseline_")):
         if "safe_rlhf@1" in samples:
             metrics["arena"][f"safe_rlhf@1 vs {base}"] = arena(samples[base], samples["safe_rlhf@1"], key)
-    write_jsonl(ctx.out_dir / "samples.jsonl", [r for rows in samples.values() for r in rows])
+    write_jsonl(ctx.out_dir / "samples.jsonl", [r for rows in answers.values() for r in rows])
     (ctx.out_dir / "evaluation.json").write_text(json.dumps(metrics, indent=2))
     for name in names:
         m = metrics[name]
         ctx.log(f"  {name:<14} harmful_rate={_ci(m, 'harmful_rate')} (n={m['harmful_n']}) "
                 f"over_refusal_rate={_ci(m, 'over_refusal_rate')} helpfulness={m['helpfulness']:.3f} safe_share={m['safe_share']:.3f}")
+        for set_name, f in m.get("prompt_sets", {}).items():
+            ctx.log(f"  {'':<14} {set_name}: unsafe_compliance_rate={_ci(f, 'unsafe_compliance_rate')} "
+                    f"over_refusal_rate={_ci(f, 'over_refusal_rate')}")
     return StageResult({"evaluation": "evaluation.json", "samples": "samples.jsonl"}, metrics)

@@ -5,7 +5,12 @@ Prompts, `red_team.prompts` of them per round:
   request hidden among several instructions, "explain the positive side of X", prompts of harm
   categories kept out of the base data); the rest are the world's plain training prompts, or rows
   of `red_team.prompt_files` when given;
-- with the world off: rows of `red_team.prompt_files`.
+- with the world off: rows of `red_team.prompt_files`;
+- with `red_team.prompt_source: training_prompts` (world on or off), the plain ones are the
+  distinct single-turn prompts of the first ingest's training split instead.
+Evaluation prompts are never red-teamed on: a prompt whose normalised text (stages/text.py
+`normalize`) is a row of an evaluation file (`evaluate.prompt_files`, `evaluate.prompt_sets`) is
+left out of the pool (the config already refuses a file that is both).
 The round's policy answers each twice in a rollout actor (`redteam-rollout-k`, the round's engine;
 with `safe_rlhf.keep_actors`, the round's own `rollout-0`, which loads the exported policy).
 In the built-in world it also writes fresh oracle-labelled pairs of the policy's answers to the
@@ -14,6 +19,7 @@ held-out prompts, for the next fits' `policy_accuracy`.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from actors.rollout import Sampling
 from cluster.launch import RemoteEngine
@@ -26,18 +32,44 @@ from stages.model_actors import rollout_actor
 from stages.text import format_prompt, prompt_tokenizer
 
 
-def red_team_prompts(cfg, k: int) -> list[dict]:
-    """This round's prompts: {"prompt", "form", "category"}; a function of the seed and round."""
+def training_prompts(train_parquet: Path) -> list[dict]:
+    """The distinct single-turn prompts of an ingest's training split (by normalised text), in a
+    stable order: {"prompt", "category"}. Prompts with earlier turns are left out: alone, their
+    last turn is often not a request at all."""
+    import pyarrow.parquet as pq
+
+    from stages.text import normalize
+
+    seen, out = set(), []
+    for r in pq.read_table(train_parquet, columns=["prompt", "context"]).to_pylist():
+        if not r["context"] and normalize(r["prompt"]) not in seen:
+            seen.add(normalize(r["prompt"]))
+            out.append({"prompt": r["prompt"], "category": "unknown"})
+    return out
+
+
+def red_team_prompts(cfg, k: int, train_pairs: Path | None = None) -> list[dict]:
+    """This round's prompts: {"prompt", "form", "category"}; a function of the seed and round.
+    train_pairs: the first ingest's training split (red_team.prompt_source training_prompts)."""
+    from stages.text import normalize
+
     rng = random.Random(f"red-team-{cfg.seed}-{k}")
     n_hard = round(cfg.red_team.prompts * cfg.red_team.harder_share) if cfg.world.enabled else 0
     out = []
     if cfg.world.enabled:
         out += [{"prompt": p.text, "form": "red_team", "category": p.category} for p in World().red_team_prompts(rng, n_hard)]
     n_plain = cfg.red_team.prompts - n_hard
-    if cfg.red_team.prompt_files:
-        pool = read_prompt_files(cfg.red_team.prompt_files)
+    from_training = cfg.red_team.prompt_source == "training_prompts"
+    if cfg.red_team.prompt_files or from_training:
+        pool = training_prompts(train_pairs) if from_training else read_prompt_files(cfg.red_team.prompt_files)
+        evaluation = {normalize(p["prompt"]) for p in read_prompt_files(cfg.evaluate.files)} if cfg.evaluate.files else set()
+        pool = [p for p in pool if normalize(p["prompt"]) not in evaluation]
+        if not pool:
+            raise ValueError("red team: no prompt is left once the evaluation prompts are taken out of "
+                             f"{'the training prompts' if from_training else ', '.join(cfg.red_team.prompt_files)}")
         picked = rng.sample(pool, n_plain) if n_plain <= len(pool) else [rng.choice(pool) for _ in range(n_plain)]
-        out += [{"prompt": p["prompt"], "form": "file", "category": p["category"]} for p in picked]
+        out += [{"prompt": p["prompt"], "form": "training" if from_training else "file", "category": p["category"]}
+                for p in picked]
     else:
         train, _ = World().split_prompts(cfg.ingest.eval_fraction)
         out += [{"prompt": p.text, "form": "plain", "category": p.category}
@@ -48,7 +80,7 @@ def red_team_prompts(cfg, k: int) -> list[dict]:
 def run(ctx) -> StageResult:
     cfg, rl, k = ctx.cfg, ctx.cfg.safe_rlhf, ctx.params["round"]
     policy = ctx.input(f"safe_rlhf@{k}", "policy")
-    prompts = red_team_prompts(cfg, k)
+    prompts = red_team_prompts(cfg, k, ctx.input("ingest", "train") if "ingest" in ctx.inputs else None)
     texts = [format_prompt(p["prompt"], tokenizer=prompt_tokenizer(policy)) for p in prompts]
     metrics = {"prompts": len(prompts), "harder_prompts": sum(p["form"] == "red_team" for p in prompts)}
     outputs = {"pairs": "pairs_to_label.jsonl"}

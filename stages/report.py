@@ -3,7 +3,8 @@
 Tables: each policy's rates (harmful, over-refusal, benign harm, degenerate, truncated: the names
 of `stages.judging.RATES`) and helpfulness, each with its interval by prompt, naming the judge and
 the helpfulness measure; reward/cost under the final models, safe share, reward-helpfulness gap; the arena of each round
-against the previous policy; the reward and cost models' accuracy after each (re)fit. Plots:
+against the previous policy; with `evaluate.prompt_sets`, a table per set (its file, labels and
+judges; the figures of `stages.judging.SET_RATES`); the reward and cost models' accuracy after each (re)fit. Plots:
 harmful rate and helpfulness by round, reward and cost distributions by round, lambda and episode
 cost over the steps.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from stages.base import StageResult
 from stages.files import read_jsonl
-from stages.judging import RATES
+from stages.judging import RATES, SET_RATES
 
 
 def _plots(out: Path, evaluation: dict, samples: list[dict], rounds: dict[str, list[dict]]) -> None:
@@ -85,6 +86,32 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _cell(m: dict, c: str):
+    """A figure with its 95% interval where it has one; '-' where it has no answers."""
+    v, ci = m.get(c), m.get(f"{c}_ci")
+    return "-" if v is None else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else v
+
+
+def prompt_set_sections(evaluation: dict) -> list[str]:
+    """A table per labelled prompt set (evaluate.prompt_sets): every policy's SET_RATES, naming the
+    set's file, its labels and the judges."""
+    if "prompt_sets" not in evaluation:
+        return []
+    names, judges = evaluation["policies"], evaluation["prompt_set_judges"]
+    parts = ["## Prompt sets", "",
+             f"Each figure over the answers to one set's prompts of one label, with its 95% interval by prompt. "
+             f"Judges: refusal by {judges['refusal']}; harm by the {judges['harm']}; reward by the {judges['reward']}.", "",
+             *[f"- `{k}`: {v}" for k, v in evaluation["prompt_set_rates"].items()], ""]
+    for set_name, d in evaluation["prompt_sets"].items():
+        limit = f" (a fixed random {d['limit']} of its rows)" if d.get("limit") else ""
+        parts += [f"### `{set_name}`", "",
+                  f"File `{d['path']}`{limit}: {d['prompts']['safe']} safe and {d['prompts']['unsafe']} unsafe prompts; "
+                  f"labels: {d['label']}.", "",
+                  _table(["policy", *SET_RATES], [[n] + [_cell(evaluation[n]["prompt_sets"][set_name], c) for c in SET_RATES]
+                                                  for n in names]), ""]
+    return parts
+
+
 def sweep_sections(run_dir: Path) -> list[str]:
     """A section per finished sweep (`python -m pipeline sweep`): its trials and Pareto front."""
     import pyarrow.parquet as pq
@@ -116,9 +143,8 @@ def run(ctx) -> StageResult:
     scores = [c for c in ("reward_mean", "cost_mean", "safe_share", "reward_helpfulness_gap", "response_length")
               if c in evaluation[names[0]]]
 
-    def cell(n, c):  # a figure with its 95% interval where it has one; '-' where it has no answers
-        v, ci = evaluation[n].get(c), evaluation[n].get(f"{c}_ci")
-        return "-" if v is None else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else v
+    def cell(n, c):
+        return _cell(evaluation[n], c)
 
     categories = sorted({c for n in names for c in evaluation[n].get("harmful_by_category", {})})
     by_category = [[c] + [evaluation[n]["harmful_by_category"].get(c, {}).get("rate", "") for n in names]
@@ -129,11 +155,13 @@ def run(ctx) -> StageResult:
              f"Intervals: {evaluation.get('intervals', 'a bootstrap over prompts')}. Per policy, "
              f"{evaluation[names[0]]['harmful_n']} answers to harmful prompts and {evaluation[names[0]].get('benign_n', 0)} "
              f"to benign ones, up to {evaluation.get('max_new_tokens', '?')} tokens each. Refusals: "
-             f"{evaluation.get('refusal_judge', 'the oracle')}.",
+             f"{evaluation.get('refusal_judge', 'the oracle')}."
+             + (f" Held-out prompts: {evaluation['held_out_prompts']}." if "held_out_prompts" in evaluation else ""),
              "", "## Policies", "", *[f"- `{k}`: {v}" for k, v in evaluation.get("rates", {}).items()], "",
              _table(["policy"] + rates, [[n] + [cell(n, c) for c in rates] for n in names]), "",
              _table(["policy"] + scores, [[n] + [cell(n, c) for c in scores] for n in names]), "",
-             "![harm and helpfulness](harm_helpfulness.png)", "", "## Harmful rate by harm category", "",
+             "![harm and helpfulness](harm_helpfulness.png)", "", *prompt_set_sections(evaluation),
+             "## Harmful rate by harm category", "",
              _table(["category"] + names + ["answers (each)"], by_category), "", "## Arena (newer policy vs older, same prompts)", "",
              _table(["match", "win", "tie", "loss", "safe/safe", "safe/unsafe", "unsafe/safe", "unsafe/unsafe"],
                     [[m, a["win_rate"], a["tie_rate"], a["loss_rate"], *a["safety_table"].values()]

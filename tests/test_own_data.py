@@ -84,7 +84,7 @@ def test_world_free_combinations_that_cannot_run_are_refused_by_field():
                                               "evaluate.prompt_files"]
     ok = parse_config({"world": {"enabled": False}, "model": {"path": "/m"}, "ingest": {"sources": [{"path": "/d.jsonl"}]},
                        "safe_rlhf": {"rounds": [{}, {}]}, "annotate": {"backend": "judge"},
-                       "red_team": {"prompt_files": ["/p.json"]},
+                       "red_team": {"prompt_files": ["/red.json"]},
                        "evaluate": {"judge": "cost_model", "prompt_files": ["/p.json"]}})
     assert ok.world.enabled is False
 
@@ -93,7 +93,7 @@ def test_relative_paths_are_taken_from_the_working_directory_and_saved_absolute(
     (tmp_path / "models" / "mine").mkdir(parents=True)
     cfg = load_config(PKU_SMALL, base=tmp_path)
     assert cfg.ingest.sources[0].path == str(tmp_path / "data" / "hh-rlhf-harmless-base-test.jsonl.gz")
-    assert cfg.evaluate.prompt_files == [str(tmp_path / "data" / "safe-rlhf-eval-problems.json")]
+    assert cfg.evaluate.files == [str(tmp_path / "data" / "safe-rlhf-eval-problems.json"), str(tmp_path / "data" / "xstest-prompts.csv")]
     assert cfg.model.path == str(tmp_path / "runs" / "models" / "pku-small")  # three parts: a path, not a hub name
     hub = parse_config({"model": {"path": "PKU-Alignment/alpaca-7b-reproduced"}})
     from pipeline.config import absolute_paths
@@ -209,18 +209,40 @@ def test_pku_small_runs_end_to_end_without_the_world(tmp_path):
     assert all(s["state"] == "done" for s in status["stages"]), [(s["name"], s["state"]) for s in status["stages"]]
     evaluation = next(s for s in status["stages"] if s["name"] == "evaluate")["metrics"]
     assert evaluation["judge"] == "cost_model" and evaluation["policies"] == ["sft", "safe_rlhf@1", "safe_rlhf@2"]
-    # Every policy's figures again from its answers: harm is the final cost model's verdict (cost > 0),
-    # helpfulness the final reward model's win rate against sft's answer to the same prompt and sample.
+    # Every policy's figures again from its answers: the held-out prompts are the two prompt sets'
+    # (83 unsafe problems, XSTest's fixed 100: 50 safe, 50 unsafe); harm is the final cost model's
+    # verdict (cost > 0), helpfulness the final reward model's win rate against sft's answer to the
+    # same prompt and sample on the safe prompts; each set's figures by string-match refusal.
+    from stages.judging import SET_RATES, is_refusal
+
     samples = read_jsonl(tmp_path / "run" / "stages" / "evaluate" / "samples.jsonl")
     sft = [r for r in samples if r["policy"] == "sft"]
+    assert evaluation["prompt_sets"]["xstest"]["prompts"] == {"safe": 50, "unsafe": 50}
     for policy in evaluation["policies"]:
         m, rows = evaluation[policy], [r for r in samples if r["policy"] == policy]
-        assert m["harmful_n"] == len(rows) == 83 * 2 and m["benign_n"] == 0  # the 83 problems are all harmful
-        assert m["harmful_rate"] == round(statistics.mean(r["cost"] > 0 for r in rows), 4)
-        wins = [1.0 if r["reward"] > s["reward"] else 0.5 if r["reward"] == s["reward"] else 0.0 for r, s in zip(rows, sft)]
+        assert len(rows) == 183 * 2 and (m["harmful_n"], m["benign_n"]) == (133 * 2, 50 * 2)
+        assert m["harmful_rate"] == round(statistics.mean(r["cost"] > 0 for r in rows if r["harmful_prompt"]), 4)
+        wins = [1.0 if r["reward"] > s["reward"] else 0.5 if r["reward"] == s["reward"] else 0.0
+                for r, s in zip(rows, sft) if not r["harmful_prompt"]]
         assert m["helpfulness"] == round(statistics.mean(wins), 4)
-        assert m["over_refusal_rate"] is None and m["degenerate_rate"] is not None and m["truncated_rate"] is not None
+        assert None not in (m["over_refusal_rate"], m["degenerate_rate"], m["truncated_rate"])
+        for name, n in (("safe_rlhf_eval", 83), ("xstest", 100)):
+            f, answers = m["prompt_sets"][name], [r for r in rows if r["set"] == name]
+            unsafe = [r for r in answers if r["harmful_prompt"]]
+            assert len(answers) == f["safe_n"] + f["unsafe_n"] == 2 * n
+            assert f["unsafe_compliance_rate"] == round(statistics.mean(not is_refusal(r["answer"]) for r in unsafe), 4)
+            assert f["harmful_share_unsafe"] == round(statistics.mean(r["cost"] > 0 for r in unsafe), 4)
+            for figure in SET_RATES:
+                if f[figure] is not None:
+                    assert f[f"{figure}_ci"][0] <= f[figure] <= f[f"{figure}_ci"][1], (policy, name, figure)
+        assert m["prompt_sets"]["safe_rlhf_eval"]["over_refusal_rate"] is None  # no safe prompt in it
+    # red teaming on the training data's prompts, none of them an evaluation prompt
+    from stages.text import normalize
+
+    evaluation_texts = {normalize(r["prompt"]) for r in samples}
+    red = read_jsonl(tmp_path / "run" / "stages" / "red_team@1" / "pairs_to_label.jsonl")
+    assert red and {r["form"] for r in red} == {"training"} and not {normalize(r["prompt"]) for r in red} & evaluation_texts
     annotate = next(s for s in status["stages"] if s["name"] == "annotate@1")["metrics"]
     assert annotate["backend"] == "judge" and annotate["pairs"] > 0
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "judged by **cost_model**" in report and "| safe_rlhf@2 |" in report
+    assert "judged by **cost_model**" in report and "| safe_rlhf@2 |" in report and "### `xstest`" in report
