@@ -101,9 +101,12 @@ class Learner:
 
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         else:
-            from actors.score_model import ScoreModel
+            from actors.score_model import ScoreModel, is_score_model_dir
 
-            model = ScoreModel.from_pretrained(self.model_dir, dtype=torch.float32)
+            # a critic starts from its score model, or (a score model with its own tokenizer) from
+            # the policy's backbone with a fresh head
+            model = ScoreModel.from_pretrained(self.model_dir, dtype=torch.float32) if is_score_model_dir(self.model_dir) \
+                else ScoreModel.from_backbone(self.model_dir, self.role, dtype=torch.float32, seed=self.settings["seed"])
         if self.settings.get("gradient_checkpointing"):
             enable_gradient_checkpointing(model)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config=ds)

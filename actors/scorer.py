@@ -126,6 +126,13 @@ class Scorer:
                for p, a, c in zip(prompts, answers, contexts)]
         return end_scores(self.model, ids, tok.pad_token_id, self.device, self.batch_size)
 
+    def score_conversations(self, prompts: list[str], answers: list[str], max_prompt_tokens: int,
+                            max_answer_tokens: int, contexts: list | None = None) -> torch.Tensor:
+        """reward/cost: score_texts as a [B] tensor, what `score` gives: the round's scoring where the
+        model has its own tokenizer (another backbone than the policy's), so the policy's token ids
+        mean nothing to it and the answers go as text."""
+        return torch.tensor(self.score_texts(prompts, answers, max_prompt_tokens, max_answer_tokens, contexts))
+
     @torch.no_grad()
     def _unsafe_log_odds(self, texts: list[str]) -> list[float]:
         """log P(unsafe) - log P(not unsafe) under the classifier, per text."""

@@ -6,6 +6,8 @@ can be downloaded here, so the backbone is a small Llama with a BPE tokenizer tr
 HH training text and a short causal-LM warm-up on it. Prints eval pair accuracy beside chance.
 
     .venv/bin/python bench/hh_cost.py [--out /tmp/hh_bench] [--lm-epochs 2]
+    .venv/bin/python bench/hh_cost.py --backbone runs/models/all-minilm-l6-v2 --out /tmp/hh_minilm
+        (a pretrained encoder instead: all-MiniLM-L6-v2, `scripts/setup.sh --real-models` unpacks it)
 """
 from __future__ import annotations
 
@@ -60,29 +62,37 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/hh_bench")
     ap.add_argument("--lm-epochs", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--backbone", help="a pretrained backbone directory (cost.backbone) instead of the small Llama")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default 5e-4 for the small Llama, 3e-5 for --backbone)")
     args = ap.parse_args()
     out = Path(args.out)
+    backbone = Path(args.backbone).resolve() if args.backbone else out / "backbone"
+    lr = args.lr or (3e-5 if args.backbone else 5e-4)
 
     from pipeline.config import parse_config
     from pipeline.driver import Driver
 
     cfg = parse_config({
-        "name": "hh-cost", "world": {"enabled": False}, "model": {"path": str(out / "backbone"),
+        "name": "hh-cost", "world": {"enabled": False}, "model": {"path": str(backbone),
                                                                     "max_prompt_tokens": 192, "max_answer_tokens": 64},
         "ingest": {"sources": [{"path": str(HH), "format": "hh"}], "eval_fraction": 0.1},
-        "cost": {"epochs": args.epochs, "per_device_batch_size": 16, "lr": 5e-4, "checkpoint_every_steps": 100},
+        "cost": {"epochs": args.epochs, "per_device_batch_size": 16, "lr": lr, "checkpoint_every_steps": 100,
+                 "backbone": str(backbone) if args.backbone else None, "cpus_per_worker": 2},  # alone: both cores
+        # only ingest and fit_cost run; the rest is what a world-free config must name to validate
+        "safe_rlhf": {"rounds": [{"threshold": "auto"}]}, "evaluate": {"judge": "cost_model", "prompt_sets": [
+            {"name": "safe_rlhf_eval", "path": str(REPO / "data" / "safe-rlhf-eval-problems.json"), "label": "unsafe"}]},
         "ray": {"num_cpus": 2, "include_dashboard": False}})
     t0 = time.time()
     driver = Driver(cfg, out / "run")
     driver.run(until="ingest")
     ingest = driver.rd.manifest("ingest")["metrics"]
-    if not (out / "backbone" / "model.safetensors").exists():
+    if not args.backbone and not (out / "backbone" / "model.safetensors").exists():
         build_backbone(driver.rd.stage_dir("ingest") / "train.parquet", out / "backbone", args.lm_epochs)
     driver.run(only_stage="fit_cost")
     m = driver.rd.manifest("fit_cost")["metrics"]
     result = {"pairs_train": ingest["train_rows"], "pairs_eval": ingest["eval_rows"], "rejected": ingest["rejected"],
               "eval_accuracy": m["eval_accuracy"], "chance": 0.5, "accuracy_curve": m["eval_accuracy_curve"],
-              "seconds": round(time.time() - t0, 1)}
+              "backbone": str(backbone), "lr": lr, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(result))
 
 

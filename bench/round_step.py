@@ -18,6 +18,7 @@ compute itself (here: one-thread actors sharing 2 cores, against one process on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -158,7 +159,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.config import load_config
-    from stages.safe_rlhf.round import RoundSetup, prompt_pool
+    from stages.safe_rlhf.round import RoundSetup
 
     run = Path(args.run_dir).resolve()
     cfg = load_config(run / "config.yaml")
@@ -170,8 +171,7 @@ def main() -> None:
     missing = [str(p) for p in inputs.values() if not p.exists()]
     if missing:
         sys.exit(f"missing {missing}: run the pipeline first (e.g. `python -m pipeline run --run-dir {args.run_dir}`)")
-    setup = RoundSetup(rl, 1, args.steps, -3.0, inputs, prompt_pool(inputs["train_pairs"]),
-                       cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
+    setup = dataclasses.replace(RoundSetup.for_inputs(cfg, rl, 1, inputs), steps=args.steps, threshold=-3.0)
     print(f"{args.steps} steps x {rl.prompts_per_step} prompts, engine {rl.engine}, {rl.device}, "
           f"overlap_generation {rl.overlap_generation}", flush=True)
 

