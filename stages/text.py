@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import re
+import threading
 
 # The paper's template (safe-rlhf): the answer is appended after "ASSISTANT:", then EOS.
 PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
@@ -53,8 +54,18 @@ def format_conversation(prompt: str, answer: str, context=(), tokenizer=None) ->
     return format_prompt(prompt, context, tokenizer) + format_answer(answer, tokenizer)
 
 
-@functools.lru_cache(maxsize=16)
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def _tokenizer(model_dir: str):
+    # The driver sets up concurrent stages (a round and its baselines) in threads; transformers'
+    # lazy first import of AutoTokenizer from two threads at once raises ImportError.
+    with _TOKENIZER_LOCK:
+        return _load_tokenizer(model_dir)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)

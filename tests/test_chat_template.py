@@ -101,3 +101,16 @@ def test_smollm2_rollouts_stop_at_the_end_of_turn(smollm2, engine):
         assert server.prompt_tokens("What is 2 + 2?", []) == len(gen.prompt_ids[1])
         out = server.generate("What is 2 + 2?", [], 2, 96, 0.3, 1.0, 1)
         assert any(o["finish_reason"] == "stop" for o in out) and all("<|im" not in o["text"] for o in out)
+
+
+def test_two_threads_load_their_first_tokenizer_at_once(small_model_dir):
+    """The driver sets up a round and its baselines in threads, each loading the policy's tokenizer;
+    transformers' lazy first import of AutoTokenizer from two threads at once raised ImportError
+    (test_claim's baselines failed so). In a fresh interpreter, as the driver's first import."""
+    code = ("import sys, threading\nfrom stages.text import prompt_tokenizer\nerrors = []\n"
+            "def load():\n    try:\n        prompt_tokenizer(sys.argv[1])\n    except Exception as e:\n        errors.append(repr(e))\n"
+            "threads = [threading.Thread(target=load) for _ in range(3)]\n[t.start() for t in threads]\n[t.join() for t in threads]\n"
+            "print('ERRORS', errors)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(small_model_dir)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert "ERRORS []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
