@@ -223,7 +223,7 @@ def _fake_actors(monkeypatch):
 
     monkeypatch.setattr(evaluate, "scorer_actors", nothing)
     monkeypatch.setattr(evaluate, "rollout_actor", nothing)
-    monkeypatch.setattr(evaluate, "queue_answers", lambda cfg, actor, prompts, load=None: "sft" if load is None else "later")
+    monkeypatch.setattr(evaluate, "queue_answers", lambda cfg, actor, prompts, load=None, policy_dir=None: "sft" if load is None else "later")
     monkeypatch.setattr(evaluate, "judged_answers", judged)
 
 
