@@ -25,15 +25,15 @@ def test_the_smollm2_preset_runs_end_to_end_with_minilm_scorers(smollm2, minilm,
     cfg = yaml.safe_load((REPO / "configs" / "smollm2.yaml").read_text())
     cfg["model"]["path"] = str(smollm2[0])
     for source in cfg["ingest"]["sources"]:  # the repository's files, their first rows only
-        source.update(path=str(REPO / source["path"]), limit=160)
+        source.update(path=str(REPO / source["path"]), limit=100)
     for fit in ("reward", "cost"):
         cfg[fit].update(backbone=str(minilm), epochs=1)
     cfg["safe_rlhf"].update(rounds=[{"threshold": "auto", "lambda_init": 1.0, "lambda_lr": 0.1, "steps": 2}] * 2,
-                            prompts_per_step=8, max_new_tokens=24, checkpoint_every_steps=2)
+                            prompts_per_step=8, max_new_tokens=16, checkpoint_every_steps=2)
     cfg["red_team"]["prompts"] = 8
-    cfg["evaluate"].update(samples_per_prompt=1, max_new_tokens=24, prompt_sets=[
-        {"name": "safe_rlhf_eval", "path": str(REPO / "data" / "safe-rlhf-eval-problems.json"), "label": "unsafe", "limit": 6},
-        {"name": "xstest", "path": str(REPO / "data" / "xstest-prompts.csv"), "limit": 12}])
+    cfg["evaluate"].update(samples_per_prompt=1, max_new_tokens=16, prompt_sets=[
+        {"name": "safe_rlhf_eval", "path": str(REPO / "data" / "safe-rlhf-eval-problems.json"), "label": "unsafe", "limit": 4},
+        {"name": "xstest", "path": str(REPO / "data" / "xstest-prompts.csv"), "limit": 8}])
     config = tmp_path / "smollm2.yaml"
     config.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
