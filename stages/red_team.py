@@ -81,7 +81,8 @@ def run(ctx) -> StageResult:
     cfg, rl, k = ctx.cfg, ctx.cfg.safe_rlhf, ctx.params["round"]
     policy = ctx.input(f"safe_rlhf@{k}", "policy")
     prompts = red_team_prompts(cfg, k, ctx.input("ingest", "train") if "ingest" in ctx.inputs else None)
-    texts = [format_prompt(p["prompt"], tokenizer=prompt_tokenizer(policy)) for p in prompts]
+    tokenizer = prompt_tokenizer(policy)
+    texts = [format_prompt(p["prompt"], tokenizer=tokenizer) for p in prompts]
     metrics = {"prompts": len(prompts), "harder_prompts": sum(p["form"] == "red_team" for p in prompts)}
     outputs = {"pairs": "pairs_to_label.jsonl"}
     with rollout_actor(cfg, policy, f"redteam-rollout-{k}", rl.engine, rl.max_new_tokens, pool=ctx.actor_pool) as actor:
@@ -89,7 +90,7 @@ def run(ctx) -> StageResult:
         a, b = (engine.generate(texts, Sampling(rl.max_new_tokens, 1.0, 1.0, seed=cfg.seed * 10 + k * 2 + s)) for s in (0, 1))
         if "world" in ctx.inputs:
             fresh = oracle_policy_pairs(engine, read_jsonl(ctx.input("world", "eval_prompts")), rl.max_new_tokens,
-                                        seed=cfg.seed * 100 + k, tokenizer=prompt_tokenizer(policy))
+                                        seed=cfg.seed * 100 + k, tokenizer=tokenizer)
             write_jsonl(ctx.out_dir / "policy_pairs.jsonl", fresh)
             outputs["policy_pairs"] = "policy_pairs.jsonl"
     pairs = [{"prompt": p["prompt"], "response_0": t0, "response_1": t1, "form": p["form"], "category": p["category"]}
