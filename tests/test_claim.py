@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # Oracle helpfulness points (a benign answer scores one per on-task fact, a refusal of a benign
 # prompt -1). The small run's reward model is fitted on 1,000 pairs and rewards facts less surely
 # than the default run's (3,000): its rounds give up some helpfulness for safety; the default
-# run's keep or raise it (README, "The default run").
+# run's keep or raise it (docs/results.md).
 HELPFULNESS_MARGIN = 1.0
 
 

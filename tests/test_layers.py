@@ -2,7 +2,7 @@
 import nothing of the project, stage modules do not import each other, and no module imports
 itself back through others (function-local imports included).
 
-Order, top to bottom (README, "Layout"):
+Order, top to bottom (docs/architecture.md):
 
     pipeline   the driver: config, stage graph, run directory, CLI, plan
     stages     one module (or package) per stage, and the shared stage helpers

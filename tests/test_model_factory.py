@@ -53,6 +53,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
+@pytest.mark.long("every vLLM round in CI (test_round, small_pipeline) loads this model in vLLM")
 def test_small_llama_loads_in_vllm(model_dir, tmp_path):
     script = tmp_path / "vllm_load.py"
     script.write_text(VLLM_SCRIPT)

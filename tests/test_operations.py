@@ -158,6 +158,8 @@ def _events(run) -> set[tuple[str, str]]:
     return {(e["stage"], e["event"]) for e in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
 
 
+@pytest.mark.long("CI runs borrowed actors on the default path (small_pipeline, test_claim) and "
+                  "outside kills of a round's actors in the tests above; this one runs the run twice")
 def test_later_stages_borrow_the_rounds_actors_and_answer_as_fresh_ones_would(small_pipeline, ray_cluster, tmp_path):
     """safe_rlhf.keep_actors, on by default on CPU: red teaming, round 2 and evaluation borrow round
     1's actor processes (Ray's actor table: one record per name for the run), except two SIGKILLed

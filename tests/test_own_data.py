@@ -196,6 +196,7 @@ def test_a_huggingface_safety_classifier_judges_by_the_log_odds_of_its_unsafe_la
 
 # ---------------------------------------------------------------------- the preset, end to end
 @pytest.mark.slow
+@pytest.mark.long("CI runs the world-free path end to end in test_smollm2_preset, with a real model")
 def test_pku_small_runs_end_to_end_without_the_world(tmp_path):
     cfg = load_config(PKU_SMALL, base=REPO)
     if not (Path(cfg.model.path) / "config.json").is_file():  # scripts/setup.sh makes it; a bare pytest run may not have

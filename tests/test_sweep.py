@@ -58,6 +58,7 @@ def test_pareto_front_keeps_the_non_dominated_trials():
 
 
 @pytest.mark.slow
+@pytest.mark.long("CI runs a sweep end to end in the test below; this one runs five trials' rounds")
 def test_a_three_trial_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(small_pipeline, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_pipeline["run_dir"], run)
