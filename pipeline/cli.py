@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,7 +166,18 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _run(driver, **kw) -> int:
+def _run(driver, verbose: bool = False, **kw) -> int:
+    from pipeline.console import RunConsole
+
+    with RunConsole(driver.rd.root, verbose=verbose, stages=[s.name for s in driver.graph]) as console:
+        code = _run_stages(driver, **kw)
+        if not verbose:
+            console.say(f"[{time.strftime('%H:%M:%S')}] other programs' output (Ray, Ray Train, vLLM, "
+                        f"DeepSpeed): {console.log_path}")
+        return code
+
+
+def _run_stages(driver, **kw) -> int:
     from pipeline.driver import StageFailed, log
 
     try:
@@ -175,7 +187,9 @@ def _run(driver, **kw) -> int:
             f"Fix it and `python -m pipeline resume --run-dir {driver.rd.root}`")
         return 1
     except (ValueError, FileNotFoundError) as e:  # before any stage ran: the run's inputs or arguments
-        print(f"error: {e}", file=sys.stderr)
+        from pipeline.console import say
+
+        say(f"error: {e}")
         return 2
     except Exception as e:  # e.g. another driver holds the run directory, or Ray could not start
         log(f"run stopped: {type(e).__name__}: {e}")
@@ -199,14 +213,14 @@ def cmd_run(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     LATEST.parent.mkdir(parents=True, exist_ok=True)
     LATEST.write_text(str(run_dir) + "\n")
-    return _run(Driver(cfg, run_dir), until=args.until, max_parallel_stages=args.max_parallel_stages)
+    return _run(Driver(cfg, run_dir), verbose=args.verbose, until=args.until, max_parallel_stages=args.max_parallel_stages)
 
 
 def cmd_resume(args) -> int:
     driver = _open_run(args)
     if driver is None:
         return 2
-    return _run(driver, from_stage=args.from_stage, only_stage=args.only_stage, until=args.until,
+    return _run(driver, verbose=args.verbose, from_stage=args.from_stage, only_stage=args.only_stage, until=args.until,
                 max_parallel_stages=args.max_parallel_stages)
 
 
@@ -428,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--run-dir", help="run directory; default runs/<config name>")
     r.add_argument("--until", help="stop after this stage (e.g. ingest)")
     r.add_argument("--max-parallel-stages", type=int, help="independent stages at once; default: as many as Ray's resources allow")
+    r.add_argument("--verbose", action="store_true", help="show other programs' output too (Ray, Ray Train, vLLM, "
+                                                         "DeepSpeed); without it, it goes to RUN_DIR/logs/console.log")
     r.set_defaults(fn=cmd_run)
 
     r = sub.add_parser("resume", help="continue a run with its saved config")
@@ -437,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--only-stage", help="re-run this stage alone (from its checkpoints if it was interrupted)")
     r.add_argument("--until", help="stop after this stage")
     r.add_argument("--max-parallel-stages", type=int, help="independent stages at once; default: as many as Ray's resources allow")
+    r.add_argument("--verbose", action="store_true", help="show other programs' output too (Ray, Ray Train, vLLM, "
+                                                         "DeepSpeed); without it, it goes to RUN_DIR/logs/console.log")
     r.set_defaults(fn=cmd_resume)
 
     r = sub.add_parser("status", help="each stage's state and metrics")

@@ -67,7 +67,10 @@ def check_inputs(cfg: RunConfig) -> None:
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    """The driver's own line, with the time (on a run's console: see pipeline/console.py)."""
+    from pipeline.console import say
+
+    say(f"[{time.strftime('%H:%M:%S')}] {msg}")
 
 
 def _select(cfg_dump: dict, dotted: str) -> Any:
@@ -88,6 +91,7 @@ class Driver:
         self._ray_lock = threading.Lock()  # stages start in threads
         self._external_hashes: dict[Path, str] = {}
         self.actor_pool = None  # cluster.pool.ActorPool once Ray is up, with safe_rlhf.keep_actors
+        self.progress = [0, len(self.graph), time.time()]  # stages finished (done or skipped), of how many, since
         self._prestarted = False  # the first round's actors were started ahead (`_prestart`)
 
     @classmethod
@@ -206,7 +210,7 @@ class Driver:
         fp, fp_inputs = exp
         if not self._will_run(spec.name, force):
             m = self.rd.manifest(spec.name)
-            log(f"skip  {spec.name}: done, inputs and config unchanged ({_figures(m.get('metrics', {}))})")
+            log(f"skip  {spec.name} {self._advance()}: done, inputs and config unchanged ({_figures(m.get('metrics', {}))})")
             self.rd.event(stage=spec.name, event="skip")
             return "done"
         out_dir = self.rd.stage_dir(spec.name)
@@ -259,8 +263,16 @@ class Driver:
         from cluster.metrics import record_stage
 
         record_stage(spec.name, duration)  # held until Ray is up if it is not yet
-        log(f"done  {spec.name} in {duration:.1f}s ({_figures(result.metrics)})")
+        log(f"done  {spec.name} in {duration:.1f}s {self._advance()} ({_figures(result.metrics)})")
         return "done"
+
+    def _advance(self) -> str:
+        """One more stage finished: `[9/17, 3m05s]` (stages of this run finished, of how many; time since it began)."""
+        with self._ray_lock:
+            self.progress[0] += 1
+            done, total, t0 = self.progress
+        minutes, seconds = divmod(int(time.time() - t0), 60)
+        return f"[{done}/{total}, {minutes}m{seconds:02d}s]"
 
     def run(self, from_stage: str | None = None, only_stage: str | None = None, until: str | None = None,
             max_parallel_stages: int | None = None) -> str:
@@ -279,9 +291,11 @@ class Driver:
                 if only_stage:
                     # Done: re-run it from scratch. Interrupted: continue from its checkpoints.
                     done = self.status_of(only_stage) == "done"
+                    self.progress = [0, 1, time.time()]
                     return self.run_stage(self.by_name[only_stage], force=True, fresh=done)
                 order = [s.name for s in self.graph]
                 stages = self.graph[:order.index(until) + 1] if until else self.graph
+                self.progress = [0, len(stages), time.time()]
                 return self._run_stages(stages, forced, max_parallel_stages)
             finally:
                 if self.actor_pool is not None:  # the actors kept between stages (this run's only)

