@@ -50,6 +50,19 @@ def test_a_bad_sweep_file_is_refused_naming_the_field(tmp_path, data, field):
     assert field in [p for p, _ in e.value.errors], e.value.errors
 
 
+def test_the_shipped_sweep_files_validate_against_the_default_config():
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    _, paper = load_sweep(REPO / "sweeps" / "paper.yaml", cfg)
+    assert len(paper) == 6 + 4 + 1
+    _, algorithms = load_sweep(REPO / "sweeps" / "algorithms.yaml", cfg)
+    # the same answers per step for both algorithms; grpo_lag at two group sizes
+    assert {t["params"]["prompts_per_step"] for t in algorithms} == {32}
+    assert sorted((t["params"]["algorithm"], t["params"].get("group_size")) for t in algorithms) == [
+        ("grpo_lag", 4), ("grpo_lag", 4), ("grpo_lag", 8), ("grpo_lag", 8), ("ppo_lag", None), ("ppo_lag", None)]
+
+
 def test_pareto_front_keeps_the_non_dominated_trials():
     pts = [{"t": "a", "harmful_rate": 0.1, "helpfulness": 2.0}, {"t": "b", "harmful_rate": 0.2, "helpfulness": 3.0},
            {"t": "c", "harmful_rate": 0.2, "helpfulness": 1.0}, {"t": "d", "harmful_rate": 0.05, "helpfulness": 1.5},
