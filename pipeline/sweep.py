@@ -46,6 +46,7 @@ from ray.tune.stopper import Stopper
 from pipeline.config import ConfigError, RoundConfig, SafeRLHFConfig, load_config
 from stages.files import atomic_write_text, write_jsonl
 from stages.objectives import ALGORITHMS
+from stages.stage_names import latest as latest_stage
 from stages.safe_rlhf.resources import resource_plan
 
 ROUND_KEYS = set(RoundConfig.model_fields)
@@ -233,10 +234,10 @@ def sweep_inputs(run: Path, cfg, from_stage: str | None) -> dict:
         return (run / "stages" / n / "manifest.json").is_file()
 
     def latest(base):
-        names = [p.name for p in (run / "stages").glob(f"{base}*") if done(p.name) and p.name.split("@")[0] == base]
-        if not names:
+        name = latest_stage((p.name for p in (run / "stages").glob(f"{base}*") if done(p.name)), base)
+        if name is None:
             raise ValueError(f"{run} has no finished {base} stage; run the pipeline (at least through {base}) first")
-        return max(names, key=lambda n: int(n.split("@")[1]) if "@" in n else 0)
+        return name
 
     start = from_stage or ("sft" if cfg.world.enabled else None)
     if start == "sft":
