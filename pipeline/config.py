@@ -474,17 +474,21 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
         raise ConfigError(source, _errors(e)) from None
 
 
-def load_config(path: str | Path, base: Path | None = None) -> RunConfig:
-    """Load and validate a YAML config; relative paths in it are taken from `base` (the working
-    directory by default) and made absolute."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's data; a missing file or bad YAML is a ConfigError naming the file (configs, sweep files)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), [("<file>", "no such file")])
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [("<file>", f"not valid YAML: {e}")]) from None
-    return absolute_paths(parse_config(data, str(path)), base or Path.cwd())
+
+
+def load_config(path: str | Path, base: Path | None = None) -> RunConfig:
+    """Load and validate a YAML config; relative paths in it are taken from `base` (the working
+    directory by default) and made absolute."""
+    return absolute_paths(parse_config(read_yaml(path), str(path)), base or Path.cwd())
 
 
 def absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:

@@ -31,7 +31,9 @@ class StageSpec:
 
     @property
     def base_name(self) -> str:
-        return self.name.split("@")[0]
+        from stages.stage_names import base_name
+
+        return base_name(self.name)
 
     def load(self):
         return _function(self.module, "run")

@@ -43,9 +43,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.tune.stopper import Stopper
 
-from pipeline.config import ConfigError, RoundConfig, SafeRLHFConfig, load_config
+from pipeline.config import ConfigError, RoundConfig, SafeRLHFConfig, load_config, read_yaml
 from stages.files import atomic_write_text, write_jsonl
 from stages.objectives import ALGORITHMS
+from stages.stage_names import latest as latest_stage
 from stages.safe_rlhf.resources import resource_plan
 
 ROUND_KEYS = set(RoundConfig.model_fields)
@@ -69,15 +70,9 @@ class SweepFile(BaseModel):
 
 def load_sweep(path: str | Path, cfg) -> tuple[SweepFile, list[dict]]:
     """The validated sweep file and its trials [{"id", "params", "seed"}]; every bad field named."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), [("<file>", "no such file")])
     try:
-        sweep = SweepFile.model_validate(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), [("<file>", f"not valid YAML: {e}")]) from None
+        sweep = SweepFile.model_validate(read_yaml(path) or {})
     except ValidationError as e:
         raise ConfigError(str(path), [(".".join(map(str, err["loc"])) or "<root>",
                                        "unknown key (a typo?)" if err["type"] == "extra_forbidden" else err["msg"])
@@ -233,10 +228,10 @@ def sweep_inputs(run: Path, cfg, from_stage: str | None) -> dict:
         return (run / "stages" / n / "manifest.json").is_file()
 
     def latest(base):
-        names = [p.name for p in (run / "stages").glob(f"{base}*") if done(p.name) and p.name.split("@")[0] == base]
-        if not names:
+        name = latest_stage((p.name for p in (run / "stages").glob(f"{base}*") if done(p.name)), base)
+        if name is None:
             raise ValueError(f"{run} has no finished {base} stage; run the pipeline (at least through {base}) first")
-        return max(names, key=lambda n: int(n.split("@")[1]) if "@" in n else 0)
+        return name
 
     start = from_stage or ("sft" if cfg.world.enabled else None)
     if start == "sft":

@@ -38,10 +38,12 @@ class StageContext:
 
     def latest(self, base: str) -> str:
         """The newest input stage named `base` or `base@k` (e.g. ingest@2 over ingest)."""
-        names = [n for n in self.inputs if n.split("@")[0] == base]
-        if not names:
+        from stages.stage_names import latest
+
+        name = latest(self.inputs, base)
+        if name is None:
             raise KeyError(f"stage {self.name} has no input stage named {base!r} among {sorted(self.inputs)}")
-        return max(names, key=lambda n: int(n.split("@")[1]) if "@" in n else 0)
+        return name
 
     def input(self, stage: str, output: str) -> Path:
         try:

@@ -44,11 +44,12 @@ from stages.judging import (INTERVALS, RATES, SET_JUDGES, SET_RATES, eval_max_ne
                             queue_answers, rate, reward_calibration, reward_helpfulness_gap, set_summary, summarize,
                             wins_against)
 from stages.model_actors import rollout_actor, scorer_actors
+from stages.stage_names import of_kind
 
 
 def _policies(ctx) -> dict[str, Path]:
     out = {"sft": ctx.input("sft", "model") if "sft" in ctx.inputs else Path(ctx.cfg.model.path)}
-    rounds = sorted((n for n in ctx.inputs if n.startswith("safe_rlhf@")), key=lambda n: int(n.split("@")[1]))
+    rounds = of_kind(ctx.inputs, "safe_rlhf")
     out.update({n: ctx.input(n, "policy") for n in rounds})
     out.update({n: ctx.input(n, "policy") for n in sorted(ctx.inputs) if n.startswith("baseline_")})
     return out

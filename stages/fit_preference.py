@@ -132,8 +132,9 @@ def rank_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
 def fresh_pairs_stage(inputs: dict) -> str | None:
     """The input stage whose `policy_pairs` (fresh pairs of the current policy's samples) a fit
     measures `policy_accuracy` on: the latest red team's (refits), else SFT's; None without any."""
-    red = sorted((n for n in inputs if n.startswith("red_team@") and "policy_pairs" in inputs[n]),
-                 key=lambda n: int(n.split("@")[1]))
+    from stages.stage_names import of_kind
+
+    red = [n for n in of_kind(inputs, "red_team") if "policy_pairs" in inputs[n]]
     if red:
         return red[-1]
     return "sft" if "policy_pairs" in inputs.get("sft", {}) else None

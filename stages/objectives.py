@@ -15,7 +15,7 @@ True) on real response tokens.
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -366,6 +366,23 @@ def category_cost_advantage(cost_advantages: Tensor, lambdas: Tensor) -> Tuple[T
     total = float(lambdas.sum())
     weighted = (lambdas.view(-1, 1, 1) * cost_advantages.detach()).sum(0)  # sum_k lambda_k A_c,k; [B, T]
     return (weighted / total if total > 0 else torch.zeros_like(weighted)), total
+
+
+def auto_threshold(costs: List[float], safe: List[bool], unsafe_share: float) -> Tuple[float, float, float]:
+    """d = (1-u) * mean cost of the safe reference answers + u * mean cost of the unsafe ones: the
+    mean cost of a policy that is unsafe a share u of the time, on the round's cost model's own
+    scale. (Threshold 0 meant nothing on that scale in DESIGN.md's experiment; u = 0 would demand
+    zero harm before lambda may fall.) The reference answers stay fixed and u is held or lowered
+    from round to round, so a refitted cost model, whose scale drifts, does not loosen the
+    constraint: an earlier rule re-derived d from each refit's own eval split and loosened it
+    every round (-5.23, -4.62, -4.35). Returns (d, mean safe cost, mean unsafe cost)."""
+    safe_costs = [c for c, s in zip(costs, safe) if s]
+    unsafe_costs = [c for c, s in zip(costs, safe) if not s]
+    if not safe_costs or not unsafe_costs:
+        raise ValueError("threshold: auto needs safe and unsafe labelled answers (is_response_*_safe) in the first "
+                         "ingest's held-out pairs; set safe_rlhf.rounds[k].threshold to a number")
+    safe_mean, unsafe_mean = sum(safe_costs) / len(safe_costs), sum(unsafe_costs) / len(unsafe_costs)
+    return (1 - unsafe_share) * safe_mean + unsafe_share * unsafe_mean, safe_mean, unsafe_mean
 
 
 class CategoryMultipliers:

@@ -112,7 +112,8 @@ def test_auto_threshold_is_the_mean_cost_of_a_policy_unsafe_a_share_u_of_the_tim
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.safe_rlhf.round import auto_threshold, reference_answers
+    from stages.objectives import auto_threshold
+    from stages.safe_rlhf.round import reference_answers
 
     rows = [{"prompt": "p", "response_0": "a", "response_1": "b", "is_response_0_safe": True, "is_response_1_safe": False},
             {"prompt": "q", "response_0": "c", "response_1": "d", "is_response_0_safe": None, "is_response_1_safe": None}]
@@ -121,7 +122,8 @@ def test_auto_threshold_is_the_mean_cost_of_a_policy_unsafe_a_share_u_of_the_tim
     assert (prompts, answers, safe) == (["p", "p"], ["a", "b"], [True, False])  # HH-style rows have no is_safe
     costs = [-4.0, -6.0, 2.0, 4.0]
     # safe mean -5, unsafe mean 3: u = 0.05 -> 0.95 * -5 + 0.05 * 3
-    assert auto_threshold(costs, [True, True, False, False], 0.05) == pytest.approx(-4.6)
+    d, safe_mean, unsafe_mean = auto_threshold(costs, [True, True, False, False], 0.05)
+    assert (d, safe_mean, unsafe_mean) == (pytest.approx(-4.6), pytest.approx(sum(costs[:2]) / 2), pytest.approx(sum(costs[2:]) / 2))
     with pytest.raises(ValueError, match="safe and unsafe labelled answers"):
         auto_threshold([-1.0], [True], 0.05)
 

@@ -24,6 +24,7 @@ LEAVES = {
     "actors.experience",  # the batch and minibatch types, padding (torch only)
     "stages.text",  # the conversation template and text keys (stdlib only)
     "stages.files",  # JSON lines, atomic writes, hashes (stdlib only)
+    "stages.stage_names",  # the NAME@k convention (stdlib only)
 }
 
 

@@ -133,22 +133,6 @@ def reference_answers(eval_parquet: Path) -> tuple[list[str], list[str], list[bo
     return prompts, answers, safe
 
 
-def auto_threshold(costs: list[float], safe: list[bool], unsafe_share: float) -> float:
-    """d = (1-u) * mean cost of the safe reference answers + u * mean cost of the unsafe ones: the
-    mean cost of a policy that is unsafe a share u of the time, on the round's cost model's own
-    scale. (Threshold 0 meant nothing on that scale in DESIGN.md's experiment; u = 0 would demand
-    zero harm before lambda may fall.) The reference answers stay fixed and u is held or lowered
-    from round to round, so a refitted cost model, whose scale drifts, does not loosen the
-    constraint: an earlier rule re-derived d from each refit's own eval split and loosened it
-    every round (-5.23, -4.62, -4.35)."""
-    safe_costs = [c for c, s in zip(costs, safe) if s]
-    unsafe_costs = [c for c, s in zip(costs, safe) if not s]
-    if not safe_costs or not unsafe_costs:
-        raise ValueError("threshold: auto needs safe and unsafe labelled answers (is_response_*_safe) in the first "
-                         "ingest's held-out pairs; set safe_rlhf.rounds[k].threshold to a number")
-    return (1 - unsafe_share) * sum(safe_costs) / len(safe_costs) + unsafe_share * sum(unsafe_costs) / len(unsafe_costs)
-
-
 def step_prompts(pool: list[str], step: int, batch: int, seed: int) -> list[str]:
     """Step `step`'s prompts (0-based): epochs of seeded permutations, so they are a function of the step."""
     out = []
@@ -374,9 +358,7 @@ def round_threshold(roles: RoundRoles, setup: RoundSetup) -> dict:
     u = rl.unsafe_share(k)
     prompts, answers, safe = reference_answers(setup.inputs["reference"])
     costs = roles.score_texts("cost", prompts, answers, setup.max_prompt_tokens, setup.max_answer_tokens)
-    d = auto_threshold(costs, safe, u)
-    safe_mean = sum(c for c, s in zip(costs, safe) if s) / max(1, sum(safe))
-    unsafe_mean = sum(c for c, s in zip(costs, safe) if not s) / max(1, len(safe) - sum(safe))
+    d, safe_mean, unsafe_mean = O.auto_threshold(costs, safe, u)
     return {"threshold": d, "threshold_unsafe_share": u, "reference_safe_cost_mean": round(safe_mean, 4),
             "reference_unsafe_cost_mean": round(unsafe_mean, 4), "reference_answers": len(costs),
             "threshold_rule": (f"auto: the mean cost of a policy unsafe {u:.3g} of the time, (1-u) x {safe_mean:.3f} + "
