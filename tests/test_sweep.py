@@ -50,6 +50,15 @@ def test_a_bad_sweep_file_is_refused_naming_the_field(tmp_path, data, field):
     assert field in [p for p, _ in e.value.errors], e.value.errors
 
 
+def test_a_missing_or_unreadable_sweep_file_is_refused_naming_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: [unclosed\n")
+    for path, says in ((tmp_path / "none.yaml", "no such file"), (bad, "not valid YAML")):
+        with pytest.raises(ConfigError) as e:
+            load_sweep(path, parse_config({}))
+        assert str(path) in str(e.value) and e.value.errors[0][0] == "<file>" and says in e.value.errors[0][1]
+
+
 def test_the_shipped_sweep_files_validate_against_the_default_config():
     from pipeline.config import load_config
 
