@@ -132,6 +132,8 @@ class RunConsole:
 
     def other(self, name: str, line: str, show: bool, real) -> None:
         self.log.write(line + "\n")
+        if self.view is not None:
+            self.view.read_other(line)
         if show:
             self._show(line, real)
 
@@ -148,6 +150,8 @@ class RunConsole:
 
 STAGE_LINE = re.compile(r"^\[[\d:]+\] (start|done|skip|FAIL|wait|resume)\s+(\S+?)(?::| in ([\d.]+)s| |$)")
 STEP_LINE = re.compile(r"\[(\S+)\] step (\d+)/(\d+) \((\d+)s\) ?(.*)$")
+# Ray Train's report of a fit's checkpoint (another program's line: a fit's progress, read where it is there)
+FIT_REPORT = re.compile(r"Reporting training result .*/stages/([^/]+)/ray_train/.*metrics=\{([^}]*)\}")
 SYMBOL = {"pending": "[dim]·[/]", "running": "[yellow]▶[/]", "done": "[green]✓[/]", "skip": "[green]=[/]",
           "FAIL": "[red]✗[/]", "wait": "[magenta]…[/]", "resume": "[yellow]▶[/]"}
 
@@ -163,6 +167,7 @@ class LiveView:
         self.began: dict[str, float] = {}
         self.took: dict[str, float] = {}
         self.steps: dict[str, tuple[int, int, float, str]] = {}  # stage -> (step, of, seconds, figures)
+        self.fits: dict[str, dict[str, float]] = {}  # stage -> its last reported training figures
 
     def read(self, line: str) -> None:
         m = STAGE_LINE.match(line)
@@ -175,11 +180,19 @@ class LiveView:
                 self.took[name] = float(seconds)
             if event in ("done", "FAIL", "skip"):
                 self.steps.pop(name, None)
+                self.fits.pop(name, None)
             return
         m = STEP_LINE.search(line)
         if m and m.group(1) in self.state:
             name, step, total, seconds, figures = m.groups()
             self.steps[name] = (int(step), int(total), float(seconds), figures)
+
+    def read_other(self, line: str) -> None:
+        """Another program's line: a fit's training report (epoch, step, loss) for its running stage."""
+        m = FIT_REPORT.search(line)
+        if m and self.state.get(m.group(1)) == "running":
+            figures = dict(re.findall(r"'(\w+)': ([-\d.e]+)", m.group(2)))
+            self.fits.setdefault(m.group(1), {}).update({k: float(v) for k, v in figures.items()})
 
     def __rich__(self):
         from rich.columns import Columns
@@ -202,6 +215,9 @@ class LiveView:
                 table.add_row(name, ProgressBar(total=total, completed=step, width=30), f"{step}/{total}",
                               f"{figures}  [dim]~{left:.0f}s left[/]")
             parts.append(table)
+        for name, figures in self.fits.items():
+            shown = [f"{k} {figures[k]:.4g}" for k in ("epoch", "global_step", "loss", "train_loss", "eval_loss") if k in figures]
+            parts.append(f"{name}  " + "  ".join(shown))
         return Group(*parts)
 
 

@@ -74,4 +74,12 @@ def test_the_live_view_shows_each_stage_and_the_rounds_steps_from_the_drivers_li
     # 16 of 50 steps in 15 s: 34 more at 15/16 s each
     assert "16/50" in text and "reward=0.7014 cost=-4.956 lam=7.853" in text and "~32s left" in text
     view.read("[03:11:50] done  safe_rlhf@1 in 50.0s [3/4, 2m27s] (steps=50)")
+    # a fit's progress, from Ray Train's report line (another program's), while the fit runs
+    view.read("[03:12:00] start fit_cost@2")
+    view.read_other("\x1b[36m(RayTrainWorker pid=1)\x1b[0m Reporting training result 2: TrainingReport(checkpoint=Checkpoint("
+                    "filesystem=local, path=/r/stages/fit_cost@2/ray_train/fit_cost-2/checkpoint_1), metrics={'eval_loss': "
+                    "0.9469, 'epoch': 1, 'global_step': 89, 'train_loss': 2.8036}, validation=False) from rank 0")
+    screen = Console(width=120, record=True, file=io.StringIO())
+    screen.print(view)
+    assert "fit_cost@2  epoch 1  global_step 89  train_loss 2.804  eval_loss 0.9469" in screen.export_text()
     assert view.state["safe_rlhf@1"] == "done" and not view.steps
