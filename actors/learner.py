@@ -25,7 +25,7 @@ import torch
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
 from actors.models import enable_gradient_checkpointing, import_ahead, response_logprobs, response_values, torch_dtype
 from actors.restarts import refuse_if_restarted
-from cluster.deepspeed_setup import deepspeed_config, full_state_dict, without_inference_shm_op
+from cluster.deepspeed_setup import deepspeed_config, full_state_dict, gathered_parameters, without_inference_shm_op
 from cluster.network import host_and_free_port
 from cluster.weight_sync import make_sender
 from cluster.weight_sync.base import transfer_metadata
@@ -212,14 +212,8 @@ class Learner:
         """(HF name, full tensor) per parameter; ZeRO-3 gathers one parameter at a time (a
         collective: every rank iterates). `copy` keeps a gathered tensor valid after its gather ends."""
         zero3 = self.engine.zero_optimization_stage() == 3
-        for name, p in self.engine.module.named_parameters():
-            if not zero3:
-                yield name, p.data
-                continue
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                yield name, (p.data.clone() if copy else p.data)
+        for name, data in gathered_parameters(self.engine):
+            yield name, (data.clone() if copy and zero3 else data)
 
     def transfer_send(self, update_info: dict) -> float:
         """gloo/nccl: broadcast the weights (run concurrently with the rollout workers' apply)."""

@@ -35,23 +35,31 @@ def without_inference_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def gathered_parameters(engine, remove_duplicate: bool = True):
+    """(name, full tensor) per parameter of the engine's module. Under ZeRO-3 each is gathered in
+    turn (a collective: every rank must iterate to the end) and the tensor is valid only until the
+    next one is asked for; copy it to keep it. Without ZeRO-3, the parameters themselves."""
+    import deepspeed
+
+    zero3 = engine.zero_optimization_stage() == 3
+    for name, p in engine.module.named_parameters(remove_duplicate=remove_duplicate):
+        if not zero3:
+            yield name, p.data
+            continue
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            yield name, p.data
+
+
 def full_state_dict(engine, rank: int, dtype=None) -> dict | None:
     """The whole model's state dict on rank 0's host, in `dtype` (the training dtype; default the
     parameters' own), others get None. Under ZeRO-3 the parameters are gathered one at a time (a
     collective: every rank iterates), so no rank ever holds the whole model on its device, and no
     rank but 0 builds a host copy."""
-    import deepspeed
-
     module = engine.module
-    zero3 = engine.zero_optimization_stage() == 3
     out = {} if rank == 0 else None
-    for name, p in module.named_parameters(remove_duplicate=False):  # tied weights under each of their names
-        if zero3:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if out is not None:
-                    out[name] = p.data.detach().to("cpu", dtype or p.dtype, copy=True)
-        elif out is not None:
-            out[name] = p.data.detach().to("cpu", dtype or p.dtype, copy=True)
+    for name, data in gathered_parameters(engine, remove_duplicate=False):  # tied weights under each of their names
+        if out is not None:
+            out[name] = data.detach().to("cpu", dtype or data.dtype, copy=True)
     if out is not None:  # persistent buffers: never partitioned
         buffers = dict(module.named_buffers())
         for name in module.state_dict():

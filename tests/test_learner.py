@@ -166,6 +166,11 @@ def test_zero3_builds_the_model_partitioned_and_exports_it_whole_in_the_training
     for (name, a), (_, b) in zip(exported.state_dict().items(), reference.state_dict().items()):
         assert a.dtype == torch.bfloat16, name  # the training dtype: half the bytes of an fp32 export
         torch.testing.assert_close(a.float(), b.to(torch.bfloat16).float(), atol=0, rtol=0)
+    # the weight push's view (gloo, ipc): every parameter whole, still valid after its gather ended
+    pushed, expected = dict(lr._named_weights(copy=True)), dict(reference.named_parameters())
+    assert set(pushed) == set(expected)
+    for name, w in pushed.items():
+        torch.testing.assert_close(w.float(), expected[name].detach().to(torch.bfloat16).float(), atol=0, rtol=0)
 
 
 def test_the_gpu_check_script_runs_the_learner_scorer_and_engine_path_on_cpu(tmp_path):
