@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_addoption(parser):
     parser.addoption("--long", action="store_true",
-                     help="also run the tests marked long (about 15 more minutes on 2 cores)")
+                     help="also run the tests marked long (about 13 more minutes on 2 cores)")
 
 
 def pytest_collection_modifyitems(config, items):
