@@ -1,6 +1,7 @@
 """One Safe RLHF step through the Ray round against the same step in one process.
 
     .venv/bin/python bench/round_step.py [--run-dir runs/tiny] [--steps 6] [--engine vllm|hf] [--overlap]
+    .venv/bin/python bench/round_step.py --run-dir runs/smollm2 --steps 3     # at 135M (after the preset's run)
 
 Both run `stages.safe_rlhf.round.ppo_step` (the round's own code: generate, score, advantages,
 lambda, learn, weight push) on the same batch size, engine, models (the run's SFT policy and its
@@ -83,9 +84,13 @@ class LocalRoles:
         return self.rollout.generate(prompts, worker_sampling(sampling, 0)), weights_step
 
     @timed
-    def score(self, seqs, scored, step):
-        return {"ref_logp": self.scorer["reference"].logprobs(seqs), "reward": self.scorer["reward"].score(scored),
-                "cost": self.scorer["cost"].score(scored) if "cost" in self.scorer else None,
+    def score(self, seqs, scored, step, texts=None, text_scored=()):
+        # as RoundRoles.score: a score model with its own tokenizer (MiniLM in configs/smollm2.yaml) reads text
+        def end_scores(role):
+            return self.scorer[role].score_conversations(**texts) if role in text_scored else self.scorer[role].score(scored)
+
+        return {"ref_logp": self.scorer["reference"].logprobs(seqs), "reward": end_scores("reward"),
+                "cost": end_scores("cost") if "cost" in self.scorer else None,
                 "old_logp": self.learners["policy"].forward(seqs),
                 "reward_values": self.learners["reward_critic"].forward(seqs) if "reward_critic" in self.learners else None,
                 "cost_values": self.learners["cost_critic"].forward(seqs) if "cost_critic" in self.learners else None}
@@ -166,7 +171,9 @@ def main() -> None:
     rl = cfg.safe_rlhf.model_copy(update={**({"engine": args.engine} if args.engine else {}),
                                           "overlap_generation": args.overlap})
     stage = lambda n, out: run / "stages" / n / out
-    inputs = {"policy": stage("sft", "model"), "reward_model": stage("fit_reward", "model"),
+    # a world-free run (configs/smollm2.yaml) has no sft stage: its starting policy is model.path
+    policy = stage("sft", "model") if (run / "stages" / "sft").is_dir() else Path(cfg.model.path)
+    inputs = {"policy": policy, "reward_model": stage("fit_reward", "model"),
               "cost_model": stage("fit_cost", "model"), "train_pairs": stage("ingest", "train.parquet")}
     missing = [str(p) for p in inputs.values() if not p.exists()]
     if missing:
