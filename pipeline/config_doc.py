@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import types
 import typing
 from typing import Any
 
@@ -39,7 +40,7 @@ def type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return " \\| ".join(str(a) for a in typing.get_args(annotation))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         return " \\| ".join(type_name(a) for a in typing.get_args(annotation))
     if origin is list:
         (item,) = typing.get_args(annotation)
@@ -63,7 +64,7 @@ def default_text_of(value: Any) -> str:
     return f"`{json.dumps(value)}`"
 
 
-def rows(model: type[BaseModel], prefix: str) -> list[str]:
+def rows(model: type[BaseModel], prefix: str) -> tuple[list[str], list[tuple]]:
     """Table rows for the plain fields of `model` (dotted under `prefix`), then tables for its sub-models."""
     out, subs = [], []
     for name, info in model.model_fields.items():
@@ -76,7 +77,7 @@ def rows(model: type[BaseModel], prefix: str) -> list[str]:
             subs.append((key, sub, info))
         else:
             out.append(f"| `{key}` | {type_name(info.annotation)} | {default_text(info)} | {cell(info)} |")
-    return [out, subs]
+    return out, subs
 
 
 def cell(info: Any) -> str:

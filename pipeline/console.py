@@ -32,8 +32,8 @@ class _Router(io.TextIOBase):
     """A text stream that sends each complete line to the run's log, and to `console` when it is
     an error (or always, when verbose)."""
 
-    def __init__(self, console: "RunConsole", name: str, real):
-        self.console, self.name, self.real = console, name, real
+    def __init__(self, console: "RunConsole", real):
+        self.console, self.real = console, real
         self.buffer_text = ""
         self.in_traceback = False
 
@@ -51,7 +51,7 @@ class _Router(io.TextIOBase):
             self.buffer_text += text
             *lines, self.buffer_text = self.buffer_text.split("\n")
             for line in lines:
-                self.console.other(self.name, line, self._shows(line), self.real)
+                self.console.other(line, self._shows(line), self.real)
         return len(text)
 
     def _shows(self, line: str) -> bool:
@@ -66,13 +66,13 @@ class _Router(io.TextIOBase):
         with self.console.lock:
             if self.buffer_text:
                 line, self.buffer_text = self.buffer_text, ""
-                self.console.other(self.name, line, self._shows(line), self.real)
+                self.console.other(line, self._shows(line), self.real)
             self.real.flush()
 
 
 class RunConsole:
     """Installed for the life of one `run` or `resume` (a context manager); `say` is the driver's
-    own line. Without a log path (before the run directory is known) nothing is routed."""
+    own line."""
 
     current: "RunConsole | None" = None
 
@@ -83,7 +83,6 @@ class RunConsole:
         self.verbose = verbose
         self.lock = threading.RLock()
         self.out, self.err = sys.stdout, sys.stderr
-        self.lines_shown = 0
         is_terminal = getattr(self.err, "isatty", lambda: False)()
         self.view = LiveView(stages or []) if (live if live is not None else is_terminal and not verbose) else None
         self.live = None
@@ -92,7 +91,7 @@ class RunConsole:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "a", buffering=1)
         self.log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
-        sys.stdout, sys.stderr = _Router(self, "stdout", self.out), _Router(self, "stderr", self.err)
+        sys.stdout, sys.stderr = _Router(self, self.out), _Router(self, self.err)
         # Logging handlers made before (Ray's, on `import ray`) hold the real streams: point them here too.
         self.rebound = [(h, h.stream) for h in _stream_handlers() if h.stream in (self.out, self.err)]
         for handler, stream in self.rebound:
@@ -122,15 +121,15 @@ class RunConsole:
         RunConsole.current = None
         self.log.close()
 
-    def say(self, line: str, stream=None) -> None:
-        """The driver's own line: to the console (stderr unless told) and the log."""
+    def say(self, line: str) -> None:
+        """The driver's own line: to the console (stderr) and the log."""
         with self.lock:
-            self._show(line, stream or self.err)
+            self._show(line, self.err)
             self.log.write(line + "\n")
             if self.view is not None:
                 self.view.read(line)
 
-    def other(self, name: str, line: str, show: bool, real) -> None:
+    def other(self, line: str, show: bool, real) -> None:
         self.log.write(line + "\n")
         if self.view is not None:
             self.view.read_other(line)
@@ -138,7 +137,6 @@ class RunConsole:
             self._show(line, real)
 
     def _show(self, line: str, real) -> None:
-        self.lines_shown += 1
         if self.live is not None:  # above the live view
             from rich.text import Text
 
@@ -149,6 +147,7 @@ class RunConsole:
 
 
 STAGE_LINE = re.compile(r"^\[[\d:]+\] (start|done|skip|FAIL|wait|resume)\s+(\S+?)(?::| in ([\d.]+)s| |$)")
+FINISHED = re.compile(r" \[(\d+)/(\d+), \d+m\d\ds\]")  # the driver's count on a done or skip line
 STEP_LINE = re.compile(r"\[(\S+)\] step (\d+)/(\d+) \((\d+)s\) ?(.*)$")
 # Ray Train's report of a fit's checkpoint (another program's line: a fit's progress, read where it is there)
 FIT_REPORT = re.compile(r"Reporting training result .*/stages/([^/]+)/ray_train/.*metrics=\{([^}]*)\}")
@@ -168,6 +167,7 @@ class LiveView:
         self.took: dict[str, float] = {}
         self.steps: dict[str, tuple[int, int, float, str]] = {}  # stage -> (step, of, seconds, figures)
         self.fits: dict[str, dict[str, float]] = {}  # stage -> its last reported training figures
+        self.finished = (0, len(stages))  # stages finished, of how many: the driver's count
 
     def read(self, line: str) -> None:
         m = STAGE_LINE.match(line)
@@ -181,6 +181,9 @@ class LiveView:
             if event in ("done", "FAIL", "skip"):
                 self.steps.pop(name, None)
                 self.fits.pop(name, None)
+            count = FINISHED.search(line)
+            if count:
+                self.finished = (int(count.group(1)), int(count.group(2)))
             return
         m = STEP_LINE.search(line)
         if m and m.group(1) in self.state:
@@ -205,9 +208,9 @@ class LiveView:
         for name, state in self.state.items():
             seconds = self.took.get(name, now - self.began[name] if state == "running" and name in self.began else None)
             badges.append(f"{SYMBOL.get(state, '?')} {name}" + (f" [dim]{seconds:.0f}s[/]" if seconds is not None else ""))
-        finished = sum(s in ("done", "skip") for s in self.state.values())
         minutes, secs = divmod(int(now - self.t0), 60)
-        parts = [f"[bold]stages {finished}/{len(self.state)} finished[/], {minutes}m{secs:02d}s", Columns(badges, padding=(0, 2))]
+        parts = [f"[bold]stages {self.finished[0]}/{self.finished[1]} finished[/], {minutes}m{secs:02d}s",
+                 Columns(badges, padding=(0, 2))]
         if self.steps:
             table = Table.grid(padding=(0, 1))
             for name, (step, total, seconds, figures) in self.steps.items():

@@ -92,6 +92,7 @@ class Driver:
         self._external_hashes: dict[Path, str] = {}
         self.actor_pool = None  # cluster.pool.ActorPool once Ray is up, with safe_rlhf.keep_actors
         self.progress = [0, len(self.graph), time.time()]  # stages finished (done or skipped), of how many, since
+        self._progress_lock = threading.Lock()  # stages finish in threads
         self._prestarted = False  # the first round's actors were started ahead (`_prestart`)
 
     @classmethod
@@ -268,7 +269,7 @@ class Driver:
 
     def _advance(self) -> str:
         """One more stage finished: `[9/17, 3m05s]` (stages of this run finished, of how many; time since it began)."""
-        with self._ray_lock:
+        with self._progress_lock:
             self.progress[0] += 1
             done, total, t0 = self.progress
         minutes, seconds = divmod(int(time.time() - t0), 60)

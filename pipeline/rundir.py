@@ -50,6 +50,11 @@ class RunDir:
     def manifest(self, name: str) -> dict | None:
         return read_json(self.stage_dir(name) / "manifest.json")
 
+    def finished_stages(self) -> list[str]:
+        """The stages with a manifest (written last: the stage is done)."""
+        stages = self.root / "stages"
+        return [p.name for p in stages.iterdir() if (p / "manifest.json").is_file()] if stages.is_dir() else []
+
     def write_manifest(self, name: str, manifest: dict) -> None:
         atomic_write_json(self.stage_dir(name) / "manifest.json", manifest)
         (self.stage_dir(name) / "state.json").unlink(missing_ok=True)

@@ -44,6 +44,7 @@ from ray import serve
 
 from actors.serving import PolicyServer, ScoreServer
 from pipeline.config import ServeConfig
+from pipeline.rundir import RunDir
 from stages.stage_names import latest, of_kind
 
 APP_NAME = "safe_rlhf"
@@ -285,7 +286,7 @@ def _done(run: Path, stage: str) -> bool:
 def served_policies(run_dir: str | Path, cfg, names: list[str] | None) -> dict[str, dict]:
     """{stage: {"model_dir"}} for the policies to serve (default: the last round)."""
     run = Path(run_dir).resolve()
-    rounds = of_kind(_finished(run), "safe_rlhf")
+    rounds = of_kind(RunDir(run).finished_stages(), "safe_rlhf")
     if not names:
         if not rounds:
             raise ValueError(f"{run} has no finished round to serve; name one with --policy (e.g. sft)")
@@ -305,13 +306,8 @@ def served_policies(run_dir: str | Path, cfg, names: list[str] | None) -> dict[s
     return out
 
 
-def _finished(run: Path) -> list[str]:
-    """The run's finished stages (those with a manifest)."""
-    return [p.name for p in (run / "stages").iterdir() if _done(run, p.name)] if (run / "stages").is_dir() else []
-
-
 def last_fitted(run: Path, base: str) -> Path:
-    last = latest(_finished(run), base)
+    last = latest(RunDir(run).finished_stages(), base)
     if last is None:
         raise ValueError(f"{run} has no finished {base} stage: the reward and cost models are needed")
     return run / "stages" / last / "model"

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.tune.stopper import Stopper
 
 from pipeline.config import ConfigError, RoundConfig, SafeRLHFConfig, load_config, read_yaml
+from pipeline.rundir import RunDir
 from stages.files import atomic_write_text, write_jsonl
 from stages.objectives import ALGORITHMS
 from stages.stage_names import latest as latest_stage
@@ -228,7 +229,7 @@ def sweep_inputs(run: Path, cfg, from_stage: str | None) -> dict:
         return (run / "stages" / n / "manifest.json").is_file()
 
     def latest(base):
-        name = latest_stage((p.name for p in (run / "stages").glob(f"{base}*") if done(p.name)), base)
+        name = latest_stage(RunDir(run).finished_stages(), base)
         if name is None:
             raise ValueError(f"{run} has no finished {base} stage; run the pipeline (at least through {base}) first")
         return name

@@ -23,7 +23,7 @@ from pathlib import Path
 from stages.base import StageResult
 from stages.files import read_jsonl
 from stages.judging import RATES, SET_RATES
-from stages.stage_names import base_name
+from stages.stage_names import of_kind
 
 
 def _plots(out: Path, evaluation: dict, samples: list[dict], rounds: dict[str, list[dict]]) -> None:
@@ -277,7 +277,7 @@ def run(ctx) -> StageResult:
              "", f"Safety table: (newer, older) answer safe or unsafe by {evaluation['judge']}.", "",
              "## Reward and cost models", ""]
     fit_rows = []
-    for n in sorted(n for n in ctx.inputs if base_name(n) in ("fit_reward", "fit_cost")):
+    for n in of_kind(ctx.inputs, "fit_cost") + of_kind(ctx.inputs, "fit_reward"):
         m = json.loads((ctx.run_dir / "stages" / n / "manifest.json").read_text())["metrics"]
         fit_rows.append([n, m.get("eval_accuracy"), m.get("policy_accuracy"), m.get("eval_sign_accuracy", "")])
     parts += [_table(["model", "eval_accuracy", "policy_accuracy", "eval_sign_accuracy"], fit_rows), "",
