@@ -19,6 +19,7 @@ backward pass, and exports gather one parameter at a time onto rank 0 in the tra
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -34,16 +35,45 @@ from stages.objectives import clip_fraction, clipped_value_loss, get_algorithm, 
 ROLES = ("policy", "reward_critic", "cost_critic")
 
 
+@dataclass(frozen=True)
+class LearnerSettings:
+    """What a learner is built with: typed, so that a misspelt or missing setting fails where the
+    settings are made (the round's `roles.actor_arguments`, from the validated config), not as a
+    silent default inside the learner."""
+
+    device: str  # cpu | cuda
+    precision: str  # fp32 | bf16 | fp16
+    zero_stage: int
+    lr: float
+    seed: int = 0
+    shard: int | None = None  # sequences per train_step on this rank (a multiple of micro_batch); None: micro_batch
+    micro_batch: int | None = None  # sequences per forward/backward; None: the whole shard
+    gradient_checkpointing: bool = False
+    logprob_chunk: int | None = None  # tokens whose logprobs are computed at once; None: all
+    clip_ratio: float = 0.2  # the policy's PPO clip
+    clip_value: float = 5.0  # the critics' value clip
+    algorithm: str = "ppo_lag"  # whose registered policy loss the policy learner minimises
+    temperature: float = 1.0  # the rollouts' sampling temperature: the policy's logprobs are the tempered ones
+
+    @classmethod
+    def of(cls, settings: "LearnerSettings | dict") -> "LearnerSettings":
+        if isinstance(settings, cls):
+            return settings
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown learner settings {unknown}; known: {[f.name for f in fields(cls)]}")
+        return cls(**settings)
+
+
 class Learner:
-    def __init__(self, role: str, model_dir: str | None, settings: dict, rank: int = 0, world_size: int = 1):
-        """settings: lr, zero_stage, precision, device, seed, clip_ratio, clip_value; algorithm (whose
-        registered policy loss the policy learner minimises; absent: ppo_lag's); micro_batch
-        (sequences per forward/backward) and shard (sequences per train_step on this rank; a multiple
-        of micro_batch); gradient_checkpointing; logprob_chunk (tokens; None: all at once).
+    def __init__(self, role: str, model_dir: str | None, settings: LearnerSettings | dict, rank: int = 0,
+                 world_size: int = 1):
+        """settings: a LearnerSettings (or a dict of its fields, checked the same way).
         model_dir None: started ahead of its stage (cluster/pool.py `prestart`): DeepSpeed and
         transformers imported; `reset` gives it the stage's model before `setup`."""
         if role not in ROLES:
             raise ValueError(f"unknown learner role {role!r}; choose one of {ROLES}")
+        settings = LearnerSettings.of(settings)
         self.prestarted = model_dir is None
         if self.prestarted:
             import_ahead("deepspeed", "transformers:AutoModelForCausalLM")
@@ -51,18 +81,18 @@ class Learner:
         self.rank, self.world_size = rank, world_size
         self.engine = None
         self.sender = None  # the policy's weight-transfer sender (cluster/weight_sync/), gloo | nccl | ipc
-        self.micro = int(settings.get("micro_batch") or settings.get("shard") or 1)
-        shard = int(settings.get("shard") or self.micro)
+        self.micro = int(settings.micro_batch or settings.shard or 1)
+        shard = int(settings.shard or self.micro)
         if shard % self.micro:
             raise ValueError(f"a learner's shard of {shard} sequences is not a multiple of micro_batch {self.micro}")
         self.accumulation = shard // self.micro
-        self.policy_loss = get_algorithm(settings.get("algorithm", "ppo_lag")).policy_loss
+        self.policy_loss = get_algorithm(settings.algorithm).policy_loss
 
     # Kept between stages (cluster/pool.py): the same role, rank and group size on the same device
     # keep the process group this process joined; `setup` then builds a new engine in it.
     @staticmethod
-    def reuse_key(role: str, model_dir: str, settings: dict, rank: int = 0, world_size: int = 1) -> tuple:
-        return ("Learner", role, rank, world_size, settings["device"])
+    def reuse_key(role: str, model_dir: str, settings: LearnerSettings | dict, rank: int = 0, world_size: int = 1) -> tuple:
+        return ("Learner", role, rank, world_size, LearnerSettings.of(settings).device)
 
     def reset(self, *args, **kwargs) -> None:
         self.__init__(*args, **kwargs)  # drops the engine (weights, optimizer state)
@@ -77,22 +107,22 @@ class Learner:
         # Each learner actor sees exactly one device (Ray sets CUDA_VISIBLE_DEVICES), so its local
         # rank is 0 whatever its rank in the group.
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", DS_ACCELERATOR=self.settings["device"])
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", DS_ACCELERATOR=self.settings.device)
         import deepspeed
 
         without_inference_shm_op()
-        deepspeed.init_distributed(dist_backend="gloo" if self.settings["device"] == "cpu" else "nccl",
+        deepspeed.init_distributed(dist_backend="gloo" if self.settings.device == "cpu" else "nccl",
                                    verbose=False)
-        torch.manual_seed(self.settings.get("seed", 0) + self.rank)
+        torch.manual_seed(self.settings.seed + self.rank)
         ds = deepspeed_config({"per_device_batch_size": self.micro, "gradient_accumulation": self.accumulation,
-                               "lr": self.settings["lr"], "weight_decay": 0.0, "device": self.settings["device"],
-                               "zero_stage": self.settings["zero_stage"], "precision": self.settings["precision"]},
+                               "lr": self.settings.lr, "weight_decay": 0.0, "device": self.settings.device,
+                               "zero_stage": self.settings.zero_stage, "precision": self.settings.precision},
                               self.world_size)
         # ZeRO-3: while this object lives, transformers builds the model under deepspeed.zero.Init,
         # partitioned from the start (no rank ever holds the whole model), and loads the weights
         # into the partitions.
         zero3 = None
-        if self.settings["zero_stage"] == 3:
+        if self.settings.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
             zero3 = HfDeepSpeedConfig(ds)
@@ -106,8 +136,8 @@ class Learner:
             # a critic starts from its score model, or (a score model with its own tokenizer) from
             # the policy's backbone with a fresh head
             model = ScoreModel.from_pretrained(self.model_dir, dtype=torch.float32) if is_score_model_dir(self.model_dir) \
-                else ScoreModel.from_backbone(self.model_dir, self.role, dtype=torch.float32, seed=self.settings["seed"])
-        if self.settings.get("gradient_checkpointing"):
+                else ScoreModel.from_backbone(self.model_dir, self.role, dtype=torch.float32, seed=self.settings.seed)
+        if self.settings.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config=ds)
         self._zero3_config = zero3  # keep alive for the engine's lifetime
@@ -121,7 +151,8 @@ class Learner:
     def _forward(self, seqs: SequenceBatch) -> torch.Tensor:
         seqs = seqs.to(self.device)
         if self.role == "policy":
-            return response_logprobs(self.engine, seqs, chunk=self.settings.get("logprob_chunk"))
+            return response_logprobs(self.engine, seqs, chunk=self.settings.logprob_chunk,
+                                     temperature=self.settings.temperature)
         return response_values(self.engine, seqs)
 
     @torch.no_grad()
@@ -131,21 +162,23 @@ class Learner:
         return torch.cat([self._forward(seqs.select(slice(s, s + self.micro))).float().cpu()
                           for s in range(0, len(seqs), self.micro)])
 
-    def _loss(self, batch: PolicyMinibatch | CriticMinibatch) -> tuple[torch.Tensor, dict]:
+    def _loss(self, batch: PolicyMinibatch | CriticMinibatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's loss, and its statistics as 0-dim tensors on the device (train_step
+        reads them once per step: no host sync per micro-batch)."""
         mask = batch.seqs.response_mask.to(self.device).float()
         if self.role == "policy":
             logp = self._forward(batch.seqs)  # [b, T]
             old = batch.old_logp.to(self.device)
             loss = self.policy_loss(logp, old, batch.reward_advantages.to(self.device),
                                        None if batch.cost_advantages is None else batch.cost_advantages.to(self.device),
-                                       mask, batch.lagrange_lambda, self.settings["clip_ratio"])
-            return loss, {"policy_loss": loss.item(),
-                          "clip_fraction": clip_fraction(logp.detach(), old, mask, self.settings["clip_ratio"]),
-                          "policy_kl_old": masked_mean(old - logp.detach(), mask).item()}
+                                       mask, batch.lagrange_lambda, self.settings.clip_ratio)
+            return loss, {"policy_loss": loss.detach(),
+                          "clip_fraction": clip_fraction(logp.detach(), old, mask, self.settings.clip_ratio),
+                          "policy_kl_old": masked_mean(old - logp.detach(), mask)}
         values = self._forward(batch.seqs)  # [b, T]
         loss = clipped_value_loss(values, batch.old_values.to(self.device), batch.returns.to(self.device),
-                                  mask, self.settings["clip_value"])
-        return loss, {f"{self.role}_loss": loss.item()}
+                                  mask, self.settings.clip_value)
+        return loss, {f"{self.role}_loss": loss.detach()}
 
     def train_step(self, batch: PolicyMinibatch | CriticMinibatch) -> dict:
         """One optimizer step on this rank's shard, in micro-batches with gradient accumulation.
@@ -157,7 +190,7 @@ class Learner:
         if len(parts) != self.accumulation:
             raise ValueError(f"{self.role} learner: a shard of {n} sequences is {len(parts)} micro-batches of "
                              f"{self.micro}, but the engine accumulates {self.accumulation}")
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         for rows in parts:
             part = batch.select(rows)
             share = len(part.seqs) / n
@@ -165,8 +198,9 @@ class Learner:
             self.engine.backward(loss * share * self.accumulation)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             for k, v in logs.items():
-                stats[k] = stats.get(k, 0.0) + v * share
-        return stats
+                stats[k] = stats.get(k, 0.0) + v.float() * share
+        names = list(stats)  # one host sync for the step's statistics
+        return dict(zip(names, torch.stack([stats[k] for k in names]).tolist())) if names else {}
 
     # ------------------------------------------------------------------ checkpoints / export
     def save_checkpoint(self, directory: str, tag: str) -> None:
@@ -179,7 +213,7 @@ class Learner:
     def export(self, out_dir: str) -> str | None:
         """A Hugging Face directory of the current weights in the training dtype (rank 0 writes it;
         under ZeRO-3 every rank takes part in the per-parameter gathers)."""
-        sd = full_state_dict(self.engine, self.rank, torch_dtype(self.settings["precision"]))
+        sd = full_state_dict(self.engine, self.rank, torch_dtype(self.settings.precision))
         if sd is None:
             return None
         from transformers import AutoTokenizer

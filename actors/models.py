@@ -23,8 +23,9 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def response_logprobs(model, batch: SequenceBatch, chunk: int | None = None) -> torch.Tensor:
-    """Log-probabilities of the response tokens under a causal LM: [B, T] (0 past each response).
+def response_logprobs(model, batch: SequenceBatch, chunk: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of the response tokens under a causal LM sampled at `temperature`: [B, T]
+    (0 past each response): log_softmax(logits / temperature), the distribution the tokens came from.
 
     chunk None: the model's logits for every position, log_softmax in fp32 (the reference way).
     chunk n: the model runs without its output layer (`logits_to_keep` empty), and the output layer
@@ -35,7 +36,7 @@ def response_logprobs(model, batch: SequenceBatch, chunk: int | None = None) -> 
               "position_ids": position_ids(batch.attention_mask)}
     if chunk is None:
         logits = model(**inputs).logits  # [B, P+T, V]
-        logits = logits[:, P - 1:-1].float()  # the logits that predict response tokens: [B, T, V]
+        logits = logits[:, P - 1:-1].float() / temperature  # the logits that predict response tokens: [B, T, V]
         targets = batch.input_ids[:, P:]  # [B, T]
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return logp * batch.response_mask
@@ -49,7 +50,7 @@ def response_logprobs(model, batch: SequenceBatch, chunk: int | None = None) -> 
         hook.remove()
     hidden = captured["hidden"][:, P - 1:-1]  # [B, T, H]: the states that predict response tokens
     mask = batch.response_mask.bool()  # [B, T]
-    logp = token_logprobs(hidden[mask], batch.input_ids[:, P:][mask], hf.get_output_embeddings(), chunk)  # [N]
+    logp = token_logprobs(hidden[mask], batch.input_ids[:, P:][mask], hf.get_output_embeddings(), chunk, temperature)  # [N]
     return torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, logp)
 
 

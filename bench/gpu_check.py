@@ -112,7 +112,7 @@ def time_learner(model_dir: Path, args, checkpointing: bool, params: int, zero_s
     reset(args.device)
     settings = {"device": args.device, "precision": "bf16", "zero_stage": zero_stage, "seed": 0,
                 "micro_batch": args.batch, "clip_ratio": 0.2, "clip_value": 5.0, "lr": 1e-6,
-                "gradient_checkpointing": checkpointing}
+                "gradient_checkpointing": checkpointing, "temperature": 1.0}
     learner = Learner("policy", str(model_dir), settings)
     learner.setup("127.0.0.1", PORT)
     _, batch = minibatch(args.batch, args.prompt, args.response)

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -190,9 +189,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            ctx = SimpleNamespace(cfg=cfg, name="bench-round", run_dir=Path(tmp), log=print, placement=None, actor_prefix="")
             t0 = time.perf_counter()
-            roles = RoundRoles(ctx, rl, inputs, Path(tmp) / "sync-ray")
+            roles = RoundRoles(cfg, rl, inputs, Path(tmp) / "sync-ray", name="bench-round")
             setup_ray = time.perf_counter() - t0
             print("Ray actors up after (s): " + ", ".join(f"{n} {t}" for n, t in roles.ready_s.items()), flush=True)
             try:

@@ -84,7 +84,7 @@ def bench(method: str, orig: Path, moved: Path, root: Path, repeats: int) -> dic
     launcher = Launcher(plan, env, name=f"bench-{method}")
     try:
         settings = {"device": "cpu", "precision": "fp32", "zero_stage": 0, "seed": 0, "micro_batch": 8,
-                    "clip_ratio": 0.2, "clip_value": 5.0, "lr": 1e-5}
+                    "clip_ratio": 0.2, "clip_value": 5.0, "lr": 1e-5, "temperature": 1.0}
         learner = launcher.start(Learner, "learner-policy-0", "policy", str(moved), settings, 0, 1)
         rollout = launcher.start(RolloutWorker, "rollout-0", "vllm", str(orig), max_model_len=128, max_num_seqs=8,
                                  weight_sync=method)

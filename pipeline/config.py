@@ -163,8 +163,8 @@ class SafeRLHFConfig(Strict):
     steps_per_round: int = F(100, "PPO steps per round when a round does not set its own.", ge=1)
     prompts_per_step: int = F(64, "Prompts rolled out per PPO step.", ge=1)
     max_new_tokens: int = F(48, "Longest generated answer.", ge=1)
-    temperature: float = F(1.0, "Sampling temperature of the rollouts. Only 1.0: the learner and the reference scorer take log-probabilities of the untempered policy, so any other value would make the PPO ratio and the KL use the wrong behaviour policy.", gt=0)
-    top_p: float = F(1.0, "Nucleus sampling mass. Only 1.0, for the same reason as temperature.", gt=0, le=1)
+    temperature: float = F(1.0, "Sampling temperature of the rollouts, red teaming and (unless evaluate.temperature says otherwise) evaluation. The policy trained is the tempered one: the learner, the reference scorer and the engines all take log-probabilities of softmax(logits / temperature), so the PPO ratio and the KL are those of the policy that sampled. Below 1 a small chat model's answers stay coherent (SmolLM2-135M at 1.0 rambles) and rare behaviours such as refusals are sampled more often when the model already prefers them.", gt=0)
+    top_p: float = F(1.0, "Nucleus sampling mass. Only 1.0: a truncated distribution's log-probabilities are not the learner's.", gt=0, le=1)
     ppo_epochs: int = F(1, "Passes over each step's experience.", ge=1)
     minibatches: int = F(1, "Minibatches per PPO epoch.", ge=1)
     actor_lr: float = F(1e-5, "Policy learning rate (paper: 1e-5).", gt=0)
@@ -217,11 +217,11 @@ class SafeRLHFConfig(Strict):
         return share
 
     @model_validator(mode="after")
-    def _untempered_sampling(self) -> "SafeRLHFConfig":
-        if self.temperature != 1.0 or self.top_p != 1.0:
-            raise ValueError(f"temperature {self.temperature} and top_p {self.top_p}: only 1.0 each is supported; the learner "
-                             "and the reference scorer compute log-probabilities of the untempered policy, so the PPO ratio "
-                             "and the KL would be taken against the wrong behaviour policy")
+    def _untruncated_sampling(self) -> "SafeRLHFConfig":
+        if self.top_p != 1.0:
+            raise ValueError(f"top_p {self.top_p}: only 1.0 is supported; the learner and the reference scorer compute "
+                             "log-probabilities of the whole tempered distribution, so the PPO ratio and the KL would be "
+                             "taken against the wrong behaviour policy")
         return self
 
     @model_validator(mode="after")
@@ -296,6 +296,7 @@ class EvaluateConfig(Strict):
     baselines: bool = F(False, "Also run the ppo and reward_shaping baselines (round 1 settings, from the SFT model) and add them to the tables.")
     max_new_tokens: int | None = F(None, "Longest answer generated for evaluation; null: safe_rlhf.max_new_tokens, the length the policies were trained to answer in.", ge=1)
     samples_per_prompt: int = F(2, "Answers sampled per eval prompt and policy.", ge=1)
+    temperature: float | None = F(None, "Sampling temperature of the evaluated answers; null: safe_rlhf.temperature (the tempered policy is the one the rounds trained).", gt=0)
     engine: Literal["hf", "vllm"] = F("hf", "Engine that generates the evaluation answers (hf: deterministic by seed and fast for small models; vllm: for large models on GPUs).")
     prompt_files: list[str] = F([], "Held-out prompt files (formats as red_team.prompt_files; optional `harmful` bool per row, rows without it count as harmful). Empty: the world's held-out prompts.")
     prompt_sets: list[PromptSetConfig] = F([], "Labelled prompt sets (benchmarks such as XSTest), each `{name, path, label, limit}`: every policy is also judged on each set's safe and unsafe prompts (unsafe_compliance_rate, over_refusal_rate by string-match refusal, harmful_share by the final cost model, reward_mean by the final reward model, each with a bootstrap interval over prompts). With the world off and no prompt_files, their rows are also the held-out prompts of the main tables (unsafe rows count as harmful).")

@@ -98,7 +98,7 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
                 stages.append(round_stage(f"baseline_{alg}", 1, (), (("algorithm", alg),)))
         if k == n_rounds:
             break
-        engine_keys = ("safe_rlhf.engine", "safe_rlhf.max_new_tokens", "model.max_prompt_tokens") + actor_keys
+        engine_keys = ("safe_rlhf.engine", "safe_rlhf.max_new_tokens", "safe_rlhf.temperature", "model.max_prompt_tokens") + actor_keys
         # the evaluation files too: their prompts are left out of the red-team pool
         training = ("ingest",) if cfg.red_team.prompt_source == "training_prompts" else ()
         stages.append(StageSpec(f"red_team@{k}", "stages.red_team", world + training + (f"safe_rlhf@{k}",),
@@ -119,7 +119,8 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
     evaluated = tuple(s.name for s in stages if s.base_name in ("safe_rlhf", "baseline_ppo", "baseline_reward_shaping"))
     stages.append(StageSpec("evaluate", "stages.evaluate", world + sft + evaluated + fits + (ingest,),
                             ("seed", "evaluate", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens",
-                             "safe_rlhf.engine", "safe_rlhf.max_num_seqs", "safe_rlhf.tensor_parallel_size") + actor_keys,
+                             "safe_rlhf.engine", "safe_rlhf.max_num_seqs", "safe_rlhf.tensor_parallel_size",
+                             "safe_rlhf.temperature") + actor_keys,
                             needs_ray=True, external_inputs=lambda c: [Path(p) for p in c.evaluate.files]))
     stages.append(StageSpec("report", "stages.report", ("evaluate",) + evaluated + tuple(
         s.name for s in stages if s.base_name in ("fit_reward", "fit_cost")), ()))

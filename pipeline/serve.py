@@ -65,7 +65,7 @@ class Sampled(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs, ...)
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, gt=0, le=2)
+    temperature: float | None = Field(None, gt=0, le=2)  # None: the run's (safe_rlhf.temperature: the policy trained)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int | None = Field(None, ge=1)
     seed: int | None = None
@@ -207,7 +207,8 @@ class Ingress:
             raise ApiError(400, field, f"the prompt is {prompt_tokens} tokens; with max_tokens {max_tokens} it is longer "
                                        f"than the model's context of {info['context']} tokens")
         seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-        drawn = await policy.generate.remote(prompt, context, n, max_tokens, req.temperature, req.top_p, seed)
+        temperature = req.temperature or lim["temperature"]
+        drawn = await policy.generate.remote(prompt, context, n, max_tokens, temperature, req.top_p, seed)
         safety = await self._safety(prompt, context, [d["text"] for d in drawn])
         out = {"prompt_tokens": prompt_tokens}
         if gate == "none":
@@ -347,7 +348,7 @@ def policy_evaluation(run: Path, name: str) -> dict | None:
 def build_app(run_dir: str | Path, cfg, policy_names: list[str] | None = None, log=None):
     """The Serve application for a finished run (cfg: the run's RunConfig). log: where to say which
     limits the models' contexts lowered."""
-    from stages.model_actors import engine_settings
+    from stages.model_actors import actor_env, engine_settings
 
     run, sc, rl = Path(run_dir).resolve(), cfg.serve, cfg.safe_rlhf
     policies = served_policies(run, cfg, policy_names)
@@ -355,10 +356,7 @@ def build_app(run_dir: str | Path, cfg, policy_names: list[str] | None = None, l
     gpu = 1 if rl.device == "cuda" else 0
     scale = (lambda n: {"autoscaling_config": {"min_replicas": n, "max_replicas": max(n, sc.max_replicas)}}) if sc.autoscaling \
         else (lambda n: {"num_replicas": n})
-    actor = {"num_cpus": rl.cpus_per_actor, "num_gpus": gpu,
-             "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1",
-                                          "HF_HUB_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
-                                          "SAFE_RLHF_VLLM_WARNINGS_ONCE": "1", "TRANSFORMERS_VERBOSITY": "error"}}}
+    actor = {"num_cpus": rl.cpus_per_actor, "num_gpus": gpu, "runtime_env": {"env_vars": actor_env(rl)}}
     handles, info = {}, {}
     for name, p in policies.items():
         limits = context_limits(p["model_dir"], cfg.model.max_prompt_tokens, sc.max_tokens_limit)
@@ -384,7 +382,8 @@ def build_app(run_dir: str | Path, cfg, policy_names: list[str] | None = None, l
                      else "cost <= serve.gate_threshold"),
             "cost_model": models["cost"].parent.name}
     ingress = serve.deployment(Ingress).options(name="ingress", ray_actor_options={"num_cpus": 0})
-    return ingress.bind(handles, scorer["reward"], scorer["cost"], info, {k: getattr(sc, k) for k in LIMITS}, gate)
+    limits = {**{k: getattr(sc, k) for k in LIMITS}, "temperature": rl.temperature}
+    return ingress.bind(handles, scorer["reward"], scorer["cost"], info, limits, gate)
 
 
 def app_builder(args: dict):

@@ -165,13 +165,13 @@ def judge_trial(cfg, env: dict, policy_dir: Path, ctx) -> dict:
     from cluster.launch import Launcher
     from stages.judging import (eval_max_new_tokens, judge_models, judged_answers, rate, reward_helpfulness_gap, summarize,
                                 wins_against)
-    from stages.model_actors import ACTOR_ENV, engine_settings, scorer_kwargs
+    from stages.model_actors import actor_env, engine_settings, scorer_kwargs
 
     ev, rl = cfg.evaluate, cfg.safe_rlhf
     plan = resource_plan(rl)
     models = judge_models(env["judge"], env["inputs"]["reward_model"], env["inputs"]["cost_model"])
     slots = [a.name for a in plan.actors if a.name.startswith("scorer-")] + [a.name for a in plan.actors if a.name.startswith("learner-")]
-    launcher = Launcher(plan, {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}, name=ctx.name, placement=ctx.placement,
+    launcher = Launcher(plan, actor_env(rl), name=ctx.name, placement=ctx.placement,
                         prefix=ctx.actor_prefix)
     try:
         rollout = launcher.start(RolloutWorker, "judge-rollout", ev.engine, str(policy_dir), slot="rollout-0",

@@ -25,10 +25,10 @@ from stages.text import format_prompt, prompt_tokenizer
 from stages.world_content import REFUSAL_MARKERS
 
 
-def _samplings(samples: int, max_new_tokens: int, seed: int) -> list:
+def _samplings(samples: int, max_new_tokens: int, seed: int, temperature: float = 1.0) -> list:
     from actors.rollout import Sampling
 
-    return [Sampling(max_new_tokens, 1.0, 1.0, seed=seed * 1000 + 7 + s) for s in range(samples)]
+    return [Sampling(max_new_tokens, temperature, 1.0, seed=seed * 1000 + 7 + s) for s in range(samples)]
 
 
 def _rows(prompts: list[dict], generations: list, max_new_tokens: int) -> list[dict]:
@@ -40,11 +40,13 @@ def _rows(prompts: list[dict], generations: list, max_new_tokens: int) -> list[d
             for s, gen in enumerate(generations) for p, text, ids in zip(prompts, gen.texts, gen.response_ids)]
 
 
-def answer(engine, prompts: list[dict], samples: int, max_new_tokens: int, seed: int, tokenizer=None) -> list[dict]:
+def answer(engine, prompts: list[dict], samples: int, max_new_tokens: int, seed: int, tokenizer=None,
+           temperature: float = 1.0) -> list[dict]:
     """`samples` answers per prompt (sample s of every prompt shares one seed), one row each;
     prompts templated for `tokenizer` (stages/text.py format_prompt)."""
     texts = [format_prompt(p["prompt"], tokenizer=tokenizer) for p in prompts]
-    return _rows(prompts, [engine.generate(texts, sp) for sp in _samplings(samples, max_new_tokens, seed)], max_new_tokens)
+    return _rows(prompts, [engine.generate(texts, sp) for sp in _samplings(samples, max_new_tokens, seed, temperature)],
+                 max_new_tokens)
 
 
 def queue_answers(cfg, rollout_actor, prompts: list[dict], load: str | None = None, policy_dir=None) -> list:
@@ -57,7 +59,13 @@ def queue_answers(cfg, rollout_actor, prompts: list[dict], load: str | None = No
     texts = [format_prompt(p["prompt"], tokenizer=tokenizer) for p in prompts]
     loaded = [rollout_actor.update_weights.remote(str(load))] if load is not None else []
     return loaded + [rollout_actor.generate.remote(texts, sp)
-                     for sp in _samplings(ev.samples_per_prompt, eval_max_new_tokens(cfg), cfg.seed)]
+                     for sp in _samplings(ev.samples_per_prompt, eval_max_new_tokens(cfg), cfg.seed, eval_temperature(cfg))]
+
+
+def eval_temperature(cfg) -> float:
+    """Sampling temperature when judging a policy: evaluate.temperature, else the rounds' (the
+    tempered policy is the one trained)."""
+    return cfg.evaluate.temperature or cfg.safe_rlhf.temperature
 
 
 def eval_max_new_tokens(cfg) -> int:

@@ -16,6 +16,12 @@ ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1", "
              "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error", "SAFE_RLHF_VLLM_WARNINGS_ONCE": "1"}
 
 
+def actor_env(rl) -> dict[str, str]:
+    """The environment of every actor that holds a model (a round's, evaluation's, the sweep's judge,
+    Serve's deployments): ACTOR_ENV, and DeepSpeed's accelerator for the configured device."""
+    return {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}
+
+
 def engine_settings(cfg, engine: str, max_new_tokens: int, weight_sync: str = "checkpoint") -> dict:
     """RolloutWorker keyword arguments from the config (the round, red teaming and evaluation)."""
     rl = cfg.safe_rlhf

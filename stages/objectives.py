@@ -159,8 +159,9 @@ def gae(values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, returns
 
 
-def token_logprobs(hidden: Tensor, targets: Tensor, project, chunk: Optional[int] = None) -> Tensor:
-    """log softmax(project(hidden))[target] for each token, `chunk` tokens at a time.
+def token_logprobs(hidden: Tensor, targets: Tensor, project, chunk: Optional[int] = None,
+                   temperature: float = 1.0) -> Tensor:
+    """log softmax(project(hidden) / temperature)[target] for each token, `chunk` tokens at a time.
 
     hidden [N, H] (the final hidden states before the output layer), targets [N] long, `project`
     maps [n, H] to logits [n, V] (the model's output layer) -> [N] fp32 log-probabilities.
@@ -168,11 +169,12 @@ def token_logprobs(hidden: Tensor, targets: Tensor, project, chunk: Optional[int
     copy: for 128 x 1,024 tokens and V = 32,000 that is 17 GB twice. Here at most [chunk, V]
     exists at a time, log p = logit[target] - logsumexp(logits) needs no second copy, and under
     autograd each chunk is recomputed in backward (torch.utils.checkpoint), so training keeps no
-    logits either. chunk None: all tokens at once.
+    logits either. chunk None: all tokens at once. temperature: the sampling temperature the tokens
+    were drawn at, so that these are the log-probabilities of the policy that sampled them.
     """
 
     def chunk_logprobs(h: Tensor, t: Tensor) -> Tensor:
-        logits = project(h).float()  # [c, V]
+        logits = project(h).float() / temperature  # [c, V]
         return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [c]
 
     n = hidden.shape[0]
@@ -227,13 +229,13 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
 
 
 @torch.no_grad()
-def clip_fraction(logp: Tensor, old_logp: Tensor, mask: Tensor, clip_ratio: float) -> float:
-    """Share of masked tokens (pooled over the batch) whose ratio lies outside [1 - eps, 1 + eps]."""
+def clip_fraction(logp: Tensor, old_logp: Tensor, mask: Tensor, clip_ratio: float) -> Tensor:
+    """Share of masked tokens (pooled over the batch) whose ratio lies outside [1 - eps, 1 + eps]:
+    a 0-dim tensor on the inputs' device (0 with no masked token), read by the caller when it syncs."""
     m = mask.bool()
     ratio = torch.exp(logp - old_logp)  # [B, T]
     outside = (ratio < 1.0 - clip_ratio) | (ratio > 1.0 + clip_ratio)
-    n = m.sum().item()
-    return (outside & m).sum().item() / n if n else 0.0
+    return (outside & m).sum() / m.sum().clamp(min=1)
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ def run(ctx) -> StageResult:
     outputs = {"pairs": "pairs_to_label.jsonl"}
     with rollout_actor(cfg, policy, f"redteam-rollout-{k}", rl.engine, rl.max_new_tokens, pool=ctx.actor_pool) as actor:
         engine = RemoteEngine(actor)
-        a, b = (engine.generate(texts, Sampling(rl.max_new_tokens, 1.0, 1.0, seed=cfg.seed * 10 + k * 2 + s)) for s in (0, 1))
+        a, b = (engine.generate(texts, Sampling(rl.max_new_tokens, rl.temperature, 1.0, seed=cfg.seed * 10 + k * 2 + s)) for s in (0, 1))
         if "world" in ctx.inputs:
             fresh = oracle_policy_pairs(engine, read_jsonl(ctx.input("world", "eval_prompts")), rl.max_new_tokens,
                                         seed=cfg.seed * 100 + k, tokenizer=tokenizer)

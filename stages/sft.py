@@ -95,7 +95,8 @@ def run(ctx) -> StageResult:
     max_new = cfg.safe_rlhf.max_new_tokens
     with rollout_actor(cfg, out_model, "sft-check-rollout", "hf", max_new) as actor:
         engine = RemoteEngine(actor)
-        rows = answer(engine, prompts, samples=1, max_new_tokens=max_new, seed=cfg.seed)
+        rows = answer(engine, prompts, samples=1, max_new_tokens=max_new, seed=cfg.seed,
+                      temperature=cfg.safe_rlhf.temperature)
         pairs = oracle_policy_pairs(engine, prompts, max_new, seed=cfg.seed)
     judge_with_oracle(rows)
     check = summarize(rows)

@@ -210,6 +210,11 @@ def test_grpo_lag_step_samples_whole_groups_of_one_prompt():
 def test_learner_takes_its_policy_loss_from_the_registration():
     from actors.learner import Learner
 
-    settings = {"device": "cpu", "shard": 4, "micro_batch": 2}
+    settings = {"device": "cpu", "precision": "fp32", "zero_stage": 0, "lr": 1e-5, "shard": 4, "micro_batch": 2}
     assert Learner("policy", "unused", {**settings, "algorithm": "grpo_lag"}).policy_loss is obj.ppo_lag_policy_loss
     assert Learner("policy", "unused", settings).policy_loss is obj.ALGORITHMS["ppo_lag"].policy_loss
+    # typed settings: a misspelt or missing one fails when the learner is made, not as a default inside it
+    with pytest.raises(TypeError, match=r"unknown learner settings \['micro_bacth'\]"):
+        Learner("policy", "unused", {**settings, "micro_bacth": 4})
+    with pytest.raises(TypeError, match="lr"):
+        Learner("policy", "unused", {k: v for k, v in settings.items() if k != "lr"})

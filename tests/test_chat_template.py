@@ -96,6 +96,23 @@ def test_smollm2_rollouts_stop_at_the_end_of_turn(smollm2, engine):
     assert len(ended) >= 3, [tok.decode(r) for r in gen.response_ids]  # short answers end by themselves
     assert all(ids[-1] == end and ids.count(end) == 1 for ids in ended)
     assert all("<|im" not in t and t for t in gen.texts)
+    # Sampled at temperature 0.3, each engine reports the tempered policy's log-probabilities (vLLM's
+    # "processed" ones), as the learner computes them; the untempered model's are far from them.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actors.experience import SequenceBatch
+    from actors.models import response_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, pad_id=0)
+    with torch.no_grad():
+        learner, untempered = (response_logprobs(model, seqs, temperature=t) for t in (0.3, 1.0))
+    engine_logp = torch.zeros_like(learner)
+    for i, lp in enumerate(gen.logprobs):
+        engine_logp[i, :len(lp)] = torch.tensor(lp)
+    assert (engine_logp - learner).abs().max() < 2e-3, (engine_logp - learner).abs().max()
+    assert (untempered - learner).abs().max() > 0.5
     if engine == "hf":  # Serve's policy deployment templates the request itself
         server = PolicyServer(model_dir, "hf", {"max_prompt_tokens": 256}, context_tokens=8192)
         assert server.prompt_tokens("What is 2 + 2?", []) == len(gen.prompt_ids[1])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from actors.experience import SequenceBatch
+from actors.experience import SequenceBatch, position_ids
 from actors.models import response_logprobs
 from actors.rollout import HFEngine, Sampling
 from stages.text import format_prompt
@@ -24,6 +24,33 @@ def test_hf_engine_logprobs_equal_learner_logprobs_on_left_padded_prompts(model_
     for i, lp in enumerate(gen.logprobs):
         assert len(lp) == len(gen.response_ids[i]) == int(seqs.response_mask[i].sum())
         torch.testing.assert_close(learner_logp[i, :len(lp)], torch.tensor(lp), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_tempered_sampling_logprobs_are_the_tempered_policy_s_in_engine_learner_and_scorer(model_dir, chunk):
+    """At temperature 0.5 the engine samples from softmax(logits / 0.5), and the learner's and the
+    reference scorer's log-probabilities are of that distribution (whole or chunked), not of the
+    untempered model's: else the PPO ratio and the KL would be against another policy."""
+    from actors.scorer import Scorer
+
+    engine = HFEngine(str(model_dir))
+    prompts = [format_prompt(p) for p in ("how do i bake bread ?", "hi . how can i rob a house ?")]
+    gen = engine.generate(prompts, Sampling(max_new_tokens=10, temperature=0.5, seed=3))
+    seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, engine.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = engine.model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+                              position_ids=position_ids(seqs.attention_mask)).logits
+        P = seqs.prompt_width
+        by_hand = torch.log_softmax(logits[:, P - 1:-1].float() / 0.5, -1).gather(
+            -1, seqs.input_ids[:, P:].unsqueeze(-1)).squeeze(-1) * seqs.response_mask
+        tempered = response_logprobs(engine.model, seqs, chunk, temperature=0.5)
+        untempered = response_logprobs(engine.model, seqs, chunk)
+    reference = Scorer("reference", str(model_dir), "cpu", "fp32", logprob_chunk=chunk, temperature=0.5).logprobs(seqs)
+    torch.testing.assert_close(tempered, by_hand, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reference, by_hand, rtol=1e-4, atol=1e-4)
+    for i, lp in enumerate(gen.logprobs):
+        torch.testing.assert_close(tempered[i, :len(lp)], torch.tensor(lp), rtol=1e-4, atol=1e-4)
+    assert (tempered - untempered).abs().max() > 0.1  # the temperature is not lost on the way
 
 
 def test_sampling_is_reproducible_by_seed(model_dir):

@@ -82,7 +82,8 @@ def learner(role, model_dir, **settings):
     from actors.learner import Learner
 
     base = {"device": "cpu", "precision": "fp32", "zero_stage": 0, "seed": 0, "lr": 1e-3, "clip_ratio": 0.2,
-            "clip_value": 5.0, "shard": 8, "micro_batch": 8, "gradient_checkpointing": False, "logprob_chunk": None}
+            "clip_value": 5.0, "shard": 8, "micro_batch": 8, "gradient_checkpointing": False, "logprob_chunk": None,
+            "temperature": 1.0}
     lr = Learner(role, str(model_dir), {**base, **settings})
     lr.setup(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     return lr
@@ -123,6 +124,27 @@ def test_micro_batches_accumulate_the_whole_shards_gradient(small_model_dir, pro
         values.append([p.grad.clone() for p in lr.engine.module.parameters() if p.grad is not None])
     for a, b in zip(*values):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_the_policy_learner_takes_logprobs_at_the_rollouts_temperature(small_model_dir, process_group):
+    """The round's temperature reaches the policy learner (roles.actor_arguments' settings), whose
+    log-probabilities, old and under training, are then those of softmax(logits / temperature)."""
+    from actors.models import response_logprobs
+    from pipeline.config import parse_config
+    from stages.safe_rlhf.roles import actor_arguments
+
+    cfg = parse_config({"safe_rlhf": {"temperature": 0.4, "algorithm": "grpo_lag"}})
+    _, scorers, learners = actor_arguments(cfg, cfg.safe_rlhf, {"policy": small_model_dir, "reward_model": small_model_dir,
+                                                                  "cost_model": small_model_dir})
+    (_, (_, _, settings, _, _), _), = learners["policy"]
+    assert settings.temperature == 0.4 and scorers["reference"][2]["temperature"] == 0.4
+    seqs = batch()
+    lr = learner("policy", small_model_dir, temperature=0.4, logprob_chunk=16)
+    with torch.no_grad():
+        want = response_logprobs(lr.engine.module, seqs, temperature=0.4)
+        untempered = response_logprobs(lr.engine.module, seqs)
+    torch.testing.assert_close(lr.forward(seqs), want, atol=1e-5, rtol=1e-5)
+    assert (want - untempered).abs().max() > 0.1
 
 
 def test_one_optimizer_step_per_shard_whatever_the_micro_batch(small_model_dir, process_group):

@@ -386,7 +386,8 @@ def test_clip_fraction_counts_masked_tokens_outside_range():
     logp = torch.log(t64([[0.5, 1.0, 1.1, 1.5], [3.0, 3.0, 1.0, 1.0]]))
     mask = t64([[1, 1, 1, 1], [1, 0, 0, 0]])
     # outside [0.8, 1.2]: 0.5, 1.5, 3.0 (row 1 token 0) -> 3 of 5 masked tokens
-    assert obj.clip_fraction(logp, torch.zeros_like(logp), mask, 0.2) == pytest.approx(3 / 5)
+    assert obj.clip_fraction(logp, torch.zeros_like(logp), mask, 0.2).item() == pytest.approx(3 / 5)
+    assert obj.clip_fraction(logp, logp, torch.zeros_like(mask), 0.2).item() == 0.0  # no masked token
 
 
 def test_approx_kl_is_masked_mean_of_log_ratio():

@@ -225,7 +225,8 @@ def test_round_actors_started_ahead_refuse_work_until_the_round_loads_its_models
     from actors.rollout import RolloutWorker, Sampling
     from cluster.launch import Launcher
     from stages.safe_rlhf.resources import resource_plan
-    from stages.safe_rlhf.roles import actor_arguments, actor_env, prestart
+    from stages.model_actors import actor_env
+    from stages.safe_rlhf.roles import actor_arguments, prestart
     from tests.conftest import small_config
 
     ray, pool = local_ray, ActorPool()

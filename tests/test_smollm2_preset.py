@@ -54,6 +54,10 @@ def test_the_smollm2_preset_runs_end_to_end_with_minilm_scorers(smollm2, minilm,
         steps = read_jsonl(stages / f"safe_rlhf@{k}" / "metrics.jsonl")
         assert len(steps) == 2 and all("reward_group_std" in e and "lambda" in e for e in steps), steps
         assert any(e["reward_group_std"] > 0 for e in steps)
+        # sampled at the preset's temperature, vLLM's log-probabilities are the tempered policy's, as
+        # the learner's: off by the temperature's factor they would differ by far more than this
+        assert all(e["logprob_gap"] < 1e-3 for e in steps), [e["logprob_gap"] for e in steps]
+    assert cfg["safe_rlhf"]["temperature"] < 1.0
     # every figure of section 5 for every policy and set, with its interval
     evaluation = next(s for s in status["stages"] if s["name"] == "evaluate")["metrics"]
     assert evaluation["policies"] == ["sft", "safe_rlhf@1", "safe_rlhf@2"]

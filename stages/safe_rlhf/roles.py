@@ -34,13 +34,13 @@ from pathlib import Path
 import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
-from actors.learner import Learner
+from actors.learner import Learner, LearnerSettings
 from actors.restarts import ActorRestarted, awaits_reset, restarted_actor_id
 from actors.rollout import Generation, RolloutWorker, Sampling
 from actors.scorer import Scorer
 from cluster.launch import Launcher
 from cluster.weight_sync import make_weight_sync
-from stages.model_actors import ACTOR_ENV, engine_settings
+from stages.model_actors import actor_env, engine_settings
 from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan, scorer_roles
 from stages.text import same_tokenizer
 
@@ -86,27 +86,26 @@ def actor_arguments(cfg, rl, models: dict) -> tuple[dict, dict, dict]:
     engine_kw = engine_settings(cfg, rl.engine, rl.max_new_tokens, weight_sync=rl.weight_sync)
     rollout = {f"rollout-{i}": ((rl.engine, path["policy"]), engine_kw) for i in range(rl.rollout_workers)}
     scorer_model = {"reward": path["reward_model"], "reference": path["policy"], "cost": path["cost_model"]}
-    scorers = {r: (f"scorer-{r}-0", (r, scorer_model[r], rl.device, rl.precision), {"logprob_chunk": rl.logprob_chunk_tokens})
+    # the reference scores the tempered policy the rollouts sample from (its KL is to that policy)
+    scorers = {r: (f"scorer-{r}-0", (r, scorer_model[r], rl.device, rl.precision),
+                   {"logprob_chunk": rl.logprob_chunk_tokens, **({"temperature": rl.temperature} if r == "reference" else {})})
                for r in scorer_roles(rl.algorithm)}
-    settings = {"device": rl.device, "precision": rl.precision, "zero_stage": rl.zero_stage, "seed": cfg.seed,
-                "shard": rl.learner_shard, "micro_batch": rl.micro_batch_size or rl.learner_shard,
-                "gradient_checkpointing": rl.gradient_checkpointing, "logprob_chunk": rl.logprob_chunk_tokens,
-                "clip_ratio": rl.clip_ratio, "clip_value": rl.clip_value, "algorithm": rl.algorithm}
     lr = {"policy": rl.actor_lr, "reward_critic": rl.critic_lr, "cost_critic": rl.critic_lr}
+    settings = {r: LearnerSettings(device=rl.device, precision=rl.precision, zero_stage=rl.zero_stage, lr=lr[r], seed=cfg.seed,
+                                   shard=rl.learner_shard, micro_batch=rl.micro_batch_size or rl.learner_shard,
+                                   gradient_checkpointing=rl.gradient_checkpointing, logprob_chunk=rl.logprob_chunk_tokens,
+                                   clip_ratio=rl.clip_ratio, clip_value=rl.clip_value, algorithm=rl.algorithm,
+                                   temperature=rl.temperature)
+                for r in lr}
     # The critics start from the reward and cost models (the paper), or from the policy where a score
     # model has its own tokenizer (reward.backbone, cost.backbone): the critics read the policy's tokens
     critic_start = {r: path[f"{r}_model"] if same_tokenizer(path[f"{r}_model"], path["policy"]) else path["policy"]
                     for r in ("reward", "cost")}
     start_model = {"policy": path["policy"], "reward_critic": critic_start["reward"], "cost_critic": critic_start["cost"]}
     size = rl.learners_per_role
-    learners = {r: [(f"learner-{r}-{i}", (r, start_model[r], {**settings, "lr": lr[r]}, i, size), {}) for i in range(size)]
+    learners = {r: [(f"learner-{r}-{i}", (r, start_model[r], settings[r], i, size), {}) for i in range(size)]
                 for r in learner_roles(rl.algorithm)}
     return rollout, scorers, learners
-
-
-def actor_env(rl) -> dict[str, str]:
-    """The environment of a round's actors."""
-    return {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}
 
 
 def prestart(cfg, params: dict, pool, log=print) -> list[str]:
@@ -142,7 +141,11 @@ def worker_sampling(sampling: Sampling, worker: int) -> Sampling:
 
 
 class RoundRoles:
-    def __init__(self, ctx, rl, inputs: dict, sync_dir: Path, log=print):
+    def __init__(self, cfg, rl, inputs: dict, sync_dir: Path, *, name: str, placement=None, prefix: str = "",
+                 pool=None, log=print):
+        """The round `name`'s actors for `rl` (cfg: the run's config; inputs: the models), made in
+        `placement` ((placement group, first bundle), e.g. a Tune trial's; None: their own), named
+        with `prefix`, borrowed from and returned to the driver's actor `pool` when given."""
         import ray
 
         self.rl, self.log, self._ray = rl, log, ray
@@ -150,24 +153,24 @@ class RoundRoles:
         env = actor_env(rl)
         # A baseline round may run beside round 1 (on a machine with the CPUs for both): its actors
         # need names of their own, and it keeps none (nothing after it has their names).
-        baseline = ctx.name.startswith("baseline_")
-        prefix = ctx.actor_prefix or (f"{ctx.name}:" if baseline else "")
-        self.launcher = Launcher(self.plan, env, name=f"round-{ctx.name}", log=log, placement=ctx.placement,
-                                 prefix=prefix, pool=None if baseline else getattr(ctx, "actor_pool", None))
+        baseline = name.startswith("baseline_")
+        prefix = prefix or (f"{name}:" if baseline else "")
+        self.launcher = Launcher(self.plan, env, name=f"round-{name}", log=log, placement=placement,
+                                 prefix=prefix, pool=None if baseline else pool)
         self.retries = 0  # in-place retries in this round (reported)
         # Which policy step's weights the learners and the rollout workers hold (0: the round's
         # start). The round sets policy_step after each update; a push or a recovery copies it.
         self.policy_step = self.rollout_step = 0
         try:
-            self._start(ctx, rl, inputs, sync_dir)
+            self._start(cfg, rl, inputs, sync_dir)
         except BaseException:
             self.launcher.shutdown()
             raise
 
-    def _start(self, ctx, rl, inputs: dict, sync_dir: Path) -> None:
+    def _start(self, cfg, rl, inputs: dict, sync_dir: Path) -> None:
         start = self.launcher.start
         restarts = rl.max_actor_restarts  # rollout workers and scorers come back; learners do not
-        rollout, scorers, learners = actor_arguments(ctx.cfg, rl, inputs)
+        rollout, scorers, learners = actor_arguments(cfg, rl, inputs)
         self.rollout_names = list(rollout)
         self.rollout = [start(RolloutWorker, n, *a, max_restarts=restarts, env=self.plan.worker_env(n, self.launcher.offset),
                               **kw) for n, (a, kw) in rollout.items()]

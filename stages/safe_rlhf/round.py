@@ -298,7 +298,8 @@ def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
     ckpts = RoundCheckpoints(ctx.out_dir / "ckpt")
     metrics_path = ctx.out_dir / "metrics.jsonl"
     t_setup = time.perf_counter()
-    roles = RoundRoles(ctx, rl, setup.inputs, sync_dir_for(ctx.run_dir, ctx.name, rl.device), log=ctx.log)
+    roles = RoundRoles(ctx.cfg, rl, setup.inputs, sync_dir_for(ctx.run_dir, ctx.name, rl.device), name=ctx.name,
+                       placement=ctx.placement, prefix=ctx.actor_prefix, pool=ctx.actor_pool, log=ctx.log)
     time_setup = time.perf_counter() - t_setup
     ahead = roles.launcher.ahead
     kept = [n for n in roles.launcher.reused if n not in ahead]
