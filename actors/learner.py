@@ -199,8 +199,8 @@ class Learner:
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             for k, v in logs.items():
                 stats[k] = stats.get(k, 0.0) + v.float() * share
-        names = list(stats)  # one host sync for the step's statistics
-        return dict(zip(names, torch.stack([stats[k] for k in names]).tolist())) if names else {}
+        names = list(stats)  # one host sync for the step's statistics (every micro-batch logs the same names)
+        return dict(zip(names, torch.stack([stats[k] for k in names]).tolist()))
 
     # ------------------------------------------------------------------ checkpoints / export
     def save_checkpoint(self, directory: str, tag: str) -> None:
