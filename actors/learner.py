@@ -67,10 +67,12 @@ class LearnerSettings:
 
 class Learner:
     def __init__(self, role: str, model_dir: str | None, settings: LearnerSettings | dict, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, hosted: dict[str, tuple[tuple, dict]] | None = None):
         """settings: a LearnerSettings (or a dict of its fields, checked the same way).
         model_dir None: started ahead of its stage (cluster/pool.py `prestart`): DeepSpeed and
-        transformers imported; `reset` gives it the stage's model before `setup`."""
+        transformers imported; `reset` gives it the stage's model before `setup`.
+        hosted: {scorer role: (Scorer's args, kwargs)}: scorers that run in this process (the round's
+        `layout: colocated`), frozen, called through `score_with`."""
         if role not in ROLES:
             raise ValueError(f"unknown learner role {role!r}; choose one of {ROLES}")
         settings = LearnerSettings.of(settings)
@@ -87,11 +89,17 @@ class Learner:
             raise ValueError(f"a learner's shard of {shard} sequences is not a multiple of micro_batch {self.micro}")
         self.accumulation = shard // self.micro
         self.policy_loss = get_algorithm(settings.algorithm).policy_loss
+        self.hosted = {}
+        if hosted and not self.prestarted:
+            from actors.scorer import Scorer
+
+            self.hosted = {r: Scorer(*args, **kwargs) for r, (args, kwargs) in hosted.items()}
 
     # Kept between stages (cluster/pool.py): the same role, rank and group size on the same device
     # keep the process group this process joined; `setup` then builds a new engine in it.
     @staticmethod
-    def reuse_key(role: str, model_dir: str, settings: LearnerSettings | dict, rank: int = 0, world_size: int = 1) -> tuple:
+    def reuse_key(role: str, model_dir: str, settings: LearnerSettings | dict, rank: int = 0, world_size: int = 1,
+                  hosted: dict | None = None) -> tuple:
         return ("Learner", role, rank, world_size, LearnerSettings.of(settings).device)
 
     def reset(self, *args, **kwargs) -> None:
@@ -201,6 +209,13 @@ class Learner:
                 stats[k] = stats.get(k, 0.0) + v.float() * share
         names = list(stats)  # one host sync for the step's statistics (every micro-batch logs the same names)
         return dict(zip(names, torch.stack([stats[k] for k in names]).tolist()))
+
+    def score_with(self, role: str, method: str, *args, **kwargs):
+        """A hosted scorer's call (Scorer.score, .logprobs, .score_texts, .score_conversations), in this
+        process: what the round would ask a scorer actor of that role."""
+        if role not in self.hosted:
+            raise KeyError(f"learner-{self.role}-{self.rank} hosts no {role} scorer (it hosts {sorted(self.hosted) or 'none'})")
+        return getattr(self.hosted[role], method)(*args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints / export
     def save_checkpoint(self, directory: str, tag: str) -> None:

@@ -1,6 +1,6 @@
 """One Safe RLHF step through the Ray round against the same step in one process.
 
-    .venv/bin/python bench/round_step.py [--run-dir runs/tiny] [--steps 6] [--engine vllm|hf] [--overlap]
+    .venv/bin/python bench/round_step.py [--run-dir runs/tiny] [--steps 6] [--engine vllm|hf] [--layout split|colocated] [--threads N] [--overlap]
     .venv/bin/python bench/round_step.py --run-dir runs/smollm2 --steps 3     # at 135M (after the preset's run)
 
 Both run `stages.safe_rlhf.round.ppo_step` (the round's own code: generate, score, advantages,
@@ -8,7 +8,8 @@ lambda, learn, weight push) on the same batch size, engine, models (the run's SF
 first fitted reward and cost models) and seeds. The Ray path uses the round's actors
 (`RoundRoles`: rollout worker, scorers, DeepSpeed learner groups, placement group); the in-process
 path calls the same plain classes directly (`LocalRoles` below), with the checkpoint weight push.
-Prints each phase's median over the steps after the first, and the ratio Ray / in-process.
+Prints each phase's median over the steps after the first, and the ratio Ray / in-process, and the
+peak resident memory of each of the Ray round's processes (`--layout colocated`: fewer of them).
 
 Then where each step's time goes: in the roles (Ray path: some actor runs a method, from Ray's
 task timeline; in-process: inside a role's call) or outside them (the driver's own work, and on
@@ -65,6 +66,7 @@ class LocalRoles:
         for role, ((_, args, kw),) in learners.items():  # one rank per role
             self.learners[role] = Learner(*args, **kw)
             self.learners[role].setup("127.0.0.1", int(os.environ["MASTER_PORT"]))
+            self.scorer.update(self.learners[role].hosted)  # layout colocated: the scorers its rank 0 holds
         self.sync_dir, self.retries = tmp / "sync", 0
         self.policy_step = self.rollout_step = 0
         self.in_roles_s = 0.0  # time inside the roles' calls, for `run_steps`
@@ -153,11 +155,31 @@ def time_in_actors(steps: list[dict]) -> None:
         m["in_roles_s"] = covered_s(spans, *m["window"])
 
 
+def peak_rss_gib(roles) -> dict[str, float]:
+    """Each round actor's peak resident memory so far (VmHWM of its process), GiB."""
+    import os
+
+    import ray
+
+    handles = dict(zip(roles.rollout_names, roles.rollout))
+    handles.update({f"scorer-{r}-0": h for r, h in roles.scorer_actors.items()})
+    handles.update({n: h for g in roles.learners.values() for n, h in zip(g.names, g.ranks)})
+    pids = ray.get([h.__ray_call__.remote(lambda self: os.getpid()) for h in handles.values()])
+    out = {}
+    for name, pid in zip(handles, pids):
+        status = Path(f"/proc/{pid}/status").read_text()
+        kib = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1])
+        out[name] = kib / 2**20
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", default="runs/tiny", help="a run whose sft, fit_reward, fit_cost and ingest are done")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--engine", choices=["vllm", "hf"], help="default: the run's")
+    ap.add_argument("--layout", choices=["split", "colocated"], help="safe_rlhf.layout (default: the run's)")
+    ap.add_argument("--threads", type=int, help="safe_rlhf.threads_per_actor (default: the run's)")
     ap.add_argument("--overlap", action="store_true", help="safe_rlhf.overlap_generation on (both paths; only Ray can "
                     "run generation beside learning)")
     args = ap.parse_args()
@@ -168,6 +190,8 @@ def main() -> None:
     run = Path(args.run_dir).resolve()
     cfg = load_config(run / "config.yaml")
     rl = cfg.safe_rlhf.model_copy(update={**({"engine": args.engine} if args.engine else {}),
+                                          **({"layout": args.layout} if args.layout else {}),
+                                          **({"threads_per_actor": args.threads} if args.threads else {}),
                                           "overlap_generation": args.overlap})
     stage = lambda n, out: run / "stages" / n / out
     # a world-free run (configs/smollm2.yaml) has no sft stage: its starting policy is model.path
@@ -178,7 +202,8 @@ def main() -> None:
     if missing:
         sys.exit(f"missing {missing}: run the pipeline first (e.g. `python -m pipeline run --run-dir {args.run_dir}`)")
     setup = dataclasses.replace(RoundSetup.for_inputs(cfg, rl, 1, inputs), steps=args.steps, threshold=-3.0)
-    print(f"{args.steps} steps x {rl.prompts_per_step} prompts, engine {rl.engine}, {rl.device}, "
+    print(f"{args.steps} steps x {rl.prompts_per_step} prompts, engine {rl.engine}, {rl.device}, layout {rl.layout}, "
+          f"threads_per_actor {rl.threads_per_actor}, "
           f"overlap_generation {rl.overlap_generation}", flush=True)
 
     import ray
@@ -195,6 +220,7 @@ def main() -> None:
             print("Ray actors up after (s): " + ", ".join(f"{n} {t}" for n, t in roles.ready_s.items()), flush=True)
             try:
                 results["ray"] = run_steps(roles, setup, args.steps, cfg.seed)
+                rss = peak_rss_gib(roles)
                 time_in_actors(results["ray"])
             finally:
                 roles.shutdown()
@@ -214,6 +240,8 @@ def main() -> None:
     ray_step, local_step = med("ray", "time_step"), med("in-process", "time_step")
     print(f"{'whole step':<30}{ray_step:>9.3f}{local_step:>14.3f}{ray_step / local_step:>18.2f}")
     print(f"{'set-up (actors / objects)':<30}{setup_ray:>9.1f}{setup_local:>14.1f}")
+    print(f"peak resident memory of the round's {len(rss)} processes (VmHWM, GiB): {sum(rss.values()):.2f} = "
+          + " + ".join(f"{n} {g:.2f}" for n, g in rss.items()))
     wall = lambda m: m["window"][1] - m["window"][0]
     outside = {path: statistics.median(wall(m) - m["in_roles_s"] for m in results[path][1:]) for path in results}
     inside = {path: statistics.median(m["in_roles_s"] for m in results[path][1:]) for path in results}

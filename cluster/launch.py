@@ -18,6 +18,7 @@ class ActorSpec:
     gpus: float
     bundle_with: str | None = None  # share this actor's bundle (same node; same GPU when it holds one)
     worker_gpus: int = 0  # one-GPU bundles of its own for the Ray workers it starts (vLLM tensor parallel)
+    hosts: tuple[str, ...] = ()  # roles of other actors that run inside this one's process (a colocated round's scorers)
 
     @property
     def total_gpus(self) -> float:

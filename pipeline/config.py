@@ -187,6 +187,8 @@ class SafeRLHFConfig(Strict):
     rollout_workers: int = F(1, "vLLM/hf rollout actors.", ge=1)
     learners_per_role: int = F(1, "Data-parallel DeepSpeed learners per role (policy, reward critic, cost critic).", ge=1)
     cpus_per_actor: float = F(0.25, "CPUs reserved per round actor (fractions let all seven share 2 cores).", gt=0, operational=True)
+    layout: Literal["split", "colocated"] = F("split", "Where the round's scorers run. split: each in a process of its own (reward, cost and reference scorers beside the learners). colocated: inside the learners' processes, frozen: the reference in the policy learner (the policy's weights at the round's start), the reward and cost scorers in the reward and cost critics (in the policy learner where the algorithm has no critics, e.g. grpo_lag): 4 processes instead of 7 for ppo_lag, 2 instead of 5 for grpo_lag; the same results to the bit (tested). A killed host is a learner death: the round restarts from its checkpoint. `python -m pipeline plan` shows both layouts.", operational=True)
+    threads_per_actor: int | None = F(None, "Torch (and vLLM CPU) threads in each model actor (OMP_NUM_THREADS). null: Ray's rule, the actor's whole CPUs (at least 1): one thread at cpus_per_actor 0.25. More threads than the CPUs reserved pay where a round's phases run one after another, as in a colocated round on a few cores (docs/benchmarks.md, round_step).", ge=1, operational=True)
     colocate_scorers: bool = F(True, "On GPU: reward/cost/reference scorers share the learners' GPUs instead of taking their own.")
     tensor_parallel_size: int = F(1, "vLLM tensor parallel size per rollout worker.", ge=1)
     gpu_memory_utilization: float = F(0.3, "vLLM's share of a GPU's memory.", gt=0, le=1)

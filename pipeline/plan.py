@@ -255,21 +255,21 @@ def gpu_layout(actors: list[dict], roles: dict[str, dict], gpu_memory_gib: float
     gpus: list[dict] = []
     for a in actors:
         if a["gpus"] >= 0.5:  # owns its GPU(s)
-            m = roles[a["role"]]
             k = max(1, int(round(a["gpus"])))
             for i in range(k):
                 label = f"{a['name']} (TP rank {i}/{k})" if a["role"] == "rollout" and k > 1 else a["name"]
-                gpus.append({"gpu": len(gpus), "actors": [label], "used_gib": m["total_gib"],
+                label += f" (hosting {', '.join(a['hosts'])} scorer{'s' if len(a['hosts']) > 1 else ''})" if a["hosts"] else ""
+                gpus.append({"gpu": len(gpus), "actors": [label], "used_gib": a["gib"],
                              "kind": "learner" if a["role"].startswith("learner-") else a["role"]})
     learner_gpus = [g for g in gpus if g["kind"] == "learner"]
     shared = sorted((a for a in actors if 0 <= a["gpus"] < 0.5 and a["role"].startswith("scorer-")),
-                    key=lambda a: -roles[a["role"]]["total_gib"])
+                    key=lambda a: -a["gib"])
     for a in shared:
         if not learner_gpus:
             break
         g = min(learner_gpus, key=lambda g: g["used_gib"])
         g["actors"].append(f"{a['name']} (colocated)")
-        g["used_gib"] += roles[a["role"]]["total_gib"]
+        g["used_gib"] += a["gib"]
     for g in gpus:
         g["fits"] = g["used_gib"] <= gpu_memory_gib
         g["free_gib"] = gpu_memory_gib - g["used_gib"]
@@ -284,13 +284,25 @@ def _rollout_problem(roles: dict) -> str | None:
     return None
 
 
+def _round_actors(rl, roles: dict[str, dict]) -> list[dict]:
+    """The round's actors (processes) with their CPUs, GPUs and memory: their role's, plus that of
+    the scorers they host (`layout: colocated`; one process, one CUDA context)."""
+    actors = []
+    for a in resource_plan(rl).actors:
+        role = _role_of(a.name)
+        guests = [roles[f"scorer-{h}"] for h in a.hosts]
+        gib = roles[role]["total_gib"] + sum(g["total_gib"] - g["context_gib"] for g in guests)
+        actors.append({"name": a.name, "role": role, "cpus": a.cpus, "gpus": a.total_gpus, "hosts": list(a.hosts),
+                       "gib": gib})
+    return actors
+
+
 def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> dict:
-    rp = resource_plan(rl)
-    actors = [{"name": a.name, "role": _role_of(a.name), "cpus": a.cpus, "gpus": a.total_gpus} for a in rp.actors]
     roles = round_roles(rl, model_cfg, s, gpu_memory_gib)
-    present = {a["role"] for a in actors}
+    actors = _round_actors(rl, roles)
+    present = {a["role"] for a in actors} | {f"scorer-{h}" for a in actors for h in a["hosts"]}
     roles = {k: v for k, v in roles.items() if k in present}
-    out = {"algorithm": rl.algorithm, "engine": rl.engine, "device": rl.device, "precision": rl.precision,
+    out = {"algorithm": rl.algorithm, "layout": rl.layout, "engine": rl.engine, "device": rl.device, "precision": rl.precision,
            "zero_stage": rl.zero_stage, "learners_per_role": rl.learners_per_role,
            "rollout_workers": rl.rollout_workers, "tensor_parallel_size": rl.tensor_parallel_size,
            "colocate_scorers": rl.colocate_scorers, "keep_actors": rl.keeps_actors, "actors": actors,
@@ -310,7 +322,19 @@ def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> d
                 problems.append(rp)
             out.update(gpus=gpus, fits=not problems, problems=problems)
     else:
-        out["host_gib_all_actors"] = sum(roles[a["role"]]["total_gib"] for a in actors)
+        out["host_gib_all_actors"] = sum(a["gib"] for a in actors)
+    return out
+
+
+def _layouts(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> dict[str, dict]:
+    """Both layouts of the round side by side: processes, GPUs, memory (the fullest GPU's on GPU,
+    all actors' on CPU) and whether they fit."""
+    out = {}
+    for layout in ("split", "colocated"):
+        r = _plan_round(rl.model_copy(update={"layout": layout}), model_cfg, s, gpu_memory_gib)
+        gib = max(g["used_gib"] for g in r["gpus"]) if r["gpus"] else r.get("host_gib_all_actors")
+        out[layout] = {"processes": len(r["actors"]), "total_gpus": r["total_gpus"], "gib": gib, "fits": r["fits"],
+                       "memory": "fullest GPU" if r["gpus"] else ("all actors, host" if rl.device == "cpu" else None)}
     return out
 
 
@@ -320,8 +344,7 @@ def _learner_hint(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float) -> str | 
     for n in range(1, 65):
         trial = rl.model_copy(update={"learners_per_role": n, "zero_stage": zero})
         roles = round_roles(trial, model_cfg, s, gpu_memory_gib)
-        actors = [{"name": a.name, "role": _role_of(a.name), "cpus": a.cpus, "gpus": a.total_gpus}
-                  for a in resource_plan(trial).actors]
+        actors = _round_actors(trial, roles)
         if all(g["fits"] for g in gpu_layout(actors, roles, gpu_memory_gib) if g["kind"] == "learner"):
             stage = "" if zero == rl.zero_stage else f"zero_stage {zero} and "
             return (f"learners' model state fits with {stage}learners_per_role >= {n} "
@@ -369,8 +392,11 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
     rl = cfg.safe_rlhf
     rnd = _plan_round(rl, cfg.model, s, gpu_memory_gib)
     rnd["start_ahead_from_cpus"] = cpus_to_start_ahead(cfg) if rnd["keep_actors"] else None
+    rnd["layouts"] = _layouts(rl, cfg.model, s, gpu_memory_gib)
     if rnd["fits"] is False and any(not g["fits"] for g in rnd["gpus"] if g["kind"] == "learner"):
         rnd["hint"] = _learner_hint(rl, cfg.model, s, gpu_memory_gib)
+    if rnd["fits"] is False and rl.layout == "split" and rnd["layouts"]["colocated"]["fits"]:
+        rnd["hint"] = "safe_rlhf.layout: colocated fits (the scorers run inside the learners' processes, on their GPUs)"
 
     any_cuda = rl.device == "cuda" or any(f["device"] == "cuda" for f in fits)
     notes = [
@@ -481,14 +507,22 @@ def format_plan(p: dict) -> str:
     out += _table(rows)
     out += [f"  {f['stage']}: {f['hint']}" for f in p["fits"] if f.get("hint")]
 
-    out += ["", f"Safe RLHF round ({rnd['algorithm']}, engine {rnd['engine']}, {rnd['device']}, {rnd['precision']}, "
-                f"ZeRO-{rnd['zero_stage']}, learners_per_role {rnd['learners_per_role']}, "
+    out += ["", f"Safe RLHF round ({rnd['algorithm']}, layout {rnd['layout']}, engine {rnd['engine']}, {rnd['device']}, "
+                f"{rnd['precision']}, ZeRO-{rnd['zero_stage']}, learners_per_role {rnd['learners_per_role']}, "
                 f"colocate_scorers {rnd['colocate_scorers']})"]
-    rows = [["actor", "CPUs", "GPUs", "GiB (estimate)"]]
+    rows = [["actor", "CPUs", "GPUs", "GiB (estimate)", "hosts"]]
     for a in rnd["actors"]:
-        rows.append([a["name"], f"{a['cpus']:g}", f"{a['gpus']:g}", _g(rnd["roles"][a["role"]]["total_gib"])])
-    rows.append(["total", f"{rnd['total_cpus']:g}", f"{rnd['total_gpus']:g}", ""])
+        rows.append([a["name"], f"{a['cpus']:g}", f"{a['gpus']:g}", _g(a["gib"]),
+                     ", ".join(f"scorer-{h}" for h in a["hosts"]) or "-"])
+    rows.append(["total", f"{rnd['total_cpus']:g}", f"{rnd['total_gpus']:g}", "", ""])
     out += _table(rows)
+    out += ["", "  layouts (safe_rlhf.layout; colocated: the scorers run inside the learners' processes)"]
+    rows = [["layout", "processes", "GPUs", "GiB (estimate)", "fits"]]
+    for name, lay in rnd["layouts"].items():
+        rows.append([name + (" (this config)" if name == rnd["layout"] else ""), str(lay["processes"]),
+                     f"{lay['total_gpus']:g}", f"{_g(lay['gib'])} ({lay['memory']})" if lay["gib"] is not None else "-",
+                     {None: "-", True: "yes", False: "NO"}[lay["fits"]]])
+    out += _table(rows, "  ")
     out += ["", "  memory per role (GiB, estimate; rollout figures are per GPU of its tensor-parallel group)"]
     rows = [["role", "params", "weights", "grads", "optim", "activ", "logits", "KV cache", "context", "total"]]
     for role, r in rnd["roles"].items():

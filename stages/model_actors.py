@@ -18,8 +18,10 @@ ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1", "
 
 def actor_env(rl) -> dict[str, str]:
     """The environment of every actor that holds a model (a round's, evaluation's, the sweep's judge,
-    Serve's deployments): ACTOR_ENV, and DeepSpeed's accelerator for the configured device."""
-    return {**ACTOR_ENV, "DS_ACCELERATOR": rl.device}
+    Serve's deployments): ACTOR_ENV, DeepSpeed's accelerator for the configured device, and the
+    threads `threads_per_actor` asks for (else Ray sets OMP_NUM_THREADS from the actor's CPUs)."""
+    threads = {} if rl.threads_per_actor is None else {"OMP_NUM_THREADS": str(rl.threads_per_actor)}
+    return {**ACTOR_ENV, "DS_ACCELERATOR": rl.device, **threads}
 
 
 def engine_settings(cfg, engine: str, max_new_tokens: int, weight_sync: str = "checkpoint") -> dict:

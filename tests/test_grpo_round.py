@@ -1,41 +1,34 @@
-"""A grpo_lag round on Ray, end to end on a tiny world: the pipeline as a user runs it, joined to a
-test cluster whose actor table shows which actors the round started (no critics)."""
+"""A grpo_lag round on Ray, end to end: the small pipeline's run with its round switched to grpo_lag
+and run again as a user resumes it, on the session's test cluster, whose actor table shows which
+actors the round started (no critics)."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.conftest import RayTestCluster, run_cli, write_yaml
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
-GRPO = {
-    "name": "grpo",
-    "world": {"n_pairs": 300, "n_sft": 200},
-    "model": {"small": {"vocab_size": 600}},
-    "sft": {"epochs": 1, "lr": 3e-3},
-    "reward": {"epochs": 1},
-    "cost": {"epochs": 1},
-    "safe_rlhf": {"algorithm": "grpo_lag", "group_size": 4, "engine": "vllm", "max_num_seqs": 16, "steps_per_round": 3,
-                  "prompts_per_step": 8, "max_new_tokens": 16, "actor_lr": 5e-5, "checkpoint_every_steps": 2,
-                  "rounds": [{"threshold": "auto", "lambda_init": 1.0, "lambda_lr": 0.5}]},
-}
 ROUND_ACTORS = {"rollout-0": "RolloutWorker", "scorer-reward-0": "Scorer", "scorer-reference-0": "Scorer",
                 "scorer-cost-0": "Scorer", "learner-policy-0": "Learner"}
 
 
 @pytest.fixture(scope="module")
-def grpo_round(tmp_path_factory):
-    """world -> ingest -> sft -> fits -> safe_rlhf@1 with grpo_lag, on a Ray cluster of the test's own."""
-    root = tmp_path_factory.mktemp("grpo_round")
-    cluster = RayTestCluster(root / "ray")
-    try:
-        cfg = write_yaml(root / "grpo.yaml", GRPO)
-        proc = run_cli("run", "--config", cfg, "--run-dir", root / "run", "--until", "safe_rlhf@1",
-                       env=cluster.driver_env, timeout=1200)
-        yield {"run": root / "run", "proc": proc, "actors": cluster.list_actors()}
-    finally:
-        cluster.stop()
+def grpo_round(small_pipeline, ray_cluster, tmp_path_factory):
+    """The small pipeline's sft policy and fitted models, round 1 again with grpo_lag (3 steps, groups
+    of 4 answers to 4 prompts); the actors it started are the actor table's new rows."""
+    run = tmp_path_factory.mktemp("grpo_round") / "run"
+    shutil.copytree(small_pipeline["run_dir"], run)
+    shutil.rmtree(run / "stages" / "safe_rlhf@1")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["safe_rlhf"].update(algorithm="grpo_lag", group_size=4, steps_per_round=3)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = {a["actor_id"] for a in ray_cluster.list_actors()}
+    proc = run_cli("resume", "--run-dir", run, "--until", "safe_rlhf@1", env=ray_cluster.driver_env, timeout=1200)
+    return {"run": run, "proc": proc, "actors": [a for a in ray_cluster.list_actors() if a["actor_id"] not in before]}
 
 
 def test_grpo_lag_round_starts_no_critic(grpo_round):
@@ -58,3 +51,4 @@ def test_grpo_lag_round_trains_a_policy_with_a_moving_lambda(grpo_round):
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 3 and "lambda" in manifest["metrics"]
     assert "round 1: grpo_lag" in grpo_round["proc"].stderr
+    assert "skip  fit_cost" in grpo_round["proc"].stderr  # only the round ran again: the fits are the small pipeline's

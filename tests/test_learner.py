@@ -261,3 +261,45 @@ def test_an_engine_starts_past_the_extension_lock_a_killed_process_left_behind(t
             p.kill()
             p.wait()
     assert (tmp_path / "deepspeed_shm_comm" / "lock").exists()  # nobody stole a live builder's lock
+
+
+def test_a_colocated_round_builds_its_scorers_inside_the_learners_and_they_score_as_scorer_actors_do(
+        small_model_dir, process_group, tmp_path):
+    """layout colocated: no scorer actors; rank 0 of the policy learner hosts the reference, the
+    critics host the reward and cost scorers (grpo_lag, no critics: the policy learner hosts all
+    three), and a hosted scorer's answers are a Scorer's, to the bit."""
+    from transformers import AutoTokenizer
+
+    from actors.score_model import ScoreModel
+    from actors.scorer import Scorer
+    from pipeline.config import parse_config
+    from stages.safe_rlhf.roles import actor_arguments
+
+    score_dir = tmp_path / "score"
+    ScoreModel.from_backbone(small_model_dir, seed=0).save_pretrained(
+        score_dir, tokenizer=AutoTokenizer.from_pretrained(small_model_dir))
+    models = {"policy": small_model_dir, "reward_model": score_dir, "cost_model": score_dir}
+    split = parse_config({"safe_rlhf": {"learners_per_role": 2}})
+    colocated = parse_config({"safe_rlhf": {"learners_per_role": 2, "layout": "colocated"}})
+    _, split_scorers, _ = actor_arguments(split, split.safe_rlhf, models)
+    _, scorers, learners = actor_arguments(colocated, colocated.safe_rlhf, models)
+    assert scorers == {} and set(split_scorers) == {"reward", "reference", "cost"}
+    hosted = {r: [sorted(kw.get("hosted", {})) for _, _, kw in ranks] for r, ranks in learners.items()}
+    assert hosted == {"policy": [["reference"], []], "reward_critic": [["reward"], []], "cost_critic": [["cost"], []]}
+    # each guest is built from the arguments its actor would have had
+    assert learners["policy"][0][2]["hosted"]["reference"] == split_scorers["reference"][1:]
+    grpo = parse_config({"safe_rlhf": {"algorithm": "grpo_lag", "layout": "colocated"}})
+    _, _, grpo_learners = actor_arguments(grpo, grpo.safe_rlhf, models)
+    assert list(grpo_learners) == ["policy"] and sorted(grpo_learners["policy"][0][2]["hosted"]) == ["cost", "reference", "reward"]
+    _, _, prestarted = actor_arguments(colocated, colocated.safe_rlhf, {})
+    assert all(kw == {} for ranks in prestarted.values() for _, _, kw in ranks)  # no models yet: nothing to host
+
+    (_, (role, model_dir, settings, rank, size), kw), _ = learners["policy"]
+    from actors.learner import Learner
+
+    host = Learner(role, model_dir, settings, rank, size, hosted=kw["hosted"])
+    alone = Scorer(*split_scorers["reference"][1], **split_scorers["reference"][2])
+    seqs = batch()
+    assert torch.equal(host.score_with("reference", "logprobs", seqs), alone.logprobs(seqs))
+    with pytest.raises(KeyError, match="hosts no cost scorer"):
+        host.score_with("cost", "score", seqs)

@@ -91,7 +91,7 @@ def test_ray_job_submit_of_a_short_pipeline(ray_cluster, tmp_path):
 
 # ---------------------------------------------------------------------- faults from outside
 def _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, victim: str, after_step: int, weight_sync: str = "checkpoint",
-                       engine: str = "hf"):
+                       engine: str = "hf", layout: str = "split"):
     """Run round 1 again on the test cluster; once it has logged `after_step`, SIGKILL the victim
     actor's process by its PID from Ray's actor table, at whatever the round is doing then."""
     import threading
@@ -102,6 +102,7 @@ def _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, victim: str, after
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["safe_rlhf"]["weight_sync"] = weight_sync
     cfg["safe_rlhf"]["engine"] = engine  # hf where the engine is not what is killed: it starts sooner
+    cfg["safe_rlhf"]["layout"] = layout
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     metrics = run / "stages" / "safe_rlhf@1" / "metrics.jsonl"
     killed = {}
@@ -132,10 +133,12 @@ def _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, victim: str, after
     return proc, steps, manifest
 
 
-@pytest.mark.parametrize("victim, weight_sync, engine", [("rollout-0", "gloo", "vllm"), ("scorer-cost-0", "checkpoint", "hf")])
+@pytest.mark.parametrize("victim, weight_sync, engine, layout", [("rollout-0", "gloo", "vllm", "colocated"),
+                                                                  ("scorer-cost-0", "checkpoint", "hf", "split")])
 def test_rollout_worker_or_scorer_killed_from_outside_is_retried_in_place(small_pipeline, ray_cluster, tmp_path,
-                                                                           victim, weight_sync, engine):
-    proc, steps, manifest = _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, victim, 2, weight_sync, engine)
+                                                                           victim, weight_sync, engine, layout):
+    proc, steps, manifest = _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, victim, 2, weight_sync, engine,
+                                               layout)
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]  # no step duplicated or missing
     assert manifest["round_restarts"] == 0 and manifest["retries_in_place"] >= 1
     assert f"{victim} died" in proc.stderr and "retrying" in proc.stderr and "restarting round" not in proc.stderr
@@ -145,7 +148,10 @@ def test_rollout_worker_or_scorer_killed_from_outside_is_retried_in_place(small_
 
 
 def test_learner_killed_from_outside_restarts_the_round_from_its_checkpoint(small_pipeline, ray_cluster, tmp_path):
-    proc, steps, manifest = _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, "learner-policy-0", 3)
+    """layout colocated: the policy learner hosts the reference scorer, which dies and comes back
+    with it (the restarted round builds it again from the round's start model)."""
+    proc, steps, manifest = _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, "learner-policy-0", 3,
+                                               layout="colocated")
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
     assert manifest["round_restarts"] == 1
     assert "learner-policy-0 died" in proc.stderr and "restarting round 1 from its last checkpoint (restart 1 of 2)" in proc.stderr

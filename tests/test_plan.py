@@ -303,3 +303,29 @@ def test_kuberay_rayjob_manifest():
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         assert any(run_dir.startswith(mounts[name]) for name in claims), "the run directory must be on the PVC"
+
+
+def test_a_colocated_round_is_fewer_processes_with_the_same_cpus_and_memory():
+    from stages.safe_rlhf.resources import resource_plan
+
+    for algorithm, split_n, colocated_n in (("ppo_lag", 7, 4), ("grpo_lag", 5, 2)):
+        split = parse_config({"safe_rlhf": {"algorithm": algorithm}})
+        colocated = parse_config({"safe_rlhf": {"algorithm": algorithm, "layout": "colocated"}})
+        a, b = resource_plan(split.safe_rlhf).actors, resource_plan(colocated.safe_rlhf).actors
+        assert (len(a), len(b)) == (split_n, colocated_n)
+        assert not [x for x in b if x.name.startswith("scorer-")]
+        assert sum(x.cpus for x in a) == sum(x.cpus for x in b)  # the host keeps its guests' CPUs
+        assert sorted(h for x in b for h in x.hosts) == ["cost", "reference", "reward"]
+        p = plan(colocated)["round"]
+        assert p["layouts"]["split"]["processes"] == split_n and p["layouts"]["colocated"]["processes"] == colocated_n
+        # on CPU the model state is the same, only held by fewer processes
+        assert p["layouts"]["split"]["gib"] == pytest.approx(p["layouts"]["colocated"]["gib"])
+        assert "scorer-reference" in p["roles"] and "hosts" in format_plan(plan(colocated))
+    # on GPU a host holds its guests on its own GPU: one CUDA context, not two
+    g = plan(_gpu_cfg(layout="colocated"), gpu_memory_gib=80)["round"]
+    host = next(x for x in g["actors"] if x["name"] == "learner-policy-0")
+    roles = g["roles"]
+    assert host["hosts"] == ["reference"] and host["gpus"] == 1.0
+    assert host["gib"] == pytest.approx(roles["learner-policy"]["total_gib"] + roles["scorer-reference"]["total_gib"]
+                                        - roles["scorer-reference"]["context_gib"])
+    assert any("hosting reference scorer" in a for gpu in g["gpus"] for a in gpu["actors"])

