@@ -90,7 +90,7 @@ class Learner:
         self.accumulation = shard // self.micro
         self.policy_loss = get_algorithm(settings.algorithm).policy_loss
         self.hosted = {}
-        if hosted and not self.prestarted:
+        if hosted:
             from actors.scorer import Scorer
 
             self.hosted = {r: Scorer(*args, **kwargs) for r, (args, kwargs) in hosted.items()}

@@ -326,12 +326,13 @@ def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> d
     return out
 
 
-def _layouts(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> dict[str, dict]:
+def _layouts(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None, planned: dict) -> dict[str, dict]:
     """Both layouts of the round side by side: processes, GPUs, memory (the fullest GPU's on GPU,
-    all actors' on CPU) and whether they fit."""
+    all actors' on CPU) and whether they fit. planned: the config's own layout's round plan."""
     out = {}
     for layout in ("split", "colocated"):
-        r = _plan_round(rl.model_copy(update={"layout": layout}), model_cfg, s, gpu_memory_gib)
+        r = planned if layout == rl.layout else _plan_round(rl.model_copy(update={"layout": layout}), model_cfg, s,
+                                                            gpu_memory_gib)
         gib = max(g["used_gib"] for g in r["gpus"]) if r["gpus"] else r.get("host_gib_all_actors")
         out[layout] = {"processes": len(r["actors"]), "total_gpus": r["total_gpus"], "gib": gib, "fits": r["fits"],
                        "memory": "fullest GPU" if r["gpus"] else ("all actors, host" if rl.device == "cpu" else None)}
@@ -392,7 +393,7 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
     rl = cfg.safe_rlhf
     rnd = _plan_round(rl, cfg.model, s, gpu_memory_gib)
     rnd["start_ahead_from_cpus"] = cpus_to_start_ahead(cfg) if rnd["keep_actors"] else None
-    rnd["layouts"] = _layouts(rl, cfg.model, s, gpu_memory_gib)
+    rnd["layouts"] = _layouts(rl, cfg.model, s, gpu_memory_gib, rnd)
     if rnd["fits"] is False and any(not g["fits"] for g in rnd["gpus"] if g["kind"] == "learner"):
         rnd["hint"] = _learner_hint(rl, cfg.model, s, gpu_memory_gib)
     if rnd["fits"] is False and rl.layout == "split" and rnd["layouts"]["colocated"]["fits"]:

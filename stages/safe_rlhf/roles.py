@@ -128,11 +128,16 @@ def actor_arguments(cfg, rl, models: dict) -> tuple[dict, dict, dict]:
     critic_start = {r: path[f"{r}_model"] if same_tokenizer(path[f"{r}_model"], path["policy"]) else path["policy"]
                     for r in ("reward", "cost")}
     start_model = {"policy": path["policy"], "reward_critic": critic_start["reward"], "cost_critic": critic_start["cost"]}
-    hosts = scorer_hosts(rl)
-    guests = {r: {s: scorers.pop(s)[1:] for s in list(scorers) if hosts.get(s) == r} for r in learner_roles(rl.algorithm)}
+    # colocated: which learner hosts which scorer is the resource plan's (ActorSpec.hosts)
+    guest_args = {g: scorers.pop(g)[1:] for g in scorer_hosts(rl)}
+    plan = resource_plan(rl)
+
+    def hosted(name: str) -> dict:
+        guests = plan.spec(name).hosts
+        return {"hosted": {g: guest_args[g] for g in guests}} if guests and path["policy"] is not None else {}
+
     size = rl.learners_per_role
-    learners = {r: [(f"learner-{r}-{i}", (r, start_model[r], settings[r], i, size),
-                     {"hosted": guests[r]} if guests[r] and i == 0 and path["policy"] is not None else {})
+    learners = {r: [(f"learner-{r}-{i}", (r, start_model[r], settings[r], i, size), hosted(f"learner-{r}-{i}"))
                     for i in range(size)]
                 for r in learner_roles(rl.algorithm)}
     return rollout, scorers, learners
@@ -207,8 +212,9 @@ class RoundRoles:
         # scorer actors (split layout); a colocated round's scorers run in their host learners
         self.scorer_actors = {r: start(Scorer, n, *a, max_restarts=restarts, **kw) for r, (n, a, kw) in scorers.items()}
         self.learners = {r: LearnerGroup(self.launcher, r, members) for r, members in learners.items()}
-        self.scorer = {**self.scorer_actors, **{r: HostedScorer(self.learners[host].ranks[0], r)
-                                                for r, host in scorer_hosts(rl).items()}}
+        self.scorer = {**self.scorer_actors, **{g: HostedScorer(handle, g) for r, members in learners.items()
+                                                for handle, (_, _, kw) in zip(self.learners[r].ranks, members)
+                                                for g in kw.get("hosted", {})}}
         self.names = {h._actor_id.hex(): (n, "rollout") for h, n in zip(self.rollout, self.rollout_names)}
         self.names.update({h._actor_id.hex(): (f"scorer-{r}-0", "scorer") for r, h in self.scorer_actors.items()})
         self.names.update({h._actor_id.hex(): (n, "learner") for g in self.learners.values() for h, n in zip(g.ranks, g.names)})
