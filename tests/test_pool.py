@@ -263,3 +263,30 @@ def test_round_actors_started_ahead_refuse_work_until_the_round_loads_its_models
     assert ray.get(worker.generate.remote(["a prompt"], sampling)).response_ids == first
     launcher.shutdown(keep=False)
     pool.close()
+
+
+class Threads:
+    def count(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+
+def test_threads_per_actor_sets_a_model_actors_torch_threads_kept_or_not(local_ray):
+    """safe_rlhf.threads_per_actor reaches torch in the actor, whether it is started for the pool
+    (cluster/pool.py sets threads from its CPUs first) or with its CPUs reserved (the Launcher's
+    runtime_env); left null, a quarter-CPU actor has Ray's one thread."""
+    from cluster.pool import _creator
+    from pipeline.config import parse_config
+    from stages.model_actors import actor_env
+
+    ray = local_ray
+    for threads, want in ((2, 2), (None, 1)):
+        env = actor_env(parse_config({"safe_rlhf": {"threads_per_actor": threads}}).safe_rlhf)
+        kept = _creator(Threads, f"threads-kept-{want}", (), {}, 0.25, 0, env)()
+        reserved = ray.remote(Threads).options(num_cpus=0.25, runtime_env={"env_vars": env}).remote()
+        try:
+            assert ray.get([kept.count.remote(), reserved.count.remote()]) == [want, want]
+        finally:
+            ray.kill(kept)
+            ray.kill(reserved)
