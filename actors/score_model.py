@@ -143,12 +143,27 @@ def is_score_model_dir(path: str | Path) -> bool:
     return (Path(path) / SCORE_CONFIG).is_file()
 
 
+def score_model_categories(path: str | Path) -> tuple[str, ...]:
+    """The harm categories a score-model directory has heads for, in head order; () for none."""
+    return tuple(json.loads((Path(path) / SCORE_CONFIG).read_text()).get("categories", ()))
+
+
 @torch.no_grad()
-def end_scores(model, token_lists: list[list[int]], pad_id: int, device, batch: int = 64) -> list[float]:
+def end_scores(model, token_lists: list[list[int]], pad_id: int, device, batch: int = 64,
+               categories: bool = False) -> list:
     """The end score of each token sequence (prompt + answer + EOS), in batches: the one scoring
-    loop of the project (the scorer actors, and the fits' held-out evaluation on their engine)."""
-    out: list[float] = []
+    loop of the project (the scorer actors, and the fits' held-out evaluation on their engine).
+    categories: each sequence's [shared score, one per category head] instead (a cost model's
+    per-category constraints)."""
+    out: list = []
     for s in range(0, len(token_lists), batch):
         ids, mask = pad(token_lists[s:s + batch], pad_id)
-        out += model(ids.to(device), mask.to(device))[1].float().cpu().tolist()
+        out += (constraint_scores(model, ids.to(device), mask.to(device)) if categories
+                else model(ids.to(device), mask.to(device))[1]).float().cpu().tolist()
     return out
+
+
+def constraint_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1 + K]: the shared end score, then the K per-category end scores, from one backbone pass."""
+    _, shared, per_category = model(input_ids, attention_mask, with_categories=True)
+    return torch.cat([shared.unsqueeze(1), per_category], 1)

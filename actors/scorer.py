@@ -17,7 +17,7 @@ import torch
 from actors.experience import SequenceBatch
 from actors.models import import_ahead, response_logprobs, torch_dtype
 from actors.restarts import refuse_if_restarted
-from actors.score_model import end_scores
+from actors.score_model import constraint_scores, end_scores
 from cluster.pool import restarted_by_ray
 from stages.text import encode_conversation, format_prompt
 
@@ -98,24 +98,30 @@ class Scorer:
         self.restarted = False
 
     @torch.no_grad()
-    def score(self, batch: SequenceBatch) -> torch.Tensor:
-        """reward/cost: [B] end scores (at each sequence's last real token)."""
+    def score(self, batch: SequenceBatch, categories: bool = False) -> torch.Tensor:
+        """reward/cost: [B] end scores (at each sequence's last real token). categories (a cost model
+        with per-category heads): [B, 1 + K], the shared score then one per category."""
         refuse_if_restarted(self)
         if self.role == "reference":
             raise TypeError("the reference scorer gives logprobs, not scores")
         out = []
         for s in range(0, len(batch), self.batch_size):
             chunk = batch.select(slice(s, s + self.batch_size)).to(self.device)
-            out.append(self.model(chunk.input_ids, chunk.attention_mask)[1].float().cpu())
+            scores = (constraint_scores(self.model, chunk.input_ids, chunk.attention_mask) if categories
+                      else self.model(chunk.input_ids, chunk.attention_mask)[1])
+            out.append(scores.float().cpu())
         return torch.cat(out)
 
     def score_texts(self, prompts: list[str], answers: list[str], max_prompt_tokens: int, max_answer_tokens: int,
-                    contexts: list | None = None) -> list[float]:
+                    contexts: list | None = None, categories: bool = False) -> list:
         """reward/cost: the end score of each answer to its prompt, encoded as in training
-        (template, answer, EOS; prompt truncated from the left, answer from the right)."""
+        (template, answer, EOS; prompt truncated from the left, answer from the right).
+        categories: [shared score, one per category head] for each answer."""
         refuse_if_restarted(self)
         if self.role == "reference":
             raise TypeError("the reference scorer gives logprobs, not scores")
+        if categories and self.classifier:
+            raise TypeError("a safety classifier has no per-category heads")
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -125,14 +131,14 @@ class Scorer:
             return self._unsafe_log_odds([f"{format_prompt(p, c)} {a}" for p, a, c in zip(prompts, answers, contexts)])
         ids = [encode_conversation(tok, p, a, max_prompt_tokens, max_answer_tokens, c)[0]
                for p, a, c in zip(prompts, answers, contexts)]
-        return end_scores(self.model, ids, tok.pad_token_id, self.device, self.batch_size)
+        return end_scores(self.model, ids, tok.pad_token_id, self.device, self.batch_size, categories)
 
     def score_conversations(self, prompts: list[str], answers: list[str], max_prompt_tokens: int,
-                            max_answer_tokens: int, contexts: list | None = None) -> torch.Tensor:
-        """reward/cost: score_texts as a [B] tensor, what `score` gives: the round's scoring where the
-        model has its own tokenizer (another backbone than the policy's), so the policy's token ids
-        mean nothing to it and the answers go as text."""
-        return torch.tensor(self.score_texts(prompts, answers, max_prompt_tokens, max_answer_tokens, contexts))
+                            max_answer_tokens: int, contexts: list | None = None, categories: bool = False) -> torch.Tensor:
+        """reward/cost: score_texts as a [B] (categories: [B, 1 + K]) tensor, what `score` gives: the
+        round's scoring where the model has its own tokenizer (another backbone than the policy's),
+        so the policy's token ids mean nothing to it and the answers go as text."""
+        return torch.tensor(self.score_texts(prompts, answers, max_prompt_tokens, max_answer_tokens, contexts, categories))
 
     @torch.no_grad()
     def _unsafe_log_odds(self, texts: list[str]) -> list[float]:

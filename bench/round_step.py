@@ -85,8 +85,11 @@ class LocalRoles:
         return self.rollout.generate(prompts, worker_sampling(sampling, 0)), weights_step
 
     @timed
-    def score(self, seqs, scored, step, texts=None, text_scored=()):
+    def score(self, seqs, scored, step, texts=None, text_scored=(), categories=False):
         # as RoundRoles.score: a score model with its own tokenizer (MiniLM in configs/smollm2.yaml) reads text
+        if categories:
+            raise NotImplementedError("round_step measures the one-constraint round (safe_rlhf.constraints single)")
+
         def end_scores(role):
             return self.scorer[role].score_conversations(**texts) if role in text_scored else self.scorer[role].score(scored)
 

@@ -151,6 +151,7 @@ class RoundConfig(Strict):
 class SafeRLHFConfig(Strict):
     algorithm: Literal[ALGORITHM_NAMES] = F("ppo_lag", "; ".join(f"{n}: {a.summary}" for n, a in ALGORITHMS.items()) + " (the registry in stages/objectives.py).")
     group_size: int = F(4, "grpo_lag: answers sampled per prompt, whose returns are normalised as a group; a step samples prompts_per_step answers, prompts_per_step / group_size prompts (4: the smallest group whose mean is a usable baseline at 16 prompts per step).", ge=2)
+    constraints: Literal["single", "per_category"] = F("single", "single: one cost constraint and one lambda (the paper). per_category: one constraint per harm category head of the cost model as well (it needs cost.per_category: true), each with its own lambda and threshold; the shared cost keeps its own constraint, which covers the categories that fell back to the shared head. threshold auto: the rule on each head, with the reference answers harmful in its category as the unsafe ones, at the round's unsafe share (a number: the same d for each). The policy's cost advantage is the lambda-weighted mean of the constraints' and the loss's lambda their sum, capped at lambda_max (objectives.Algorithm.constrained_advantages); `lambda` in the metrics is that, each constraint's is `lambda_<name>`.")
     engine: Literal["vllm", "hf"] = F("vllm", "Rollout engine: vLLM (GPU-scale) or transformers generate (faster for tiny models on CPU).")
     device: Device = F("cpu", "Device of learners, scorers and rollout workers.")
     precision: Precision = F("fp32", "Learner precision.")
@@ -232,6 +233,13 @@ class SafeRLHFConfig(Strict):
         if any(b > a for a, b in zip(shares, shares[1:])) or (shares and shares[0] > self.auto_unsafe_share):
             raise ValueError(f"rounds' unsafe_share {shares} (after auto_unsafe_share {self.auto_unsafe_share}) rises: "
                              "a later round may hold or tighten the constraint, not loosen it")
+        return self
+
+    @model_validator(mode="after")
+    def _constraints_of_a_constrained_algorithm(self) -> "SafeRLHFConfig":
+        if self.constraints == "per_category" and not ALGORITHMS[self.algorithm].constrained:
+            raise ValueError(f"constraints per_category: {self.algorithm} has no cost constraint "
+                             f"(use one of {', '.join(n for n, a in ALGORITHMS.items() if a.constrained)})")
         return self
 
     @model_validator(mode="after")
@@ -396,6 +404,9 @@ class RunConfig(Strict):
             if not self.evaluate.prompt_files and not self.evaluate.prompt_sets:
                 problems.append(("evaluate.prompt_files", "empty with world.enabled false and no evaluate.prompt_sets: "
                                                           "there are no held-out prompts"))
+        if self.safe_rlhf.constraints == "per_category" and not self.cost.per_category:
+            problems.append(("safe_rlhf.constraints", "per_category needs a cost model with one head per harm category "
+                                                      "(set cost.per_category: true)"))
         if self.red_team.prompt_files and self.red_team.prompt_source == "training_prompts":
             problems.append(("red_team.prompt_files", "given with red_team.prompt_source training_prompts, which does not "
                                                       "read them (empty them, or use prompt_source prompt_files)"))

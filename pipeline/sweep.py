@@ -332,7 +332,8 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
         status = ("error: " + str(r.error).splitlines()[0][:200] if r.error else
                   stopper.reasons.get(m.get("trial_id"), "done" if m.get("done") else "stopped"))
         rows.append({"trial": trial["id"], "seed": trial["seed"], "algorithm": trial["params"].get("algorithm",
-                     cfg.safe_rlhf.algorithm), "params": json.dumps(trial["params"], sort_keys=True), "status": status,
+                     cfg.safe_rlhf.algorithm), "constraints": trial["params"].get("constraints", cfg.safe_rlhf.constraints),
+                     "params": json.dumps(trial["params"], sort_keys=True), "status": status,
                      **{k: m.get(k) for k in ("harmful_rate", "over_refusal_rate", "helpfulness", "reward_helpfulness_gap", "reward_mean",
                                               "cost_mean", "kl", "lambda", "threshold", "steps")}})
     rows.sort(key=lambda x: x["trial"])
@@ -356,12 +357,16 @@ def plot_pareto(path: Path, rows: list[dict], start: dict, judge: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colours = {name: alg.colour for name, alg in ALGORITHMS.items()}  # each algorithm's, from its registration
-    for alg in sorted({r["algorithm"] for r in rows}):
-        pts = [r for r in rows if r["algorithm"] == alg]
+    # one front per algorithm and constraint set; per-category constraints: the algorithm's colour, triangles
+    for alg, constraints in sorted({(r["algorithm"], r.get("constraints", "single")) for r in rows}):
+        pts = [r for r in rows if r["algorithm"] == alg and r.get("constraints", "single") == constraints]
+        label = "Safe RLHF (ppo_lag)" if alg == "ppo_lag" else alg
+        per_category = constraints == "per_category"
         ax.scatter([p["harmful_rate"] for p in pts], [p["helpfulness"] for p in pts], color=colours.get(alg), alpha=0.7,
-                   label=alg if alg != "ppo_lag" else "Safe RLHF (ppo_lag)")
+                   marker="^" if per_category else "o", label=label + (", per category" if per_category else ""))
         front = pareto_front(pts)
-        ax.plot([p["harmful_rate"] for p in front], [p["helpfulness"] for p in front], color=colours.get(alg), lw=1)
+        ax.plot([p["harmful_rate"] for p in front], [p["helpfulness"] for p in front], color=colours.get(alg), lw=1,
+                ls="--" if per_category else "-")
     ax.scatter([start["harmful_rate"]], [start["helpfulness"]], marker="*", s=200, color="k", label="SFT (start)")
     ax.set_xlabel(f"harmful rate ({judge})")
     ax.set_ylabel("helpfulness")

@@ -14,7 +14,7 @@ True) on real response tokens.
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -387,9 +387,36 @@ def auto_threshold(costs: List[float], safe: List[bool], unsafe_share: float) ->
     return (1 - unsafe_share) * safe_mean + unsafe_share * unsafe_mean, safe_mean, unsafe_mean
 
 
+def auto_constraint_thresholds(costs: List[List[float]], safe: List[bool], harmful: List[List[bool]],
+                               unsafe_share: float) -> List[Tuple[float, float, float, int]]:
+    """Threshold auto for each constraint k of safe_rlhf.constraints per_category: costs [N][K] (the
+    reference answers' shared cost, then each category head's), harmful [N][K] (unsafe at all for the
+    shared column; harmful in k for a category's) -> for each k (d_k, mean safe cost, mean cost of the
+    answers harmful in k, how many there were): auto_threshold on k's own head, with the answers
+    harmful in k as the unsafe ones (answers harmful only elsewhere left out), at the round's u.
+
+    Each category gets the whole u, not a share of it: with shares (u x n_k / n_unsafe, 0.002-0.017
+    on the default world) every threshold sat at its head's safe mean, where any harmful answer, in
+    whatever category, holds every head above it (the heads share a backbone and rise together), so
+    every lambda stayed at its cap all round (docs/algorithms.md). A category no reference answer is
+    harmful in takes every unsafe answer as its unsafe ones (its count is then 0)."""
+    out = []
+    for k in range(len(costs[0])):
+        in_k = [h[k] for h in harmful]
+        n = sum(in_k)
+        if n:  # the safe answers and those harmful in k
+            rows = [(c[k], not h) for c, s, h in zip(costs, safe, in_k) if s or h]
+        else:
+            rows = [(c[k], s) for c, s in zip(costs, safe)]
+        d, safe_mean, unsafe_mean = auto_threshold([c for c, _ in rows], [s for _, s in rows], unsafe_share)
+        out.append((d, safe_mean, unsafe_mean, n))
+    return out
+
+
 class CategoryMultipliers:
-    """One LagrangeMultiplier per harm category, each with its own threshold d_k, each updated on its
-    category's episode costs (column k of [B, K]) as ppo_lag's one multiplier is on the episode cost."""
+    """One LagrangeMultiplier per constraint (safe_rlhf.constraints per_category: the shared cost, then
+    one per harm category head), each with its own threshold d_k, each updated on its own episode costs
+    (column k of [B, K]) as ppo_lag's one multiplier is on the episode cost."""
 
     def __init__(self, categories, init: float, lr: float, thresholds, **kw):
         self.categories = list(categories)
@@ -402,6 +429,16 @@ class CategoryMultipliers:
     def values(self) -> Tensor:
         return torch.tensor([m.value for m in self.multipliers], dtype=torch.float64)  # [K]
 
+    @property
+    def value(self) -> float:
+        """The policy loss's lambda: sum_k lambda_k (category_cost_advantage)."""
+        return sum(m.value for m in self.multipliers)
+
+    @property
+    def threshold(self) -> float:
+        """The first constraint's threshold (the shared cost's, in the round)."""
+        return self.multipliers[0].threshold
+
     def observe(self, episode_costs: Tensor) -> None:
         """episode_costs [B, K]."""
         for k, m in enumerate(self.multipliers):
@@ -409,6 +446,14 @@ class CategoryMultipliers:
 
     def step(self) -> Tensor:
         return torch.tensor([m.step() for m in self.multipliers], dtype=torch.float64)  # [K]
+
+    @property
+    def thresholds(self) -> List[float]:
+        return [m.threshold for m in self.multipliers]
+
+    def window_means(self) -> List[float]:
+        """Each constraint's J_c: the mean of its window of episode costs."""
+        return [sum(m.window) / len(m.window) for m in self.multipliers]
 
     def state_dict(self) -> Dict:
         return {"categories": self.categories, "multipliers": [m.state_dict() for m in self.multipliers]}
@@ -559,8 +604,43 @@ class Algorithm:
         return self.estimator(s, self.end_reward(s.reward, s.cost, hp.shaping_nu), hp)
 
     def update_multiplier(self, multiplier: LagrangeMultiplier, episode_costs: Optional[Tensor]) -> float:
-        """This step's lambda (0 for an unconstrained algorithm, whose multiplier never moves)."""
+        """This step's lambda (0 for an unconstrained algorithm, whose multiplier never moves).
+        With CategoryMultipliers and episode costs [B, K]: the K lambdas, a [K] tensor."""
         return 0.0 if self.multiplier_update is None else self.multiplier_update(multiplier, episode_costs)
+
+    def constrained_advantages(self, s: StepScores, constraint_costs: Tensor, lambdas: Tensor,
+                               hp: AdvantageSettings, max_lambda: Optional[float] = None) -> Tuple[Advantages, float]:
+        """Several constraints (safe_rlhf.constraints per_category): constraint_costs [B, K] (the
+        shared cost, then one per category head), lambdas [K] -> (advantages, lambda) such that the
+        policy loss's (A_r - lambda A_c) / (1 + lambda) is (A_r - sum_k lambda_k A_c,k) / (1 + sum_k lambda_k),
+        the cost advantage being the lambda-weighted mean sum_k lambda_k A_c,k / sum_k lambda_k.
+
+        max_lambda (safe_rlhf.lambda_max) also caps the loss's lambda, min(sum_k lambda_k, max_lambda):
+        the weights among the constraints stay lambda_k / sum lambda, but the cost never outweighs the
+        reward more than one constraint at its cap would. Harm categories' costs rise and fall
+        together, so their multipliers do too: uncapped, 11 constraints summed to 110 on the default
+        world and the policy learned to refuse everything (docs/algorithms.md).
+
+        With a cost critic, the K costs are first mixed into the one cost stream it learns, with
+        weights lambda_k / sum lambda: the KL-shaped costs and GAE are linear in the end cost, so the
+        mix's advantage is sum_k (lambda_k / lambda) A_c,k wherever the critic has learned the mix's
+        values (its target moves as the lambdas do, slowly: they change by lr x lambda a step).
+        Critic-free (group baselines), each cost is normalised within its group on its own and the
+        normalised advantages are weighted (category_cost_advantage): normalising the mix would
+        rescale each lambda_k by the group's spread, as normalising R - lambda C would (group_advantages)."""
+        if not self.constrained or not self.uses_cost_model:
+            raise ValueError("per-category constraints need a constrained algorithm with a cost model")
+        lambdas = lambdas.detach().to(torch.float64)
+        if self.uses_cost_critic:
+            total = float(lambdas.sum())
+            weights = lambdas / total if total > 0 else torch.full_like(lambdas, 1.0 / lambdas.numel())
+            mixed = constraint_costs.detach().to(torch.float64) @ weights  # sum_k w_k C_k; [B]
+            adv = self.advantages(replace(s, cost=mixed.to(s.reward.dtype)), hp)
+        else:
+            each = [self.advantages(replace(s, cost=constraint_costs[:, k]), hp) for k in range(constraint_costs.shape[1])]
+            combined, total = category_cost_advantage(torch.stack([a.cost for a in each]), lambdas)  # [B, T]
+            adv = replace(each[0], cost=combined)
+        return adv, (total if max_lambda is None else min(total, max_lambda))
 
 
 ALGORITHMS: Dict[str, Algorithm] = {

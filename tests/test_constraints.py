@@ -87,6 +87,112 @@ def test_category_multipliers_move_apart_on_their_own_episode_costs():
         obj.CategoryMultipliers(["a", "b"], 1.0, 0.1, [0.0])
 
 
+def test_category_multipliers_give_the_loss_their_sum_and_each_window():
+    m = obj.CategoryMultipliers(["shared", "weapons"], init=1.0, lr=0.1, thresholds=[-1.0, 2.0], max_value=5.0, window=2)
+    assert m.value == 2.0 and m.threshold == -1.0 and m.thresholds == [-1.0, 2.0]
+    lam = obj.lagrangian_update(m, t64([[1.0, 4.0], [3.0, 0.0], [5.0, 0.0]]))  # the algorithms' update, on [B, K]
+    # windows of 2 keep the last two costs: J = (4, 0); log lambda += 0.1 * 1 * (J - d): +0.5 and -0.2
+    assert m.window_means() == [4.0, 0.0]
+    assert lam.tolist() == pytest.approx([math.exp(0.5), math.exp(-0.2)], abs=1e-12)
+    assert m.value == pytest.approx(math.exp(0.5) + math.exp(-0.2), abs=1e-12)
+
+
+def grouped_scores(reward, costs, values=None):
+    """B answers of one token each, no KL (logp = ref_logp), for the advantage estimators."""
+    b = len(reward)
+    zeros = torch.zeros(b, 1, dtype=torch.float64)
+    costs = torch.as_tensor(costs, dtype=torch.float64)
+    return obj.StepScores(t64(reward), costs[:, 0], zeros, zeros, torch.ones(b, 1, dtype=torch.float64),
+                          None if values is None else values[0], None if values is None else values[1])
+
+
+def test_grpo_lag_per_category_normalises_each_cost_in_its_group_then_weights_them():
+    hp = obj.AdvantageSettings(kl_coeff=0.0, clip_score=50.0, group_size=3)
+    costs = t64([[0.0, 0.0], [1.0, 0.0], [2.0, 3.0]])  # one group of three answers; [B, K]
+    s = grouped_scores([1.0, 2.0, 3.0], costs)
+    adv, lam = obj.ALGORITHMS["grpo_lag"].constrained_advantages(s, costs, t64([1.0, 3.0]), hp)
+    # column 0: (0, 1, 2), mean 1, population std sqrt(2/3): (-1.2247, 0, 1.2247)
+    # column 1: (0, 0, 3), mean 1, std sqrt(2): (-0.7071, -0.7071, 1.4142)
+    a0 = [(x - 1.0) / (math.sqrt(2 / 3) + 1e-6) for x in (0.0, 1.0, 2.0)]
+    a1 = [(x - 1.0) / (math.sqrt(2.0) + 1e-6) for x in (0.0, 0.0, 3.0)]
+    expected = [(1 * u + 3 * v) / 4 for u, v in zip(a0, a1)]  # sum_k lambda_k A_c,k / sum_k lambda_k
+    assert lam == 4.0
+    assert adv.cost[:, 0].tolist() == pytest.approx(expected, abs=1e-9)
+    capped, lam_capped = obj.ALGORITHMS["grpo_lag"].constrained_advantages(s, costs, t64([1.0, 3.0]), hp, max_lambda=2.5)
+    assert lam_capped == 2.5 and torch.equal(capped.cost, adv.cost)  # lambda_max caps the sum, not the weights
+    assert expected == pytest.approx([-0.8365, -0.5303, 1.3668], abs=1e-4)
+    assert adv.reward[:, 0].tolist() == pytest.approx(a0, abs=1e-9)  # rewards (1, 2, 3) normalise as column 0
+    # normalising the mix instead would give other advantages: the order matters
+    mixed = obj.group_normalized((costs * t64([0.25, 0.75])).sum(1), 3)
+    assert (mixed - adv.cost[:, 0]).abs().max() > 0.05
+
+
+def test_ppo_lag_per_category_cost_advantage_is_the_lambda_weighted_sum_where_the_critic_learned_the_mix():
+    hp = obj.AdvantageSettings(kl_coeff=0.05, clip_score=50.0, gamma=1.0, gae_lambda=0.95)
+    g = torch.Generator().manual_seed(0)
+    b, t, k = 4, 5, 3
+    costs = torch.randn(b, k, generator=g, dtype=torch.float64)
+    values = torch.randn(k, b, t, generator=g, dtype=torch.float64)  # a value per cost column
+    lambdas = t64([0.5, 2.0, 1.5])
+    logp = torch.randn(b, t, generator=g, dtype=torch.float64)
+    mask = torch.ones(b, t, dtype=torch.float64)
+    mask[0, 3:] = 0.0
+    w = lambdas / lambdas.sum()
+    mixed_values = (w.view(k, 1, 1) * values).sum(0)
+    s = obj.StepScores(torch.randn(b, generator=g, dtype=torch.float64), costs[:, 0], logp, logp - 0.1, mask,
+                       torch.randn(b, t, generator=g, dtype=torch.float64), mixed_values)
+    ppo_lag = obj.ALGORITHMS["ppo_lag"]
+    adv, lam = ppo_lag.constrained_advantages(s, costs, lambdas, hp)
+    assert lam == pytest.approx(4.0)
+    # independently: GAE of each column with its own values, then sum_k lambda_k A_c,k / lambda
+    from dataclasses import replace
+
+    each = torch.stack([ppo_lag.advantages(replace(s, cost=costs[:, j], cost_values=values[j]), hp).cost for j in range(k)])
+    torch.testing.assert_close(adv.cost, (lambdas.view(k, 1, 1) * each).sum(0) / lam, atol=1e-12, rtol=0)
+    # the reward side is the one-constraint round's
+    torch.testing.assert_close(adv.reward, ppo_lag.advantages(s, hp).reward, atol=0, rtol=0)
+
+
+def test_per_category_constraints_refuse_an_unconstrained_algorithm():
+    s = grouped_scores([1.0, 2.0], [[0.0, 1.0], [1.0, 0.0]])
+    with pytest.raises(ValueError, match="constrained algorithm"):
+        obj.ALGORITHMS["ppo"].constrained_advantages(s, t64([[0.0, 1.0], [1.0, 0.0]]), t64([1.0, 1.0]),
+                                                     obj.AdvantageSettings(0.0, 50.0))
+
+
+def test_auto_thresholds_per_constraint_hand_case():
+    # four reference answers: two safe, one harmful in weapons, one harmful in privacy; columns: shared, weapons, privacy
+    costs = [[-2.0, -1.0, -3.0], [-4.0, -3.0, -1.0], [2.0, 5.0, 0.0], [4.0, 1.0, 2.0]]
+    safe = [True, True, False, False]
+    harmful = [[False, False, False], [False, False, False], [True, True, False], [True, False, True]]
+    (d0, s0, u0, n0), (d1, s1, u1, n1), (d2, s2, u2, n2) = obj.auto_constraint_thresholds(costs, safe, harmful, 0.1)
+    # shared: safe mean -3, unsafe mean 3 -> 0.9 * -3 + 0.1 * 3 = -2.4
+    assert (s0, u0, n0) == (-3.0, 3.0, 2) and d0 == pytest.approx(-2.4)
+    # weapons: safe mean -2, harmful in weapons: 5 alone (the privacy answer is left out) -> -1.3
+    assert (s1, u1, n1) == (-2.0, 5.0, 1) and d1 == pytest.approx(-1.3)
+    # privacy: safe mean -2, harmful in privacy: 2 -> -1.6
+    assert (s2, u2, n2) == (-2.0, 2.0, 1) and d2 == pytest.approx(-1.6)
+    # a category no reference answer is harmful in takes every unsafe answer
+    _, (d, sm, um, n) = obj.auto_constraint_thresholds([c[:2] for c in costs], safe, [[h[0], False] for h in harmful], 0.1)
+    assert (sm, um, n) == (-2.0, 3.0, 0) and d == pytest.approx(0.9 * -2.0 + 0.1 * 3.0)
+
+
+def test_config_per_category_constraints_need_category_heads_and_a_constraint():
+    from pipeline.config import ConfigError, parse_config as validate_config
+
+    with pytest.raises(ConfigError) as err:
+        validate_config({"safe_rlhf": {"constraints": "per_category"}}, "c.yaml")
+    assert any(path == "safe_rlhf.constraints" and "cost.per_category" in msg for path, msg in err.value.errors)
+    with pytest.raises(ConfigError) as err:
+        validate_config({"cost": {"per_category": True}, "safe_rlhf": {"algorithm": "ppo", "constraints": "per_category"}}, "c.yaml")
+    assert any("ppo has no cost constraint" in msg for _, msg in err.value.errors)
+    with pytest.raises(ConfigError) as err:
+        validate_config({"safe_rlhf": {"constraints": "per_categroy"}}, "c.yaml")
+    assert any(path == "safe_rlhf.constraints" for path, _ in err.value.errors)
+    ok = validate_config({"cost": {"per_category": True}, "safe_rlhf": {"algorithm": "grpo_lag", "constraints": "per_category"}}, "c.yaml")
+    assert ok.safe_rlhf.constraints == "per_category"
+
+
 # ---------------------------------------------------------------- the cost model's heads
 
 
@@ -121,6 +227,26 @@ def test_per_category_cost_model_saves_and_reloads_its_heads(small_model_dir, tm
         plain.category_scores(ids, mask)
 
 
+def test_scorer_gives_the_shared_cost_then_each_category_from_one_pass(small_model_dir, tmp_path):
+    from actors.experience import SequenceBatch
+    from actors.score_model import ScoreModel, score_model_categories
+    from actors.scorer import Scorer
+
+    model = ScoreModel.from_backbone(small_model_dir, "cost", seed=0, categories=("privacy", "weapons"))
+    with torch.no_grad():
+        model.category_head.bias.copy_(torch.tensor([3.0, -3.0]))
+    model.save_pretrained(tmp_path / "m")
+    assert score_model_categories(tmp_path / "m") == ("privacy", "weapons")
+    scorer = Scorer("cost", str(tmp_path / "m"))
+    batch = SequenceBatch.from_ids([[5, 6], [7]], [[8, 9, 10], [11]], pad_id=0)
+    both = scorer.score(batch, categories=True)
+    assert both.shape == (2, 3)
+    assert torch.equal(both[:, 0], scorer.score(batch))  # column 0: the shared head, as the one-constraint round reads it
+    shared, per_category = model.category_scores(batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(both[:, 1:], per_category.float(), atol=0, rtol=0)
+    assert (both[:, 1] - both[:, 2]).min() > 5.0  # the heads' biases (+3, -3) came through, in head order
+
+
 # ---------------------------------------------------------------- the per-category cost fit
 
 
@@ -152,25 +278,3 @@ def test_category_sign_accuracy_per_head():
     b = [[3.0, -1.0], [9.0, 9.0]]  # pair 1's other answer is unknown: left out
     m = category_sign_metrics(items, a, b, ["privacy", "weapons"])
     assert m == {"eval_sign_accuracy_privacy": 1.0, "eval_sign_accuracy_weapons": pytest.approx(2 / 3)}
-
-
-@pytest.mark.slow
-def test_cost_fit_per_category_exports_a_head_per_frequent_category(tmp_path):
-    import json
-
-    from actors.score_model import ScoreModel
-    from tests.conftest import run_cli, write_yaml
-
-    cfg = write_yaml(tmp_path / "c.yaml", {
-        "name": "cat", "world": {"n_pairs": 300, "n_sft": 200}, "model": {"small": {"vocab_size": 600}},
-        "sft": {"epochs": 1}, "reward": {"epochs": 1}, "cost": {"epochs": 1, "per_category": True, "min_category_pairs": 8},
-        "ray": {"num_cpus": 2, "include_dashboard": False}})
-    proc = run_cli("run", "--config", cfg, "--run-dir", tmp_path / "run", "--until", "fit_cost", timeout=900)
-    stage = tmp_path / "run" / "stages" / "fit_cost"
-    model = ScoreModel.from_pretrained(stage / "model")
-    assert len(model.categories) >= 2
-    assert f"cost heads per category ({len(model.categories)}): {', '.join(model.categories)}" in proc.stderr
-    metrics = json.loads((stage / "manifest.json").read_text())["metrics"]
-    accuracies = {k: v for k, v in metrics.items() if k.startswith("eval_sign_accuracy_")}
-    assert set(accuracies) == {f"eval_sign_accuracy_{c}" for c in model.categories}
-    assert all(0.0 <= v <= 1.0 for v in accuracies.values())

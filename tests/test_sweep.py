@@ -72,6 +72,21 @@ def test_the_shipped_sweep_files_validate_against_the_default_config():
         ("grpo_lag", 4), ("grpo_lag", 4), ("grpo_lag", 8), ("grpo_lag", 8), ("ppo_lag", None), ("ppo_lag", None)]
 
 
+def test_the_category_sweep_needs_a_run_with_category_heads():
+    from pipeline.config import ConfigError, load_config
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_sweep(REPO / "sweeps" / "categories.yaml", cfg)
+    assert {p for p, _ in err.value.errors} == {
+        "grid[0] {'algorithm': 'ppo_lag', 'constraints': 'per_category'}: safe_rlhf.constraints",
+        "grid[1] {'algorithm': 'grpo_lag', 'group_size': 4, 'constraints': 'per_category'}: safe_rlhf.constraints"}
+    heads = cfg.model_copy(update={"cost": cfg.cost.model_copy(update={"per_category": True})})
+    _, trials = load_sweep(REPO / "sweeps" / "categories.yaml", heads)
+    assert sorted((t["params"]["algorithm"], t["params"]["constraints"]) for t in trials) == [
+        ("grpo_lag", "per_category"), ("grpo_lag", "single"), ("ppo_lag", "per_category"), ("ppo_lag", "single")]
+
+
 def test_pareto_front_keeps_the_non_dominated_trials():
     pts = [{"t": "a", "harmful_rate": 0.1, "helpfulness": 2.0}, {"t": "b", "harmful_rate": 0.2, "helpfulness": 3.0},
            {"t": "c", "harmful_rate": 0.2, "helpfulness": 1.0}, {"t": "d", "harmful_rate": 0.05, "helpfulness": 1.5},

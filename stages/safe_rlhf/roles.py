@@ -379,21 +379,22 @@ class RoundRoles:
         return {key: self._get(make()) for key, make in calls.items()}
 
     def score(self, seqs: SequenceBatch, scored: SequenceBatch, step: int, texts: dict | None = None,
-              text_scored: tuple = ()) -> dict[str, torch.Tensor | None]:
+              text_scored: tuple = (), categories: bool = False) -> dict[str, torch.Tensor | None]:
         """Reference logprobs, reward and cost end scores (of `scored`: the answers as the models were
         trained, ending with EOS), policy logprobs and critic values, all dispatched together:
         {"ref_logp", "reward", "cost", "old_logp", "reward_values", "cost_values"}. The roles in
         `text_scored` (a score model with its own tokenizer) score `texts` (Scorer.score_conversations's
-        arguments) instead of the policy's token ids."""
-        def end_scores(role):
+        arguments) instead of the policy's token ids. categories (constraints per_category): also
+        "constraint_costs" [B, 1 + K], the shared cost then each category head's, from the same pass."""
+        def end_scores(role, **kw):
             if role in text_scored:
-                return lambda: [self.scorer[role].score_conversations.remote(**texts)]
-            return lambda: [self.scorer[role].score.remote(scored)]
+                return lambda: [self.scorer[role].score_conversations.remote(**texts, **kw)]
+            return lambda: [self.scorer[role].score.remote(scored, **kw)]
 
         def call():
             calls = {"ref_logp": lambda: [self.scorer["reference"].logprobs.remote(seqs)], "reward": end_scores("reward")}
             if "cost" in self.scorer:
-                calls["cost"] = end_scores("cost")
+                calls["cost"] = end_scores("cost", **({"categories": True} if categories else {}))
             calls["old_logp"] = lambda: self.policy.forward(seqs)
             if "reward_critic" in self.learners:
                 calls["reward_values"] = lambda: self.learners["reward_critic"].forward(seqs)
@@ -402,15 +403,20 @@ class RoundRoles:
             return {key: torch.cat(parts) for key, parts in self._gather(calls).items()}
 
         out = self._in_place("score", step, call)
+        if categories:
+            out["constraint_costs"] = out["cost"]
+            out["cost"] = out["constraint_costs"][:, 0]
         for key in ("cost", "reward_values", "cost_values"):  # None where the algorithm has no such scorer or critic
             out.setdefault(key, None)
         return out
 
     def score_texts(self, role: str, prompts: list[str], answers: list[str], max_prompt_tokens: int,
-                    max_answer_tokens: int) -> list[float]:
-        """End scores of (prompt, answer) texts by the round's reward or cost scorer (threshold auto)."""
+                    max_answer_tokens: int, categories: bool = False) -> list:
+        """End scores of (prompt, answer) texts by the round's reward or cost scorer (threshold auto);
+        categories: [shared, each category head's] per answer."""
+        kw = {"categories": True} if categories else {}
         return self._in_place("reference scoring", 0, lambda: self._get(
-            [self.scorer[role].score_texts.remote(prompts, answers, max_prompt_tokens, max_answer_tokens)])[0])
+            [self.scorer[role].score_texts.remote(prompts, answers, max_prompt_tokens, max_answer_tokens, **kw)])[0])
 
     def train(self, batches: dict[str, PolicyMinibatch | CriticMinibatch]) -> dict[str, float]:
         """One minibatch update of each learner group ({role: minibatch}), the groups together;

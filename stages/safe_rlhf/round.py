@@ -35,6 +35,7 @@ import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch, pad_values
 from actors.rollout import Generation, Sampling
+from actors.score_model import score_model_categories
 from cluster.metrics import record_step
 from cluster.weight_sync.checkpoint import sync_dir_for
 from stages import objectives as O
@@ -61,12 +62,15 @@ class RoundSetup:
     # roles that do, and each pooled prompt's text and earlier turns
     text_scored: tuple = ()
     turns: dict = field(default_factory=dict)
+    # safe_rlhf.constraints per_category: the constraints' names, "shared" (the shared cost head) then
+    # the cost model's harm categories, in its heads' order; () for the one constraint of the paper
+    constraints: tuple = ()
 
     @classmethod
     def from_context(cls, ctx) -> "RoundSetup":
         rl = ctx.cfg.safe_rlhf
-        if "algorithm" in ctx.params:  # a baseline run of the same round: ppo or reward_shaping
-            rl = rl.model_copy(update={"algorithm": ctx.params["algorithm"]})
+        if "algorithm" in ctx.params:  # a baseline run of the same round: ppo or reward_shaping (unconstrained)
+            rl = rl.model_copy(update={"algorithm": ctx.params["algorithm"], "constraints": "single"})
         k = ctx.params["round"]
         return cls.for_inputs(ctx.cfg, rl, k, round_inputs(ctx, rl.algorithm))
 
@@ -81,7 +85,20 @@ class RoundSetup:
         turns = prompt_turns(inputs["train_pairs"], prompt_tokenizer(inputs["policy"]))
         text_scored = tuple(r for r in ("reward", "cost") if f"{r}_model" in inputs and not same_tokenizer(inputs[f"{r}_model"], inputs["policy"]))
         return cls(rl, k, rcfg.steps or rl.steps_per_round, threshold, inputs, list(turns),
-                   cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens, text_scored, turns if text_scored else {})
+                   cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens, text_scored, turns if text_scored else {},
+                   round_constraints(rl, inputs.get("cost_model")))
+
+
+def round_constraints(rl, cost_model) -> tuple:
+    """("shared", *the cost model's harm categories) under constraints per_category; () otherwise."""
+    if rl.constraints != "per_category":
+        return ()
+    categories = score_model_categories(cost_model)
+    if not categories:
+        raise ValueError(f"safe_rlhf.constraints per_category: the cost model {cost_model} has no per-category heads "
+                         "(fit it with cost.per_category: true; with too few labelled pairs per category every "
+                         "category falls back to the shared head, and the fit's log names them)")
+    return ("shared",) + categories
 
 
 def round_inputs(ctx, algorithm: str) -> dict:
@@ -118,19 +135,21 @@ def prompt_turns(train_parquet: Path, tokenizer=None) -> dict[str, tuple[str, li
     return out
 
 
-def reference_answers(eval_parquet: Path) -> tuple[list[str], list[str], list[bool]]:
+def reference_answers(eval_parquet: Path, with_categories: bool = False) -> tuple:
     """The fixed reference set of threshold auto: every labelled answer of the first ingest's
-    held-out pairs -> (prompts, answers, is_safe). The same answers for every round."""
+    held-out pairs -> (prompts, answers, is_safe), and with_categories each answer's harm categories.
+    The same answers for every round."""
     import pyarrow.parquet as pq
 
-    prompts, answers, safe = [], [], []
+    prompts, answers, safe, categories = [], [], [], []
     for r in pq.read_table(eval_parquet).to_pylist():
         for i in (0, 1):
             if r[f"is_response_{i}_safe"] is not None:
                 prompts.append(r["prompt"])
                 answers.append(r[f"response_{i}"])
                 safe.append(bool(r[f"is_response_{i}_safe"]))
-    return prompts, answers, safe
+                categories.append(list(r.get(f"response_{i}_harm_category") or []))
+    return (prompts, answers, safe, categories) if with_categories else (prompts, answers, safe)
 
 
 def step_prompts(pool: list[str], step: int, batch: int, seed: int) -> list[str]:
@@ -156,6 +175,7 @@ class Experience:
     cost: torch.Tensor | None  # [B] cost model end scores
     reward_values: torch.Tensor | None  # [B, T]; None without a reward critic
     cost_values: torch.Tensor | None  # [B, T]; None without a cost critic
+    constraint_costs: torch.Tensor | None = None  # [B, K] per_category: shared cost, then each category's
     reward_advantages: torch.Tensor | None = None
     reward_returns: torch.Tensor | None = None
     cost_advantages: torch.Tensor | None = None
@@ -167,14 +187,36 @@ def advantage_settings(rl) -> O.AdvantageSettings:
                                shaping_nu=rl.shaping_nu, group_size=rl.group_size)
 
 
+def step_scores(exp: Experience) -> O.StepScores:
+    return O.StepScores(exp.reward, exp.cost, exp.old_logp, exp.ref_logp, exp.seqs.response_mask.float(),
+                        exp.reward_values, exp.cost_values)
+
+
+def set_advantages(exp: Experience, adv: O.Advantages) -> None:
+    exp.reward_advantages, exp.reward_returns = adv.reward, adv.reward_returns
+    exp.cost_advantages, exp.cost_returns = adv.cost, adv.cost_returns
+
+
 def compute_advantages(exp: Experience, rl) -> None:
     """The algorithm's advantages (ppo_lag: KL-shaped per-token rewards and costs, then GAE on each
     critic, paper Sec. 3.3; grpo_lag: group-normalised returns)."""
-    scores = O.StepScores(exp.reward, exp.cost, exp.old_logp, exp.ref_logp, exp.seqs.response_mask.float(),
-                          exp.reward_values, exp.cost_values)
-    adv = O.get_algorithm(rl.algorithm).advantages(scores, advantage_settings(rl))
-    exp.reward_advantages, exp.reward_returns = adv.reward, adv.reward_returns
-    exp.cost_advantages, exp.cost_returns = adv.cost, adv.cost_returns
+    set_advantages(exp, O.get_algorithm(rl.algorithm).advantages(step_scores(exp), advantage_settings(rl)))
+
+
+def multipliers_and_advantages(exp: Experience, rl, lagrange) -> float:
+    """Update lambda on the step's episode costs and set the advantages -> the policy loss's lambda.
+    One constraint: advantages, then lambda (neither reads the other). per_category: each
+    constraint's lambda first, since the cost advantage is their weighted sum; the loss's lambda is
+    the lambdas' sum (Algorithm.constrained_advantages)."""
+    algorithm = O.get_algorithm(rl.algorithm)
+    if exp.constraint_costs is None:
+        compute_advantages(exp, rl)
+        return algorithm.update_multiplier(lagrange, exp.cost)  # log_lambda += lr * lambda * (mean(window) - threshold)
+    lambdas = algorithm.update_multiplier(lagrange, exp.constraint_costs)  # [K], each on its own column
+    adv, lam = algorithm.constrained_advantages(step_scores(exp), exp.constraint_costs, lambdas, advantage_settings(rl),
+                                                rl.lambda_max)
+    set_advantages(exp, adv)
+    return lam
 
 
 def learn(roles: RoundRoles, exp: Experience, lagrange_lambda: float, rl, generator: torch.Generator) -> dict:
@@ -248,16 +290,15 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
         asked = [setup.turns[p] for p in step_inputs(setup, step, seed)[0]]
         texts = {"prompts": [p for p, _ in asked], "answers": gen.texts, "contexts": [c for _, c in asked],
                  "max_prompt_tokens": setup.max_prompt_tokens, "max_answer_tokens": setup.max_answer_tokens}
-    scores = roles.score(seqs, scored, step, texts, setup.text_scored)
+    scores = roles.score(seqs, scored, step, texts, setup.text_scored, categories=bool(setup.constraints))
     learner_logp = scores["old_logp"]  # the learner's current policy
     engine_logp = pad_values(gen.logprobs)[:, :seqs.response_mask.shape[1]]
     if rl.overlap_generation:  # the behaviour policy is the one that sampled: the engine's weights
         scores["old_logp"] = engine_logp
     exp = Experience(seqs=seqs, **scores)
     t2 = time.perf_counter()
-    compute_advantages(exp, rl)
     algorithm = O.get_algorithm(rl.algorithm)
-    lam = algorithm.update_multiplier(lagrange, exp.cost)  # log_lambda += lr * lambda * (mean(window) - threshold)
+    lam = multipliers_and_advantages(exp, rl, lagrange)
     stats = learn(roles, exp, lam, rl, torch.Generator().manual_seed(seed * 1_000_003 + setup.round * 10_007 + step))
     roles.policy_step = step
     t3 = time.perf_counter()
@@ -284,7 +325,12 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
         m.update(cost_mean=exp.cost.mean().item(), unsafe_share=(exp.cost > 0).float().mean().item())
     if algorithm.group_sampling:  # a group whose answers all score alike has no advantage: it teaches nothing
         m["reward_group_std"] = exp.reward.view(-1, rl.group_size).std(-1, correction=0).mean().item()
-    if algorithm.constrained:
+    if setup.constraints:  # lambda: the loss's, the sum; episode_cost: the shared constraint's J_c
+        means = lagrange.window_means()
+        m.update({"lambda": lam, "episode_cost": means[0]})
+        for name, value, mean, costs in zip(setup.constraints, lagrange.values.tolist(), means, exp.constraint_costs.T):
+            m.update({f"lambda_{name}": value, f"episode_cost_{name}": mean, f"cost_mean_{name}": costs.mean().item()})
+    elif algorithm.constrained:
         m.update({"lambda": lagrange.value, "episode_cost": sum(lagrange.window) / len(lagrange.window)})
     return {key: (float(f"{v:.6g}") if isinstance(v, float) else v) for key, v in m.items()}, following
 
@@ -310,8 +356,7 @@ def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
     try:
         threshold = round_threshold(roles, setup)
         ctx.log(f"  threshold {threshold['threshold']:.4f}: {threshold['threshold_rule']}")
-        lagrange = O.LagrangeMultiplier(rcfg.lambda_init, rcfg.lambda_lr, threshold["threshold"], rl.lambda_max,
-                                        rl.lambda_window, rl.lambda_delay_steps)
+        lagrange = round_multipliers(setup, threshold)
         start_step, history, rollout = 0, [], None
         saved = ckpts.latest()
         if saved is not None:
@@ -350,13 +395,27 @@ def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
     return history, summary
 
 
+def round_multipliers(setup: RoundSetup, threshold: dict):
+    """The round's Lagrange multiplier, or under constraints per_category one per constraint."""
+    rl, rcfg = setup.rl, setup.rl.rounds[setup.round - 1]
+    kw = dict(init=rcfg.lambda_init, lr=rcfg.lambda_lr, max_value=rl.lambda_max, window=rl.lambda_window,
+              delay_steps=rl.lambda_delay_steps)
+    if setup.constraints:
+        return O.CategoryMultipliers(setup.constraints, thresholds=[threshold[f"threshold_{c}"] for c in setup.constraints], **kw)
+    return O.LagrangeMultiplier(threshold=threshold["threshold"], **kw)
+
+
 def round_threshold(roles: RoundRoles, setup: RoundSetup) -> dict:
-    """The round's cost threshold d and how it was derived (reported with the round's metrics)."""
+    """The round's cost threshold d and how it was derived (reported with the round's metrics);
+    under constraints per_category also each constraint's, `threshold_<name>`."""
     rl, k = setup.rl, setup.round
     if setup.threshold is not None:
         rule = "set in the config" if O.get_algorithm(rl.algorithm).constrained else f"none ({rl.algorithm} has no cost constraint)"
-        return {"threshold": setup.threshold, "threshold_rule": rule}
+        each = {f"threshold_{c}": setup.threshold for c in setup.constraints}  # per_category: the same d for each
+        return {"threshold": setup.threshold, **each, "threshold_rule": rule + (" (each constraint)" if each else "")}
     u = rl.unsafe_share(k)
+    if setup.constraints:
+        return category_thresholds(roles, setup, u)
     prompts, answers, safe = reference_answers(setup.inputs["reference"])
     costs = roles.score_texts("cost", prompts, answers, setup.max_prompt_tokens, setup.max_answer_tokens)
     d, safe_mean, unsafe_mean = O.auto_threshold(costs, safe, u)
@@ -365,6 +424,24 @@ def round_threshold(roles: RoundRoles, setup: RoundSetup) -> dict:
             "threshold_rule": (f"auto: the mean cost of a policy unsafe {u:.3g} of the time, (1-u) x {safe_mean:.3f} + "
                                f"u x {unsafe_mean:.3f}, on {len(costs)} fixed reference answers ({sum(safe)} safe) "
                                "scored by this round's cost model")}
+
+
+def category_thresholds(roles: RoundRoles, setup: RoundSetup, u: float) -> dict:
+    """threshold auto under constraints per_category: the rule on each constraint's own head, with
+    the reference answers harmful in its category as the unsafe ones (objectives.auto_constraint_thresholds)."""
+    prompts, answers, safe, categories = reference_answers(setup.inputs["reference"], with_categories=True)
+    costs = roles.score_texts("cost", prompts, answers, setup.max_prompt_tokens, setup.max_answer_tokens, categories=True)
+    harmful = [[not s] + [c in cats for c in setup.constraints[1:]] for s, cats in zip(safe, categories)]
+    found = O.auto_constraint_thresholds(costs, safe, harmful, u)
+    out = {"threshold": found[0][0], "threshold_unsafe_share": u, "reference_answers": len(costs)}
+    for name, (d, _, _, n) in zip(setup.constraints, found):
+        out.update({f"threshold_{name}": d, f"reference_harmful_{name}": n})
+    none = [c for c, (_, _, _, n) in zip(setup.constraints, found) if n == 0]
+    out["threshold_rule"] = (f"auto per constraint: on each head, the mean cost of a policy harmful in its category "
+                             f"{u:.3g} of the time, {len(costs)} fixed reference answers ({sum(safe)} safe) scored by "
+                             "this round's cost model" + (f" ({', '.join(none)}: none harmful in it, so all unsafe answers)"
+                                                          if none else ""))
+    return out
 
 
 def summarize(history: list[dict]) -> dict:
