@@ -19,7 +19,7 @@ from pipeline.config import RunConfig, _submodel, is_operational
 
 HEADER = """# Configuration reference
 
-Generated from the config schema (`pipeline/config.py`) by `safe-rlhf config-doc --out
+Generated from the config schema (`pipeline/config.py` and the settings it composes) by `safe-rlhf config-doc --out
 docs/configuration.md`; do not edit by hand (a test checks that this file is current).
 
 A run's config is one YAML file (`configs/tiny.yaml` is the default run's). Every key is optional;

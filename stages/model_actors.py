@@ -9,6 +9,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from stages.safe_rlhf.settings import SafeRLHFConfig
+
 # Model actors' environment: no per-load progress bars, vLLM's repeated per-reload warnings once
 # each (actors/vllm_logs.py), vLLM's CPU KV cache small, one tokenizer thread (Ray runs several
 # actors per core here).
@@ -16,7 +18,7 @@ ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1", "
              "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error", "SAFE_RLHF_VLLM_WARNINGS_ONCE": "1"}
 
 
-def actor_env(rl) -> dict[str, str]:
+def actor_env(rl: SafeRLHFConfig) -> dict[str, str]:
     """The environment of every actor that holds a model (a round's, evaluation's, the sweep's judge,
     Serve's deployments): ACTOR_ENV, DeepSpeed's accelerator for the configured device, and the
     threads `threads_per_actor` asks for (else Ray sets OMP_NUM_THREADS from the actor's CPUs)."""

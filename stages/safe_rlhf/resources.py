@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from cluster.launch import ActorSpec, ResourcePlan
 from stages.objectives import get_algorithm, uses_cost_model
+from stages.safe_rlhf.settings import SafeRLHFConfig
 
 
 def learner_roles(algorithm: str) -> list[str]:
@@ -31,7 +32,7 @@ def scorer_roles(algorithm: str) -> list[str]:
 SCORER_HOSTS = {"reference": "policy", "reward": "reward_critic", "cost": "cost_critic"}
 
 
-def scorer_hosts(rl) -> dict[str, str]:
+def scorer_hosts(rl: SafeRLHFConfig) -> dict[str, str]:
     """{scorer role: learner role whose rank 0 runs it in its own process} under `layout: colocated`;
     {} under split (every scorer an actor of its own)."""
     if rl.layout != "colocated":
@@ -40,8 +41,8 @@ def scorer_hosts(rl) -> dict[str, str]:
     return {r: SCORER_HOSTS[r] if SCORER_HOSTS[r] in learners else "policy" for r in scorer_roles(rl.algorithm)}
 
 
-def resource_plan(rl) -> ResourcePlan:
-    """rl: pipeline.config.SafeRLHFConfig -> one ActorSpec per actor of the round."""
+def resource_plan(rl: SafeRLHFConfig) -> ResourcePlan:
+    """rl -> one ActorSpec per actor of the round."""
     gpu = rl.device == "cuda"
     cpu = rl.cpus_per_actor
     ipc = gpu and rl.weight_sync == "ipc"  # policy learner i on rollout worker i's GPU (config checks TP 1, equal counts)

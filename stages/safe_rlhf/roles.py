@@ -45,6 +45,7 @@ from cluster.launch import Launcher
 from cluster.weight_sync import make_weight_sync
 from stages.model_actors import actor_env, engine_settings
 from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan, scorer_hosts, scorer_roles
+from stages.safe_rlhf.settings import SafeRLHFConfig
 from stages.text import same_tokenizer
 
 
@@ -102,7 +103,7 @@ class _HostedMethod:
         return self.learner.score_with.remote(self.role, self.method, *args, **kwargs)
 
 
-def actor_arguments(cfg, rl, models: dict) -> tuple[dict, dict, dict]:
+def actor_arguments(cfg, rl: SafeRLHFConfig, models: dict) -> tuple[dict, dict, dict]:
     """What a round's actors are built from, by name: (rollout {name: (args, kwargs)}, scorers
     {role: (name, args, kwargs)}, learner groups {role: [(name, args, kwargs) per rank]}).
     models: policy, reward_model, cost_model (when used); absent: none yet (`prestart`).
@@ -176,7 +177,7 @@ def worker_sampling(sampling: Sampling, worker: int) -> Sampling:
 
 
 class RoundRoles:
-    def __init__(self, cfg, rl, inputs: dict, sync_dir: Path, *, name: str, placement=None, prefix: str = "",
+    def __init__(self, cfg, rl: SafeRLHFConfig, inputs: dict, sync_dir: Path, *, name: str, placement=None, prefix: str = "",
                  pool=None, log=print):
         """The round `name`'s actors for `rl` (cfg: the run's config; inputs: the models), made in
         `placement` ((placement group, first bundle), e.g. a Tune trial's; None: their own), named
@@ -202,7 +203,7 @@ class RoundRoles:
             self.launcher.shutdown()
             raise
 
-    def _start(self, cfg, rl, inputs: dict, sync_dir: Path) -> None:
+    def _start(self, cfg, rl: SafeRLHFConfig, inputs: dict, sync_dir: Path) -> None:
         start = self.launcher.start
         restarts = rl.max_actor_restarts  # rollout workers and scorers come back; learners do not
         rollout, scorers, learners = actor_arguments(cfg, rl, inputs)

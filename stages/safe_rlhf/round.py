@@ -44,13 +44,14 @@ from stages.files import read_jsonl
 from stages.safe_rlhf.checkpoints import RoundCheckpoints
 from stages.safe_rlhf.plots import training_curves
 from stages.safe_rlhf.roles import ActorDied, RoundRoles
+from stages.safe_rlhf.settings import SafeRLHFConfig
 from stages.text import format_prompt, prompt_tokenizer, same_tokenizer
 
 
 # ---------------------------------------------------------------------- what the round starts from
 @dataclass(frozen=True)
 class RoundSetup:
-    rl: object  # pipeline.config.SafeRLHFConfig, with a baseline's algorithm applied
+    rl: SafeRLHFConfig  # with a baseline's algorithm applied
     round: int  # k
     steps: int
     threshold: float | None  # d, on the cost model's scale; None: auto, derived once the cost scorer is up
@@ -75,7 +76,7 @@ class RoundSetup:
         return cls.for_inputs(ctx.cfg, rl, k, round_inputs(ctx, rl.algorithm))
 
     @classmethod
-    def for_inputs(cls, cfg, rl, k: int, inputs: dict) -> "RoundSetup":
+    def for_inputs(cls, cfg, rl: SafeRLHFConfig, k: int, inputs: dict) -> "RoundSetup":
         """Round k of `rl` from explicit inputs (policy, reward_model, cost_model, train_pairs, reference)."""
         rcfg = rl.rounds[k - 1]
         if not O.get_algorithm(rl.algorithm).constrained:
@@ -89,7 +90,7 @@ class RoundSetup:
                    round_constraints(rl, inputs.get("cost_model")))
 
 
-def round_constraints(rl, cost_model) -> tuple:
+def round_constraints(rl: SafeRLHFConfig, cost_model: Path | None) -> tuple:
     """("shared", *the cost model's harm categories) under constraints per_category; () otherwise."""
     if rl.constraints != "per_category":
         return ()
@@ -182,7 +183,7 @@ class Experience:
     cost_returns: torch.Tensor | None = None
 
 
-def advantage_settings(rl) -> O.AdvantageSettings:
+def advantage_settings(rl: SafeRLHFConfig) -> O.AdvantageSettings:
     return O.AdvantageSettings(kl_coeff=rl.kl_coeff, clip_score=rl.clip_score, gamma=rl.gamma, gae_lambda=rl.gae_lambda,
                                shaping_nu=rl.shaping_nu, group_size=rl.group_size)
 
@@ -197,13 +198,14 @@ def set_advantages(exp: Experience, adv: O.Advantages) -> None:
     exp.cost_advantages, exp.cost_returns = adv.cost, adv.cost_returns
 
 
-def compute_advantages(exp: Experience, rl) -> None:
+def compute_advantages(exp: Experience, rl: SafeRLHFConfig) -> None:
     """The algorithm's advantages (ppo_lag: KL-shaped per-token rewards and costs, then GAE on each
     critic, paper Sec. 3.3; grpo_lag: group-normalised returns)."""
     set_advantages(exp, O.get_algorithm(rl.algorithm).advantages(step_scores(exp), advantage_settings(rl)))
 
 
-def multipliers_and_advantages(exp: Experience, rl, lagrange) -> float:
+def multipliers_and_advantages(exp: Experience, rl: SafeRLHFConfig,
+                               lagrange: O.LagrangeMultiplier | O.CategoryMultipliers) -> float:
     """Update lambda on the step's episode costs and set the advantages -> the policy loss's lambda.
     One constraint: advantages, then lambda (neither reads the other). per_category: each
     constraint's lambda first, since the cost advantage is their weighted sum; the loss's lambda is
@@ -219,7 +221,7 @@ def multipliers_and_advantages(exp: Experience, rl, lagrange) -> float:
     return lam
 
 
-def learn(roles: RoundRoles, exp: Experience, lagrange_lambda: float, rl, generator: torch.Generator) -> dict:
+def learn(roles: RoundRoles, exp: Experience, lagrange_lambda: float, rl: SafeRLHFConfig, generator: torch.Generator) -> dict:
     """PPO epochs over shuffled minibatches; each minibatch updates the policy and the critics together."""
     stats: dict[str, list[float]] = {}
     for _ in range(rl.ppo_epochs):
