@@ -85,8 +85,11 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
         # the first ingest too: its held-out labelled answers are threshold auto's fixed reference set
         alg = get_algorithm(algorithm)
         deps = world + sft + tuple(dict.fromkeys(("ingest", ingest))) + (fits[0],) + ((fits[1],) if alg.uses_cost_model else ())
-        # group_size counts only where the algorithm samples in groups (a ppo_lag round's fingerprint stays as it was)
-        keys = tuple(key for key in shared if alg.group_sampling or key != "safe_rlhf.group_size")
+        # group_size counts only where the algorithm samples in groups, constraints only where a round
+        # keeps per-category ones (baselines never do): a ppo_lag round's fingerprint stays as it was
+        per_category = cfg.safe_rlhf.constraints == "per_category" and not params
+        keys = tuple(key for key in shared if (alg.group_sampling or key != "safe_rlhf.group_size")
+                     and (per_category or key != "safe_rlhf.constraints"))
         return StageSpec(name, "stages.safe_rlhf.round", deps + prev, ("seed", "model.path", "model.max_prompt_tokens")
                          + keys + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params,
                          prestart=None if params else "stages.safe_rlhf.roles:prestart")  # baselines keep no actors

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from stages.safe_rlhf.settings import SafeRLHFConfig
+if TYPE_CHECKING:  # a shared helper; the round's settings type only annotates it
+    from stages.safe_rlhf.settings import SafeRLHFConfig
 
 # Model actors' environment: no per-load progress bars, vLLM's repeated per-reload warnings once
 # each (actors/vllm_logs.py), vLLM's CPU KV cache small, one tokenizer thread (Ray runs several

@@ -364,8 +364,8 @@ def category_cost_advantage(cost_advantages: Tensor, lambdas: Tensor) -> Tuple[T
     lambdas [K] -> (A_c, lambda) with lambda = sum_k lambda_k and A_c = sum_k lambda_k A_c,k / lambda,
     so ppo_lag_policy_loss's (A_r - lambda A_c) / (1 + lambda) is
     (A_r - sum_k lambda_k A_c,k) / (1 + sum_k lambda_k): the cost advantage is the lambda-weighted sum."""
+    total = float(lambdas.detach().to(torch.float64).sum())  # in float64, as ppo_lag's mix sums them
     lambdas = lambdas.detach().to(cost_advantages.dtype)
-    total = float(lambdas.sum())
     weighted = (lambdas.view(-1, 1, 1) * cost_advantages.detach()).sum(0)  # sum_k lambda_k A_c,k; [B, T]
     return (weighted / total if total > 0 else torch.zeros_like(weighted)), total
 
@@ -431,7 +431,7 @@ class CategoryMultipliers:
 
     @property
     def value(self) -> float:
-        """The policy loss's lambda: sum_k lambda_k (category_cost_advantage)."""
+        """sum_k lambda_k (the policy loss's lambda is this capped at lambda_max: Algorithm.constrained_advantages)."""
         return sum(m.value for m in self.multipliers)
 
     @property
@@ -614,6 +614,7 @@ class Algorithm:
         shared cost, then one per category head), lambdas [K] -> (advantages, lambda) such that the
         policy loss's (A_r - lambda A_c) / (1 + lambda) is (A_r - sum_k lambda_k A_c,k) / (1 + sum_k lambda_k),
         the cost advantage being the lambda-weighted mean sum_k lambda_k A_c,k / sum_k lambda_k.
+        (ppo_lag's mix equals it exactly while no per-token cost reaches clip_score.)
 
         max_lambda (safe_rlhf.lambda_max) also caps the loss's lambda, min(sum_k lambda_k, max_lambda):
         the weights among the constraints stay lambda_k / sum lambda, but the cost never outweighs the

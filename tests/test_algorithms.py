@@ -191,6 +191,22 @@ def test_group_size_is_in_a_rounds_fingerprint_only_where_it_samples_groups():
     assert "fit_cost" in grpo_lag[1]
 
 
+def test_constraints_are_in_a_rounds_fingerprint_only_where_it_keeps_per_category_ones():
+    """A run made before safe_rlhf.constraints existed keeps its rounds (and their checkpoints) on resume."""
+    from pipeline.config import parse_config
+    from pipeline.graph import build_graph
+
+    def keys(constraints):
+        graph = build_graph(parse_config({"name": "t", "cost": {"per_category": True}, "evaluate": {"baselines": True},
+                                          "safe_rlhf": {"constraints": constraints}}))
+        return {s.name: s.config_keys for s in graph if s.base_name in ("safe_rlhf", "baseline_ppo", "baseline_reward_shaping")}
+
+    single, per_category = keys("single"), keys("per_category")
+    assert not any("safe_rlhf.constraints" in k for k in single.values())
+    assert all("safe_rlhf.constraints" in per_category[n] for n in per_category if n.startswith("safe_rlhf@"))
+    assert "safe_rlhf.constraints" not in per_category["baseline_ppo"]  # baselines run with one constraint or none
+
+
 def test_grpo_lag_step_samples_whole_groups_of_one_prompt():
     from stages.safe_rlhf.round import step_inputs, step_prompts
 

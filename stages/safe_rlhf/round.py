@@ -176,7 +176,7 @@ class Experience:
     cost: torch.Tensor | None  # [B] cost model end scores
     reward_values: torch.Tensor | None  # [B, T]; None without a reward critic
     cost_values: torch.Tensor | None  # [B, T]; None without a cost critic
-    constraint_costs: torch.Tensor | None = None  # [B, K] per_category: shared cost, then each category's
+    constraint_costs: torch.Tensor | None = None  # [B, 1 + K] per_category: shared cost, then each category's
     reward_advantages: torch.Tensor | None = None
     reward_returns: torch.Tensor | None = None
     cost_advantages: torch.Tensor | None = None
@@ -266,7 +266,7 @@ def step_inputs(setup: RoundSetup, step: int, seed: int) -> tuple[list[str], Sam
     return prompts, Sampling(rl.max_new_tokens, rl.temperature, rl.top_p, seed=seed * 100_000 + k * 10_000 + step)
 
 
-def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplier, step: int, seed: int,
+def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplier | O.CategoryMultipliers, step: int, seed: int,
              rollout: Rollout | None = None) -> tuple[dict, Rollout | None]:
     """One step -> (metrics, the next step's rollouts when overlap_generation generated them here).
     `rollout`: this step's rollouts, when the previous step generated them."""
@@ -370,7 +370,8 @@ def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
             roles.push_weights(start_step)
             if rl.overlap_generation and saved.get("next_rollout"):
                 rollout = Rollout.from_state(saved["next_rollout"])  # generated before the interruption
-            ctx.log(f"  resumed round {k} from its checkpoint at step {start_step} (lambda {lagrange.value:.4f})")
+            ctx.log(f"  resumed round {k} from its checkpoint at step {start_step} (lambda {lagrange.value:.4f}"
+                    + (f", the sum of {len(setup.constraints)} constraints)" if setup.constraints else ")"))
         # Steps after the checkpoint (from an interrupted attempt) are dropped: each step once.
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
         progress = Progress(ctx.log, "step", setup.steps, every_s=15)
