@@ -158,12 +158,14 @@ def end_scores(model, token_lists: list[list[int]], pad_id: int, device, batch: 
     out: list = []
     for s in range(0, len(token_lists), batch):
         ids, mask = pad(token_lists[s:s + batch], pad_id)
-        out += (constraint_scores(model, ids.to(device), mask.to(device)) if categories
-                else model(ids.to(device), mask.to(device))[1]).float().cpu().tolist()
+        out += batch_end_scores(model, ids.to(device), mask.to(device), categories).float().cpu().tolist()
     return out
 
 
-def constraint_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, 1 + K]: the shared end score, then the K per-category end scores, from one backbone pass."""
+def batch_end_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, categories: bool = False) -> torch.Tensor:
+    """[B] end scores of one padded batch; categories: [B, 1 + K], the shared end score, then the K
+    per-category end scores, from one backbone pass."""
+    if not categories:
+        return model(input_ids, attention_mask)[1]
     _, shared, per_category = model(input_ids, attention_mask, with_categories=True)
     return torch.cat([shared.unsqueeze(1), per_category], 1)

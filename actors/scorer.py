@@ -17,7 +17,7 @@ import torch
 from actors.experience import SequenceBatch
 from actors.models import import_ahead, response_logprobs, torch_dtype
 from actors.restarts import refuse_if_restarted
-from actors.score_model import constraint_scores, end_scores
+from actors.score_model import batch_end_scores, end_scores
 from cluster.pool import restarted_by_ray
 from stages.text import encode_conversation, format_prompt
 
@@ -107,9 +107,7 @@ class Scorer:
         out = []
         for s in range(0, len(batch), self.batch_size):
             chunk = batch.select(slice(s, s + self.batch_size)).to(self.device)
-            scores = (constraint_scores(self.model, chunk.input_ids, chunk.attention_mask) if categories
-                      else self.model(chunk.input_ids, chunk.attention_mask)[1])
-            out.append(scores.float().cpu())
+            out.append(batch_end_scores(self.model, chunk.input_ids, chunk.attention_mask, categories).float().cpu())
         return torch.cat(out)
 
     def score_texts(self, prompts: list[str], answers: list[str], max_prompt_tokens: int, max_answer_tokens: int,

@@ -89,17 +89,10 @@ def score_pairs(model, items: list[dict], pad_id: int, device) -> tuple[list[flo
     return scores[:len(items)], scores[len(items):]
 
 
-def score_category_pairs(model, items: list[dict], pad_id: int, device, batch: int = 64) -> tuple[list, list]:
+def score_category_pairs(model, items: list[dict], pad_id: int, device) -> tuple[list, list]:
     """Per-category end scores of both answers of each pair: -> ([K scores] of each preferred, of each other)."""
-    import torch
-
-    from actors.experience import pad
-
-    seqs, out = [i["a"] for i in items] + [i["b"] for i in items], []
-    with torch.no_grad():
-        for s in range(0, len(seqs), batch):
-            ids, mask = pad(seqs[s:s + batch], pad_id)
-            out += model(ids.to(device), mask.to(device), with_categories=True)[2].float().cpu().tolist()
+    rows = end_scores(model, [i["a"] for i in items] + [i["b"] for i in items], pad_id, device, categories=True)
+    out = [r[1:] for r in rows]  # column 0 is the shared head's
     return out[:len(items)], out[len(items):]
 
 

@@ -293,11 +293,15 @@ class LagrangeMultiplier:
             episode_costs = [episode_costs]
         self.window.extend(float(c) for c in episode_costs)
 
+    def window_mean(self) -> float:
+        """J_c: the mean of the window of episode costs."""
+        return sum(self.window) / len(self.window)
+
     def step(self) -> float:
         """One update (skipped for the first `delay_steps` calls or with an empty window)."""
         self.steps += 1
         if self.steps > self.delay_steps and self.window:
-            mean_cost = sum(self.window) / len(self.window)  # J_c
+            mean_cost = self.window_mean()  # J_c
             self.log_lambda += self.lr * self.value * (mean_cost - self.threshold)  # log_lambda += lr lambda (J_c - d)
             self._clamp()
         return self.value
@@ -453,7 +457,7 @@ class CategoryMultipliers:
 
     def window_means(self) -> List[float]:
         """Each constraint's J_c: the mean of its window of episode costs."""
-        return [sum(m.window) / len(m.window) for m in self.multipliers]
+        return [m.window_mean() for m in self.multipliers]
 
     def state_dict(self) -> Dict:
         return {"categories": self.categories, "multipliers": [m.state_dict() for m in self.multipliers]}

@@ -118,7 +118,7 @@ def test_auto_threshold_is_the_mean_cost_of_a_policy_unsafe_a_share_u_of_the_tim
     rows = [{"prompt": "p", "response_0": "a", "response_1": "b", "is_response_0_safe": True, "is_response_1_safe": False},
             {"prompt": "q", "response_0": "c", "response_1": "d", "is_response_0_safe": None, "is_response_1_safe": None}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "eval.parquet")
-    prompts, answers, safe = reference_answers(tmp_path / "eval.parquet")
+    prompts, answers, safe, _ = reference_answers(tmp_path / "eval.parquet")
     assert (prompts, answers, safe) == (["p", "p"], ["a", "b"], [True, False])  # HH-style rows have no is_safe
     costs = [-4.0, -6.0, 2.0, 4.0]
     # safe mean -5, unsafe mean 3: u = 0.05 -> 0.95 * -5 + 0.05 * 3

@@ -136,10 +136,9 @@ def prompt_turns(train_parquet: Path, tokenizer=None) -> dict[str, tuple[str, li
     return out
 
 
-def reference_answers(eval_parquet: Path, with_categories: bool = False) -> tuple:
+def reference_answers(eval_parquet: Path) -> tuple[list[str], list[str], list[bool], list[list[str]]]:
     """The fixed reference set of threshold auto: every labelled answer of the first ingest's
-    held-out pairs -> (prompts, answers, is_safe), and with_categories each answer's harm categories.
-    The same answers for every round."""
+    held-out pairs -> (prompts, answers, is_safe, harm categories). The same answers for every round."""
     import pyarrow.parquet as pq
 
     prompts, answers, safe, categories = [], [], [], []
@@ -150,7 +149,7 @@ def reference_answers(eval_parquet: Path, with_categories: bool = False) -> tupl
                 answers.append(r[f"response_{i}"])
                 safe.append(bool(r[f"is_response_{i}_safe"]))
                 categories.append(list(r.get(f"response_{i}_harm_category") or []))
-    return (prompts, answers, safe, categories) if with_categories else (prompts, answers, safe)
+    return prompts, answers, safe, categories
 
 
 def step_prompts(pool: list[str], step: int, batch: int, seed: int) -> list[str]:
@@ -333,7 +332,7 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
         for name, value, mean, costs in zip(setup.constraints, lagrange.values.tolist(), means, exp.constraint_costs.T):
             m.update({f"lambda_{name}": value, f"episode_cost_{name}": mean, f"cost_mean_{name}": costs.mean().item()})
     elif algorithm.constrained:
-        m.update({"lambda": lagrange.value, "episode_cost": sum(lagrange.window) / len(lagrange.window)})
+        m.update({"lambda": lagrange.value, "episode_cost": lagrange.window_mean()})
     return {key: (float(f"{v:.6g}") if isinstance(v, float) else v) for key, v in m.items()}, following
 
 
@@ -342,7 +341,6 @@ def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
     """Start the roles, continue from the last checkpoint if there is one, run the steps, export
     the policy to out_dir/policy. -> (per-step metrics, summary)."""
     rl, k, seed = setup.rl, setup.round, ctx.cfg.seed
-    rcfg = rl.rounds[k - 1]
     ckpts = RoundCheckpoints(ctx.out_dir / "ckpt")
     metrics_path = ctx.out_dir / "metrics.jsonl"
     t_setup = time.perf_counter()
@@ -419,7 +417,7 @@ def round_threshold(roles: RoundRoles, setup: RoundSetup) -> dict:
     u = rl.unsafe_share(k)
     if setup.constraints:
         return category_thresholds(roles, setup, u)
-    prompts, answers, safe = reference_answers(setup.inputs["reference"])
+    prompts, answers, safe, _ = reference_answers(setup.inputs["reference"])
     costs = roles.score_texts("cost", prompts, answers, setup.max_prompt_tokens, setup.max_answer_tokens)
     d, safe_mean, unsafe_mean = O.auto_threshold(costs, safe, u)
     return {"threshold": d, "threshold_unsafe_share": u, "reference_safe_cost_mean": round(safe_mean, 4),
@@ -432,7 +430,7 @@ def round_threshold(roles: RoundRoles, setup: RoundSetup) -> dict:
 def category_thresholds(roles: RoundRoles, setup: RoundSetup, u: float) -> dict:
     """threshold auto under constraints per_category: the rule on each constraint's own head, with
     the reference answers harmful in its category as the unsafe ones (objectives.auto_constraint_thresholds)."""
-    prompts, answers, safe, categories = reference_answers(setup.inputs["reference"], with_categories=True)
+    prompts, answers, safe, categories = reference_answers(setup.inputs["reference"])
     costs = roles.score_texts("cost", prompts, answers, setup.max_prompt_tokens, setup.max_answer_tokens, categories=True)
     harmful = [[not s] + [c in cats for c in setup.constraints[1:]] for s, cats in zip(safe, categories)]
     found = O.auto_constraint_thresholds(costs, safe, harmful, u)
