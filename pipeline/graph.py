@@ -85,10 +85,13 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
         # the first ingest too: its held-out labelled answers are threshold auto's fixed reference set
         alg = get_algorithm(algorithm)
         deps = world + sft + tuple(dict.fromkeys(("ingest", ingest))) + (fits[0],) + ((fits[1],) if alg.uses_cost_model else ())
-        # group_size counts only where the algorithm samples in groups, constraints only where a round
-        # keeps per-category ones (baselines never do): a ppo_lag round's fingerprint stays as it was
+        # group_size counts only where the algorithm samples in groups, group_scale only there and off
+        # its default, constraints only where a round keeps per-category ones (baselines never do): a
+        # round made before a setting existed keeps its fingerprint
         per_category = cfg.safe_rlhf.constraints == "per_category" and not params
+        batch_scale = alg.group_sampling and cfg.safe_rlhf.group_scale != "group"
         keys = tuple(key for key in shared if (alg.group_sampling or key != "safe_rlhf.group_size")
+                     and (batch_scale or key != "safe_rlhf.group_scale")
                      and (per_category or key != "safe_rlhf.constraints"))
         return StageSpec(name, "stages.safe_rlhf.round", deps + prev, ("seed", "model.path", "model.max_prompt_tokens")
                          + keys + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params,

@@ -73,3 +73,14 @@ def submit(address: str, args: list[str], wait: bool = True) -> int:
     code = code if code is not None else (0 if info.status == JobStatus.SUCCEEDED else 1)
     print(f"job {job_id}: {info.status} (exit code {code})", file=sys.stderr, flush=True)
     return int(code)
+
+
+def cmd_submit(args) -> int:
+    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if not rest:
+        print("error: nothing to submit: give the pipeline's arguments after --, e.g. -- run --config configs/tiny.yaml",
+              file=sys.stderr)
+        return 2
+    address = args.address or (os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS", "").startswith("http")
+                               else DEFAULT_ADDRESS)
+    return submit(address, rest, wait=not args.no_wait)

@@ -495,6 +495,7 @@ class AdvantageSettings:
     gae_lambda: float = 0.95  # GAE lambda
     shaping_nu: float = 1.0  # reward_shaping's fixed cost penalty
     group_size: int = 1  # answers per prompt, consecutive rows of the batch (grouped algorithms)
+    group_scale: str = "group"  # grouped algorithms: divide by each group's std, or by the batch's (group_normalized)
 
 
 @dataclass(frozen=True)
@@ -517,15 +518,22 @@ def gae_advantages(s: StepScores, end_reward: Tensor, hp: AdvantageSettings) -> 
 
 
 @torch.no_grad()
-def group_normalized(x: Tensor, group_size: int, eps: float = GROUP_STD_EPS) -> Tensor:
-    """x [B] -> (x - mean of its group) / (std of its group + eps) [B], each group `group_size`
-    consecutive rows (one prompt's answers). std is the group's population std (divides by G)."""
+def group_normalized(x: Tensor, group_size: int, eps: float = GROUP_STD_EPS, scale: str = "group") -> Tensor:
+    """x [B] -> (x - mean of its group) / (spread + eps) [B], each group `group_size` consecutive
+    rows (one prompt's answers). scale "group": the spread is the group's own population std (GRPO);
+    "batch": one std of every row's deviation from its group mean, over the whole batch, so a group
+    whose answers barely differ keeps small advantages instead of noise blown up to unit spread."""
     if x.shape[0] % group_size:
         raise ValueError(f"a batch of {x.shape[0]} is not whole groups of {group_size}")
+    if scale not in ("group", "batch"):
+        raise ValueError(f"scale must be 'group' or 'batch', got {scale!r}")
     g = x.detach().view(-1, group_size)  # [B/G, G]
-    mean = g.mean(-1, keepdim=True)  # [B/G, 1]
-    std = g.std(-1, correction=0, keepdim=True)  # [B/G, 1]
-    return ((g - mean) / (std + eps)).view(-1)  # A_i = (x_i - mean_g) / (std_g + eps)
+    dev = g - g.mean(-1, keepdim=True)  # [B/G, G]
+    if scale == "group":
+        std = g.std(-1, correction=0, keepdim=True)  # [B/G, 1]
+    else:
+        std = dev.pow(2).mean().sqrt()  # [], the batch's within-group population std
+    return (dev / (std + eps)).view(-1)  # A_i = (x_i - mean_g) / (std + eps)
 
 
 @torch.no_grad()
@@ -546,8 +554,8 @@ def group_advantages(s: StepScores, end_reward: Tensor, hp: AdvantageSettings) -
         raise ValueError("group_advantages needs the cost scores")
     rewards, costs = kl_shaped_rewards(end_reward, s.cost, s.logp, s.ref_logp, s.mask, hp.kl_coeff, hp.clip_score)
     m = s.mask.to(rewards.dtype)  # [B, T]
-    reward_adv = group_normalized(rewards.sum(-1), hp.group_size)  # A_r from sum_t r_t (gamma 1); [B]
-    cost_adv = group_normalized(costs.sum(-1), hp.group_size)  # A_c from sum_t c_t; [B]
+    reward_adv = group_normalized(rewards.sum(-1), hp.group_size, scale=hp.group_scale)  # A_r from sum_t r_t; [B]
+    cost_adv = group_normalized(costs.sum(-1), hp.group_size, scale=hp.group_scale)  # A_c from sum_t c_t; [B]
     return Advantages(reward_adv[:, None] * m, cost_adv[:, None] * m, None, None)  # [B, T] each
 
 

@@ -38,6 +38,32 @@ def test_group_normalized_eps_keeps_an_all_equal_group_at_zero():
     assert a[5].item() == pytest.approx(2.0 / (2.0 + obj.GROUP_STD_EPS), abs=1e-12)
 
 
+def test_group_normalized_batch_scale_keeps_a_near_tie_small():
+    # groups (0, 3, 6) and (1, 1, 1.3): deviations (-3, 0, 3) and (-0.1, -0.1, 0.2); batch std
+    # sqrt((9 + 0 + 9 + 0.01 + 0.01 + 0.04) / 6) = sqrt(18.06 / 6), one divisor for both groups
+    x = t64([0.0, 3.0, 6.0, 1.0, 1.0, 1.3])
+    std = math.sqrt(18.06 / 6)
+    a = obj.group_normalized(x, 3, eps=0.0, scale="batch")
+    assert torch.allclose(a, t64([-3, 0, 3, -0.1, -0.1, 0.2]) / std, atol=TOL, rtol=0)
+    # per group, the near tie is blown up to the same unit spread as the real gap
+    g = obj.group_normalized(x, 3, eps=0.0)
+    assert torch.allclose(g[3:], t64([-1 / math.sqrt(2), -1 / math.sqrt(2), math.sqrt(2)]), atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="scale"):
+        obj.group_normalized(x, 3, scale="prompt")
+
+
+def test_grpo_lag_advantages_read_group_scale():
+    s = obj.StepScores(reward=t64([1.0, 0.0, 0.0, 0.0]), logp=torch.zeros(4, 2, dtype=torch.float64), ref_logp=torch.zeros(4, 2, dtype=torch.float64),
+                       mask=torch.ones(4, 2, dtype=torch.float64), cost=t64([0.0, 2.0, 1.0, 1.1]))
+    reward = t64([1.0, 0.0, 0.0, 0.0])
+    group = obj.group_advantages(s, reward, obj.AdvantageSettings(kl_coeff=0.0, clip_score=10.0, group_size=2))
+    batch = obj.group_advantages(s, reward, obj.AdvantageSettings(kl_coeff=0.0, clip_score=10.0, group_size=2,
+                                                                   group_scale="batch"))
+    assert group.cost[2, 0].item() == pytest.approx(-1.0, abs=1e-3)  # a 0.1 gap at unit spread
+    # batch: cost deviations (-1, 1, -0.05, 0.05), std sqrt((1 + 1 + 0.0025 + 0.0025) / 4)
+    assert batch.cost[2, 0].item() == pytest.approx(-0.05 / math.sqrt(2.005 / 4), abs=1e-6)
+
+
 def test_group_normalized_refuses_a_partial_group():
     with pytest.raises(ValueError, match="whole groups"):
         obj.group_normalized(t64([1.0, 2.0, 3.0]), 2)
@@ -205,6 +231,19 @@ def test_constraints_are_in_a_rounds_fingerprint_only_where_it_keeps_per_categor
     assert not any("safe_rlhf.constraints" in k for k in single.values())
     assert all("safe_rlhf.constraints" in per_category[n] for n in per_category if n.startswith("safe_rlhf@"))
     assert "safe_rlhf.constraints" not in per_category["baseline_ppo"]  # baselines run with one constraint or none
+
+
+def test_group_scale_is_in_a_rounds_fingerprint_only_off_its_default_and_grouped():
+    from pipeline.config import parse_config
+    from pipeline.graph import build_graph
+
+    def keys(algorithm, scale):
+        graph = build_graph(parse_config({"name": "t", "safe_rlhf": {"algorithm": algorithm, "group_scale": scale}}))
+        return [s.config_keys for s in graph if s.base_name == "safe_rlhf"]
+
+    assert not any("safe_rlhf.group_scale" in k for k in keys("grpo_lag", "group"))  # earlier runs keep their rounds
+    assert all("safe_rlhf.group_scale" in k for k in keys("grpo_lag", "batch"))
+    assert not any("safe_rlhf.group_scale" in k for k in keys("ppo_lag", "batch"))  # no groups: it changes nothing
 
 
 def test_grpo_lag_step_samples_whole_groups_of_one_prompt():

@@ -1,6 +1,6 @@
 """The pre-launch plan (pipeline/plan.py) and the cluster launch files.
 
-Memory accounting under test (documented in pipeline/plan.py): bytes per parameter
+Memory accounting under test (documented in pipeline/memory_model.py): bytes per parameter
   bf16/fp16: weights 2, gradients 2, optimizer 12 (fp32 master 4 + two fp32 AdamW moments 8)
   fp32:      weights 4, gradients 4, optimizer 8  (two fp32 moments)
 ZeRO stage >= 1 shards the optimizer state, >= 2 the gradients, 3 the weights.
@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config, parse_config
-from pipeline.plan import (GIB, KNOWN_MODELS, format_plan, llama_params, plan, score_model_params,
-                           training_memory)
+from pipeline.memory_model import GIB, KNOWN_MODELS, llama_params, score_model_params, training_memory
+from pipeline.plan import format_plan, plan
 
 REPO = Path(__file__).resolve().parents[1]
 BEAVER = REPO / "configs" / "beaver-7b.yaml"

@@ -184,7 +184,8 @@ class Experience:
 
 def advantage_settings(rl: SafeRLHFConfig) -> O.AdvantageSettings:
     return O.AdvantageSettings(kl_coeff=rl.kl_coeff, clip_score=rl.clip_score, gamma=rl.gamma, gae_lambda=rl.gae_lambda,
-                               shaping_nu=rl.shaping_nu, group_size=rl.group_size)
+                               shaping_nu=rl.shaping_nu, group_size=rl.group_size,
+                               group_scale=rl.group_scale)
 
 
 def step_scores(exp: Experience) -> O.StepScores:
