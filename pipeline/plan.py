@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pipeline.memory_model import (GIB, OPTIMIZER_BYTES, WEIGHT_BYTES, LlamaShape, activation_gib, forward_gib,
                                    kv_bytes_per_token, llama_params, logits_gib, model_shape, score_model_params,
                                    training_memory, weights_only, with_working_memory)
+from stages.objectives import get_algorithm
 from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan
 
 if TYPE_CHECKING:
@@ -128,7 +129,9 @@ def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> d
     actors = _round_actors(rl, roles)
     present = {a["role"] for a in actors} | {f"scorer-{h}" for a in actors for h in a["hosts"]}
     roles = {k: v for k, v in roles.items() if k in present}
-    out = {"algorithm": rl.algorithm, "layout": rl.layout, "engine": rl.engine, "device": rl.device, "precision": rl.precision,
+    grouped = get_algorithm(rl.algorithm).group_sampling
+    out = {"algorithm": rl.algorithm, "constraints": rl.constraints, "group_scale": rl.group_scale if grouped else None,
+           "layout": rl.layout, "engine": rl.engine, "device": rl.device, "precision": rl.precision,
            "zero_stage": rl.zero_stage, "learners_per_role": rl.learners_per_role,
            "rollout_workers": rl.rollout_workers, "tensor_parallel_size": rl.tensor_parallel_size,
            "colocate_scorers": rl.colocate_scorers, "keep_actors": rl.keeps_actors, "actors": actors,
@@ -334,7 +337,10 @@ def format_plan(p: dict) -> str:
     out += _table(rows)
     out += [f"  {f['stage']}: {f['hint']}" for f in p["fits"] if f.get("hint")]
 
-    out += ["", f"Safe RLHF round ({rnd['algorithm']}, layout {rnd['layout']}, engine {rnd['engine']}, {rnd['device']}, "
+    # the settings that change what a round optimises, where they are not the default
+    variant = "".join(f", {k} {rnd[k]}" for k, default in (("constraints", "single"), ("group_scale", "group"))
+                      if rnd.get(k) not in (None, default))
+    out += ["", f"Safe RLHF round ({rnd['algorithm']}{variant}, layout {rnd['layout']}, engine {rnd['engine']}, {rnd['device']}, "
                 f"{rnd['precision']}, ZeRO-{rnd['zero_stage']}, learners_per_role {rnd['learners_per_role']}, "
                 f"colocate_scorers {rnd['colocate_scorers']})"]
     rows = [["actor", "CPUs", "GPUs", "GiB (estimate)", "hosts"]]

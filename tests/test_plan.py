@@ -254,6 +254,19 @@ def test_tiny_plans_on_cpu_with_no_gpus():
     assert plan(load_config(TINY), gpu_memory_gib=80)["verdict"].startswith("CPU run")
 
 
+def test_the_round_header_names_what_it_optimises_off_the_defaults():
+    from pipeline.config import parse_config
+
+    def header(**rl):
+        text = format_plan(plan(parse_config({"name": "h", "cost": {"per_category": True}, "safe_rlhf": rl})))
+        return next(line for line in text.splitlines() if line.startswith("Safe RLHF round ("))
+
+    assert header().startswith("Safe RLHF round (ppo_lag, layout split,")  # the defaults add nothing
+    assert header(constraints="per_category").startswith("Safe RLHF round (ppo_lag, constraints per_category, layout")
+    assert header(algorithm="grpo_lag", group_scale="batch").startswith("Safe RLHF round (grpo_lag, group_scale batch, layout")
+    assert "group_scale" not in header(algorithm="grpo_lag")
+
+
 def test_kv_cache_without_gpu_memory_is_what_max_num_seqs_need():
     cfg = _gpu_cfg(max_num_seqs=16, max_new_tokens=32, tensor_parallel_size=2)
     p = plan(cfg)
