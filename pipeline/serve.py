@@ -279,8 +279,7 @@ class Ingress:
         return {"status": "ok", "models": list(self.policies)}
 
 
-# ---------------------------------------------------------------------- the application
-def _done(run: Path, stage: str) -> bool:
+def _done(run: Path, stage: str) -> bool:  # ---- the application: which policies, which models, the limits
     return (run / "stages" / stage / "manifest.json").is_file()
 
 

@@ -133,8 +133,10 @@ def sweep_sections(run_dir: Path) -> list[str]:
         parts += [f"## Sweep `{out.name}`", "",
                   f"{len(trials)} trials of one round each from the starting policy (harmful rate {start['harmful_rate']}, "
                   f"helpfulness {start['helpfulness']}), judged by {front['judge']}. * marks the Pareto front.", "",
-                  _table(["trial", "algorithm", "status", "harmful_rate", "over_refusal_rate", "helpfulness", "kl", "lambda"],
-                         [[("* " if t["trial"] in on_front else "") + t["trial"], t["algorithm"], t["status"],
+                  _table(["trial", "algorithm", "constraints", "status", "harmful_rate", "over_refusal_rate", "helpfulness",
+                          "kl", "lambda"],
+                         [[("* " if t["trial"] in on_front else "") + t["trial"], t["algorithm"],
+                           t.get("constraints", "single"), t["status"],
                            t["harmful_rate"], t.get("over_refusal_rate", ""), t["helpfulness"], t["kl"], t["lambda"]]
                           for t in trials]), "",
                   f"![pareto front](../../sweeps/{out.name}/pareto.png)", ""]

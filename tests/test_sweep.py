@@ -184,3 +184,26 @@ def test_a_reward_only_trial_is_judged_by_the_cost_model_when_the_run_has_no_ora
     benign = [(t, s) for t, s in zip(trial, start) if not t["harmful_prompt"]]
     wins = [1.0 if t["reward"] > s["reward"] else 0.5 if t["reward"] == s["reward"] else 0.0 for t, s in benign]
     assert row["helpfulness"] == round(statistics.mean(wins), 4)
+
+
+def test_the_reports_sweep_table_names_each_trials_constraints(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.report import sweep_sections
+
+    out = tmp_path / "sweeps" / "categories"
+    out.mkdir(parents=True)
+    trial = {"status": "done", "harmful_rate": 0.3, "over_refusal_rate": 0.0, "helpfulness": 2.5, "kl": 0.1, "lambda": 10.0}
+    pq.write_table(pa.Table.from_pylist([{"trial": "t0", "algorithm": "ppo_lag", "constraints": "single", **trial},
+                                         {"trial": "t1", "algorithm": "ppo_lag", "constraints": "per_category", **trial}]),
+                   out / "trials.parquet")
+    (out / "frontier.json").write_text(json.dumps({"frontier": [{"trial": "t1"}], "judge": "oracle",
+                                                   "start": {"harmful_rate": 0.6, "helpfulness": 2.8}}))
+    text = "\n".join(sweep_sections(tmp_path))
+    header = next(line for line in text.splitlines() if line.startswith("| trial"))
+    assert [c.strip() for c in header.strip("|").split("|")][:3] == ["trial", "algorithm", "constraints"]
+    rows = [line for line in text.splitlines() if "ppo_lag" in line]
+    assert "| single |" in rows[0] and "| per_category |" in rows[1] and rows[1].startswith("| * t1")
