@@ -109,7 +109,7 @@ def main() -> None:
                                                                                refused[j * group:(j + 1) * group]) if not r])
         report[role] = line
     print(json.dumps(report, indent=1))
-    for p, a, s in list(zip(prompts, answers, range(len(prompts))))[:4]:
+    for p, a in list(zip(prompts, answers))[:4]:
         print(f"--- {p[:100]}")
         for x in a:
             print(f"    refusal={is_refusal(x)!s:5} {x[:110]!r}")
