@@ -59,21 +59,21 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM in this process: no spawn of __main__
 
     import pyarrow.parquet as pq
-    import yaml
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     from actors.scorer import Scorer
+    from pipeline.config import load_config
     from stages.judging import is_refusal
     from stages.text import format_prompt
 
     run = Path(args.run_dir)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    rl, model_cfg = cfg["safe_rlhf"], cfg["model"]
+    cfg = load_config(run / "config.yaml")  # the run's saved config, validated: a misspelt key fails here
+    rl, model_cfg = cfg.safe_rlhf, cfg.model
     stages = run / "stages"
     policy = (stages / args.policy / "policy") if args.policy else (
-        stages / "sft" / "model" if (stages / "sft" / "model").is_dir() else Path(model_cfg["path"]))
-    group = rl.get("group_size", 4)
+        stages / "sft" / "model" if (stages / "sft" / "model").is_dir() else Path(model_cfg.path))
+    group = rl.group_size
     rows = pq.read_table(stages / "ingest" / "train.parquet").to_pylist()
     prompts = sorted({r["prompt"] for r in rows if not r["context"]})
     random.Random(args.seed).shuffle(prompts)
@@ -82,8 +82,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(policy)
     texts = [format_prompt(p, (), tok) for p in prompts]
     llm = LLM(model=str(policy), dtype="float32", enforce_eager=True, seed=args.seed,
-              max_model_len=model_cfg["max_prompt_tokens"] + rl["max_new_tokens"] + 16, gpu_memory_utilization=0.2)
-    outs = llm.generate(texts, SamplingParams(n=group, temperature=rl.get("temperature", 1.0), max_tokens=rl["max_new_tokens"]))
+              max_model_len=model_cfg.max_prompt_tokens + rl.max_new_tokens + 16, gpu_memory_utilization=0.2)
+    outs = llm.generate(texts, SamplingParams(n=group, temperature=rl.temperature, max_tokens=rl.max_new_tokens))
     answers = [[o.text for o in out.outputs] for out in outs]
 
     flat_p = [p for p, a in zip(prompts, answers) for _ in a] + [p for _ in FIXED for p in prompts]
@@ -93,7 +93,7 @@ def main() -> None:
     report = {"policy": str(policy), "prompts": len(prompts), "answers": n, "refusal_share": sum(refused) / n}
     for role in ("cost", "reward"):
         scorer = Scorer(role, str(stages / f"fit_{role}" / "model"))
-        scores = scorer.score_texts(flat_p, flat_a, model_cfg["max_prompt_tokens"], model_cfg["max_answer_tokens"])
+        scores = scorer.score_texts(flat_p, flat_a, model_cfg.max_prompt_tokens, model_cfg.max_answer_tokens)
         own = scores[:n]
         groups = [list(zip(own[i:i + group], refused[i:i + group])) for i in range(0, n, group)]
         better = (lambda r, o: r < o) if role == "cost" else (lambda r, o: r > o)
