@@ -8,7 +8,7 @@ averages the gradients across the group.
 
 - policy: a causal LM; `forward` gives per-token logprobs of the response [B, T] (computed in
   chunks of `logprob_chunk` tokens, never the full-vocabulary fp32 logits); the loss is the
-  algorithm's `policy_loss` (its registration in stages/objectives.py, where all the math lives).
+  algorithm's `policy_loss` (its registration in core/objectives, where all the math lives).
 - reward_critic / cost_critic: score models started from the fitted reward / cost model;
   `forward` gives per-token values [B, T]; the loss is `clipped_value_loss`.
 
@@ -25,14 +25,16 @@ import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
 from actors.models import enable_gradient_checkpointing, import_ahead, response_logprobs, response_values, torch_dtype
-from actors.restarts import refuse_if_restarted
 from cluster.deepspeed_setup import deepspeed_config, full_state_dict, gathered_parameters, without_inference_shm_op
 from cluster.network import host_and_free_port
+from cluster.restarts import refuse_if_restarted
 from cluster.weight_sync import make_sender
 from cluster.weight_sync.base import transfer_metadata
-from stages.objectives import clip_fraction, clipped_value_loss, get_algorithm, masked_mean
+from core.objectives import clip_fraction, clipped_value_loss, get_algorithm, masked_mean
 
 ROLES = ("policy", "reward_critic", "cost_critic")
+# The round's config field of each learner setting named otherwise there (LearnerSettings.from_config)
+CONFIG_NAMES = {"shard": "learner_shard", "micro_batch": "micro_batch_size", "logprob_chunk": "logprob_chunk_tokens"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,18 @@ class LearnerSettings:
     clip_value: float = 5.0  # the critics' value clip
     algorithm: str = "ppo_lag"  # whose registered policy loss the policy learner minimises
     temperature: float = 1.0  # the rollouts' sampling temperature: the policy's logprobs are the tempered ones
+
+    @classmethod
+    def from_config(cls, config, **given) -> "LearnerSettings":
+        """The settings from a round's config (a SafeRLHFConfig): each field from the config field of
+        the same name (or its CONFIG_NAMES name), the rest `given`. A field found in neither is an
+        error, not a silent default: a new learner setting is one field here and one in the config."""
+        values = {f.name: getattr(config, CONFIG_NAMES.get(f.name, f.name)) for f in fields(cls)
+                  if f.name not in given and hasattr(config, CONFIG_NAMES.get(f.name, f.name))}
+        missing = sorted({f.name for f in fields(cls)} - set(values) - set(given))
+        if missing:
+            raise TypeError(f"learner settings {missing} are neither config fields nor given")
+        return cls(**values, **given)
 
     @classmethod
     def of(cls, settings: "LearnerSettings | dict") -> "LearnerSettings":

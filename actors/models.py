@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from actors.experience import SequenceBatch, position_ids
-from stages.objectives import token_logprobs
+from core.objectives import token_logprobs
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

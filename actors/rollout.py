@@ -17,8 +17,8 @@ import torch
 
 from actors.experience import pad
 from actors.models import import_ahead, torch_dtype
-from actors.restarts import refuse_if_restarted
 from cluster.pool import restarted_by_ray
+from cluster.restarts import refuse_if_restarted
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ class RolloutWorker:
         self.engine = None if self.prestarted else make_engine(engine, model_dir, **engine_kwargs)
         if self.prestarted:
             import_engine(engine)
-        self.restarted = restarted_by_ray()  # then it generates nothing until reset (actors/restarts.py)
+        self.restarted = restarted_by_ray()  # then it generates nothing until reset (cluster/restarts.py)
 
     # Kept between stages (cluster/pool.py): an engine with the same settings takes another model
     # of the run by loading its weights (the run's policies share the SFT model's architecture and

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from actors.experience import pad, position_ids
-from stages.objectives import last_token_index
+from core.objectives import last_token_index
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import torch
 
 from actors.experience import SequenceBatch
 from actors.models import import_ahead, response_logprobs, torch_dtype
-from actors.restarts import refuse_if_restarted
 from actors.score_model import batch_end_scores, end_scores
 from cluster.pool import restarted_by_ray
-from stages.text import encode_conversation, format_prompt
+from cluster.restarts import refuse_if_restarted
+from core.text import encode_conversation, format_prompt
 
 ROLES = ("reward", "cost", "reference", "safety")
 UNSAFE_LABEL_WORDS = ("unsafe", "toxic", "harmful", "harm")
@@ -64,7 +64,7 @@ class Scorer:
         from actors.score_model import ScoreModel, is_score_model_dir
 
         self.role, self.model_dir, self.device, self.batch_size = role, model_dir, device, batch_size
-        self.restarted = restarted_by_ray()  # then it scores nothing until reset (actors/restarts.py)
+        self.restarted = restarted_by_ray()  # then it scores nothing until reset (cluster/restarts.py)
         # model_dir None: started ahead of its stage (cluster/pool.py `prestart`), libraries imported;
         # `reset` loads the stage's model.
         self.prestarted = model_dir is None

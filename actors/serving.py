@@ -13,7 +13,7 @@ import threading
 
 from actors.rollout import Sampling, make_engine
 from actors.scorer import Scorer
-from stages.text import format_prompt
+from core.text import format_prompt
 
 
 class PolicyServer:

@@ -6,7 +6,7 @@ Samples `group_size` answers per prompt from a policy of the run (default: the s
 `model.path`) with vLLM in this process, on single-turn prompts of the run's training split (the
 prompts its rounds train on), in the model's chat template at the round's temperature. Scores them
 with the run's first fitted cost and reward models (as the round does: text, the scorer's own
-tokenizer) and prints, by string-match refusal (stages/judging.py):
+tokenizer) and prints, by string-match refusal (stages/common/judging.py):
 
 - the refusal share, and the mean cost and reward of refusals against the rest;
 - within each prompt's group, the share of (refusal, non-refusal) pairs where the refusal costs
@@ -63,9 +63,9 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from actors.scorer import Scorer
+    from core.text import format_prompt
     from pipeline.config import load_config
-    from stages.judging import is_refusal
-    from stages.text import format_prompt
+    from stages.common.judging import is_refusal
 
     run = Path(args.run_dir)
     cfg = load_config(run / "config.yaml")  # the run's saved config, validated: a misspelt key fails here

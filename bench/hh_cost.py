@@ -32,9 +32,9 @@ def build_backbone(train_parquet: Path, out: Path, lm_epochs: int, seq_len: int 
     from transformers import AutoModelForCausalLM
 
     from actors.experience import pad
-    from pipeline.config import SmallModelConfig
-    from stages.model_factory import build_small_llama, train_tokenizer
-    from stages.text import format_prompt
+    from core.text import format_prompt
+    from stages.common.model_factory import build_small_llama, train_tokenizer
+    from stages.run_config import SmallModelConfig
 
     rows = pq.read_table(train_parquet).to_pylist()
     texts = [f"{format_prompt(r['prompt'], r['context'])} {r[f'response_{i}']}" for r in rows for i in (0, 1)]
@@ -66,7 +66,7 @@ def score_heldout(model_dir: Path, out: Path, max_prompt_tokens: int, max_answer
     import pyarrow.parquet as pq
 
     from actors.scorer import Scorer
-    from stages.annotation_files import ingest
+    from stages.common.annotation_files import ingest
 
     t0 = time.time()
     ingest([HH], out / "ingest", eval_fraction=0.1)

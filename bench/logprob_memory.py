@@ -1,5 +1,5 @@
 """Peak memory of the chosen tokens' log-probabilities: the naive full-vocabulary fp32 way against
-`stages.objectives.token_logprobs` in chunks, at a 7B-like vocabulary (32,000) and length (1,024).
+`core.objectives.token_logprobs` in chunks, at a 7B-like vocabulary (32,000) and length (1,024).
 
     .venv/bin/python bench/logprob_memory.py [--batch 4] [--tokens 1024] [--vocab 32000] [--hidden 1024]
                                              [--chunk 1024] [--device cpu|cuda]
@@ -26,7 +26,7 @@ def child(args) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from stages.objectives import token_logprobs
+    from core.objectives import token_logprobs
 
     dev = torch.device(args.device)
     torch.manual_seed(0)

@@ -36,8 +36,8 @@ def main() -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from stages.judging import is_refusal
-    from stages.text import format_prompt
+    from core.text import format_prompt
+    from stages.common.judging import is_refusal
 
     paper = [r["prompt"] for r in json.loads((REPO / "data" / "safe-rlhf-eval-problems.json").read_text())]
     with open(REPO / "data" / "xstest-prompts.csv", newline="") as f:

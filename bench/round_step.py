@@ -119,7 +119,7 @@ class LocalRoles:
 
 
 def run_steps(roles, setup, steps: int, seed: int) -> list[dict]:
-    from stages import objectives as O
+    from core import objectives as O
     from stages.safe_rlhf.round import ppo_step
 
     rl, k = setup.rl, setup.round
@@ -190,7 +190,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.config import load_config
-    from stages.safe_rlhf.round import RoundSetup
+    from stages.safe_rlhf.setup import RoundSetup
 
     run = Path(args.run_dir).resolve()
     cfg = load_config(run / "config.yaml")

@@ -35,9 +35,9 @@ def build(size: int, root: Path) -> tuple[Path, Path]:
     """(original, perturbed) model directories of one shape."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.config import SmallModelConfig
-    from stages.builtin_world import World
-    from stages.model_factory import build_small_llama, train_tokenizer
+    from stages.common.builtin_world import World
+    from stages.common.model_factory import build_small_llama, train_tokenizer
+    from stages.run_config import SmallModelConfig
 
     hidden, layers, heads, mlp = SHAPES[size]
     orig, moved = root / f"llama-{size}m", root / f"llama-{size}m-moved"
@@ -60,7 +60,7 @@ def logprob_gap(learner, rollout, prompts) -> float:
 
     from actors.experience import SequenceBatch, pad_values
     from actors.rollout import Sampling
-    from stages.objectives import masked_mean
+    from core.objectives import masked_mean
 
     gen = ray.get(rollout.generate.remote(prompts, Sampling(16, seed=1)))
     seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, 0)
@@ -76,7 +76,7 @@ def bench(method: str, orig: Path, moved: Path, root: Path, repeats: int) -> dic
     from actors.rollout import RolloutWorker
     from cluster.launch import ActorSpec, Launcher, ResourcePlan
     from cluster.weight_sync import make_weight_sync
-    from stages.text import format_prompt
+    from core.text import format_prompt
 
     plan = ResourcePlan([ActorSpec("learner-policy-0", 0.5, 0), ActorSpec("rollout-0", 0.5, 0)])
     env = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",

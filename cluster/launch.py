@@ -8,7 +8,10 @@ class runs in-process in unit tests.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+
+from cluster.restarts import ActorRestarted, awaits_reset, restarted_actor_id
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,19 @@ class ResourcePlan:
         return next(a for a in self.actors if a.name == name)
 
 
+class ActorDied(Exception):
+    """A call failed because the named actor died. kind: the name's first word (rollout | scorer | learner)."""
+
+    def __init__(self, name: str, kind: str, err: Exception | None = None):
+        super().__init__(f"{name} died" + (f" ({type(err).__name__})" if err is not None else ""))
+        self.name, self.kind = name, kind
+
+
 class Launcher:
-    """Creates a placement group for a plan and starts actors into its bundles."""
+    """A stage's actors from start to end, in one place: reserves a placement group for a plan,
+    starts actors into its bundles (or borrows them from the driver's pool), waits on their calls
+    naming the one that died (`get`), brings restarted ones back to their arguments (`await_restarted`)
+    and kills or parks them all (`shutdown`)."""
 
     def __init__(self, plan: ResourcePlan, env: dict[str, str], name: str, log=None, placement=None, prefix: str = "",
                  pool=None):
@@ -90,6 +104,7 @@ class Launcher:
         self.reused: list[str] = []  # names of the actors borrowed from the pool
         self.ahead: list[str] = []  # those of them started ahead of the stage (the rest: kept from the last one)
         self.resets: dict[str, object] = {}  # name -> ref of a borrowed actor's reset: wait on them (`take_resets`)
+        self.names: dict[str, str] = {}  # Ray actor id (hex) -> our name: who died, in errors
         if placement is not None:
             self.pg, self.offset, self.owned = placement[0], placement[1], False
             return
@@ -150,6 +165,59 @@ class Launcher:
     def _started(self, name: str, handle, args: tuple, kwargs: dict) -> None:
         self.handles.append(handle)
         self.started[name] = (handle, args, kwargs)
+        self.names[handle._actor_id.hex()] = name
+
+    def died(self, actor_id: str | None, err: Exception) -> ActorDied:
+        """The ActorDied for a started actor's id (unknown: 'an actor of the stage', kind learner:
+        the kind a caller cannot retry)."""
+        name = self.names.get(actor_id or "")
+        return ActorDied(name, name.split("-")[0], err) if name else ActorDied("an actor of the stage", "learner", err)
+
+    def get(self, refs: list, timeout: float | None = None):
+        """ray.get, naming the actor whose call failed because it died (ActorDied). One that died
+        and came back between two calls (cluster/restarts.py) counts as dead until reloaded."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get(refs, timeout=timeout)
+        except RayActorError as err:
+            raise self.died(err.actor_id, err) from err
+        except ActorRestarted as err:
+            raise self.died(restarted_actor_id(err), err) from err
+
+    def gather_timed(self, calls: dict, t0: float) -> dict[str, float]:
+        """Wait for every named call, noting when each finished (seconds since t0): which actor's
+        start-up a stage waits on. An actor that died while starting is named."""
+        import ray
+
+        pending, done_at = {ref: name for name, ref in calls.items()}, {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            self.get(ready)
+            done_at[pending.pop(ready[0])] = round(time.perf_counter() - t0, 1)
+        return done_at
+
+    def await_restarted(self, names: list[str], timeout_s: float = 600.0) -> None:
+        """Wait until every named actor answers (Ray restarts a dead one by running its constructor
+        again), then give those that await it their arguments again (`reload`): with actors kept
+        between stages, Ray's restart used an earlier stage's."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        handles = [self.started[n][0] for n in names]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get([a.ready.remote() for a in handles], timeout=max(1.0, deadline - time.monotonic()))
+                waiting = ray.get([a.__ray_call__.remote(awaits_reset) for a in handles],
+                                  timeout=max(1.0, deadline - time.monotonic()))
+                ray.get([self.reload(n) for n, w in zip(names, waiting) if w], timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (RayActorError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)  # still restarting
 
     def take_resets(self) -> dict:
         """{name: ref} of the resets of the actors borrowed since the last call: a failed reset
@@ -176,6 +244,7 @@ class Launcher:
                 ray.kill(h)
         self.handles.clear()
         self.started.clear()
+        self.names.clear()
         if self.owned:
             remove_placement_group(self.pg)
 

@@ -248,7 +248,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from stages.annotation_files import IngestError, ingest
+    from stages.common.annotation_files import IngestError, ingest
 
     try:
         summary = ingest(args.paths, args.out, fmt=args.format, eval_fraction=args.eval_fraction,

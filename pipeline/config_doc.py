@@ -15,7 +15,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from pipeline.config import RunConfig, _submodel, is_operational
+from core.schema import is_operational
+from pipeline.config import RunConfig, _submodel
 
 HEADER = """# Configuration reference
 

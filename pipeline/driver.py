@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import threading
 import time
 import traceback
@@ -24,11 +23,11 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+from core.files import atomic_write_text, hash_path
 from pipeline.config import RunConfig, config_hash, config_to_yaml, load_config, results_view
 from pipeline.graph import StageSpec, build_graph, downstream_of
 from pipeline.rundir import RunDir
 from stages.base import StageContext, StageResult, StageWaiting
-from stages.files import atomic_write_text, hash_path
 
 
 class StageFailed(Exception):
@@ -43,7 +42,7 @@ def check_inputs(cfg: RunConfig) -> None:
     """The run's input files, before anything runs: annotation sources exist, prompt files and
     prompt sets parse (every bad row named by file, row and field; a set's rows labelled safe or
     unsafe), a local model.path is a model directory."""
-    from stages.datafiles import read_prompt_files, read_prompt_sets
+    from stages.common.datafiles import read_prompt_files, read_prompt_sets
 
     missing = [s.path for s in cfg.ingest.sources if not Path(s.path).is_file()]
     if missing:

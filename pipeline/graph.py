@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import RunConfig, SafeRLHFConfig, is_operational
-from stages.objectives import get_algorithm
+from core.objectives import get_algorithm
+from core.schema import is_added, is_operational
+from pipeline.config import RunConfig
+from stages.safe_rlhf.settings import SafeRLHFConfig
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class StageSpec:
 
     @property
     def base_name(self) -> str:
-        from stages.stage_names import base_name
+        from core.stage_names import base_name
 
         return base_name(self.name)
 
@@ -75,8 +77,11 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
     # fit_reward@k+1 + fit_cost@k+1 on all data so far. Round k reads the shared PPO settings (not
     # the operational ones) and its own row of the round table (editing round 3's threshold does
     # not re-run round 1).
+    # A field marked `added` (core/schema.py) counts only off its default: a round made before it existed
+    # keeps its fingerprint.
     shared = tuple(f"safe_rlhf.{f}" for f, info in SafeRLHFConfig.model_fields.items()
-                   if f != "rounds" and not is_operational(info))
+                   if f != "rounds" and not is_operational(info)
+                   and not (is_added(info) and getattr(cfg.safe_rlhf, f) == info.default))
     n_rounds = len(cfg.safe_rlhf.rounds)
     ingest, fits = "ingest", ("fit_reward", "fit_cost")
 
@@ -85,13 +90,11 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
         # the first ingest too: its held-out labelled answers are threshold auto's fixed reference set
         alg = get_algorithm(algorithm)
         deps = world + sft + tuple(dict.fromkeys(("ingest", ingest))) + (fits[0],) + ((fits[1],) if alg.uses_cost_model else ())
-        # group_size counts only where the algorithm samples in groups, group_scale only there and off
-        # its default, constraints only where a round keeps per-category ones (baselines never do): a
-        # round made before a setting existed keeps its fingerprint
+        # group_size and group_scale count only where the algorithm samples in groups, constraints only
+        # where a round keeps per-category ones (baselines never do): a round made before a setting
+        # existed keeps its fingerprint
         per_category = cfg.safe_rlhf.constraints == "per_category" and not params
-        batch_scale = alg.group_sampling and cfg.safe_rlhf.group_scale != "group"
-        keys = tuple(key for key in shared if (alg.group_sampling or key != "safe_rlhf.group_size")
-                     and (batch_scale or key != "safe_rlhf.group_scale")
+        keys = tuple(key for key in shared if (alg.group_sampling or key not in ("safe_rlhf.group_size", "safe_rlhf.group_scale"))
                      and (per_category or key != "safe_rlhf.constraints"))
         return StageSpec(name, "stages.safe_rlhf.round", deps + prev, ("seed", "model.path", "model.max_prompt_tokens")
                          + keys + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params,

@@ -1,5 +1,5 @@
 """`make-model` and `import-model`: a small model trained on your files, or a packaged real model
-as a Hugging Face directory (stages/model_factory.py, stages/model_import.py do the work)."""
+as a Hugging Face directory (stages/common/model_factory.py, stages/common/model_import.py do the work)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def cmd_make_model(args) -> int:
-    from pipeline.config import SmallModelConfig
-    from stages.model_factory import make_small_model, texts_of
+    from stages.common.model_factory import make_small_model, texts_of
+    from stages.run_config import SmallModelConfig
 
     missing = [p for p in args.data if not Path(p).is_file()]
     if missing:
@@ -34,7 +34,7 @@ def cmd_make_model(args) -> int:
 
 
 def cmd_import_model(args) -> int:
-    from stages.model_import import check_gguf, import_gguf, import_zip, model_of_package
+    from stages.common.model_import import check_gguf, import_gguf, import_zip, model_of_package
 
     say = lambda line: print(line, file=sys.stderr, flush=True)
     try:  # refused before anything is loaded: a missing package or file, not GGUF, an unsupported architecture

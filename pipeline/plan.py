@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pipeline.memory_model import (GIB, OPTIMIZER_BYTES, WEIGHT_BYTES, LlamaShape, activation_gib, forward_gib,
                                    kv_bytes_per_token, llama_params, logits_gib, model_shape, score_model_params,
                                    training_memory, weights_only, with_working_memory)
-from stages.objectives import get_algorithm
+from core.objectives import get_algorithm
 from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan
 
 if TYPE_CHECKING:

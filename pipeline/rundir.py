@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages.files import atomic_write_json, read_json
+from core.files import atomic_write_json, read_json
 
 _EVENTS_LOCK = threading.Lock()
 

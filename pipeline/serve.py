@@ -43,9 +43,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from actors.serving import PolicyServer, ScoreServer
-from pipeline.config import ServeConfig
+from core.stage_names import latest, of_kind
 from pipeline.rundir import RunDir
-from stages.stage_names import latest, of_kind
+from stages.run_config import ServeConfig
 
 APP_NAME = "safe_rlhf"
 api = FastAPI(title="Safe RLHF on Ray", description="A finished run's policies with reward and cost on every answer.")
@@ -332,7 +332,7 @@ def policy_evaluation(run: Path, name: str) -> dict | None:
     """The served policy's figures from the run's `evaluate` stage (RATES, helpfulness; no intervals), if it ran."""
     import json
 
-    from stages.judging import RATES
+    from stages.common.judging import RATES
 
     path = run / "stages" / "evaluate" / "evaluation.json"
     if not (_done(run, "evaluate") and path.is_file()):
@@ -347,15 +347,14 @@ def policy_evaluation(run: Path, name: str) -> dict | None:
 def build_app(run_dir: str | Path, cfg, policy_names: list[str] | None = None, log=None):
     """The Serve application for a finished run (cfg: the run's RunConfig). log: where to say which
     limits the models' contexts lowered."""
-    from stages.model_actors import actor_env, engine_settings
+    from stages.common.model_actors import actor_options, engine_settings
 
     run, sc, rl = Path(run_dir).resolve(), cfg.serve, cfg.safe_rlhf
     policies = served_policies(run, cfg, policy_names)
     engine = sc.engine or rl.engine
-    gpu = 1 if rl.device == "cuda" else 0
     scale = (lambda n: {"autoscaling_config": {"min_replicas": n, "max_replicas": max(n, sc.max_replicas)}}) if sc.autoscaling \
         else (lambda n: {"num_replicas": n})
-    actor = {"num_cpus": rl.cpus_per_actor, "num_gpus": gpu, "runtime_env": {"env_vars": actor_env(rl)}}
+    actor = actor_options(rl)
     handles, info = {}, {}
     for name, p in policies.items():
         limits = context_limits(p["model_dir"], cfg.model.max_prompt_tokens, sc.max_tokens_limit)

@@ -56,7 +56,6 @@ def _stop_serving(app_name: str, owns_ray: bool, log) -> None:
     """Delete the Serve application (and Serve and the cluster, where we started them), within
     SERVE_STOP_S: Ray's calls wait without end on a cluster that is gone, as it is when a terminal's
     Ctrl-C or a supervisor's SIGTERM went to the whole process group; then the process ends anyway."""
-    import os
     import threading
 
     from ray import serve

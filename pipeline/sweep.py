@@ -40,15 +40,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from ray.tune.stopper import Stopper
 
-from pipeline.config import ConfigError, RoundConfig, SafeRLHFConfig, load_config, read_yaml
+from core.files import atomic_write_text, write_jsonl
+from core.objectives import ALGORITHMS
+from core.stage_names import latest as latest_stage
+from pipeline.config import ConfigError, load_config, read_yaml, validated
 from pipeline.rundir import RunDir
-from stages.files import atomic_write_text, write_jsonl
-from stages.objectives import ALGORITHMS
-from stages.stage_names import latest as latest_stage
 from stages.safe_rlhf.resources import resource_plan
+from stages.safe_rlhf.settings import RoundConfig, SafeRLHFConfig
 
 ROUND_KEYS = set(RoundConfig.model_fields)
 RL_KEYS = set(SafeRLHFConfig.model_fields) - {"rounds"}
@@ -72,12 +73,7 @@ class SweepFile(BaseModel):
 def load_sweep(path: str | Path, cfg) -> tuple[SweepFile, list[dict]]:
     """The validated sweep file and its trials [{"id", "params", "seed"}]; every bad field named."""
     path = Path(path)
-    try:
-        sweep = SweepFile.model_validate(read_yaml(path) or {})
-    except ValidationError as e:
-        raise ConfigError(str(path), [(".".join(map(str, err["loc"])) or "<root>",
-                                       "unknown key (a typo?)" if err["type"] == "extra_forbidden" else err["msg"])
-                                      for err in e.errors()]) from None
+    sweep = validated(SweepFile, read_yaml(path), str(path))
     errors, trials = [], []
     for where, fields in [("base", sweep.base)] + [(f"grid[{i}]", g) for i, g in enumerate(sweep.grid)]:
         errors += [(f"{where}.{k}", "unknown key: not a safe_rlhf field or a round field") for k in fields
@@ -128,9 +124,10 @@ def run_trial(config: dict, env: dict) -> None:
     import ray
     from ray import tune
 
-    from stages.base import StageContext
-    from stages.objectives import uses_cost_model
-    from stages.safe_rlhf.round import RoundSetup, train_round
+    from cluster.weight_sync.checkpoint import sync_dir_for
+    from core.objectives import uses_cost_model
+    from stages.safe_rlhf.round import train_round
+    from stages.safe_rlhf.setup import RoundPlace, RoundSetup
 
     spec = config["trial"]
     run = Path(env["run_dir"])
@@ -145,46 +142,32 @@ def run_trial(config: dict, env: dict) -> None:
     if finished.is_file():  # finished before an interruption that Tune's state did not record: not run again
         tune.report(json.loads(finished.read_text()))
         return
-    ctx = StageContext(f"sweep-{spec['id']}", cfg, out, {}, run, log=lambda m: print(f"[{spec['id']}] {m}", flush=True),
+    name = f"sweep-{spec['id']}"
+    place = RoundPlace(name, cfg, out, sync_dir_for(run, name, rl.device), log=lambda m: print(f"[{spec['id']}] {m}", flush=True),
                        report=lambda m: tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))}),
-                       placement=(ray.util.get_current_placement_group(), 1), actor_prefix=f"{spec['id']}:")
-    _, summary = train_round(ctx, setup)
-    summary.update(judge_trial(cfg, env, out / "policy", ctx))
+                       placement=(ray.util.get_current_placement_group(), 1), prefix=f"{spec['id']}:")
+    _, summary = train_round(place, setup)
+    summary.update(judge_trial(cfg, env, out / "policy", place))
     result = {**{k: v for k, v in summary.items() if isinstance(v, (int, float))}, "done": 1}
     atomic_write_text(finished, json.dumps(result))
     tune.report(result)
 
 
-def judge_trial(cfg, env: dict, policy_dir: Path, ctx) -> dict:
+def judge_trial(cfg, env: dict, policy_dir: Path, place) -> dict:
     """The trial's exported policy on the held-out prompts, judged as `evaluate` judges (its engine,
-    samples, seed and judge: `stages.judging.judged_answers`), by actors started in the bundles
+    samples, seed and judge: `stages.common.judging.judged_answers`), by actors started in the bundles
     the trial's finished round has freed: a rollout worker in rollout-0's, the scorers in the
     scorers' and then the learners'."""
-    from actors.rollout import RolloutWorker
-    from actors.scorer import Scorer
-    from cluster.launch import Launcher
-    from stages.judging import (eval_max_new_tokens, judge_models, judged_answers, rate, reward_helpfulness_gap, summarize,
-                                wins_against)
-    from stages.model_actors import actor_env, engine_settings, scorer_kwargs
+    from stages.common.judging import (eval_max_new_tokens, judge_models, judged_answers, rate, reward_helpfulness_gap, summarize,
+                                       wins_against)
+    from stages.common.model_actors import judge_actors
 
-    ev, rl = cfg.evaluate, cfg.safe_rlhf
-    plan = resource_plan(rl)
     models = judge_models(env["judge"], env["inputs"]["reward_model"], env["inputs"]["cost_model"])
-    slots = [a.name for a in plan.actors if a.name.startswith("scorer-")] + [a.name for a in plan.actors if a.name.startswith("learner-")]
-    launcher = Launcher(plan, actor_env(rl), name=ctx.name, placement=ctx.placement,
-                        prefix=ctx.actor_prefix)
-    try:
-        rollout = launcher.start(RolloutWorker, "judge-rollout", ev.engine, str(policy_dir), slot="rollout-0",
-                                 env=plan.worker_env("rollout-0", launcher.offset),
-                                 **engine_settings(cfg, ev.engine, eval_max_new_tokens(cfg)))
-        scorers = {role: launcher.start(Scorer, f"judge-scorer-{role}", role, path, rl.device, rl.precision, slot=slot,
-                                        **scorer_kwargs(cfg, role))
-                   for (role, path), slot in zip(models.items(), slots)}
+    with judge_actors(cfg, resource_plan(cfg.safe_rlhf), place.placement, place.prefix, place.name, policy_dir, models,
+                      eval_max_new_tokens(cfg)) as (rollout, scorers):
         rows = judged_answers(cfg, rollout, scorers, env["prompts"], policy_dir=policy_dir)
-    finally:
-        launcher.shutdown()
     m = summarize(rows)
-    write_jsonl(ctx.out_dir / "samples.jsonl", rows)  # the judged answers, as evaluate's samples.jsonl
+    write_jsonl(place.out_dir / "samples.jsonl", rows)  # the judged answers, as evaluate's samples.jsonl
     out = {"harmful_rate": m["harmful_rate"], "over_refusal_rate": m["over_refusal_rate"], "harmful_n": m["harmful_n"]}
     if env["judge"] == "oracle":
         out["helpfulness"] = m["helpfulness"]
@@ -253,8 +236,8 @@ def judge_start(cfg, run: Path, inputs: dict, prompts: list[dict], log, sweep_di
     """The starting policy judged as the trials are (and as `evaluate` judges it: the same figures):
     its point on the plot, the reward -> oracle helpfulness line the trials' reward_helpfulness_gap
     uses, and its rewards for the win rate. Its judged answers go to SWEEP_DIR/start_samples.jsonl."""
-    from stages.judging import eval_max_new_tokens, judge_models, judged_answers, reward_calibration, summarize
-    from stages.model_actors import rollout_actor, scorer_actors
+    from stages.common.judging import eval_max_new_tokens, judge_models, judged_answers, reward_calibration, summarize
+    from stages.common.model_actors import rollout_actor, scorer_actors
 
     ev = cfg.evaluate
     log(f"judging the starting policy ({inputs['start']}) on {len(prompts)} prompts x {ev.samples_per_prompt}")

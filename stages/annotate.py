@@ -4,7 +4,7 @@
 - files: for human annotators. Writes `to_label.jsonl` and `to_label.parquet` under the stage
   folder and stops the run in state `waiting`, naming the file to fill in (`labelled.jsonl`, the
   PKU-SafeRLHF schema) and the command to continue. `resume` validates the labelled file through
-  the same checks as any annotation file (stages/annotation_files.py).
+  the same checks as any annotation file (stages/common/annotation_files.py).
 - judge: labels from a reward model and a cost model in scorer actors: better = higher reward,
   safer = lower cost, is_safe = cost < 0.
 The output `labels.jsonl` is in the PKU-SafeRLHF schema, for `ingest@k`.
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import random
 
-from stages.annotation_files import IngestError, ingest
+from core.files import read_jsonl, write_jsonl
 from stages.base import StageResult, StageWaiting
-from stages.files import read_jsonl, write_jsonl
-from stages.model_actors import score_answers, scorer_actors
+from stages.common.annotation_files import IngestError, ingest
+from stages.common.model_actors import score_answers, scorer_actors
 
 LABEL_FIELDS = ("better_response_id", "safer_response_id", "is_response_0_safe", "is_response_1_safe")
 
@@ -26,7 +26,7 @@ def _answers(p: dict) -> dict:
 
 
 def _oracle(pairs: list[dict], seed: int) -> list[dict]:
-    from stages.builtin_world import World
+    from stages.common.builtin_world import World
 
     world, rng = World(), random.Random(f"annotate-{seed}")
     return [{**_answers(p), **world.annotate(rng, p["prompt"], p["response_0"], p["response_1"])} for p in pairs]

@@ -11,7 +11,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+from stages.run_config import RunConfig
+
+if TYPE_CHECKING:  # types only: importing them would start nothing, but costs Ray's import
+    from ray.util.placement_group import PlacementGroup
+
+    from cluster.pool import ActorPool
 
 
 class StageWaiting(Exception):
@@ -21,7 +28,7 @@ class StageWaiting(Exception):
 @dataclass
 class StageContext:
     name: str  # e.g. "fit_reward@2"
-    cfg: Any  # pipeline.config.RunConfig
+    cfg: RunConfig
     out_dir: Path
     inputs: dict[str, dict[str, Path]]  # upstream stage name -> output name -> path
     run_dir: Path
@@ -30,15 +37,15 @@ class StageContext:
     # Latest figures of a running stage, shown by `status` while it runs.
     report: Callable[[dict], None] = field(default=lambda metrics: None)
     # (placement group, first bundle) to start a round's actors in, e.g. a Ray Tune trial's; None: their own.
-    placement: Any = None
+    placement: tuple[PlacementGroup, int] | None = None
     # Starts the names of the stage's actors (a sweep trial's id: concurrent trials each have a rollout-0).
     actor_prefix: str = ""
     # The driver's cluster.pool.ActorPool (safe_rlhf.keep_actors): actors kept between stages; None: none.
-    actor_pool: Any = None
+    actor_pool: ActorPool | None = None
 
     def latest(self, base: str) -> str:
         """The newest input stage named `base` or `base@k` (e.g. ingest@2 over ingest)."""
-        from stages.stage_names import latest
+        from core.stage_names import latest
 
         name = latest(self.inputs, base)
         if name is None:

@@ -9,7 +9,7 @@ seed) that loads each policy's weights in turn and answers for the next policy w
 last round's `scorer-<role>-0`, loading the judge models) score this one's answers. The
 answers are those of a fresh engine per policy: sampling is seeded per call, answers are as long
 as in training (`evaluate.max_new_tokens`, default `safe_rlhf.max_new_tokens`). Per policy, the
-rates of `stages.judging.RATES`, each with a 95% interval by a bootstrap over prompts:
+rates of `stages.common.judging.RATES`, each with a 95% interval by a bootstrap over prompts:
 - `harmful_rate` on harmful prompts, judged by `evaluate.judge`: the world's oracle, the final
   cost model (cost > 0), or a separate safety judge; per harm category too;
 - `over_refusal_rate`: refusals of benign prompts (the oracle's, or by string match);
@@ -26,7 +26,7 @@ by helpfulness (oracle) or reward, and the 2x2 table of (safe, unsafe) x (safe, 
 
 Labelled prompt sets (`evaluate.prompt_sets`, e.g. XSTest): their prompts are answered with the
 held-out ones (same samples, length and seeds), and each set gets the figures of
-`stages.judging.SET_RATES` per policy, each with its interval by prompt: `unsafe_compliance_rate`
+`stages.common.judging.SET_RATES` per policy, each with its interval by prompt: `unsafe_compliance_rate`
 and `over_refusal_rate` (refusal by string match), the final cost model's `harmful_share_*` and the
 final reward model's `reward_mean_*` on its safe and unsafe prompts. With the world off and no
 `evaluate.prompt_files`, the sets' rows are also the held-out prompts of the tables above.
@@ -38,13 +38,13 @@ import statistics
 from pathlib import Path
 
 from stages.base import StageResult
-from stages.datafiles import read_prompt_files, read_prompt_sets
-from stages.files import read_jsonl, write_jsonl
-from stages.judging import (INTERVALS, RATES, SET_JUDGES, SET_RATES, eval_max_new_tokens, judge_models, judged_answers,
+from stages.common.datafiles import read_prompt_files, read_prompt_sets
+from core.files import read_jsonl, write_jsonl
+from stages.common.judging import (INTERVALS, RATES, SET_JUDGES, SET_RATES, eval_max_new_tokens, judge_models, judged_answers,
                             queue_answers, rate, reward_calibration, reward_helpfulness_gap, set_summary, summarize,
                             wins_against)
-from stages.model_actors import rollout_actor, scorer_actors
-from stages.stage_names import of_kind
+from core.stage_names import of_kind
+from stages.common.model_actors import rollout_actor, scorer_actors
 
 
 def _policies(ctx) -> dict[str, Path]:

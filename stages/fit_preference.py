@@ -3,7 +3,7 @@
 Both start from the SFT model (the critics of the Safe RLHF round start from them) and run as Ray
 Train `TorchTrainer` jobs with a DeepSpeed engine per worker (cluster/train.py).
 
-- reward: pairs with a `better_response_id`; loss `reward_pair_loss` (stages/objectives.py).
+- reward: pairs with a `better_response_id`; loss `reward_pair_loss` (core/objectives).
 - cost: pairs with a `safer_response_id`; loss `cost_pair_loss`, with the sign terms on rows that
   have `is_safe` labels (HH-RLHF rows have none: the pairwise term alone). With `cost.per_category`
   the model also has one head per harm category with `cost.min_category_pairs` ranking pairs or
@@ -27,10 +27,10 @@ from pathlib import Path
 
 from actors.score_model import end_scores
 from cluster.train import FitTask, fit, gather_objects, run_trainer
+from core.files import read_jsonl
+from core.objectives import pair_accuracy, sign_accuracy
+from core.text import encode_conversation
 from stages.base import StageResult
-from stages.files import read_jsonl
-from stages.objectives import pair_accuracy, sign_accuracy
-from stages.text import encode_conversation
 
 
 def _items(rows: list[dict], kind: str, tok, cfg: dict) -> list[dict]:
@@ -125,7 +125,7 @@ def rank_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
 def fresh_pairs_stage(inputs: dict) -> str | None:
     """The input stage whose `policy_pairs` (fresh pairs of the current policy's samples) a fit
     measures `policy_accuracy` on: the latest red team's (refits), else SFT's; None without any."""
-    from stages.stage_names import of_kind
+    from core.stage_names import of_kind
 
     red = [n for n in of_kind(inputs, "red_team") if "policy_pairs" in inputs[n]]
     if red:
@@ -166,7 +166,7 @@ def preference_loop(config: dict) -> None:
     from actors.experience import pad
     from actors.models import enable_gradient_checkpointing
     from actors.score_model import ScoreModel
-    from stages.objectives import category_cost_loss, cost_pair_loss, reward_pair_loss
+    from core.objectives import category_cost_loss, cost_pair_loss, reward_pair_loss
 
     kind, tc = config["kind"], config["train"]
     tok = AutoTokenizer.from_pretrained(config["backbone"])
@@ -275,7 +275,7 @@ def _run(ctx, kind: str) -> StageResult:
     sft_model = ctx.input("sft", "model") if "sft" in ctx.inputs else Path(cfg.model.path)
     out_model, log_path, scores_path = ctx.out_dir / "model", ctx.out_dir / "train_log.jsonl", ctx.out_dir / "eval_scores.json"
     ingest = ctx.latest("ingest")
-    backbone = Path(tc.backbone) if tc.backbone else sft_model  # an own backbone scores by text (stages/text.py)
+    backbone = Path(tc.backbone) if tc.backbone else sft_model  # an own backbone scores by text (core/text.py)
     loop_config = {"kind": kind, "backbone": str(backbone), "train_data": str(ctx.input(ingest, "train")),
                    "eval_data": str(ctx.input(ingest, "eval")), "output_dir": str(out_model),
                    "log_path": str(log_path), "scores_path": str(scores_path), "seed": cfg.seed,

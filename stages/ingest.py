@@ -1,12 +1,12 @@
 """The `ingest` and `ingest@k` stages: every annotation source so far, validated into train/eval Parquet
-(stages/annotation_files.py does the work; `python -m pipeline ingest` is the same for any file).
+(stages/common/annotation_files.py does the work; `python -m pipeline ingest` is the same for any file).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from stages.annotation_files import ingest
 from stages.base import StageResult
+from stages.common.annotation_files import ingest
 
 
 def run(ctx):

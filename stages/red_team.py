@@ -8,7 +8,7 @@ Prompts, `red_team.prompts` of them per round:
 - with the world off: rows of `red_team.prompt_files`;
 - with `red_team.prompt_source: training_prompts` (world on or off), the plain ones are the
   distinct single-turn prompts of the first ingest's training split instead.
-Evaluation prompts are never red-teamed on: a prompt whose normalised text (stages/text.py
+Evaluation prompts are never red-teamed on: a prompt whose normalised text (core/text.py
 `normalize`) is a row of an evaluation file (`evaluate.prompt_files`, `evaluate.prompt_sets`) is
 left out of the pool (the config already refuses a file that is both).
 The round's policy answers each twice in a rollout actor (`redteam-rollout-k`, the round's engine;
@@ -23,13 +23,13 @@ from pathlib import Path
 
 from actors.rollout import Sampling
 from cluster.launch import RemoteEngine
+from core.files import read_jsonl, write_jsonl
+from core.text import format_prompt, prompt_tokenizer
 from stages.base import StageResult
-from stages.builtin_world import World
-from stages.datafiles import read_prompt_files
-from stages.files import read_jsonl, write_jsonl
-from stages.judging import oracle_policy_pairs
-from stages.model_actors import rollout_actor
-from stages.text import format_prompt, prompt_tokenizer
+from stages.common.builtin_world import World
+from stages.common.datafiles import read_prompt_files
+from stages.common.judging import oracle_policy_pairs
+from stages.common.model_actors import rollout_actor
 
 
 def training_prompts(train_parquet: Path) -> list[dict]:
@@ -38,7 +38,7 @@ def training_prompts(train_parquet: Path) -> list[dict]:
     last turn is often not a request at all."""
     import pyarrow.parquet as pq
 
-    from stages.text import normalize
+    from core.text import normalize
 
     seen, out = set(), []
     for r in pq.read_table(train_parquet, columns=["prompt", "context"]).to_pylist():
@@ -51,7 +51,7 @@ def training_prompts(train_parquet: Path) -> list[dict]:
 def red_team_prompts(cfg, k: int, train_pairs: Path | None = None) -> list[dict]:
     """This round's prompts: {"prompt", "form", "category"}; a function of the seed and round.
     train_pairs: the first ingest's training split (red_team.prompt_source training_prompts)."""
-    from stages.text import normalize
+    from core.text import normalize
 
     rng = random.Random(f"red-team-{cfg.seed}-{k}")
     n_hard = round(cfg.red_team.prompts * cfg.red_team.harder_share) if cfg.world.enabled else 0

@@ -1,10 +1,10 @@
 """The `report` stage: `report.md` with the run's tables and plots, in the stage folder.
 
 Tables: each policy's rates (harmful, over-refusal, benign harm, degenerate, truncated: the names
-of `stages.judging.RATES`) and helpfulness, each with its interval by prompt, naming the judge and
+of `stages.common.judging.RATES`) and helpfulness, each with its interval by prompt, naming the judge and
 the helpfulness measure; reward/cost under the final models, safe share, reward-helpfulness gap; the arena of each round
 against the previous policy; with `evaluate.prompt_sets`, a table per set (its file, labels and
-judges; the figures of `stages.judging.SET_RATES`); the reward and cost models' accuracy after each (re)fit. Plots:
+judges; the figures of `stages.common.judging.SET_RATES`); the reward and cost models' accuracy after each (re)fit. Plots:
 harmful rate and helpfulness by round, reward and cost distributions by round, lambda and episode
 cost over the steps.
 
@@ -20,10 +20,10 @@ import json
 import re
 from pathlib import Path
 
+from core.files import read_jsonl
+from core.stage_names import of_kind
 from stages.base import StageResult
-from stages.files import read_jsonl
-from stages.judging import RATES, SET_RATES
-from stages.stage_names import of_kind
+from stages.common.judging import RATES, SET_RATES
 
 
 def _plots(out: Path, evaluation: dict, samples: list[dict], rounds: dict[str, list[dict]]) -> None:

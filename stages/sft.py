@@ -13,11 +13,11 @@ from pathlib import Path
 
 from cluster.launch import RemoteEngine
 from cluster.train import FitTask, fit, gather_objects, run_trainer
+from core.files import read_jsonl, write_jsonl
+from core.text import encode_conversation
 from stages.base import StageResult
-from stages.files import read_jsonl, write_jsonl
-from stages.judging import answer, judge_with_oracle, oracle_policy_pairs, summarize
-from stages.model_actors import rollout_actor
-from stages.text import encode_conversation
+from stages.common.judging import answer, judge_with_oracle, oracle_policy_pairs, summarize
+from stages.common.model_actors import rollout_actor
 
 EVAL_SHARE = 0.05  # last 5% of demonstrations: held-out loss
 

@@ -2,10 +2,10 @@
 held-out eval prompts and, when `model.path` is null, a tokenizer and a small Llama."""
 from __future__ import annotations
 
+from core.files import write_jsonl
 from stages.base import StageResult
-from stages.builtin_world import World
-from stages.files import write_jsonl
-from stages.model_factory import build_small_llama, train_tokenizer
+from stages.common.builtin_world import World
+from stages.common.model_factory import build_small_llama, train_tokenizer
 
 
 def run(ctx):

@@ -34,9 +34,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory):
     """The world's tokenizer (one token per world word) and a small untrained Llama, as one HF directory."""
-    from pipeline.config import SmallModelConfig
-    from stages.model_factory import build_small_llama, train_tokenizer
-    from stages.builtin_world import World
+    from stages.common.builtin_world import World
+    from stages.common.model_factory import build_small_llama, train_tokenizer
+    from stages.run_config import SmallModelConfig
 
     out = tmp_path_factory.mktemp("small_model")
     tok = train_tokenizer(World().corpus(), 1536, out)
@@ -275,8 +275,8 @@ def ray_cluster(tmp_path_factory):
 
 def small_model_tokenizer(out):
     """The world's BPE tokenizer (small: trained on the world's text), saved in `out`."""
-    from stages.builtin_world import World
-    from stages.model_factory import train_tokenizer
+    from stages.common.builtin_world import World
+    from stages.common.model_factory import train_tokenizer
 
     return train_tokenizer(World().corpus()[:2000], 600, out)
 

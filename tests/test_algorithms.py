@@ -1,4 +1,4 @@
-"""The algorithm registry (stages/objectives.py, ALGORITHMS): each algorithm one object that the round,
+"""The algorithm registry (core/objectives, ALGORITHMS): each algorithm one object that the round,
 its actors, the plan, the config and the graph read; grpo_lag's formulas against hand-computed cases."""
 import math
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stages import objectives as obj
+from core import objectives as obj
 
 TOL = 1e-9
 
@@ -190,7 +190,8 @@ def test_grpo_lag_round_has_five_actors_and_ppo_lag_seven():
 
 
 def test_config_lists_the_registry_and_checks_whole_groups():
-    from pipeline.config import ConfigError, SafeRLHFConfig, parse_config
+    from pipeline.config import ConfigError, parse_config
+    from stages.safe_rlhf.settings import SafeRLHFConfig
 
     assert set(SafeRLHFConfig.model_fields["algorithm"].annotation.__args__) == set(obj.ALGORITHMS)
     cfg = parse_config({"name": "t", "safe_rlhf": {"algorithm": "grpo_lag", "prompts_per_step": 16, "group_size": 8}})
@@ -247,7 +248,8 @@ def test_group_scale_is_in_a_rounds_fingerprint_only_off_its_default_and_grouped
 
 
 def test_grpo_lag_step_samples_whole_groups_of_one_prompt():
-    from stages.safe_rlhf.round import step_inputs, step_prompts
+    from stages.safe_rlhf.round import step_inputs
+    from stages.safe_rlhf.setup import step_prompts
 
     pool = [f"p{i}" for i in range(10)]
 

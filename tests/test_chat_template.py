@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.text import PROMPT_TEMPLATE, encode_conversation, format_prompt, prompt_tokenizer
+from core.text import PROMPT_TEMPLATE, encode_conversation, format_prompt, prompt_tokenizer
 
 CONTEXT = [{"role": "user", "text": "hi"}, {"role": "assistant", "text": "hello! how can i help?"}]
 
@@ -26,7 +26,7 @@ def test_the_world_tokenizer_keeps_the_plain_template(small_model_dir):
 
 @pytest.mark.slow
 def test_smollm2_prompts_carry_its_chat_template_everywhere(smollm2, tmp_path):
-    from stages.safe_rlhf.round import prompt_pool
+    from stages.safe_rlhf.setup import prompt_pool
 
     model_dir = smollm2[0]
     tok = prompt_tokenizer(model_dir)
@@ -124,7 +124,7 @@ def test_two_threads_load_their_first_tokenizer_at_once(small_model_dir):
     """The driver sets up a round and its baselines in threads, each loading the policy's tokenizer;
     transformers' lazy first import of AutoTokenizer from two threads at once raised ImportError
     (test_claim's baselines failed so). In a fresh interpreter, as the driver's first import."""
-    code = ("import sys, threading\nfrom stages.text import prompt_tokenizer\nerrors = []\n"
+    code = ("import sys, threading\nfrom core.text import prompt_tokenizer\nerrors = []\n"
             "def load():\n    try:\n        prompt_tokenizer(sys.argv[1])\n    except Exception as e:\n        errors.append(repr(e))\n"
             "threads = [threading.Thread(target=load) for _ in range(3)]\n[t.start() for t in threads]\n[t.join() for t in threads]\n"
             "print('ERRORS', errors)\n")

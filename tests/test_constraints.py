@@ -1,11 +1,11 @@
-"""One constraint per harm category (issue 29, section 3): the pure math in stages/objectives.py
+"""One constraint per harm category (issue 29, section 3): the pure math in core/objectives
 against hand-computed cases, and the cost model's per-category heads."""
 import math
 
 import pytest
 import torch
 
-from stages import objectives as obj
+from core import objectives as obj
 
 
 def sp(x):  # -log sigma(x) = log(1 + e^-x)

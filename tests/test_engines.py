@@ -5,7 +5,7 @@ import torch
 from actors.experience import SequenceBatch, position_ids
 from actors.models import response_logprobs
 from actors.rollout import HFEngine, Sampling
-from stages.text import format_prompt
+from core.text import format_prompt
 
 
 @pytest.fixture(scope="module")

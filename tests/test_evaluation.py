@@ -1,7 +1,7 @@
 """Evaluation precise enough to see the target: intervals, per-category rates, the summary."""
 import pytest
 
-from stages.stats import cluster_bootstrap, wilson
+from stages.common.stats import cluster_bootstrap, wilson
 
 
 @pytest.mark.parametrize("k, n, low, high", [
@@ -30,7 +30,7 @@ def test_cluster_bootstrap_resamples_prompts_not_answers():
 
 
 def test_summary_gives_every_rate_with_an_interval_by_prompt_and_per_category():
-    from stages.judging import summarize
+    from stages.common.judging import summarize
 
     rows = []
     for i in range(50):  # 50 harmful prompts x 2 samples: 10 harmful answers, all in "crime"
@@ -61,7 +61,7 @@ def test_summary_gives_every_rate_with_an_interval_by_prompt_and_per_category():
 
 
 def test_rates_on_prompts_a_set_lacks_are_none_not_zero():
-    from stages.judging import summarize
+    from stages.common.judging import summarize
 
     rows = [{"prompt": f"h{i}", "category": "crime", "harmful_prompt": True, "sample": 0, "tokens": 5,
              "harmful": i == 0, "refusal": i == 1, "answer": "no", "truncated": False} for i in range(4)]
@@ -83,7 +83,7 @@ def test_rates_on_prompts_a_set_lacks_are_none_not_zero():
     ("Nobody knows for sure, but here are three theories.", False),  # "no" only as a word's start
 ])
 def test_refusal_by_string_match(text, refusal):
-    from stages.judging import is_refusal
+    from stages.common.judging import is_refusal
 
     assert is_refusal(text) is refusal
 
@@ -93,14 +93,14 @@ def test_refusal_by_string_match(text, refusal):
     ("no", False), ("bake it at 200 degrees", False), ("yes yes", False),
 ])
 def test_degenerate_answers_have_no_content(text, degenerate):
-    from stages.judging import is_degenerate
+    from stages.common.judging import is_degenerate
 
     assert is_degenerate(text) is degenerate
 
 
 def test_truncated_means_full_length_without_eos():
     from actors.rollout import Generation
-    from stages.judging import _rows
+    from stages.common.judging import _rows
 
     gen = Generation(prompt_ids=[[1], [1], [1]], response_ids=[[5, 6, 2], [5, 6, 7], [5, 2]], texts=["a", "b", "c"],
                      logprobs=[[0.0] * 3, [0.0] * 3, [0.0] * 2], eos_token_id=2)
@@ -112,8 +112,8 @@ def test_auto_threshold_is_the_mean_cost_of_a_policy_unsafe_a_share_u_of_the_tim
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.objectives import auto_threshold
-    from stages.safe_rlhf.round import reference_answers
+    from core.objectives import auto_threshold
+    from stages.safe_rlhf.setup import reference_answers
 
     rows = [{"prompt": "p", "response_0": "a", "response_1": "b", "is_response_0_safe": True, "is_response_1_safe": False},
             {"prompt": "q", "response_0": "c", "response_1": "d", "is_response_0_safe": None, "is_response_1_safe": None}]
@@ -151,8 +151,8 @@ def test_one_engine_loading_each_policy_in_turn_answers_as_a_fresh_engine_per_po
     from pathlib import Path
 
     from actors.rollout import RolloutWorker
-    from stages.judging import answer
-    from stages.files import read_jsonl
+    from core.files import read_jsonl
+    from stages.common.judging import answer
 
     run = Path(small_pipeline["run_dir"]) / "stages"
     sft, policy = run / "sft" / "model", run / "safe_rlhf@1" / "policy"

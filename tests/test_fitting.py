@@ -72,7 +72,7 @@ def test_policy_accuracy_is_the_exported_models_accuracy_on_the_fresh_pairs(smal
     SFT stage's fresh pairs the way a scorer actor does (its own tokenisation and batches), counts
     the same pairs right, and the oracle's ties are left out."""
     from actors.scorer import Scorer
-    from stages.files import read_jsonl
+    from core.files import read_jsonl
 
     run = Path(small_pipeline["run_dir"])
     rows = read_jsonl(run / "stages" / "sft" / "policy_pairs.jsonl")

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.annotation_files import PAIR_SCHEMA, REJECT_REASONS, IngestError, ingest
+from stages.common.annotation_files import PAIR_SCHEMA, REJECT_REASONS, IngestError, ingest
 
 from tests.conftest import HH_FILE
 

@@ -1,16 +1,18 @@
-"""The house reads one way: every import in the four packages follows the layer order, leaves
-import nothing of the project, stage modules do not import each other, and no module imports
-itself back through others (function-local imports included).
+"""The house reads one way: every import in the five packages follows the layer order, stage
+modules do not import each other, `stages/` holds stages (their shared helpers are in
+`stages/common/`), and no module imports itself back through others (function-local imports
+included). There are no exemptions: what every layer shares lives in `core`, at the bottom.
 
 Order, top to bottom (docs/architecture.md):
 
-    pipeline   the driver: config, stage graph, run directory, CLI, plan
-    stages     one module (or package) per stage, and the shared stage helpers
+    pipeline   the driver: config loading, stage graph, run directory, CLI, plan
+    stages     one module (or package) per stage; stages/common: the helpers they share
     actors     the Ray roles as plain classes: rollout worker, learner, scorer
     cluster    Ray plumbing: session, launch, networking, DeepSpeed setup, Ray Train, weight sync, metrics
+    core       leaves: the math (core.objectives), the conversation template, files, stage names,
+               the settings schema; it imports nothing of the project but itself
 
-A module may import its own package and the packages below it. Leaves (pure math and data
-types, and stdlib-only helpers) import none of the four packages, and any layer may import them.
+A module may import its own package and the packages below it.
 """
 import ast
 from pathlib import Path
@@ -18,14 +20,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["cluster", "actors", "stages", "pipeline"]  # bottom to top
-LEAVES = {
-    "stages.objectives",  # all the math and the algorithm registry (torch only)
-    "actors.experience",  # the batch and minibatch types, padding (torch only)
-    "stages.text",  # the conversation template and text keys (stdlib only)
-    "stages.files",  # JSON lines, atomic writes, hashes (stdlib only)
-    "stages.stage_names",  # the NAME@k convention (stdlib only)
-}
+ORDER = ["core", "cluster", "actors", "stages", "pipeline"]  # bottom to top
+CORE_THIRD_PARTY = {"torch", "pydantic", "transformers"}  # core's only imports outside the standard library
 
 
 def module_name(path: Path) -> str:
@@ -52,6 +48,17 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return out
 
 
+def third_party_imports(path: Path) -> set[str]:
+    """Every absolute import of `path` outside the project, by module name."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return {n for n in out if n.split(".")[0] not in ORDER and n != "__future__"}
+
+
 def graph() -> dict[str, set[str]]:
     modules = project_modules()
     return {m: imports_of(p, set(modules)) for m, p in modules.items()}
@@ -74,17 +81,32 @@ def stage_modules() -> set[str]:
 def test_no_module_imports_a_package_above_it():
     bad = []
     for mod, deps in graph().items():
-        if mod in LEAVES:
-            continue
         level = ORDER.index(mod.split(".")[0])
-        bad += [f"{mod} -> {d}" for d in deps if d not in LEAVES and ORDER.index(d.split(".")[0]) > level]
+        bad += [f"{mod} -> {d}" for d in deps if ORDER.index(d.split(".")[0]) > level]
     assert bad == []
 
 
-def test_leaves_import_nothing_of_the_project():
+def test_core_imports_only_itself_and_few_libraries():
+    import sys
+
     g = graph()
-    assert LEAVES <= set(g)
-    assert {leaf: g[leaf] for leaf in LEAVES if g[leaf]} == {}
+    core = {m: p for m, p in project_modules().items() if m.split(".")[0] == "core"}
+    assert {"core.objectives", "core.text", "core.files", "core.stage_names", "core.schema"} <= set(core)
+    assert {m: g[m] for m in core if any(not d.startswith("core") for d in g[m])} == {}
+    outside = {m: sorted(libs - CORE_THIRD_PARTY) for m, p in core.items()
+               if (libs := {n.split(".")[0] for n in third_party_imports(p)} - set(sys.stdlib_module_names))
+               - CORE_THIRD_PARTY}
+    assert outside == {}
+
+
+def test_stages_holds_only_stages():
+    # Every module directly under stages/ is a stage the graph runs, or the stage interface (base:
+    # the context and result; run_config: the settings every stage reads); helpers
+    # are in stages/common.
+    stages = stage_modules()
+    top = {module_name(p) for p in (REPO / "stages").glob("*.py")} | {
+        module_name(p.parent) for p in (REPO / "stages").glob("*/__init__.py")}
+    assert top - stages - {"stages", "stages.base", "stages.run_config", "stages.common"} == set()
 
 
 def test_stage_modules_do_not_import_each_other():

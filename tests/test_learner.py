@@ -303,3 +303,19 @@ def test_a_colocated_round_builds_its_scorers_inside_the_learners_and_they_score
     assert torch.equal(host.score_with("reference", "logprobs", seqs), alone.logprobs(seqs))
     with pytest.raises(KeyError, match="hosts no cost scorer"):
         host.score_with("cost", "score", seqs)
+
+
+def test_learner_settings_come_from_the_rounds_config_by_name():
+    # Each LearnerSettings field is read from the SafeRLHFConfig field of the same name (or its
+    # CONFIG_NAMES name, e.g. shard: the derived learner_shard, 16 // 2); what the config has not (lr
+    # per role, the run's seed) must be given.
+    from actors.learner import LearnerSettings
+    from stages.safe_rlhf.settings import SafeRLHFConfig
+
+    rl = SafeRLHFConfig(clip_ratio=0.15, clip_value=3.0, prompts_per_step=16, minibatches=2, micro_batch_size=4,
+                        logprob_chunk_tokens=64, temperature=0.3, gradient_checkpointing=True, algorithm="grpo_lag")
+    s = LearnerSettings.from_config(rl, lr=1e-5, seed=3)
+    assert (s.clip_ratio, s.clip_value, s.shard, s.micro_batch, s.logprob_chunk, s.temperature, s.gradient_checkpointing,
+            s.algorithm, s.lr, s.seed) == (0.15, 3.0, 8, 4, 64, 0.3, True, "grpo_lag", 1e-5, 3)
+    with pytest.raises(TypeError, match=r"\['lr'\]"):
+        LearnerSettings.from_config(rl, seed=3)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from stages.text import format_prompt
+from core.text import format_prompt
 
 
 @pytest.fixture(scope="module")

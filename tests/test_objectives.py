@@ -1,4 +1,4 @@
-"""Tests for stages/objectives.py: hand-computed cases and plain-Python loop references."""
+"""Tests for core/objectives: hand-computed cases and plain-Python loop references."""
 
 import json
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import objectives as obj
+from core import objectives as obj
 
 TOL = 1e-9
 REPO = Path(__file__).resolve().parents[1]
@@ -496,7 +496,7 @@ def test_algorithm_unknown_name_lists_choices():
 
 def test_import_loads_no_distributed_or_inference_stack():
     code = (
-        "import sys, stages.objectives; "
+        "import sys, core.objectives; "
         "print(sorted(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

@@ -42,7 +42,7 @@ def test_files_annotation_hand_off_then_resume_runs_round_two_evaluate_and_repor
     assert (run / "stages" / "annotate@1" / "to_label.parquet").exists()
 
     # A person labels the pairs (here: the world's annotator), with one mistake first.
-    from stages.builtin_world import World
+    from stages.common.builtin_world import World
 
     world, rng = World(), random.Random(0)
     rows = [json.loads(l) for l in to_label.read_text().splitlines()]

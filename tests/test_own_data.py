@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from core.files import read_jsonl
 from pipeline.config import ConfigError, load_config, parse_config
-from stages.datafiles import PromptFileError, read_prompt_files
-from stages.files import read_jsonl
+from stages.common.datafiles import PromptFileError, read_prompt_files
 from tests.conftest import EVAL_PROBLEMS, REPO, run_cli
 
 PKU_SMALL = REPO / "configs" / "pku-small.yaml"
@@ -174,7 +174,7 @@ def test_a_huggingface_safety_classifier_judges_by_the_log_odds_of_its_unsafe_la
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from actors.scorer import Scorer
-    from stages.text import format_prompt
+    from core.text import format_prompt
     from tests.conftest import small_model_tokenizer
 
     tok = small_model_tokenizer(tmp_path / "clf")
@@ -214,7 +214,7 @@ def test_pku_small_runs_end_to_end_without_the_world(tmp_path):
     # (83 unsafe problems, XSTest's fixed 100: 50 safe, 50 unsafe); harm is the final cost model's
     # verdict (cost > 0), helpfulness the final reward model's win rate against sft's answer to the
     # same prompt and sample on the safe prompts; each set's figures by string-match refusal.
-    from stages.judging import SET_RATES, is_refusal
+    from stages.common.judging import SET_RATES, is_refusal
 
     samples = read_jsonl(tmp_path / "run" / "stages" / "evaluate" / "samples.jsonl")
     sft = [r for r in samples if r["policy"] == "sft"]
@@ -238,7 +238,7 @@ def test_pku_small_runs_end_to_end_without_the_world(tmp_path):
                     assert f[f"{figure}_ci"][0] <= f[figure] <= f[f"{figure}_ci"][1], (policy, name, figure)
         assert m["prompt_sets"]["safe_rlhf_eval"]["over_refusal_rate"] is None  # no safe prompt in it
     # red teaming on the training data's prompts, none of them an evaluation prompt
-    from stages.text import normalize
+    from core.text import normalize
 
     evaluation_texts = {normalize(r["prompt"]) for r in samples}
     red = read_jsonl(tmp_path / "run" / "stages" / "red_team@1" / "pairs_to_label.jsonl")

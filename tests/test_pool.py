@@ -121,9 +121,8 @@ def kill_and_expect_a_restart_the_round_names(ray, worker, sampling) -> None:
     `generate` reaches the round as the death of `rollout-0`, kind rollout (retry in place)."""
     import signal
     import time
-    from types import SimpleNamespace
 
-    from stages.safe_rlhf.roles import ActorDied, RoundRoles
+    from cluster.launch import ActorDied, Launcher
 
     os.kill(ray.get(worker.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
     deadline = time.monotonic() + 120
@@ -134,9 +133,10 @@ def kill_and_expect_a_restart_the_round_names(ray, worker, sampling) -> None:
         except ray.exceptions.RayActorError:
             assert time.monotonic() < deadline
             time.sleep(0.5)
-    roles = SimpleNamespace(names={worker._actor_id.hex(): ("rollout-0", "rollout")})
+    launcher = object.__new__(Launcher)  # the round's launcher, as far as naming its actors goes
+    launcher.names = {worker._actor_id.hex(): "rollout-0"}
     with pytest.raises(ActorDied) as died:
-        RoundRoles._get(roles, [worker.generate.remote(["a prompt"], sampling)])
+        launcher.get([worker.generate.remote(["a prompt"], sampling)])
     assert (died.value.name, died.value.kind) == ("rollout-0", "rollout")
 
 
@@ -224,8 +224,8 @@ def test_round_actors_started_ahead_refuse_work_until_the_round_loads_its_models
     and restarted by Ray (with no model again), it counts as restarted, as any round actor does."""
     from actors.rollout import RolloutWorker, Sampling
     from cluster.launch import Launcher
+    from stages.common.model_actors import actor_env
     from stages.safe_rlhf.resources import resource_plan
-    from stages.model_actors import actor_env
     from stages.safe_rlhf.roles import actor_arguments, prestart
     from tests.conftest import small_config
 
@@ -278,7 +278,7 @@ def test_threads_per_actor_sets_a_model_actors_torch_threads_kept_or_not(local_r
     runtime_env); left null, a quarter-CPU actor has Ray's one thread."""
     from cluster.pool import _creator
     from pipeline.config import parse_config
-    from stages.model_actors import actor_env
+    from stages.common.model_actors import actor_env
 
     ray = local_ray
     for threads, want in ((2, 2), (None, 1)):

@@ -4,7 +4,6 @@ prompts kept out of red teaming, and the evaluate stage writing the figures (its
 import json
 import statistics
 from contextlib import contextmanager
-from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -13,8 +12,8 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, parse_config
-from stages.datafiles import PromptFileError, read_prompt_sets
-from stages.stats import cluster_bootstrap
+from stages.common.datafiles import PromptFileError, read_prompt_sets
+from stages.common.stats import cluster_bootstrap
 from tests.conftest import DATA, EVAL_PROBLEMS, run_cli
 
 XSTEST = DATA / "xstest-prompts.csv"
@@ -137,7 +136,7 @@ HAND_MADE = [  # 3 unsafe prompts and 2 safe ones, 2 answers each
 
 
 def test_set_figures_on_hand_made_answers():
-    from stages.judging import SET_RATES, set_summary
+    from stages.common.judging import SET_RATES, set_summary
 
     m = set_summary(HAND_MADE)
     assert (m["unsafe_n"], m["safe_n"]) == (6, 4)
@@ -167,7 +166,7 @@ def test_set_figures_on_hand_made_answers():
     ("Absolutely. As an AI, I can list the steps: ...", False),
 ])
 def test_refusal_string_match_on_chat_model_answers(text, refusal):
-    from stages.judging import is_refusal
+    from stages.common.judging import is_refusal
 
     assert is_refusal(text) is refusal
 
@@ -241,7 +240,7 @@ def _evaluate(tmp_path, **evaluate_cfg):
 
 
 def test_evaluate_writes_every_sets_figures_and_names_its_judges(tmp_path, monkeypatch):
-    from stages.judging import SET_JUDGES, SET_RATES
+    from stages.common.judging import SET_JUDGES, SET_RATES
     from stages.report import prompt_set_sections
 
     _fake_actors(monkeypatch)

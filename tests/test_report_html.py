@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from stages.files import read_jsonl
+from core.files import read_jsonl
 from stages.report import markdown_html, side_by_side
 
 

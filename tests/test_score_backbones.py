@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from actors.score_model import ScoreModel, end_scores
-from stages.text import PROMPT_TEMPLATE, encode_conversation, prompt_tokenizer, same_tokenizer
+from core.text import PROMPT_TEMPLATE, encode_conversation, prompt_tokenizer, same_tokenizer
 
 
 def test_the_minilm_wheel_unpacks_to_a_bert_encoder(minilm):
@@ -65,7 +65,7 @@ def test_a_critic_on_a_causal_lm_directory_starts_with_a_fresh_head(small_model_
 
 
 def test_a_zip_without_a_model_is_refused_naming_it(tmp_path):
-    from stages.model_import import import_zip
+    from stages.common.model_import import import_zip
 
     bad = tmp_path / "model.zip"
     with zipfile.ZipFile(bad, "w") as z:
@@ -76,7 +76,7 @@ def test_a_zip_without_a_model_is_refused_naming_it(tmp_path):
 
 
 def test_a_source_limit_reads_only_the_first_rows(tmp_path):
-    from stages.annotation_files import ingest
+    from stages.common.annotation_files import ingest
 
     rows = [{"prompt": f"question {i}?", "response_0": "yes.", "response_1": "no.", "better_response_id": 0,
              "safer_response_id": 0, "is_response_0_safe": True, "is_response_1_safe": True} for i in range(10)]

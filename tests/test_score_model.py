@@ -4,7 +4,7 @@ import torch
 
 from actors.experience import pad
 from actors.score_model import ScoreModel
-from stages.objectives import last_token_index
+from core.objectives import last_token_index
 
 
 def make_backbone_dir(tmp_path, kind):

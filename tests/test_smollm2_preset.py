@@ -4,14 +4,13 @@ the CLI from its wheel), which score answers as text in their own tokenizer, in 
 process (layout colocated). The preset's stages and settings as they are; less data, fewer steps,
 shorter answers and smaller evaluation sets."""
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
-from stages.files import read_jsonl
-from stages.judging import SET_RATES
-from stages.text import prompt_tokenizer, same_tokenizer
+from core.files import read_jsonl
+from core.text import prompt_tokenizer, same_tokenizer
+from stages.common.judging import SET_RATES
 from tests.conftest import REPO, RayTestCluster, run_cli
 
 FIGURES = ("unsafe_compliance_rate", "over_refusal_rate", "harmful_share_unsafe", "harmful_share_safe",

@@ -1,5 +1,5 @@
-"""stages/stage_names.py: the NAME@k convention, one owner (issue 32)."""
-from stages.stage_names import base_name, latest, of_kind, stage_number
+"""core/stage_names.py: the NAME@k convention, one owner (issue 32)."""
+from core.stage_names import base_name, latest, of_kind, stage_number
 
 
 def test_an_unnumbered_stage_is_the_first_of_its_kind():

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.files import read_jsonl
 from pipeline.config import ConfigError, parse_config
 from pipeline.sweep import load_sweep, pareto_front
-from stages.files import read_jsonl
 from tests.conftest import REPO, run_cli
 
 
@@ -147,7 +147,7 @@ def test_a_three_trial_sweep_killed_mid_way_resumes_without_rerunning_finished_t
 
 def oracle_rates(samples: Path) -> tuple[float, float, float]:
     """(harmful rate, over-refusal rate, helpfulness) of judged answers, judged again by the oracle."""
-    from stages.builtin_world import World
+    from stages.common.builtin_world import World
 
     world, rows = World(), read_jsonl(samples)
     judged = [(r["harmful_prompt"], world.judge(r["prompt"], r["answer"])) for r in rows]

@@ -30,7 +30,7 @@ def test_gloo_transfer_puts_the_trainers_weights_into_a_running_vllm_engine(smal
     from transformers import AutoModelForCausalLM
 
     from actors.rollout import Sampling, VLLMEngine
-    from stages.text import format_prompt
+    from core.text import format_prompt
 
     engine = VLLMEngine(str(small_model_dir), weight_sync="gloo", max_model_len=128, max_num_seqs=8)
     assert engine.transfer_world_size() == 1

@@ -4,8 +4,8 @@ import statistics
 
 import pytest
 
-from stages import world_content as C
-from stages.builtin_world import World
+from stages.common import world_content as C
+from stages.common.builtin_world import World
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_sft_mix_is_helpful_but_unsafe(world):
 def test_world_exports_valid_pku_rows_that_ingest_accepts(world, tmp_path):
     import json
 
-    from stages.annotation_files import ingest
+    from stages.common.annotation_files import ingest
 
     rows = world.preference_rows(400, seed=0)
     src = tmp_path / "pairs.jsonl"
@@ -121,7 +121,7 @@ def test_world_exports_valid_pku_rows_that_ingest_accepts(world, tmp_path):
 
 
 def test_eval_prompt_pool_matches_ingest_split(world):
-    from stages.text import in_eval_split
+    from core.text import in_eval_split
 
     train, eval_ = world.split_prompts(0.1)
     assert {p.text for p in train}.isdisjoint({p.text for p in eval_})
@@ -131,7 +131,7 @@ def test_eval_prompt_pool_matches_ingest_split(world):
 
 
 def test_every_phrase_is_normalised_words(world):
-    from stages.text import words
+    from core.text import words
 
     phrases = [p for t in world.tasks.values() for p in t.facts + t.danger + t.harm + t.safe]
     assert all(" ".join(words(p)) == p for p in phrases)

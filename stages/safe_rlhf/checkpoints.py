@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from stages.files import atomic_write_text
+from core.files import atomic_write_text
 
 
 class RoundCheckpoints:

@@ -13,12 +13,12 @@ holds one GPU, so both actors see the same device.
 from __future__ import annotations
 
 from cluster.launch import ActorSpec, ResourcePlan
-from stages.objectives import get_algorithm, uses_cost_model
+from core.objectives import get_algorithm, uses_cost_model
 from stages.safe_rlhf.settings import SafeRLHFConfig
 
 
 def learner_roles(algorithm: str) -> list[str]:
-    """The policy and the algorithm's critics (its registration in stages/objectives.py)."""
+    """The policy and the algorithm's critics (its registration in core/objectives)."""
     return list(get_algorithm(algorithm).learner_roles)
 
 

@@ -18,15 +18,12 @@ generation (`start_generation`) before the learners update and gathers it afterw
 
 Faults. A rollout worker or scorer that dies (the OOM killer, a lost node, kill -9) is restarted by
 Ray (`max_actor_restarts`); the phase of the step that failed (generate, score or the weight push)
-is retried in place once it is back, after every rollout worker and scorer has been given the
-round's models again (`reset`: Ray restarts an actor with the arguments it was first created with,
-an earlier stage's with kept actors) and the rollout workers the current weights (the transfer
-group is formed again). One that died and came back between two calls refuses work until then
-(actors/restarts.py), which counts as its death. A weight transfer whose peer died fails after
-`weight_sync_timeout_s` and is handled the same way. At most `max_step_retries` retries per step,
-then the stage fails (`resume` continues from the last checkpoint). A learner that dies raises
-`ActorDied` with kind "learner": round.py restarts the round from its last checkpoint (colocated: a
-host learner's death is that too, its scorers with it).
+is retried in place once it is back and holds the round's models again (the launcher's
+`await_restarted`: cluster/launch.py, cluster/restarts.py) and the rollout workers the current
+weights. A weight transfer whose peer died fails after `weight_sync_timeout_s` and is handled the
+same way. At most `max_step_retries` retries per step, then the stage fails (`resume` continues
+from the last checkpoint). A learner that dies raises `ActorDied` with kind "learner": round.py
+restarts the round from its last checkpoint (colocated: a host learner's death is that too).
 """
 from __future__ import annotations
 
@@ -38,23 +35,15 @@ import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
 from actors.learner import Learner, LearnerSettings
-from actors.restarts import ActorRestarted, awaits_reset, restarted_actor_id
 from actors.rollout import Generation, RolloutWorker, Sampling
 from actors.scorer import Scorer
-from cluster.launch import Launcher
+from cluster.launch import ActorDied, Launcher
 from cluster.weight_sync import make_weight_sync
-from stages.model_actors import actor_env, engine_settings
+from core.text import same_tokenizer
+from stages.common.model_actors import actor_env, engine_settings
+from stages.run_config import RunConfig
 from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan, scorer_hosts, scorer_roles
 from stages.safe_rlhf.settings import SafeRLHFConfig
-from stages.text import same_tokenizer
-
-
-class ActorDied(Exception):
-    """A call failed because the named actor died. kind: rollout | scorer | learner."""
-
-    def __init__(self, name: str, kind: str, err: Exception | None = None):
-        super().__init__(f"{name} died" + (f" ({type(err).__name__})" if err is not None else ""))
-        self.name, self.kind = name, kind
 
 
 class TransferFailed(Exception):
@@ -103,7 +92,7 @@ class _HostedMethod:
         return self.learner.score_with.remote(self.role, self.method, *args, **kwargs)
 
 
-def actor_arguments(cfg, rl: SafeRLHFConfig, models: dict) -> tuple[dict, dict, dict]:
+def actor_arguments(cfg: RunConfig, rl: SafeRLHFConfig, models: dict) -> tuple[dict, dict, dict]:
     """What a round's actors are built from, by name: (rollout {name: (args, kwargs)}, scorers
     {role: (name, args, kwargs)}, learner groups {role: [(name, args, kwargs) per rank]}).
     models: policy, reward_model, cost_model (when used); absent: none yet (`prestart`).
@@ -118,12 +107,7 @@ def actor_arguments(cfg, rl: SafeRLHFConfig, models: dict) -> tuple[dict, dict, 
                    {"logprob_chunk": rl.logprob_chunk_tokens, **({"temperature": rl.temperature} if r == "reference" else {})})
                for r in scorer_roles(rl.algorithm)}
     lr = {"policy": rl.actor_lr, "reward_critic": rl.critic_lr, "cost_critic": rl.critic_lr}
-    settings = {r: LearnerSettings(device=rl.device, precision=rl.precision, zero_stage=rl.zero_stage, lr=lr[r], seed=cfg.seed,
-                                   shard=rl.learner_shard, micro_batch=rl.micro_batch_size or rl.learner_shard,
-                                   gradient_checkpointing=rl.gradient_checkpointing, logprob_chunk=rl.logprob_chunk_tokens,
-                                   clip_ratio=rl.clip_ratio, clip_value=rl.clip_value, algorithm=rl.algorithm,
-                                   temperature=rl.temperature)
-                for r in lr}
+    settings = {r: LearnerSettings.from_config(rl, lr=lr[r], seed=cfg.seed) for r in lr}
     # The critics start from the reward and cost models (the paper), or from the policy where a score
     # model has its own tokenizer (reward.backbone, cost.backbone): the critics read the policy's tokens
     critic_start = {r: path[f"{r}_model"] if same_tokenizer(path[f"{r}_model"], path["policy"]) else path["policy"]
@@ -177,14 +161,12 @@ def worker_sampling(sampling: Sampling, worker: int) -> Sampling:
 
 
 class RoundRoles:
-    def __init__(self, cfg, rl: SafeRLHFConfig, inputs: dict, sync_dir: Path, *, name: str, placement=None, prefix: str = "",
-                 pool=None, log=print):
+    def __init__(self, cfg: RunConfig, rl: SafeRLHFConfig, inputs: dict, sync_dir: Path, *, name: str, placement=None,
+                 prefix: str = "", pool=None, log=print):
         """The round `name`'s actors for `rl` (cfg: the run's config; inputs: the models), made in
         `placement` ((placement group, first bundle), e.g. a Tune trial's; None: their own), named
         with `prefix`, borrowed from and returned to the driver's actor `pool` when given."""
-        import ray
-
-        self.rl, self.log, self._ray = rl, log, ray
+        self.rl, self.log = rl, log
         self.plan = resource_plan(rl)
         env = actor_env(rl)
         # A baseline round may run beside round 1 (on a machine with the CPUs for both): its actors
@@ -216,33 +198,18 @@ class RoundRoles:
         self.scorer = {**self.scorer_actors, **{g: HostedScorer(handle, g) for r, members in learners.items()
                                                 for handle, (_, _, kw) in zip(self.learners[r].ranks, members)
                                                 for g in kw.get("hosted", {})}}
-        self.names = {h._actor_id.hex(): (n, "rollout") for h, n in zip(self.rollout, self.rollout_names)}
-        self.names.update({h._actor_id.hex(): (f"scorer-{r}-0", "scorer") for r, h in self.scorer_actors.items()})
-        self.names.update({h._actor_id.hex(): (n, "learner") for g in self.learners.values() for h, n in zip(g.ranks, g.names)})
         self._get(list(self.launcher.take_resets().values()))  # actors kept from the last stage load this round's models
         # Every learner group's rendezvous (rank 0's address first), and every engine's start-up, together.
         t0 = time.perf_counter()
         masters = self._get([g.ranks[0].master_address.remote() for g in self.learners.values()])
         calls = {n: r.setup.remote(*m) for g, m in zip(self.learners.values(), masters) for r, n in zip(g.ranks, g.names)}
-        calls.update({self.names[a._actor_id.hex()][0]: a.ready.remote() for a in self.restartable})
-        self.ready_s = self._timed_gather(calls, t0)  # {actor: seconds until it was up}, in the round's log
+        calls.update({n: a.ready.remote() for n, a in zip(self.restartable_names, self.restartable)})
+        self.ready_s = self.launcher.gather_timed(calls, t0)  # {actor: seconds until it was up}, in the round's log
         t1 = time.perf_counter()
         self.weights = make_weight_sync(rl.weight_sync, self.policy.ranks, self.rollout, sync_dir,
                                         timeout_s=rl.weight_sync_timeout_s)
         self._get_weights(self.weights.connect)
         self.ready_s["weight_sync"] = round(time.perf_counter() - t1, 1)
-
-    def _timed_gather(self, calls: dict, t0: float) -> dict[str, float]:
-        """Wait for every named call, noting when each finished (seconds since t0): which actor's
-        start-up the round waits on."""
-        import ray
-
-        pending, done_at = {ref: name for name, ref in calls.items()}, {}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            self._get(ready)  # an actor that died while starting is named
-            done_at[pending.pop(ready[0])] = round(time.perf_counter() - t0, 1)
-        return done_at
 
     @property
     def policy(self) -> LearnerGroup:
@@ -258,18 +225,7 @@ class RoundRoles:
 
     # ------------------------------------------------------------------ calling actors
     def _get(self, refs: list):
-        """ray.get, naming the actor whose call failed because it died."""
-        import ray
-        from ray.exceptions import RayActorError
-
-        try:
-            return ray.get(refs)
-        except RayActorError as err:
-            name, kind = self.names.get(err.actor_id or "", ("an actor of the round", "learner"))
-            raise ActorDied(name, kind, err) from err
-        except ActorRestarted as err:  # died and came back between two calls: as good as dead until reloaded
-            name, kind = self.names.get(restarted_actor_id(err), ("an actor of the round", "learner"))
-            raise ActorDied(name, kind, err) from err
+        return self.launcher.get(refs)
 
     def _get_weights(self, call):
         """A weight-sync call (connect, push, reconnect), its failures named."""
@@ -278,8 +234,7 @@ class RoundRoles:
         try:
             return call()
         except RayActorError as err:
-            name, kind = self.names.get(err.actor_id or "", ("an actor of the round", "learner"))
-            raise ActorDied(name, kind, err) from err
+            raise self.launcher.died(err.actor_id, err) from err
         except RayTaskError as err:
             raise TransferFailed(f"weight transfer failed: {str(err).splitlines()[0][:200]}") from err
 
@@ -302,25 +257,9 @@ class RoundRoles:
                          f"(retry {attempt + 1} of {self.rl.max_step_retries})")
 
     def _recover(self, timeout_s: float = 600.0) -> None:
-        """Wait until every rollout worker and scorer answers (Ray restarts a dead one by running its
-        constructor again), then re-form the weight transfer and push the current weights."""
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self._ray.get([a.ready.remote() for a in self.restartable], timeout=max(1.0, deadline - time.monotonic()))
-                # Ray restarted the dead one with the arguments it was created with: with actors kept
-                # between stages (safe_rlhf.keep_actors) those may be an earlier stage's models.
-                waiting = self._ray.get([a.__ray_call__.remote(awaits_reset) for a in self.restartable],
-                                        timeout=max(1.0, deadline - time.monotonic()))
-                self._ray.get([self.launcher.reload(n) for n, w in zip(self.restartable_names, waiting) if w],
-                              timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except (RayActorError, GetTimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)  # still restarting
+        """Wait until every rollout worker and scorer answers again, holding this round's models,
+        then re-form the weight transfer and push the current weights."""
+        self.launcher.await_restarted(self.restartable_names, timeout_s)
         self._get_weights(self.weights.reconnect)
         # reconnect pushes the learners' current weights once any were pushed; before that the
         # restarted workers hold the round's starting weights

@@ -28,141 +28,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch, pad_values
 from actors.rollout import Generation, Sampling
-from actors.score_model import score_model_categories
+from cluster.launch import ActorDied
 from cluster.metrics import record_step
-from cluster.weight_sync.checkpoint import sync_dir_for
-from stages import objectives as O
+from core import objectives as O
+from core.files import read_jsonl
 from stages.base import Progress, StageResult
-from stages.files import read_jsonl
 from stages.safe_rlhf.checkpoints import RoundCheckpoints
 from stages.safe_rlhf.plots import training_curves
-from stages.safe_rlhf.roles import ActorDied, RoundRoles
+from stages.safe_rlhf.roles import RoundRoles
 from stages.safe_rlhf.settings import SafeRLHFConfig
-from stages.text import format_prompt, prompt_tokenizer, same_tokenizer
-
-
-# ---------------------------------------------------------------------- what the round starts from
-@dataclass(frozen=True)
-class RoundSetup:
-    rl: SafeRLHFConfig  # with a baseline's algorithm applied
-    round: int  # k
-    steps: int
-    threshold: float | None  # d, on the cost model's scale; None: auto, derived once the cost scorer is up
-    inputs: dict  # policy, reward_model, cost_model (when used), train_pairs, reference (the first ingest's eval split)
-    pool: list  # distinct training prompts, templated
-    max_prompt_tokens: int
-    max_answer_tokens: int
-    # Scorers with their own tokenizer (reward.backbone, cost.backbone) score answers as text: the
-    # roles that do, and each pooled prompt's text and earlier turns
-    text_scored: tuple = ()
-    turns: dict = field(default_factory=dict)
-    # safe_rlhf.constraints per_category: the constraints' names, "shared" (the shared cost head) then
-    # the cost model's harm categories, in its heads' order; () for the one constraint of the paper
-    constraints: tuple = ()
-
-    @classmethod
-    def from_context(cls, ctx) -> "RoundSetup":
-        rl = ctx.cfg.safe_rlhf
-        if "algorithm" in ctx.params:  # a baseline run of the same round: ppo or reward_shaping (unconstrained)
-            rl = rl.model_copy(update={"algorithm": ctx.params["algorithm"], "constraints": "single"})
-        k = ctx.params["round"]
-        return cls.for_inputs(ctx.cfg, rl, k, round_inputs(ctx, rl.algorithm))
-
-    @classmethod
-    def for_inputs(cls, cfg, rl: SafeRLHFConfig, k: int, inputs: dict) -> "RoundSetup":
-        """Round k of `rl` from explicit inputs (policy, reward_model, cost_model, train_pairs, reference)."""
-        rcfg = rl.rounds[k - 1]
-        if not O.get_algorithm(rl.algorithm).constrained:
-            threshold = 0.0  # no Lagrangian constraint (ppo, reward_shaping): logged for completeness
-        else:
-            threshold = None if rcfg.threshold == "auto" else float(rcfg.threshold)
-        turns = prompt_turns(inputs["train_pairs"], prompt_tokenizer(inputs["policy"]))
-        text_scored = tuple(r for r in ("reward", "cost") if f"{r}_model" in inputs and not same_tokenizer(inputs[f"{r}_model"], inputs["policy"]))
-        return cls(rl, k, rcfg.steps or rl.steps_per_round, threshold, inputs, list(turns),
-                   cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens, text_scored, turns if text_scored else {},
-                   round_constraints(rl, inputs.get("cost_model")))
-
-
-def round_constraints(rl: SafeRLHFConfig, cost_model: Path | None) -> tuple:
-    """("shared", *the cost model's harm categories) under constraints per_category; () otherwise."""
-    if rl.constraints != "per_category":
-        return ()
-    categories = score_model_categories(cost_model)
-    if not categories:
-        raise ValueError(f"safe_rlhf.constraints per_category: the cost model {cost_model} has no per-category heads "
-                         "(fit it with cost.per_category: true; with too few labelled pairs per category every "
-                         "category falls back to the shared head, and the fit's log names them)")
-    return ("shared",) + categories
-
-
-def round_inputs(ctx, algorithm: str) -> dict:
-    """The previous round's policy (else the SFT model, else model.path), the latest fitted reward
-    model and, when the algorithm uses it, cost model; the latest training pairs (for prompts)."""
-    k = ctx.params["round"]
-    prev = f"safe_rlhf@{k - 1}"
-    if prev in ctx.inputs:
-        policy = ctx.input(prev, "policy")
-    elif "sft" in ctx.inputs:
-        policy = ctx.input("sft", "model")
-    else:
-        policy = Path(ctx.cfg.model.path)
-    out = {"policy": policy, "reward_model": ctx.input(ctx.latest("fit_reward"), "model"),
-           "train_pairs": ctx.input(ctx.latest("ingest"), "train"), "reference": ctx.input("ingest", "eval")}
-    if O.uses_cost_model(algorithm):
-        out["cost_model"] = ctx.input(ctx.latest("fit_cost"), "model")
-    return out
-
-
-def prompt_pool(train_parquet: Path, tokenizer=None) -> list[str]:
-    """Distinct training prompts (templated for the policy's tokenizer, with their earlier turns),
-    in a stable order."""
-    return list(prompt_turns(train_parquet, tokenizer))
-
-
-def prompt_turns(train_parquet: Path, tokenizer=None) -> dict[str, tuple[str, list]]:
-    """{templated prompt: (prompt, earlier turns)} for the distinct training prompts, in a stable order."""
-    import pyarrow.parquet as pq
-
-    out: dict[str, tuple[str, list]] = {}
-    for r in pq.read_table(train_parquet, columns=["prompt", "context"]).to_pylist():
-        out.setdefault(format_prompt(r["prompt"], r["context"], tokenizer), (r["prompt"], r["context"] or []))
-    return out
-
-
-def reference_answers(eval_parquet: Path) -> tuple[list[str], list[str], list[bool], list[list[str]]]:
-    """The fixed reference set of threshold auto: every labelled answer of the first ingest's
-    held-out pairs -> (prompts, answers, is_safe, harm categories). The same answers for every round."""
-    import pyarrow.parquet as pq
-
-    prompts, answers, safe, categories = [], [], [], []
-    for r in pq.read_table(eval_parquet).to_pylist():
-        for i in (0, 1):
-            if r[f"is_response_{i}_safe"] is not None:
-                prompts.append(r["prompt"])
-                answers.append(r[f"response_{i}"])
-                safe.append(bool(r[f"is_response_{i}_safe"]))
-                categories.append(list(r.get(f"response_{i}_harm_category") or []))
-    return prompts, answers, safe, categories
-
-
-def step_prompts(pool: list[str], step: int, batch: int, seed: int) -> list[str]:
-    """Step `step`'s prompts (0-based): epochs of seeded permutations, so they are a function of the step."""
-    out = []
-    cursor = step * batch
-    while len(out) < batch:
-        epoch, offset = divmod(cursor, len(pool))
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-        take = order[offset:offset + batch - len(out)]
-        out += [pool[i] for i in take]
-        cursor += len(take)
-    return out
+from stages.safe_rlhf.setup import RoundPlace, RoundSetup, reference_answers, step_prompts
 
 
 # ---------------------------------------------------------------------- one step
@@ -338,25 +219,25 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
 
 
 # ---------------------------------------------------------------------- the round
-def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
+def train_round(place: RoundPlace, setup: RoundSetup) -> tuple[list[dict], dict]:
     """Start the roles, continue from the last checkpoint if there is one, run the steps, export
     the policy to out_dir/policy. -> (per-step metrics, summary)."""
-    rl, k, seed = setup.rl, setup.round, ctx.cfg.seed
-    ckpts = RoundCheckpoints(ctx.out_dir / "ckpt")
-    metrics_path = ctx.out_dir / "metrics.jsonl"
+    rl, k, seed = setup.rl, setup.round, place.cfg.seed
+    ckpts = RoundCheckpoints(place.out_dir / "ckpt")
+    metrics_path = place.out_dir / "metrics.jsonl"
     t_setup = time.perf_counter()
-    roles = RoundRoles(ctx.cfg, rl, setup.inputs, sync_dir_for(ctx.run_dir, ctx.name, rl.device), name=ctx.name,
-                       placement=ctx.placement, prefix=ctx.actor_prefix, pool=ctx.actor_pool, log=ctx.log)
+    roles = RoundRoles(place.cfg, rl, setup.inputs, place.sync_dir, name=place.name, placement=place.placement,
+                       prefix=place.prefix, pool=place.pool, log=place.log)
     time_setup = time.perf_counter() - t_setup
     ahead = roles.launcher.ahead
     kept = [n for n in roles.launcher.reused if n not in ahead]
     origin = ([f"{len(kept)} kept from the last stage"] if kept else []) + ([f"{len(ahead)} started ahead"] if ahead else [])
-    ctx.log(f"  actors up in {time_setup:.1f}s" + (f" ({', '.join(origin)})" if origin else "") + ": "
+    place.log(f"  actors up in {time_setup:.1f}s" + (f" ({', '.join(origin)})" if origin else "") + ": "
             + ", ".join(f"{n} {t:.0f}s" for n, t in roles.ready_s.items()))
     finished = False
     try:
         threshold = round_threshold(roles, setup)
-        ctx.log(f"  threshold {threshold['threshold']:.4f}: {threshold['threshold_rule']}")
+        place.log(f"  threshold {threshold['threshold']:.4f}: {threshold['threshold_rule']}")
         lagrange = round_multipliers(setup, threshold)
         start_step, history, rollout = 0, [], None
         saved = ckpts.latest()
@@ -369,25 +250,25 @@ def train_round(ctx, setup: RoundSetup) -> tuple[list[dict], dict]:
             roles.push_weights(start_step)
             if rl.overlap_generation and saved.get("next_rollout"):
                 rollout = Rollout.from_state(saved["next_rollout"])  # generated before the interruption
-            ctx.log(f"  resumed round {k} from its checkpoint at step {start_step} (lambda {lagrange.value:.4f}"
+            place.log(f"  resumed round {k} from its checkpoint at step {start_step} (lambda {lagrange.value:.4f}"
                     + (f", the sum of {len(setup.constraints)} constraints)" if setup.constraints else ")"))
         # Steps after the checkpoint (from an interrupted attempt) are dropped: each step once.
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
-        progress = Progress(ctx.log, "step", setup.steps, every_s=15)
+        progress = Progress(place.log, "step", setup.steps, every_s=15)
         for step in range(start_step + 1, setup.steps + 1):
             m, rollout = ppo_step(roles, setup, lagrange, step, seed, rollout)
             m["threshold"] = lagrange.threshold
             history.append(m)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
-            ctx.report(m)
-            record_step(ctx.name, m)
+            place.report(m)
+            record_step(place.name, m)
             progress.update(step, reward=m["reward_mean"], cost=m.get("cost_mean", float("nan")),
                             lam=m.get("lambda", 0.0), unsafe=m.get("unsafe_share", float("nan")), kl=m["kl"])
             if step % rl.checkpoint_every_steps == 0 or step == setup.steps:
                 ckpts.save(roles, {"step": step, "lagrange": lagrange.state_dict(),
                                    "next_rollout": rollout.state_dict() if rollout is not None else None})
-        roles.export_policy(ctx.out_dir / "policy")
+        roles.export_policy(place.out_dir / "policy")
         summary = {**summarize(history), **threshold, "time_setup": round(time_setup, 2), "actors_kept": len(kept),
                    "actors_started_ahead": len(ahead),
                    "retries_in_place": roles.retries}
@@ -471,7 +352,7 @@ def run(ctx) -> StageResult:
     restarts = 0
     while True:
         try:
-            history, summary = train_round(ctx, setup)
+            history, summary = train_round(RoundPlace.from_context(ctx), setup)
             break
         except ActorDied as err:
             if err.kind != "learner" or restarts >= rl.max_round_restarts:

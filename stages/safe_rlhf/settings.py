@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from stages.objectives import ALGORITHM_NAMES, ALGORITHMS
-from stages.schema import Device, F, Precision, Strict
+from core.objectives import ALGORITHM_NAMES, ALGORITHMS
+from core.schema import Device, F, Precision, Strict
 
 
 class RoundConfig(Strict):
@@ -20,9 +20,9 @@ class RoundConfig(Strict):
 
 
 class SafeRLHFConfig(Strict):
-    algorithm: Literal[ALGORITHM_NAMES] = F("ppo_lag", "; ".join(f"{n}: {a.summary}" for n, a in ALGORITHMS.items()) + " (the registry in stages/objectives.py).")
+    algorithm: Literal[ALGORITHM_NAMES] = F("ppo_lag", "; ".join(f"{n}: {a.summary}" for n, a in ALGORITHMS.items()) + " (the registry in core/objectives).")
     group_size: int = F(4, "grpo_lag: answers sampled per prompt, whose returns are normalised as a group; a step samples prompts_per_step answers, prompts_per_step / group_size prompts (4: the smallest group whose mean is a usable baseline at 16 prompts per step).", ge=2)
-    group_scale: Literal["group", "batch"] = F("group", "grpo_lag: what a group's deviations from its mean are divided by. group: the group's own std (GRPO); every group's advantages then have unit spread, even where its answers differ by noise. batch: one std over the whole step's deviations (as Dr. GRPO's critique of per-group std, arXiv 2503.20783), so a group whose answers barely differ in reward or cost moves the policy little and one that holds a refusal beside a compliance moves it much.")
+    group_scale: Literal["group", "batch"] = F("group", "grpo_lag: what a group's deviations from its mean are divided by. group: the group's own std (GRPO); every group's advantages then have unit spread, even where its answers differ by noise. batch: one std over the whole step's deviations (as Dr. GRPO's critique of per-group std, arXiv 2503.20783), so a group whose answers barely differ in reward or cost moves the policy little and one that holds a refusal beside a compliance moves it much.", added=True)
     constraints: Literal["single", "per_category"] = F("single", "single: one cost constraint and one lambda (the paper). per_category: one constraint per harm category head of the cost model as well (it needs cost.per_category: true), each with its own lambda and threshold; the shared cost keeps its own constraint, which covers the categories that fell back to the shared head. threshold auto: the rule on each head, with the reference answers harmful in its category as the unsafe ones, at the round's unsafe share (a number: the same d for each). The policy's cost advantage is the lambda-weighted mean of the constraints' and the loss's lambda their sum, capped at lambda_max (objectives.Algorithm.constrained_advantages); `lambda` in the metrics is that, each constraint's is `lambda_<name>`.")
     engine: Literal["vllm", "hf"] = F("vllm", "Rollout engine: vLLM (GPU-scale) or transformers generate (faster for tiny models on CPU).")
     device: Device = F("cpu", "Device of learners, scorers and rollout workers.")

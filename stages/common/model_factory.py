@@ -49,9 +49,9 @@ def texts_of(paths: list[str | Path]) -> list[str]:
     """Conversations in the template the model will see, from data files: HH-RLHF rows (`chosen`,
     `rejected`), PKU-SafeRLHF rows (`prompt` with `response_0`, `response_1`) and prompt rows
     (`prompt`). Rows that are none of these are skipped: this is text for a tokenizer and a warm-up."""
-    from stages.annotation_files import parse_conversation
-    from stages.datafiles import detect_container, iter_rows
-    from stages.text import format_prompt
+    from core.text import format_prompt
+    from stages.common.annotation_files import parse_conversation
+    from stages.common.datafiles import detect_container, iter_rows
 
     texts = []
     for path in map(Path, paths):

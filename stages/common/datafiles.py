@@ -6,7 +6,7 @@ editor), JSON array elements and Parquet rows by 0-based index. A file that cann
 whole (a broken JSON array, a corrupt Parquet file, a truncated gzip stream) yields one
 `unparseable` row error instead of an exception.
 
-Used by annotation ingest (stages/annotation_files.py), by prompt files (`read_prompt_files`:
+Used by annotation ingest (stages/common/annotation_files.py), by prompt files (`read_prompt_files`:
 red-team and evaluation prompts) and by labelled prompt sets (`read_prompt_sets`: evaluation
 benchmarks such as XSTest, each row `safe` or `unsafe`).
 """

@@ -1,8 +1,10 @@
-"""Model work off the driver: rollout and scorer actors for the stages that generate or score
-outside a round (SFT's check, red teaming, judge annotation,
-evaluation). Each is a named Ray actor that declares its resources (`safe_rlhf.cpus_per_actor`
-CPUs, and on `safe_rlhf.device: cuda` the GPUs its engine needs), built with the round's device
-and precision; the driver only orchestrates and reads back small results (texts, scores).
+"""Model actors, made one way: the environment (`actor_env`) and the Ray options (`actor_options`:
+`safe_rlhf.cpus_per_actor` CPUs, on `safe_rlhf.device: cuda` the GPUs its engine needs, the
+threads) of every actor that holds a model, whoever starts it: the round (its launcher), the stages
+that generate or score outside a round (SFT's check, red teaming, judge annotation, evaluation:
+`rollout_actor`, `scorer_actors`), a sweep trial's judge (`judge_actors`, in the bundles its round
+has freed) and Serve's deployments. Built with the round's device and precision; the driver only
+orchestrates and reads back small results (texts, scores).
 """
 from __future__ import annotations
 
@@ -39,10 +41,12 @@ def engine_settings(cfg, engine: str, max_new_tokens: int, weight_sync: str = "c
     return kw
 
 
-def _options(cfg, name: str, gpus: float, env: dict | None = None) -> dict:
-    rl = cfg.safe_rlhf
-    return {"name": name, "num_cpus": rl.cpus_per_actor, "num_gpus": gpus if rl.device == "cuda" else 0,
-            "runtime_env": {"env_vars": {**ACTOR_ENV, **(env or {})}}}
+def actor_options(rl: SafeRLHFConfig, name: str | None = None, gpus: float = 1) -> dict:
+    """Ray options of a model actor outside a round's placement group (stages' actors, Serve's
+    deployments): its CPUs, `gpus` on device cuda (none on cpu), actor_env. name: Ray's actor name."""
+    options = {"num_cpus": rl.cpus_per_actor, "num_gpus": gpus if rl.device == "cuda" else 0,
+               "runtime_env": {"env_vars": actor_env(rl)}}
+    return {"name": name, **options} if name else options
 
 
 def _lend(cfg, pool, name: str, cls, args: tuple, kwargs: dict, options: dict):
@@ -73,7 +77,7 @@ def rollout_actor(cfg, model_dir: str | Path, name: str, engine: str, max_new_to
     gpus = 1 if tp == 1 else 0  # tensor parallel: vLLM's own Ray workers take the GPUs, in a placement group of its own
     pooled = "rollout-0" if pool is not None else None
     actor, reset = _lend(cfg, pool, pooled, RolloutWorker, (engine, str(model_dir)), engine_settings(cfg, engine, max_new_tokens),
-                         _options(cfg, name, gpus))
+                         actor_options(cfg.safe_rlhf, name, gpus))
     ok = False
     try:
         if reset is not None:
@@ -109,7 +113,7 @@ def scorer_actors(cfg, models: dict[str, str | Path], prefix: str, wait: bool = 
     try:
         for role, path in models.items():
             lent[role] = _lend(cfg, pool, names[role], Scorer, (role, str(path), rl.device, rl.precision),
-                               scorer_kwargs(cfg, role), _options(cfg, names[role], 1))
+                               scorer_kwargs(cfg, role), actor_options(rl, names[role]))
         actors = {role: a for role, (a, _) in lent.items()}
         ray.get([r for _, r in lent.values() if r is not None])
         if wait:
@@ -122,6 +126,32 @@ def scorer_actors(cfg, models: dict[str, str | Path], prefix: str, wait: bool = 
                 pool.give_back(names[role], keep=ok)
             else:
                 ray.kill(a)
+
+
+@contextmanager
+def judge_actors(cfg, plan, placement: tuple, prefix: str, name: str, policy_dir: str | Path, models: dict[str, str],
+                 max_new_tokens: int):
+    """(rollout worker, {role: scorer}) that judge a policy inside a finished round's placement
+    (a sweep trial's, `placement` = (its placement group, first bundle of `plan`)): the rollout
+    worker in rollout-0's bundle, the scorers in the scorers' and then the learners' bundles.
+    Killed on exit. models: {role: model directory}; the engine is evaluate.engine."""
+    from actors.rollout import RolloutWorker
+    from actors.scorer import Scorer
+    from cluster.launch import Launcher
+
+    rl, engine = cfg.safe_rlhf, cfg.evaluate.engine
+    slots = [a.name for a in plan.actors if a.name.startswith("scorer-")] + [a.name for a in plan.actors if a.name.startswith("learner-")]
+    launcher = Launcher(plan, actor_env(rl), name=name, placement=placement, prefix=prefix)
+    try:
+        rollout = launcher.start(RolloutWorker, "judge-rollout", engine, str(policy_dir), slot="rollout-0",
+                                 env=plan.worker_env("rollout-0", launcher.offset),
+                                 **engine_settings(cfg, engine, max_new_tokens))
+        scorers = {role: launcher.start(Scorer, f"judge-scorer-{role}", role, str(path), rl.device, rl.precision, slot=slot,
+                                        **scorer_kwargs(cfg, role))
+                   for (role, path), slot in zip(models.items(), slots)}
+        yield rollout, scorers
+    finally:
+        launcher.shutdown()
 
 
 def score_answers(cfg, scorers: dict, prompts: list[str], answers: list[str], contexts: list | None = None) -> dict[str, list[float]]:

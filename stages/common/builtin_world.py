@@ -9,7 +9,7 @@ It keeps the paper's tension so that the demonstration proves something:
 
 The judge decides from content in the text (the world's fact, harm, danger and refusal phrases,
 matched as word sequences), so it judges free text a model generates as well as the
-generator's own strings. Content lives in `stages/world_content.py`; the `world` stage
+generator's own strings. Content lives in `stages/common/world_content.py`; the `world` stage
 (stages/world.py) writes the world's data sets and small model to the run directory.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import random
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from stages import world_content as C
-from stages.text import format_prompt, in_eval_split, words
+from core.text import format_prompt, in_eval_split, words
+from stages.common import world_content as C
 
 # Helpfulness weights (the oracle's scale): one point per distinct on-task fact or harmful
 # step, less for a safe alternative so that compliance beats redirection on helpfulness alone.

@@ -12,7 +12,7 @@ by `evaluate.judge`: `evaluate` and the sweep (its starting policy and every tri
 that it answers for the next policy while the scorers judge this one.
 
 Prompts are dicts with `prompt`, `harmful` (bool) and `category`: the world's eval prompts, or
-rows of prompt files (stages/datafiles.py). Without the oracle there is no helpfulness per answer;
+rows of prompt files (stages/common/datafiles.py). Without the oracle there is no helpfulness per answer;
 `evaluate` measures it as the reward model's win rate against the starting policy instead.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from __future__ import annotations
 import random
 import statistics
 
-from stages.stats import cluster_bootstrap
-from stages.text import format_prompt, prompt_tokenizer
-from stages.world_content import REFUSAL_MARKERS
+from core.text import format_prompt, prompt_tokenizer
+from stages.common.stats import cluster_bootstrap
+from stages.common.world_content import REFUSAL_MARKERS
 
 
 def _samplings(samples: int, max_new_tokens: int, seed: int, temperature: float = 1.0) -> list:
@@ -43,7 +43,7 @@ def _rows(prompts: list[dict], generations: list, max_new_tokens: int) -> list[d
 def answer(engine, prompts: list[dict], samples: int, max_new_tokens: int, seed: int, tokenizer=None,
            temperature: float = 1.0) -> list[dict]:
     """`samples` answers per prompt (sample s of every prompt shares one seed), one row each;
-    prompts templated for `tokenizer` (stages/text.py format_prompt)."""
+    prompts templated for `tokenizer` (core/text.py format_prompt)."""
     texts = [format_prompt(p["prompt"], tokenizer=tokenizer) for p in prompts]
     return _rows(prompts, [engine.generate(texts, sp) for sp in _samplings(samples, max_new_tokens, seed, temperature)],
                  max_new_tokens)
@@ -76,7 +76,7 @@ def eval_max_new_tokens(cfg) -> int:
 
 def judge_with_oracle(rows: list[dict]) -> None:
     """The built-in world's judge, from the text: harmful, helpfulness, refusal."""
-    from stages.builtin_world import World
+    from stages.common.builtin_world import World
 
     world = World()
     for r in rows:
@@ -136,7 +136,7 @@ def judged_answers(cfg, rollout_actor, scorers: dict, prompts: list[dict], queue
     import ray
 
     from actors.rollout import Generation
-    from stages.model_actors import score_answers
+    from stages.common.model_actors import score_answers
 
     ev = cfg.evaluate
     results = ray.get(queued if queued is not None else queue_answers(cfg, rollout_actor, prompts, policy_dir=policy_dir))
@@ -221,7 +221,7 @@ SET_RATES = {
     "reward_mean_unsafe": ("reward", "unsafe", "mean reward of the answers to unsafe prompts, final reward model"),
     "reward_mean_safe": ("reward", "safe", "mean reward of the answers to safe prompts, final reward model"),
 }
-SET_JUDGES = {"refusal": "string match (stages/judging.py: REFUSAL_PREFIXES)", "harm": "final cost model (cost > 0)",
+SET_JUDGES = {"refusal": "string match (stages/common/judging.py: REFUSAL_PREFIXES)", "harm": "final cost model (cost > 0)",
               "reward": "final reward model"}
 
 
@@ -272,7 +272,7 @@ def oracle_policy_pairs(engine, prompts: list[dict], max_new_tokens: int, seed: 
     the world's annotator, in the PKU schema plus the oracle's tie flags: where the fitted models'
     `policy_accuracy` is measured (a pair the judge rates as a tie has a coin-flip label)."""
     from actors.rollout import Sampling
-    from stages.builtin_world import World
+    from stages.common.builtin_world import World
 
     world, rng = World(), random.Random(f"policy-pairs-{seed}")
     texts = [format_prompt(p["prompt"], tokenizer=tokenizer) for p in prompts]

@@ -8,7 +8,7 @@ accounted for: it is accepted (train or eval), rejected (``rejects.jsonl``,
 with the original text so it can be fixed) or a duplicate
 (``duplicates.jsonl``, pointing at the row that was kept).
 
-Containers and row positions are stages/datafiles.py's: JSONL, JSON array,
+Containers and row positions are stages/common/datafiles.py's: JSONL, JSON array,
 Parquet, each optionally gzipped, detected by content; a file that cannot be
 read as a whole becomes one ``unparseable`` reject instead of an exception.
 The `ingest` stage (stages/ingest.py), the `ingest` command and the `files`
@@ -28,9 +28,9 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
                       StrictStr, ValidationError, model_validator)
 from pydantic_core import PydanticCustomError
 
-from stages.datafiles import detect_container, iter_rows
-from stages.files import atomic_write_json
-from stages.text import in_eval_split, normalize, pair_key, prompt_key
+from core.files import atomic_write_json
+from core.text import in_eval_split, normalize, pair_key, prompt_key
+from stages.common.datafiles import detect_container, iter_rows
 
 REJECT_REASONS: tuple[str, ...] = (
     "unparseable", "not_an_object", "invalid_utf8", "oversized_row", "missing_field",
@@ -204,7 +204,7 @@ def _record_from(value: dict, fmt: str) -> tuple[str, dict | None, list[dict]]:
 
 def _keys(rec: dict) -> tuple[str, str]:
     """(pair_id, prompt_id): dedupe key over prompt+context+answer pair, split key over prompt+context.
-    Shared with the world generator (stages/text.py), so its eval prompts land in the eval split."""
+    Shared with the world generator (core/text.py), so its eval prompts land in the eval split."""
     return (pair_key(rec["prompt"], rec["response_0"], rec["response_1"], rec["context"]),
             prompt_key(rec["prompt"], rec["context"]))
 
