@@ -54,6 +54,7 @@ class LearnerSettings:
     logprob_chunk: int | None = None  # tokens whose logprobs are computed at once; None: all
     clip_ratio: float = 0.2  # the policy's PPO clip
     clip_value: float = 5.0  # the critics' value clip
+    max_grad_norm: float = 1.0  # the global gradient norm DeepSpeed clips each update to
     algorithm: str = "ppo_lag"  # whose registered policy loss the policy learner minimises
     temperature: float = 1.0  # the rollouts' sampling temperature: the policy's logprobs are the tempered ones
 
@@ -139,7 +140,7 @@ class Learner:
         ds = deepspeed_config({"per_device_batch_size": self.micro, "gradient_accumulation": self.accumulation,
                                "lr": self.settings.lr, "weight_decay": 0.0, "device": self.settings.device,
                                "zero_stage": self.settings.zero_stage, "precision": self.settings.precision},
-                              self.world_size)
+                              self.world_size, gradient_clipping=self.settings.max_grad_norm)
         # ZeRO-3: while this object lives, transformers builds the model under deepspeed.zero.Init,
         # partitioned from the start (no rank ever holds the whole model), and loads the weights
         # into the partitions.

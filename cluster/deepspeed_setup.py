@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-def deepspeed_config(tc, world_size: int) -> dict:
+def deepspeed_config(tc, world_size: int, gradient_clipping: float = 1.0) -> dict:
     """DeepSpeed config from a TrainConfig (as a dict): batch sizes, ZeRO stage, precision, optimizer."""
     return {
         "train_micro_batch_size_per_gpu": tc["per_device_batch_size"],
@@ -15,7 +15,7 @@ def deepspeed_config(tc, world_size: int) -> dict:
         "zero_optimization": {"stage": tc["zero_stage"]},
         "bf16": {"enabled": tc["precision"] == "bf16"},
         "fp16": {"enabled": tc["precision"] == "fp16"},
-        "gradient_clipping": 1.0,
+        "gradient_clipping": gradient_clipping,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -247,6 +247,18 @@ def test_group_scale_is_in_a_rounds_fingerprint_only_off_its_default_and_grouped
     assert not any("safe_rlhf.group_scale" in k for k in keys("ppo_lag", "batch"))  # no groups: it changes nothing
 
 
+
+def test_a_field_marked_added_is_in_a_rounds_fingerprint_only_off_its_default():
+    # safe_rlhf.max_grad_norm came after runs were made: at its default a round's fingerprint is as before.
+    from pipeline.config import parse_config
+    from pipeline.graph import build_graph
+
+    def keys(**rl):
+        return [s.config_keys for s in build_graph(parse_config({"name": "t", "safe_rlhf": rl})) if s.base_name == "safe_rlhf"]
+
+    assert keys() == keys(max_grad_norm=1.0) and not any("safe_rlhf.max_grad_norm" in k for k in keys())
+    assert all("safe_rlhf.max_grad_norm" in k for k in keys(max_grad_norm=0.5))
+
 def test_grpo_lag_step_samples_whole_groups_of_one_prompt():
     from stages.safe_rlhf.round import step_inputs
     from stages.safe_rlhf.setup import step_prompts

@@ -319,3 +319,14 @@ def test_learner_settings_come_from_the_rounds_config_by_name():
             s.algorithm, s.lr, s.seed) == (0.15, 3.0, 8, 4, 64, 0.3, True, "grpo_lag", 1e-5, 3)
     with pytest.raises(TypeError, match=r"\['lr'\]"):
         LearnerSettings.from_config(rl, seed=3)
+
+
+def test_a_rounds_max_grad_norm_reaches_the_learners_deepspeed_engine(small_model_dir, process_group):
+    # The path of a learner setting, config to engine: SafeRLHFConfig -> LearnerSettings.from_config -> DeepSpeed.
+    from actors.learner import Learner, LearnerSettings
+    from stages.safe_rlhf.settings import SafeRLHFConfig
+
+    settings = LearnerSettings.from_config(SafeRLHFConfig(max_grad_norm=0.25), lr=1e-3, seed=0)
+    lr = Learner("policy", str(small_model_dir), settings)
+    lr.setup(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    assert lr.engine.gradient_clipping() == 0.25

@@ -45,6 +45,7 @@ class SafeRLHFConfig(Strict):
     kl_coeff: float = F(0.01, "beta of the per-token KL penalty (paper: 0.01).", ge=0)
     clip_ratio: float = F(0.2, "PPO ratio clip (paper: 0.2).", gt=0)
     clip_value: float = F(5.0, "Critic value clip (paper: 5).", gt=0)
+    max_grad_norm: float = F(1.0, "Learners' gradient clipping: the global norm of each update's gradient is scaled down to this (the paper's code: 1.0).", gt=0, added=True)
     clip_score: float = F(50.0, "Per-token shaped reward/cost clip (paper: 50).", gt=0)
     gamma: float = F(1.0, "GAE discount (paper: 1.0).", ge=0, le=1)
     gae_lambda: float = F(0.95, "GAE lambda (paper: 0.95).", ge=0, le=1)
