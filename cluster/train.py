@@ -119,9 +119,27 @@ def _maybe_inject_fault(run_name: str, step: int, marker_dir: Path) -> None:
         os._exit(17)  # a hard crash, as a killed worker would be
 
 
+def _start_engine(task: FitTask, world: int, total_steps: int):
+    """The DeepSpeed engine (warm-up then cosine over total_steps), restored from Ray Train's latest
+    checkpoint when there is one -> (engine, loop state: epoch, micro-batch, history, restarts)."""
+    import deepspeed
+    import torch
+
+    tc = task.tc
+    without_inference_shm_op()
+    engine, *_ = deepspeed.initialize(
+        model=task.model, model_parameters=[p for p in task.model.parameters() if p.requires_grad],
+        config=deepspeed_config(tc, world),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, tc["warmup_ratio"])))
+    state = _restore(engine) or {"epoch": 0, "micro_in_epoch": 0, "history": [], "restarts": 0}
+    if engine.global_steps:
+        state["restarts"] += 1
+        state.setdefault("resumed_from_steps", []).append(engine.global_steps)
+    return engine, state
+
+
 def fit(task: FitTask) -> None:
     """The training loop of one worker: epochs of sharded micro-batches under DeepSpeed."""
-    import deepspeed
     import ray.train
     import torch
 
@@ -134,16 +152,8 @@ def fit(task: FitTask) -> None:
     micro_per_epoch = per_rank // micro
     steps_per_epoch = max(1, micro_per_epoch // accum)
     total_steps = steps_per_epoch * tc["epochs"]
-    without_inference_shm_op()
-    engine, *_ = deepspeed.initialize(
-        model=task.model, model_parameters=[p for p in task.model.parameters() if p.requires_grad],
-        config=deepspeed_config(tc, world),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, tc["warmup_ratio"])))
-    state = _restore(engine) or {"epoch": 0, "micro_in_epoch": 0, "history": [], "restarts": 0}
+    engine, state = _start_engine(task, world, total_steps)
     resumed_from = engine.global_steps
-    if resumed_from:
-        state["restarts"] += 1
-        state.setdefault("resumed_from_steps", []).append(resumed_from)
     log = (lambda rec: open(task.log_path, "a").write(json.dumps(rec) + "\n")) if rank == 0 and task.log_path else (lambda rec: None)
     log({"event": "start", "global_step": resumed_from, "total_steps": total_steps, "world_size": world})
     t0, tokens = time.time(), 0

@@ -58,77 +58,6 @@ def _open_run(args):
         return None
 
 
-def _status_table(status: dict):
-    from rich.table import Table
-
-    table = Table(title=f"run {status['run_dir']}")
-    for col in ("stage", "state", "time", "key figures"):
-        table.add_column(col)
-    colours = {"done": "green", "failed": "red", "running": "yellow", "waiting": "magenta", "pending": "dim"}
-    for s in status["stages"]:
-        figs = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in list(s["metrics"].items())[:5] if not isinstance(v, (dict, list)))
-        if s.get("message"):
-            figs = s["message"]
-        dur = f"{s['duration_s']:.0f}s" if "duration_s" in s else ""
-        table.add_row(s["name"], f"[{colours[s['state']]}]{s['state']}[/]", dur, figs)
-    return table
-
-
-def _print_status(status: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(status, indent=2, default=str))
-        return
-    from rich.console import Console
-
-    Console().print(_status_table(status))
-
-
-def _round_line(driver, status: dict) -> str | None:
-    """The running round's latest step: reward, cost, lambda, unsafe share and an ETA."""
-    running = next((s for s in status["stages"] if s["state"] == "running" and "step" in s["metrics"]), None)
-    if running is None:
-        return None
-    m, spec = running["metrics"], driver.by_name[running["name"]]
-    rl = driver.cfg.safe_rlhf
-    k = dict(spec.params).get("round", 1)
-    steps = rl.rounds[k - 1].steps or rl.steps_per_round
-    per_step = sum(m.get(t, 0.0) for t in ("time_generate", "time_score", "time_learn", "time_sync"))
-    eta = (steps - m["step"]) * per_step
-    fig = lambda key, fmt: format(m[key], fmt) if isinstance(m.get(key), (int, float)) else "-"
-    return (f"{running['name']}: step {m['step']}/{steps}  reward {fig('reward_mean', '.3f')}  cost {fig('cost_mean', '.3f')}  "
-            f"lambda {fig('lambda', '.3f')}  unsafe {fig('unsafe_share', '.3f')}  ETA {eta / 60:.1f} min")
-
-
-def _watch(driver, interval: float) -> int:
-    """Refresh the status table every `interval` seconds until the run ends (no driver holds the
-    run directory) or Ctrl-C."""
-    import time
-
-    from rich.console import Group
-    from rich.live import Live
-    from rich.text import Text
-
-    def view():
-        status = driver.status()
-        line = _round_line(driver, status)
-        return Group(_status_table(status), Text(line or "no round running", style="bold", no_wrap=True, overflow="ignore"))
-
-    from rich.console import Console
-
-    # Not a terminal (a job's log, a pipe): wide enough that the round's line is not cut.
-    console = Console() if sys.stdout.isatty() else Console(width=200)
-    try:
-        with Live(view(), console=console, refresh_per_second=1, transient=False) as live:
-            while driver.rd.driver_running():
-                time.sleep(interval)
-                live.update(view())
-            live.update(view())
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
 def cmd_config_doc(args) -> int:
     from pipeline.config_doc import config_markdown
 
@@ -228,15 +157,18 @@ def cmd_status(args) -> int:
     driver = _open_run(args)
     if driver is None:
         return 2
+    from pipeline.status_command import print_status, watch
+
     if args.watch:
-        return _watch(driver, args.interval)
-    _print_status(driver.status(), args.json)
+        return watch(driver, args.interval)
+    print_status(driver.status(), args.json)
     return 0
 
 
 def cmd_plan(args) -> int:
     from pipeline.config import ConfigError, load_config
-    from pipeline.plan import format_plan, plan
+    from pipeline.plan import plan
+    from pipeline.plan_format import format_plan
 
     try:
         cfg = load_config(args.config)
@@ -290,17 +222,8 @@ def cmd_serve(args) -> int:
     return serve_run(driver, args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    # Quiet per-load progress bars (weights reload every PPO step); Ray workers inherit this.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The console script (pyproject's [project.scripts]) and `python -m pipeline` are the same command.
-    prog = "safe-rlhf" if Path(sys.argv[0]).name == "safe-rlhf" else "python -m pipeline"
-    p = argparse.ArgumentParser(prog=prog, description="Safe RLHF on Ray: the pipeline driver.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--version", action="version", version=f"%(prog)s {version()} (package safe-rlhf-ray)")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _run_commands(sub) -> None:
+    """run, resume, status, validate, plan."""
     r = sub.add_parser("run", help="run every stage that is not done")
     r.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (YAML); default configs/tiny.yaml")
     r.add_argument("--run-dir", help="run directory; default runs/<config name>")
@@ -337,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--gpu-memory", type=float, help="GiB per GPU, to check whether the roles fit")
     r.set_defaults(fn=cmd_plan)
 
+
+def _tool_commands(sub) -> None:
+    """ingest, sweep, serve, submit."""
     r = sub.add_parser("ingest", help="validate annotation files into train/eval Parquet")
     r.add_argument("paths", nargs="+", help="JSONL, JSON array or Parquet files, gzip or not")
     r.add_argument("--out", required=True, help="output directory")
@@ -368,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("args", nargs=argparse.REMAINDER, help="-- then the pipeline's arguments, e.g. -- run --config C")
     r.set_defaults(fn=cmd_submit)
 
+
+def _model_commands(sub) -> None:
+    """make-model, import-model, config-doc."""
     r = sub.add_parser("make-model", help="a small model trained on your data files (to try the world-free path)")
     r.add_argument("--out", required=True, help="output directory (a Hugging Face model directory)")
     r.add_argument("--data", nargs="+", required=True, help="HH-RLHF, PKU-SafeRLHF or prompt files (any container)")
@@ -396,5 +325,23 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", help="write it to this file (the repository keeps it as docs/configuration.md)")
     r.set_defaults(fn=cmd_config_doc)
 
-    args = p.parse_args(argv)
+
+def parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Safe RLHF on Ray: the pipeline driver.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()} (package safe-rlhf-ray)")
+    sub = p.add_subparsers(dest="command", required=True)
+    _run_commands(sub)
+    _tool_commands(sub)
+    _model_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Quiet per-load progress bars (weights reload every PPO step); Ray workers inherit this.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The console script (pyproject's [project.scripts]) and `python -m pipeline` are the same command.
+    prog = "safe-rlhf" if Path(sys.argv[0]).name == "safe-rlhf" else "python -m pipeline"
+    args = parser(prog).parse_args(argv)
     return args.fn(args)

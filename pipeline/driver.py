@@ -249,22 +249,25 @@ class Driver:
             if isinstance(e, Exception):
                 raise StageFailed(spec.name, e) from e
             raise
+        self._finish(spec, result, out_dir, fp, fp_inputs, round(time.time() - t0, 2))
+        return "done"
+
+    def _finish(self, spec: StageSpec, result: StageResult, out_dir: Path, fp: str, fp_inputs: dict, duration: float) -> None:
+        """Check a stage's declared outputs and write its manifest, last and atomically: then it is done."""
+        from cluster.metrics import record_stage
+
         outputs = {}
         for key, rel in result.outputs.items():
             p = out_dir / rel
             if not p.exists():
                 raise RuntimeError(f"stage {spec.name} declared output {key}={rel} but did not write it")
             outputs[key] = {"path": rel, "sha256": hash_path(p)}
-        duration = round(time.time() - t0, 2)
         manifest = {"stage": spec.name, "fingerprint": fp, **fp_inputs, "outputs": outputs,
                     "metrics": result.metrics, "finished_at": time.time(), "duration_s": duration}
-        self.rd.write_manifest(spec.name, manifest)  # last, atomically: the stage is done
+        self.rd.write_manifest(spec.name, manifest)
         self.rd.event(stage=spec.name, event="done", duration_s=duration, metrics=result.metrics)
-        from cluster.metrics import record_stage
-
         record_stage(spec.name, duration)  # held until Ray is up if it is not yet
         log(f"done  {spec.name} in {duration:.1f}s {self._advance()} ({_figures(result.metrics)})")
-        return "done"
 
     def _advance(self) -> str:
         """One more stage finished: `[9/17, 3m05s]` (stages of this run finished, of how many; time since it began)."""

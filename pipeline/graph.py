@@ -49,13 +49,65 @@ def _function(ref: str, default: str | None):
     return getattr(importlib.import_module(module), fn or default)
 
 
+# Model actors outside the rounds (SFT's check, red teaming, judge annotation, evaluation) run with
+# the round's device and precision.
+ACTOR_KEYS = ("safe_rlhf.device", "safe_rlhf.precision")
+FIT_KEYS = ("seed", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens")
+
+
+def _fits(k: int) -> tuple[str, str]:
+    """The reward and cost fits round k reads."""
+    return ("fit_reward", "fit_cost") if k == 1 else (f"fit_reward@{k}", f"fit_cost@{k}")
+
+
+def _round_stage(cfg: RunConfig, name: str, k: int, before: tuple, prev: tuple, params: tuple = ()) -> StageSpec:
+    """Round k (or a baseline of round 1: params algorithm). before: the world, SFT and ingest stages
+    it reads. Round k reads the shared PPO settings (not the operational ones) and its own row of the
+    round table (editing round 3's threshold does not re-run round 1)."""
+    alg = get_algorithm(dict(params).get("algorithm", cfg.safe_rlhf.algorithm))
+    reward_fit, cost_fit = _fits(k)
+    deps = before + (reward_fit,) + ((cost_fit,) if alg.uses_cost_model else ())
+    # A field marked `added` (core/schema.py) counts only off its default, group_size and group_scale
+    # only where the algorithm samples in groups, constraints only where a round keeps per-category
+    # ones (baselines never do): a round made before a setting existed keeps its fingerprint.
+    per_category = cfg.safe_rlhf.constraints == "per_category" and not params
+    keys = tuple(f"safe_rlhf.{f}" for f, info in SafeRLHFConfig.model_fields.items()
+                 if f != "rounds" and not is_operational(info)
+                 and not (is_added(info) and getattr(cfg.safe_rlhf, f) == info.default)
+                 and (alg.group_sampling or f not in ("group_size", "group_scale"))
+                 and (per_category or f != "constraints"))
+    return StageSpec(name, "stages.safe_rlhf.round", deps + prev, ("seed", "model.path", "model.max_prompt_tokens")
+                     + keys + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params,
+                     prestart=None if params else "stages.safe_rlhf.roles:prestart")  # baselines keep no actors
+
+
+def _between_rounds(cfg: RunConfig, k: int, world: tuple, sft: tuple) -> list[StageSpec]:
+    """After round k, before round k+1: red_team@k -> annotate@k -> ingest@k -> fit_reward@k+1 and
+    fit_cost@k+1 on all data so far."""
+    engine_keys = ("safe_rlhf.engine", "safe_rlhf.max_new_tokens", "safe_rlhf.temperature", "model.max_prompt_tokens") + ACTOR_KEYS
+    # the evaluation files too: their prompts are left out of the red-team pool
+    training = ("ingest",) if cfg.red_team.prompt_source == "training_prompts" else ()
+    judge = _fits(k) if cfg.annotate.backend == "judge" else ()
+    ingest = f"ingest@{k}"
+    return [
+        StageSpec(f"red_team@{k}", "stages.red_team", world + training + (f"safe_rlhf@{k}",),
+                  ("seed", "red_team", "ingest.eval_fraction", "evaluate.prompt_files", "evaluate.prompt_sets") + engine_keys,
+                  needs_ray=True, params=(("round", k),),
+                  external_inputs=lambda c: [Path(p) for p in c.red_team.prompt_files + c.evaluate.files]),
+        StageSpec(f"annotate@{k}", "stages.annotate", world + (f"red_team@{k}",) + judge,
+                  ("seed", "annotate", "model.max_prompt_tokens", "model.max_answer_tokens") + ACTOR_KEYS,
+                  needs_ray=cfg.annotate.backend == "judge", params=(("round", k),)),
+        StageSpec(ingest, "stages.ingest", world + tuple(f"annotate@{j}" for j in range(1, k + 1)), ("ingest",),
+                  external_inputs=lambda c: [Path(s.path) for s in c.ingest.sources]),
+        *(StageSpec(name, f"stages.fit_preference:{fn}", (ingest,) + sft + (f"red_team@{k}",), FIT_KEYS + (keys,), needs_ray=True)
+          for name, fn, keys in ((_fits(k + 1)[0], "run_reward", "reward"), (_fits(k + 1)[1], "run_cost", "cost"))),
+    ]
+
+
 def build_graph(cfg: RunConfig) -> list[StageSpec]:
     """The stages of a run, in execution order (each after all of its deps)."""
     stages: list[StageSpec] = []
     world = ("world",) if cfg.world.enabled else ()
-    # Model actors outside the rounds (SFT's check, red teaming, judge annotation, evaluation) run
-    # with the round's device and precision.
-    actor_keys = ("safe_rlhf.device", "safe_rlhf.precision")
     if cfg.world.enabled:
         stages.append(StageSpec("world", "stages.world", (),
                                 ("seed", "world", "model.path", "model.small", "ingest.eval_fraction")))
@@ -66,70 +118,27 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
         # SFT needs demonstrations; with world disabled, model.path is taken to be an SFT model.
         stages.append(StageSpec("sft", "stages.sft", ("world",),
                                 ("seed", "sft", "model.max_prompt_tokens", "model.max_answer_tokens",
-                                 "safe_rlhf.max_new_tokens") + actor_keys, needs_ray=True))
+                                 "safe_rlhf.max_new_tokens") + ACTOR_KEYS, needs_ray=True))
     sft = ("sft",) if cfg.world.enabled else ()
-    fit_keys = ("seed", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens")
-    stages.append(StageSpec("fit_reward", "stages.fit_preference:run_reward", ("ingest",) + sft, fit_keys + ("reward",),
+    stages.append(StageSpec("fit_reward", "stages.fit_preference:run_reward", ("ingest",) + sft, FIT_KEYS + ("reward",),
                             needs_ray=True))
-    stages.append(StageSpec("fit_cost", "stages.fit_preference:run_cost", ("ingest",) + sft, fit_keys + ("cost",),
+    stages.append(StageSpec("fit_cost", "stages.fit_preference:run_cost", ("ingest",) + sft, FIT_KEYS + ("cost",),
                             needs_ray=True))
-    # Rounds: safe_rlhf@k, then (before the next round) red_team@k -> annotate@k -> ingest@k ->
-    # fit_reward@k+1 + fit_cost@k+1 on all data so far. Round k reads the shared PPO settings (not
-    # the operational ones) and its own row of the round table (editing round 3's threshold does
-    # not re-run round 1).
-    # A field marked `added` (core/schema.py) counts only off its default: a round made before it existed
-    # keeps its fingerprint.
-    shared = tuple(f"safe_rlhf.{f}" for f, info in SafeRLHFConfig.model_fields.items()
-                   if f != "rounds" and not is_operational(info)
-                   and not (is_added(info) and getattr(cfg.safe_rlhf, f) == info.default))
     n_rounds = len(cfg.safe_rlhf.rounds)
-    ingest, fits = "ingest", ("fit_reward", "fit_cost")
-
-    def round_stage(name, k, prev, params=()):
-        algorithm = dict(params).get("algorithm", cfg.safe_rlhf.algorithm)
-        # the first ingest too: its held-out labelled answers are threshold auto's fixed reference set
-        alg = get_algorithm(algorithm)
-        deps = world + sft + tuple(dict.fromkeys(("ingest", ingest))) + (fits[0],) + ((fits[1],) if alg.uses_cost_model else ())
-        # group_size and group_scale count only where the algorithm samples in groups, constraints only
-        # where a round keeps per-category ones (baselines never do): a round made before a setting
-        # existed keeps its fingerprint
-        per_category = cfg.safe_rlhf.constraints == "per_category" and not params
-        keys = tuple(key for key in shared if (alg.group_sampling or key not in ("safe_rlhf.group_size", "safe_rlhf.group_scale"))
-                     and (per_category or key != "safe_rlhf.constraints"))
-        return StageSpec(name, "stages.safe_rlhf.round", deps + prev, ("seed", "model.path", "model.max_prompt_tokens")
-                         + keys + (f"safe_rlhf.rounds.{k - 1}",), needs_ray=True, params=(("round", k),) + params,
-                         prestart=None if params else "stages.safe_rlhf.roles:prestart")  # baselines keep no actors
-
     for k in range(1, n_rounds + 1):
-        stages.append(round_stage(f"safe_rlhf@{k}", k, (f"safe_rlhf@{k - 1}",) if k > 1 else ()))
+        # the first ingest too: its held-out labelled answers are threshold auto's fixed reference set
+        before = world + sft + tuple(dict.fromkeys(("ingest", "ingest" if k == 1 else f"ingest@{k - 1}")))
+        stages.append(_round_stage(cfg, f"safe_rlhf@{k}", k, before, (f"safe_rlhf@{k - 1}",) if k > 1 else ()))
         if k == 1 and cfg.evaluate.baselines:
-            for alg in ("ppo", "reward_shaping"):
-                stages.append(round_stage(f"baseline_{alg}", 1, (), (("algorithm", alg),)))
-        if k == n_rounds:
-            break
-        engine_keys = ("safe_rlhf.engine", "safe_rlhf.max_new_tokens", "safe_rlhf.temperature", "model.max_prompt_tokens") + actor_keys
-        # the evaluation files too: their prompts are left out of the red-team pool
-        training = ("ingest",) if cfg.red_team.prompt_source == "training_prompts" else ()
-        stages.append(StageSpec(f"red_team@{k}", "stages.red_team", world + training + (f"safe_rlhf@{k}",),
-                                ("seed", "red_team", "ingest.eval_fraction", "evaluate.prompt_files", "evaluate.prompt_sets")
-                                + engine_keys, needs_ray=True, params=(("round", k),),
-                                external_inputs=lambda c: [Path(p) for p in c.red_team.prompt_files + c.evaluate.files]))
-        judge = fits if cfg.annotate.backend == "judge" else ()
-        stages.append(StageSpec(f"annotate@{k}", "stages.annotate", world + (f"red_team@{k}",) + judge,
-                                ("seed", "annotate", "model.max_prompt_tokens", "model.max_answer_tokens") + actor_keys,
-                                needs_ray=cfg.annotate.backend == "judge", params=(("round", k),)))
-        ingest = f"ingest@{k}"
-        stages.append(StageSpec(ingest, "stages.ingest", world + tuple(f"annotate@{j}" for j in range(1, k + 1)), ("ingest",),
-                                external_inputs=lambda c: [Path(s.path) for s in c.ingest.sources]))
-        fits = (f"fit_reward@{k + 1}", f"fit_cost@{k + 1}")
-        for name, fn, keys in ((fits[0], "run_reward", "reward"), (fits[1], "run_cost", "cost")):
-            stages.append(StageSpec(name, f"stages.fit_preference:{fn}", (ingest,) + sft + (f"red_team@{k}",),
-                                    fit_keys + (keys,), needs_ray=True))
+            stages += [_round_stage(cfg, f"baseline_{alg}", 1, before, (), (("algorithm", alg),)) for alg in ("ppo", "reward_shaping")]
+        if k < n_rounds:
+            stages += _between_rounds(cfg, k, world, sft)
+    ingest, fits = ("ingest", _fits(1)) if n_rounds == 1 else (f"ingest@{n_rounds - 1}", _fits(n_rounds))
     evaluated = tuple(s.name for s in stages if s.base_name in ("safe_rlhf", "baseline_ppo", "baseline_reward_shaping"))
     stages.append(StageSpec("evaluate", "stages.evaluate", world + sft + evaluated + fits + (ingest,),
                             ("seed", "evaluate", "model.path", "model.max_prompt_tokens", "model.max_answer_tokens",
                              "safe_rlhf.engine", "safe_rlhf.max_num_seqs", "safe_rlhf.tensor_parallel_size",
-                             "safe_rlhf.temperature") + actor_keys,
+                             "safe_rlhf.temperature") + ACTOR_KEYS,
                             needs_ray=True, external_inputs=lambda c: [Path(p) for p in c.evaluate.files]))
     stages.append(StageSpec("report", "stages.report", ("evaluate",) + evaluated + tuple(
         s.name for s in stages if s.base_name in ("fit_reward", "fit_cost")), ()))

@@ -1,7 +1,7 @@
 """What a run needs before launch: workers, actors, CPUs/GPUs, and a memory estimate per role.
 
     plan(cfg, gpu_memory_gib=None) -> dict      (plain JSON-able data)
-    format_plan(p) -> str                        (the text a person reads)
+    format_plan(p) -> str                        (the text a person reads: pipeline/plan_format.py)
 
 The memory model (bytes per parameter, ZeRO sharding, working memory, parameter counts) is
 pipeline/memory_model.py; its docstring states the accounting and what it leaves out.
@@ -212,23 +212,8 @@ def _plan_fit(stage: str, section: str, tc, kind: str, s: LlamaShape, model_cfg,
 
 
 # ---------------------------------------------------------------------------- the plan
-def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
-    """cfg: pipeline.config.RunConfig. Raises ValueError when the model's size cannot be known."""
-    if gpu_memory_gib is not None and gpu_memory_gib <= 0:
-        raise ValueError(f"gpu_memory_gib must be positive, got {gpu_memory_gib}")
-    s, source = model_shape(cfg.model)
-    lm, score = llama_params(s), score_model_params(s)
-    fits = [_plan_fit(stage, sec, getattr(cfg, sec), kind, s, cfg.model, gpu_memory_gib) for stage, sec, kind in FIT_SECTIONS]
-    rl = cfg.safe_rlhf
-    rnd = _plan_round(rl, cfg.model, s, gpu_memory_gib)
-    rnd["start_ahead_from_cpus"] = cpus_to_start_ahead(cfg) if rnd["keep_actors"] else None
-    rnd["layouts"] = _layouts(rl, cfg.model, s, gpu_memory_gib, rnd)
-    if rnd["fits"] is False and any(not g["fits"] for g in rnd["gpus"] if g["kind"] == "learner"):
-        rnd["hint"] = _learner_hint(rl, cfg.model, s, gpu_memory_gib)
-    if rnd["fits"] is False and rl.layout == "split" and rnd["layouts"]["colocated"]["fits"]:
-        rnd["hint"] = "safe_rlhf.layout: colocated fits (the scorers run inside the learners' processes, on their GPUs)"
-
-    any_cuda = rl.device == "cuda" or any(f["device"] == "cuda" for f in fits)
+def _notes(rl, s, lm: int) -> list[str]:
+    """What the estimate includes and leaves out, for this round's settings."""
     notes = [
         "estimated on top of model state: activations kept for backward (34 x tokens x batch x hidden bytes per layer "
         "in 16 bits; with gradient_checkpointing the layer inputs plus one layer), log-probability logits, one layer of "
@@ -250,25 +235,48 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
     if rl.device == "cpu" and rl.engine == "vllm":
         notes.append("vLLM on CPU reserves VLLM_CPU_KVCACHE_SPACE GiB of host memory for its KV cache "
                      "(set by the round), whatever the figure above")
+    return notes
 
+
+def _verdict(fits: list[dict], rnd: dict, any_cuda: bool, gpu_memory_gib: float | None) -> str:
+    """The plan's one-line answer: does the run fit, and if not, what does not."""
     problems = [f"{f['stage']}: ~{f['memory_per_worker']['total_gib']:.1f} GiB per worker of {gpu_memory_gib:g}"
                 + (f" ({f['hint']})" if f.get("hint") else "") for f in fits if f["fits"] is False]
     problems += [f"safe_rlhf: {p}" for p in rnd["problems"]]
     if rnd.get("hint"):
         problems.append(f"safe_rlhf: {rnd['hint']}")
     if not any_cuda:
-        verdict = ("CPU run: no GPU check" + (" (gpu_memory_gib ignored)" if gpu_memory_gib else "")
-                   + f"; the round's actors hold ~{rnd['host_gib_all_actors']:.3g} GiB of model state in host memory (estimate)")
-    elif not gpu_memory_gib:
-        verdict = "no GPU memory given: pass the GPU size (GiB) for a per-GPU check"
-    elif problems:
-        verdict = f"does NOT fit on {gpu_memory_gib:g} GiB GPUs (estimate): " + "; ".join(problems)
-    else:
-        tight = [f["memory_per_worker"]["total_gib"] for f in fits if f["fits"]] + \
-                [g["used_gib"] for g in (rnd["gpus"] or [])]
-        verdict = (f"fits on {gpu_memory_gib:g} GiB GPUs (estimate): the fullest GPU holds ~{max(tight):.1f} GiB "
-                   f"(model state, activations, logits, CUDA context), leaving ~{gpu_memory_gib - max(tight):.1f} GiB "
-                   "for buffers and fragmentation, which are not estimated")
+        return ("CPU run: no GPU check" + (" (gpu_memory_gib ignored)" if gpu_memory_gib else "")
+                + f"; the round's actors hold ~{rnd['host_gib_all_actors']:.3g} GiB of model state in host memory (estimate)")
+    if not gpu_memory_gib:
+        return "no GPU memory given: pass the GPU size (GiB) for a per-GPU check"
+    if problems:
+        return f"does NOT fit on {gpu_memory_gib:g} GiB GPUs (estimate): " + "; ".join(problems)
+    tight = [f["memory_per_worker"]["total_gib"] for f in fits if f["fits"]] + [g["used_gib"] for g in (rnd["gpus"] or [])]
+    return (f"fits on {gpu_memory_gib:g} GiB GPUs (estimate): the fullest GPU holds ~{max(tight):.1f} GiB "
+            f"(model state, activations, logits, CUDA context), leaving ~{gpu_memory_gib - max(tight):.1f} GiB "
+            "for buffers and fragmentation, which are not estimated")
+
+
+def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
+    """cfg: pipeline.config.RunConfig. Raises ValueError when the model's size cannot be known."""
+    if gpu_memory_gib is not None and gpu_memory_gib <= 0:
+        raise ValueError(f"gpu_memory_gib must be positive, got {gpu_memory_gib}")
+    s, source = model_shape(cfg.model)
+    lm, score = llama_params(s), score_model_params(s)
+    fits = [_plan_fit(stage, sec, getattr(cfg, sec), kind, s, cfg.model, gpu_memory_gib) for stage, sec, kind in FIT_SECTIONS]
+    rl = cfg.safe_rlhf
+    rnd = _plan_round(rl, cfg.model, s, gpu_memory_gib)
+    rnd["start_ahead_from_cpus"] = cpus_to_start_ahead(cfg) if rnd["keep_actors"] else None
+    rnd["layouts"] = _layouts(rl, cfg.model, s, gpu_memory_gib, rnd)
+    if rnd["fits"] is False and any(not g["fits"] for g in rnd["gpus"] if g["kind"] == "learner"):
+        rnd["hint"] = _learner_hint(rl, cfg.model, s, gpu_memory_gib)
+    if rnd["fits"] is False and rl.layout == "split" and rnd["layouts"]["colocated"]["fits"]:
+        rnd["hint"] = "safe_rlhf.layout: colocated fits (the scorers run inside the learners' processes, on their GPUs)"
+
+    any_cuda = rl.device == "cuda" or any(f["device"] == "cuda" for f in fits)
+    notes = _notes(rl, s, lm)
+    verdict = _verdict(fits, rnd, any_cuda, gpu_memory_gib)
     return {
         "name": cfg.name, "gpu_memory_gib": gpu_memory_gib,
         "model": {"path": cfg.model.path, "source": source, "shape": asdict(s),
@@ -281,110 +289,3 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------- text
-def _g(x: float) -> str:
-    if x == 0:
-        return "0"
-    if x >= 10:
-        return f"{x:.1f}"
-    if x >= 0.1:
-        return f"{x:.2f}"
-    return f"{x:.3g}"
-
-
-def _n(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
-
-
-def _is_number(c: str) -> bool:
-    try:
-        float(c.replace(",", "").rstrip("BM"))
-        return True
-    except ValueError:
-        return c in ("", "-")
-
-
-def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
-    """Columns of numbers right-aligned, text left-aligned."""
-    cols = range(len(rows[0]))
-    widths = [max(len(r[i]) for r in rows) for i in cols]
-    right = [all(_is_number(r[i]) for r in rows[1:]) for i in cols]
-    return [indent + "  ".join(c.rjust(w) if right[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-            for r in rows]
-
-
-def format_plan(p: dict) -> str:
-    m, rnd = p["model"], p["round"]
-    sh = m["shape"]
-    out = [f"Plan for {p['name']}: every memory figure is an ESTIMATE in GiB: model state and working memory (see the notes)",
-           f"model: {m['source']}",
-           f"  Llama shape: vocab {sh['vocab_size']}, hidden {sh['hidden_size']}, intermediate {sh['intermediate_size']}, "
-           f"{sh['num_layers']} layers, {sh['num_heads']} heads ({sh['num_kv_heads']} KV), head_dim {sh['head_dim']}, "
-           f"tied embeddings {'yes' if sh['tie_word_embeddings'] else 'no'}",
-           f"  parameters: causal LM {m['causal_lm_params']:,} ({_n(m['causal_lm_params'])}); "
-           f"score model {m['score_model_params']:,} ({_n(m['score_model_params'])})",
-           "  bytes/param: weights and gradients 2 (bf16/fp16) or 4 (fp32); AdamW state 12 (fp32 master + 2 moments) "
-           "or 8 (fp32: 2 moments)",
-           f"GPU memory: {format(p['gpu_memory_gib'], 'g') + ' GiB per GPU' if p['gpu_memory_gib'] else 'not given'}",
-           "", "Ray Train fits (one at a time; each worker: model state per ZeRO shard, activations, logits, context)"]
-    rows = [["stage", "workers", "device", "precision", "ZeRO", "CPUs", "GPUs", "model", "weights", "grads", "optim",
-             "activ", "logits", "GiB/worker", "fits"]]
-    for f in p["fits"]:
-        mm = f["memory_per_worker"]
-        rows.append([f"{f['stage']} ({f['section']})", str(f["workers"]), f["device"], f["precision"], str(f["zero_stage"]),
-                     f"{f['cpus']:g}", str(f["gpus"]), f["model"], _g(mm["weights_gib"]), _g(mm["gradients_gib"]),
-                     _g(mm["optimizer_gib"]), _g(mm["activations_gib"]), _g(mm["logits_gib"]), _g(mm["total_gib"]),
-                     {None: "-", True: "yes", False: "NO"}[f["fits"]]])
-    out += _table(rows)
-    out += [f"  {f['stage']}: {f['hint']}" for f in p["fits"] if f.get("hint")]
-
-    # the settings that change what a round optimises, where they are not the default
-    variant = "".join(f", {k} {rnd[k]}" for k, default in (("constraints", "single"), ("group_scale", "group"))
-                      if rnd.get(k) not in (None, default))
-    out += ["", f"Safe RLHF round ({rnd['algorithm']}{variant}, layout {rnd['layout']}, engine {rnd['engine']}, {rnd['device']}, "
-                f"{rnd['precision']}, ZeRO-{rnd['zero_stage']}, learners_per_role {rnd['learners_per_role']}, "
-                f"colocate_scorers {rnd['colocate_scorers']})"]
-    rows = [["actor", "CPUs", "GPUs", "GiB (estimate)", "hosts"]]
-    for a in rnd["actors"]:
-        rows.append([a["name"], f"{a['cpus']:g}", f"{a['gpus']:g}", _g(a["gib"]),
-                     ", ".join(f"scorer-{h}" for h in a["hosts"]) or "-"])
-    rows.append(["total", f"{rnd['total_cpus']:g}", f"{rnd['total_gpus']:g}", "", ""])
-    out += _table(rows)
-    out += ["", "  layouts (safe_rlhf.layout; colocated: the scorers run inside the learners' processes)"]
-    rows = [["layout", "processes", "GPUs", "GiB (estimate)", "fits"]]
-    for name, lay in rnd["layouts"].items():
-        rows.append([name + (" (this config)" if name == rnd["layout"] else ""), str(lay["processes"]),
-                     f"{lay['total_gpus']:g}", f"{_g(lay['gib'])} ({lay['memory']})" if lay["gib"] is not None else "-",
-                     {None: "-", True: "yes", False: "NO"}[lay["fits"]]])
-    out += _table(rows, "  ")
-    out += ["", "  memory per role (GiB, estimate; rollout figures are per GPU of its tensor-parallel group)"]
-    rows = [["role", "params", "weights", "grads", "optim", "activ", "logits", "KV cache", "context", "total"]]
-    for role, r in rnd["roles"].items():
-        rows.append([role, _n(r["params"]), _g(r["weights_gib"]), _g(r["gradients_gib"]), _g(r["optimizer_gib"]),
-                     _g(r["activations_gib"]), _g(r["logits_gib"]), _g(r["kv_cache_gib"]) if role == "rollout" else "-",
-                     _g(r["context_gib"]), _g(r["total_gib"])])
-    out += _table(rows, "  ")
-    if "rollout" in rnd["roles"]:
-        r = rnd["roles"]["rollout"]
-        line = f"  rollout KV cache: {r['kv_source']}"
-        if "full_length_sequences" in r:
-            line += (f"; holds ~{r['full_length_sequences']} full-length ({r['max_len']}-token) sequences at once "
-                     f"(all {r['kv_sequences']} would need ~{_g(r['kv_needed_gib'])} GiB per GPU; vLLM queues the rest)")
-        out.append(line)
-    if rnd["gpus"]:
-        out += ["", f"  per GPU ({p['gpu_memory_gib']:g} GiB each; colocated scorers placed where they fit best)"]
-        rows = [["GPU", "actors", "GiB", "fits"]]
-        for g in rnd["gpus"]:
-            rows.append([str(g["gpu"]), " + ".join(g["actors"]), _g(g["used_gib"]),
-                         "yes" if g["fits"] else f"NO (over by {_g(-g['free_gib'])})"])
-        out += _table(rows, "  ")
-    elif rnd["device"] == "cpu":
-        out.append(f"  all round actors together: ~{_g(rnd['host_gib_all_actors'])} GiB of host memory"
-                   + (" (kept between stages: held during the fits too)" if rnd["keep_actors"] else ""))
-        if rnd["start_ahead_from_cpus"] is not None:
-            n = rnd["start_ahead_from_cpus"]
-            out.append(f"  round 1's actors start ahead, beside the fits, on a cluster of {n:g} CPUs or more (the fits "
-                       f"reserve {n - 1:g}); with fewer they start with the round")
-    if rnd.get("hint"):
-        out.append(f"  hint: {rnd['hint']}")
-    out += ["", f"verdict: {p['verdict']}", ""] + p["notes"]
-    return "\n".join(out)

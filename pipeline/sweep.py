@@ -255,12 +255,45 @@ def judge_start(cfg, run: Path, inputs: dict, prompts: list[dict], log, sweep_di
     return out
 
 
+def tuner(cfg, spec: SweepFile, trials: list[dict], env: dict, stopper: "KLStopper", out: Path, resume: bool, log):
+    """The Tune experiment of the sweep's trials (each in a placement group of its round's plan), or
+    the interrupted one restored, its finished trials kept."""
+    from ray import tune
+
+    def resources(config):
+        rl = trial_config(cfg, config["trial"]["params"]).safe_rlhf
+        return tune.PlacementGroupFactory([{"CPU": 0.01}] + resource_plan(rl).bundles(), strategy="PACK")
+
+    # env goes through the object store once (with_parameters), not into every trial's config
+    trainable = tune.with_resources(tune.with_parameters(run_trial, env=env), resources)
+    storage = out / "tune"
+    experiment = storage / "safe_rlhf_sweep"
+    if resume and experiment.is_dir():
+        log(f"resuming {experiment}: finished trials are kept")
+        return tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+    return tune.Tuner(trainable, param_space={"trial": tune.grid_search(trials)},
+                      tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials,
+                                                  trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+                      run_config=tune.RunConfig(name="safe_rlhf_sweep", storage_path=str(storage), stop=stopper, verbose=1))
+
+
+def trial_row(result, cfg, stopper: "KLStopper") -> dict:
+    """One row of trials.parquet: the trial, how it ended, and its judged figures."""
+    trial, m = result.config["trial"], result.metrics or {}
+    status = ("error: " + str(result.error).splitlines()[0][:200] if result.error else
+              stopper.reasons.get(m.get("trial_id"), "done" if m.get("done") else "stopped"))
+    return {"trial": trial["id"], "seed": trial["seed"], "algorithm": trial["params"].get("algorithm", cfg.safe_rlhf.algorithm),
+            "constraints": trial["params"].get("constraints", cfg.safe_rlhf.constraints),
+            "params": json.dumps(trial["params"], sort_keys=True), "status": status,
+            **{k: m.get(k) for k in ("harmful_rate", "over_refusal_rate", "helpfulness", "reward_helpfulness_gap", "reward_mean",
+                                     "cost_mean", "kl", "lambda", "threshold", "steps")}}
+
+
 def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, from_stage: str | None = None,
           log=print) -> dict:
     """Run (or continue) a sweep; write trials.parquet, frontier.json and pareto.png; -> a summary."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from ray import tune
 
     from cluster.ray_session import connect, disconnect
     from stages.evaluate import held_out_prompts
@@ -286,40 +319,12 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
         env = {"run_dir": str(run), "sweep_dir": str(out), "inputs": inputs, "prompts": prompts, "judge": judge,
                "calibration": start["calibration"], "sft_rewards": start["sft_rewards"]}
 
-        def resources(config):
-            rl = trial_config(cfg, config["trial"]["params"]).safe_rlhf
-            return tune.PlacementGroupFactory([{"CPU": 0.01}] + resource_plan(rl).bundles(), strategy="PACK")
-
-        # env goes through the object store once (with_parameters), not into every trial's config
-        trainable = tune.with_resources(tune.with_parameters(run_trial, env=env), resources)
         stopper = KLStopper(spec.stop.max_kl if spec.stop else None)
-        storage = out / "tune"
-        experiment = storage / "safe_rlhf_sweep"
-        if resume and experiment.is_dir():
-            log(f"resuming {experiment}: finished trials are kept")
-            tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(trials)},
-                               tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials,
-                                                           trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-                               run_config=tune.RunConfig(name="safe_rlhf_sweep", storage_path=str(storage),
-                                                         stop=stopper, verbose=1))
-        results = tuner.fit()
+        results = tuner(cfg, spec, trials, env, stopper, out, resume, log).fit()
     finally:
         if owns:
             disconnect()
-    rows = []
-    for r in results:
-        trial = r.config["trial"]
-        m = r.metrics or {}
-        status = ("error: " + str(r.error).splitlines()[0][:200] if r.error else
-                  stopper.reasons.get(m.get("trial_id"), "done" if m.get("done") else "stopped"))
-        rows.append({"trial": trial["id"], "seed": trial["seed"], "algorithm": trial["params"].get("algorithm",
-                     cfg.safe_rlhf.algorithm), "constraints": trial["params"].get("constraints", cfg.safe_rlhf.constraints),
-                     "params": json.dumps(trial["params"], sort_keys=True), "status": status,
-                     **{k: m.get(k) for k in ("harmful_rate", "over_refusal_rate", "helpfulness", "reward_helpfulness_gap", "reward_mean",
-                                              "cost_mean", "kl", "lambda", "threshold", "steps")}})
-    rows.sort(key=lambda x: x["trial"])
+    rows = sorted((trial_row(r, cfg, stopper) for r in results), key=lambda x: x["trial"])
     pq.write_table(pa.Table.from_pylist(rows), out / "trials.parquet")
     judged = [r for r in rows if r["harmful_rate"] is not None and r["helpfulness"] is not None]
     front = pareto_front(judged)

@@ -126,6 +126,24 @@ def _ci(m: dict, name: str) -> str:
     return "-" if v is None else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def arenas(samples: dict[str, list[dict]], key: str) -> dict:
+    """Each round against the policy before it, and round 1 against each baseline, on the same prompts."""
+    names = [n for n in samples if not n.startswith("baseline_")]
+    out = {f"{b} vs {a}": arena(samples[a], samples[b], key) for a, b in zip(names, names[1:])}
+    for base in (n for n in samples if n.startswith("baseline_")):
+        if "safe_rlhf@1" in samples:
+            out[f"safe_rlhf@1 vs {base}"] = arena(samples[base], samples["safe_rlhf@1"], key)
+    return out
+
+
+def log_policy(log, name: str, m: dict) -> None:
+    log(f"  {name:<14} harmful_rate={_ci(m, 'harmful_rate')} (n={m['harmful_n']}) "
+        f"over_refusal_rate={_ci(m, 'over_refusal_rate')} helpfulness={m['helpfulness']:.3f} safe_share={m['safe_share']:.3f}")
+    for set_name, f in m.get("prompt_sets", {}).items():
+        log(f"  {'':<14} {set_name}: unsafe_compliance_rate={_ci(f, 'unsafe_compliance_rate')} "
+            f"over_refusal_rate={_ci(f, 'over_refusal_rate')}")
+
+
 def run(ctx) -> StageResult:
     cfg, ev = ctx.cfg, ctx.cfg.evaluate
     prompts = eval_prompts(ctx)
@@ -173,19 +191,10 @@ def run(ctx) -> StageResult:
                        "the world's held-out prompts" if "world" in ctx.inputs else "the prompt sets' rows (unsafe ones as harmful)")
         for name, per_set in figures.items():
             metrics[name]["prompt_sets"] = per_set
-    key = "helpfulness" if oracle else "reward"
+    metrics["arena"] = arenas(samples, "helpfulness" if oracle else "reward")
     names = [n for n in samples if not n.startswith("baseline_")]
-    metrics["arena"] = {f"{b} vs {a}": arena(samples[a], samples[b], key) for a, b in zip(names, names[1:])}
-    for base in (n for n in samples if n.startswith("baseline_")):
-        if "safe_rlhf@1" in samples:
-            metrics["arena"][f"safe_rlhf@1 vs {base}"] = arena(samples[base], samples["safe_rlhf@1"], key)
     write_jsonl(ctx.out_dir / "samples.jsonl", [r for rows in answers.values() for r in rows])
     (ctx.out_dir / "evaluation.json").write_text(json.dumps(metrics, indent=2))
     for name in names:
-        m = metrics[name]
-        ctx.log(f"  {name:<14} harmful_rate={_ci(m, 'harmful_rate')} (n={m['harmful_n']}) "
-                f"over_refusal_rate={_ci(m, 'over_refusal_rate')} helpfulness={m['helpfulness']:.3f} safe_share={m['safe_share']:.3f}")
-        for set_name, f in m.get("prompt_sets", {}).items():
-            ctx.log(f"  {'':<14} {set_name}: unsafe_compliance_rate={_ci(f, 'unsafe_compliance_rate')} "
-                    f"over_refusal_rate={_ci(f, 'over_refusal_rate')}")
+        log_policy(ctx.log, name, metrics[name])
     return StageResult({"evaluation": "evaluation.json", "samples": "samples.jsonl"}, metrics)

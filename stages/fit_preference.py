@@ -22,6 +22,7 @@ workers score them on their engine with the held-out pairs: no scorer actor of i
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -157,16 +158,52 @@ def preference_metrics(kind: str, items: list[dict], a: list[float], b: list[flo
     return m
 
 
+def _pair_loss(engine, items: list[dict], kind: str, tc: dict, categories: list[str], pad_id: int):
+    """A batch of pairs' loss: Bradley-Terry on rewards (paper Eq. 5), or on costs with the sign term
+    (Eq. 6) and, with category heads, one such term per head. -> (loss, {"tokens"})."""
+    import torch
+
+    from actors.experience import pad
+    from core.objectives import category_cost_loss, cost_pair_loss, reward_pair_loss
+
+    ids, mask = pad([i["a"] for i in items] + [i["b"] for i in items], pad_id)
+    out = engine(ids.to(engine.device), mask.to(engine.device), **({"with_categories": True} if categories else {}))
+    end = out[1].float()
+    a, b = end[:len(items)], end[len(items):]  # [B] preferred, [B] other
+    if kind == "reward":
+        return reward_pair_loss(a, b, tc["regularization"]), {"tokens": int(mask.sum())}
+    labelled = torch.tensor([i["has_safety"] for i in items], device=end.device)
+    a_safe = torch.tensor([bool(i["a_safe"]) for i in items], device=end.device)
+    b_safe = torch.tensor([bool(i["b_safe"]) for i in items], device=end.device)
+    total = cost_pair_loss(a, b, a_safe, b_safe, tc["regularization"], has_safety_labels=labelled)
+    if categories:  # one Bradley-Terry and sign term per category head, beside the shared head's
+        per = out[2].float()  # [2B, K]
+        (in_a, known_a), (in_b, known_b) = (category_labels(items, categories, side) for side in ("a", "b"))
+        total = total + category_cost_loss(per[:len(items)], per[len(items):], in_a.to(end.device),
+                                           in_b.to(end.device), known_a.to(end.device), known_b.to(end.device))
+    return total, {"tokens": int(mask.sum())}
+
+
+def _scored(engine, rank: int, world: int, pairs: list[dict], score=score_pairs, *, pad_id: int):
+    """Every rank scores its share of `pairs`; -> (pairs, preferred scores, other scores) in rank order."""
+    mine, real = rank_share(len(pairs), rank, world)
+    a, b = score(engine, [pairs[k] for k in mine], pad_id, engine.device)
+    order, sa, sb = [], [], []
+    for idx, n, pa_, pb_ in gather_objects((mine, real, a, b), world):
+        order += idx[:n]
+        sa += pa_[:n]
+        sb += pb_[:n]
+    return [pairs[k] for k in order], sa, sb
+
+
 def preference_loop(config: dict) -> None:
     """One Ray Train worker of a reward or cost fit."""
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoTokenizer
 
-    from actors.experience import pad
     from actors.models import enable_gradient_checkpointing
     from actors.score_model import ScoreModel
-    from core.objectives import category_cost_loss, cost_pair_loss, reward_pair_loss
 
     kind, tc = config["kind"], config["train"]
     tok = AutoTokenizer.from_pretrained(config["backbone"])
@@ -180,36 +217,11 @@ def preference_loop(config: dict) -> None:
     if not train:
         raise ValueError(f"no training pairs with a {'better' if kind == 'reward' else 'safer'}_response_id in {config['train_data']}")
 
-    def loss(engine, items):
-        ids, mask = pad([i["a"] for i in items] + [i["b"] for i in items], tok.pad_token_id)
-        out = engine(ids.to(engine.device), mask.to(engine.device), **({"with_categories": True} if categories else {}))
-        end = out[1].float()
-        a, b = end[:len(items)], end[len(items):]  # [B] preferred, [B] other
-        if kind == "reward":
-            return reward_pair_loss(a, b, tc["regularization"]), {"tokens": int(mask.sum())}
-        labelled = torch.tensor([i["has_safety"] for i in items], device=end.device)
-        a_safe = torch.tensor([bool(i["a_safe"]) for i in items], device=end.device)
-        b_safe = torch.tensor([bool(i["b_safe"]) for i in items], device=end.device)
-        total = cost_pair_loss(a, b, a_safe, b_safe, tc["regularization"], has_safety_labels=labelled)
-        if categories:  # one Bradley-Terry and sign term per category head, beside the shared head's
-            per = out[2].float()  # [2B, K]
-            (in_a, known_a), (in_b, known_b) = (category_labels(items, categories, side) for side in ("a", "b"))
-            total = total + category_cost_loss(per[:len(items)], per[len(items):], in_a.to(end.device),
-                                               in_b.to(end.device), known_a.to(end.device), known_b.to(end.device))
-        return total, {"tokens": int(mask.sum())}
+    loss = functools.partial(_pair_loss, kind=kind, tc=tc, categories=categories, pad_id=tok.pad_token_id)
 
     last_eval = {}
 
-    def scored(engine, rank, world, pairs, score=score_pairs):
-        """Every rank scores its share of `pairs`; -> (pairs, preferred scores, other scores) in rank order."""
-        mine, real = rank_share(len(pairs), rank, world)
-        a, b = score(engine, [pairs[k] for k in mine], tok.pad_token_id, engine.device)
-        order, sa, sb = [], [], []
-        for idx, n, pa_, pb_ in gather_objects((mine, real, a, b), world):
-            order += idx[:n]
-            sa += pa_[:n]
-            sb += pb_[:n]
-        return [pairs[k] for k in order], sa, sb
+    scored = functools.partial(_scored, pad_id=tok.pad_token_id)
 
     def evaluate(engine, rank, world):
         items, sa, sb = scored(engine, rank, world, held_out)

@@ -243,6 +243,28 @@ def report_html(title: str, markdown: str, images: Path, samples: list[dict], po
             f"{table}\n</body></html>\n")
 
 
+def fit_and_round_sections(run_dir: Path, fits: list[str], rounds: dict[str, list[dict]]) -> list[str]:
+    """The report's lines on the fitted reward and cost models and on each round (its last step's
+    figures, its threshold and how it was set)."""
+    def manifest_metrics(n):
+        return json.loads((run_dir / "stages" / n / "manifest.json").read_text())["metrics"]
+
+    fit_rows = [[n, m.get("eval_accuracy"), m.get("policy_accuracy"), m.get("eval_sign_accuracy", "")]
+                for n, m in ((n, manifest_metrics(n)) for n in fits)]
+    parts = [_table(["model", "eval_accuracy", "policy_accuracy", "eval_sign_accuracy"], fit_rows), "",
+             "![score distributions](score_distributions.png)", "", "## Rounds", ""]
+    round_rows, rules = [], []
+    for n, steps in rounds.items():
+        last, m = steps[-1], manifest_metrics(n)
+        round_rows.append([n, len(steps), last.get("threshold", ""), m.get("threshold_unsafe_share", ""),
+                           steps[0].get("lambda", ""), last.get("lambda", ""), last["reward_mean"], last.get("cost_mean", ""),
+                           last["kl"], m.get("truncated_share_last10", last.get("truncated_share", ""))])
+        rules.append(f"- {n}: threshold {last.get('threshold', 0):.4f}, {m.get('threshold_rule', '')}")
+    return parts + [_table(["round", "steps", "threshold", "target unsafe share", "lambda (first)", "lambda (last)", "reward",
+                            "cost", "kl", "truncated share"], round_rows), "", "How each threshold was set:", "", *rules,
+                    "", "![lambda and episode cost](lambda_episode_cost.png)", ""]
+
+
 def run(ctx) -> StageResult:
     evaluation = json.loads(ctx.input("evaluate", "evaluation").read_text())
     samples = read_jsonl(ctx.input("evaluate", "samples"))
@@ -278,23 +300,7 @@ def run(ctx) -> StageResult:
                      for m, a in evaluation["arena"].items()]),
              "", f"Safety table: (newer, older) answer safe or unsafe by {evaluation['judge']}.", "",
              "## Reward and cost models", ""]
-    fit_rows = []
-    for n in of_kind(ctx.inputs, "fit_cost") + of_kind(ctx.inputs, "fit_reward"):
-        m = json.loads((ctx.run_dir / "stages" / n / "manifest.json").read_text())["metrics"]
-        fit_rows.append([n, m.get("eval_accuracy"), m.get("policy_accuracy"), m.get("eval_sign_accuracy", "")])
-    parts += [_table(["model", "eval_accuracy", "policy_accuracy", "eval_sign_accuracy"], fit_rows), "",
-              "![score distributions](score_distributions.png)", "", "## Rounds", ""]
-    round_rows, rules = [], []
-    for n, steps in rounds.items():
-        last = steps[-1]
-        m = json.loads((ctx.run_dir / "stages" / n / "manifest.json").read_text())["metrics"]
-        round_rows.append([n, len(steps), last.get("threshold", ""), m.get("threshold_unsafe_share", ""),
-                           steps[0].get("lambda", ""), last.get("lambda", ""), last["reward_mean"], last.get("cost_mean", ""),
-                           last["kl"], m.get("truncated_share_last10", last.get("truncated_share", ""))])
-        rules.append(f"- {n}: threshold {last.get('threshold', 0):.4f}, {m.get('threshold_rule', '')}")
-    parts += [_table(["round", "steps", "threshold", "target unsafe share", "lambda (first)", "lambda (last)", "reward",
-                      "cost", "kl", "truncated share"], round_rows), "", "How each threshold was set:", "", *rules,
-              "", "![lambda and episode cost](lambda_episode_cost.png)", ""]
+    parts += fit_and_round_sections(ctx.run_dir, of_kind(ctx.inputs, "fit_cost") + of_kind(ctx.inputs, "fit_reward"), rounds)
     parts += sweep_sections(ctx.run_dir)
     text = "\n".join(parts)
     (ctx.out_dir / "report.md").write_text(text)

@@ -12,7 +12,8 @@ import yaml
 
 from pipeline.config import load_config, parse_config
 from pipeline.memory_model import GIB, KNOWN_MODELS, llama_params, score_model_params, training_memory
-from pipeline.plan import format_plan, plan
+from pipeline.plan import plan
+from pipeline.plan_format import format_plan
 
 REPO = Path(__file__).resolve().parents[1]
 BEAVER = REPO / "configs" / "beaver-7b.yaml"

@@ -251,11 +251,8 @@ class _Outputs:
 
 
 # ---------------------------------------------------------------- driver
-def ingest(paths: list[str | Path], out_dir: str | Path, *, fmt: str = "auto", eval_fraction: float = 0.1,
-           max_reject_fraction: float = 1.0, max_row_bytes: int = 1_000_000,
-           progress: Callable[[str], None] | None = None, limits: dict | None = None) -> dict:
-    """Ingest preference files into out_dir; return (and write to summary.json) the accounting.
-    limits: {path: N} reads only a file's first N rows."""
+def _checked_arguments(paths: list[str | Path], fmt: str, eval_fraction: float, max_row_bytes: int) -> list[Path]:
+    """The input paths, once every argument is valid and every file is there: nothing is written before."""
     if fmt not in ("auto", "pku", "hh"):
         raise ValueError(f"fmt must be 'auto', 'pku' or 'hh', got {fmt!r}")
     if not 0.0 <= eval_fraction <= 1.0:
@@ -263,9 +260,46 @@ def ingest(paths: list[str | Path], out_dir: str | Path, *, fmt: str = "auto", e
     if max_row_bytes <= 0:
         raise ValueError(f"max_row_bytes must be positive, got {max_row_bytes}")
     paths = [Path(p) for p in paths]
-    for p in paths:  # fail before writing anything
+    for p in paths:
         if not p.is_file():
             raise FileNotFoundError(2, "ingest input file not found", str(p))
+    return paths
+
+
+def _ingest_row(item, src: str, fmt: str, eval_fraction: float, outputs, seen: dict, by_reason: dict, split_rows: dict) -> str:
+    """One row read from `src`: rejected (with its reasons), a duplicate of a pair kept before, or
+    accepted into its split -> the outcome's counter name."""
+    where = {"source": src, item.pos_key: item.pos}
+    if item.error:
+        row_fmt, rec, errors = None, None, [item.error]
+    else:
+        row_fmt, rec, errors = _record_from(item.value, fmt)
+    if errors:
+        by_reason[errors[0]["reason"]] += 1
+        reject = {**where, **errors[0], "errors": errors, "raw": item.raw}
+        if item.raw_bytes is not None:
+            reject["raw_bytes"] = item.raw_bytes
+        outputs.line("rejects.jsonl", reject)
+        return "rejected"
+    pair_id, prompt_id = _keys(rec)
+    if pair_id in seen:
+        outputs.line("duplicates.jsonl", {**where, "duplicate_of": seen[pair_id]})
+        return "duplicates"
+    seen[pair_id] = where
+    # split on the prompt alone: no prompt leaks across splits, order-independent
+    split = "eval" if in_eval_split(rec["prompt"], eval_fraction, rec["context"]) else "train"
+    split_rows[split] += 1
+    outputs.add(split, {"pair_id": pair_id, "prompt_id": prompt_id, **rec, "source": src, "source_row": item.pos,
+                        "source_format": row_fmt})
+    return "accepted"
+
+
+def ingest(paths: list[str | Path], out_dir: str | Path, *, fmt: str = "auto", eval_fraction: float = 0.1,
+           max_reject_fraction: float = 1.0, max_row_bytes: int = 1_000_000,
+           progress: Callable[[str], None] | None = None, limits: dict | None = None) -> dict:
+    """Ingest preference files into out_dir; return (and write to summary.json) the accounting.
+    limits: {path: N} reads only a file's first N rows."""
+    paths = _checked_arguments(paths, fmt, eval_fraction, max_row_bytes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda _line: None)
@@ -286,31 +320,7 @@ def ingest(paths: list[str | Path], out_dir: str | Path, *, fmt: str = "auto", e
             for item in iter_rows(path, container, gz, max_row_bytes):
                 if limit is not None and stats["read"] >= limit:
                     break
-                where = {"source": src, item.pos_key: item.pos}
-                if item.error:
-                    row_fmt, rec, errors = None, None, [item.error]
-                else:
-                    row_fmt, rec, errors = _record_from(item.value, fmt)
-                if errors:
-                    outcome = "rejected"
-                    by_reason[errors[0]["reason"]] += 1
-                    reject = {**where, **errors[0], "errors": errors, "raw": item.raw}
-                    if item.raw_bytes is not None:
-                        reject["raw_bytes"] = item.raw_bytes
-                    outputs.line("rejects.jsonl", reject)
-                else:
-                    pair_id, prompt_id = _keys(rec)
-                    if pair_id in seen:
-                        outcome = "duplicates"
-                        outputs.line("duplicates.jsonl", {**where, "duplicate_of": seen[pair_id]})
-                    else:
-                        outcome = "accepted"
-                        seen[pair_id] = where
-                        # split on the prompt alone: no prompt leaks across splits, order-independent
-                        split = "eval" if in_eval_split(rec["prompt"], eval_fraction, rec["context"]) else "train"
-                        split_rows[split] += 1
-                        outputs.add(split, {"pair_id": pair_id, "prompt_id": prompt_id, **rec, "source": src,
-                                            "source_row": item.pos, "source_format": row_fmt})
+                outcome = _ingest_row(item, src, fmt, eval_fraction, outputs, seen, by_reason, split_rows)
                 for counter in (totals, stats):
                     counter["read"] += 1
                     counter[outcome] += 1

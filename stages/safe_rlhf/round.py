@@ -147,6 +147,41 @@ def step_inputs(setup: RoundSetup, step: int, seed: int) -> tuple[list[str], Sam
     return prompts, Sampling(rl.max_new_tokens, rl.temperature, rl.top_p, seed=seed * 100_000 + k * 10_000 + step)
 
 
+def score_rollouts(roles: RoundRoles, setup: RoundSetup, gen: Generation, step: int, seed: int) -> tuple:
+    """The step's rollouts scored by every scorer and critic -> (sequences, scores, which answers
+    were cut at max_new_tokens)."""
+    seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, pad_id=0)  # any id: masks exclude padding
+    # The reward and cost models were trained on answers that end with EOS: an answer cut at
+    # max_new_tokens is scored with EOS appended (the policy's tokens stay as sampled).
+    eos = gen.eos_token_id
+    cut = [not gen.ended(r) for r in gen.response_ids]
+    scored = SequenceBatch.from_ids(gen.prompt_ids, [r + [eos] if c else r for r, c in zip(gen.response_ids, cut)], pad_id=0)
+    texts = None
+    if setup.text_scored:  # the rows' prompts are step_inputs' (a function of the step), in order
+        asked = [setup.turns[p] for p in step_inputs(setup, step, seed)[0]]
+        texts = {"prompts": [p for p, _ in asked], "answers": gen.texts, "contexts": [c for _, c in asked],
+                 "max_prompt_tokens": setup.max_prompt_tokens, "max_answer_tokens": setup.max_answer_tokens}
+    return seqs, roles.score(seqs, scored, step, texts, setup.text_scored, categories=bool(setup.constraints)), cut
+
+
+def cost_metrics(exp: Experience, setup: RoundSetup, lagrange, lam: float) -> dict:
+    """A step's figures on cost and the multipliers, as the algorithm has them."""
+    rl, m = setup.rl, {}
+    algorithm = O.get_algorithm(rl.algorithm)
+    if exp.cost is not None:
+        m.update(cost_mean=exp.cost.mean().item(), unsafe_share=(exp.cost > 0).float().mean().item())
+    if algorithm.group_sampling:  # a group whose answers all score alike has no advantage: it teaches nothing
+        m["reward_group_std"] = exp.reward.view(-1, rl.group_size).std(-1, correction=0).mean().item()
+    if setup.constraints:  # lambda: the loss's, the sum; episode_cost: the shared constraint's J_c
+        means = lagrange.window_means()
+        m.update({"lambda": lam, "episode_cost": means[0]})
+        for name, value, mean, costs in zip(setup.constraints, lagrange.values.tolist(), means, exp.constraint_costs.T):
+            m.update({f"lambda_{name}": value, f"episode_cost_{name}": mean, f"cost_mean_{name}": costs.mean().item()})
+    elif algorithm.constrained:
+        m.update({"lambda": lagrange.value, "episode_cost": lagrange.window_mean()})
+    return m
+
+
 def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplier | O.CategoryMultipliers, step: int, seed: int,
              rollout: Rollout | None = None) -> tuple[dict, Rollout | None]:
     """One step -> (metrics, the next step's rollouts when overlap_generation generated them here).
@@ -162,25 +197,13 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
     pending = None
     if rl.overlap_generation and step < setup.steps:
         pending = roles.start_generation(*step_inputs(setup, step + 1, seed))
-    seqs = SequenceBatch.from_ids(gen.prompt_ids, gen.response_ids, pad_id=0)  # any id: masks exclude padding
-    # The reward and cost models were trained on answers that end with EOS: an answer cut at
-    # max_new_tokens is scored with EOS appended (the policy's tokens stay as sampled).
-    eos = gen.eos_token_id
-    cut = [not gen.ended(r) for r in gen.response_ids]
-    scored = SequenceBatch.from_ids(gen.prompt_ids, [r + [eos] if c else r for r, c in zip(gen.response_ids, cut)], pad_id=0)
-    texts = None
-    if setup.text_scored:  # the rows' prompts are step_inputs' (a function of the step), in order
-        asked = [setup.turns[p] for p in step_inputs(setup, step, seed)[0]]
-        texts = {"prompts": [p for p, _ in asked], "answers": gen.texts, "contexts": [c for _, c in asked],
-                 "max_prompt_tokens": setup.max_prompt_tokens, "max_answer_tokens": setup.max_answer_tokens}
-    scores = roles.score(seqs, scored, step, texts, setup.text_scored, categories=bool(setup.constraints))
+    seqs, scores, cut = score_rollouts(roles, setup, gen, step, seed)
     learner_logp = scores["old_logp"]  # the learner's current policy
     engine_logp = pad_values(gen.logprobs)[:, :seqs.response_mask.shape[1]]
     if rl.overlap_generation:  # the behaviour policy is the one that sampled: the engine's weights
         scores["old_logp"] = engine_logp
     exp = Experience(seqs=seqs, **scores)
     t2 = time.perf_counter()
-    algorithm = O.get_algorithm(rl.algorithm)
     lam = multipliers_and_advantages(exp, rl, lagrange)
     stats = learn(roles, exp, lam, rl, torch.Generator().manual_seed(seed * 1_000_003 + setup.round * 10_007 + step))
     roles.policy_step = step
@@ -204,17 +227,7 @@ def ppo_step(roles: RoundRoles, setup: RoundSetup, lagrange: O.LagrangeMultiplie
          # seconds the step waited on generation (its own without overlap, the next step's with it)
          "time_generate": (t1 - t0) + (t4 - t3), "time_score": t2 - t1, "time_learn": t3 - t2, "time_sync": t_sync,
          "time_step": time.perf_counter() - t0, "truncated_share": sum(cut) / len(cut)}
-    if exp.cost is not None:
-        m.update(cost_mean=exp.cost.mean().item(), unsafe_share=(exp.cost > 0).float().mean().item())
-    if algorithm.group_sampling:  # a group whose answers all score alike has no advantage: it teaches nothing
-        m["reward_group_std"] = exp.reward.view(-1, rl.group_size).std(-1, correction=0).mean().item()
-    if setup.constraints:  # lambda: the loss's, the sum; episode_cost: the shared constraint's J_c
-        means = lagrange.window_means()
-        m.update({"lambda": lam, "episode_cost": means[0]})
-        for name, value, mean, costs in zip(setup.constraints, lagrange.values.tolist(), means, exp.constraint_costs.T):
-            m.update({f"lambda_{name}": value, f"episode_cost_{name}": mean, f"cost_mean_{name}": costs.mean().item()})
-    elif algorithm.constrained:
-        m.update({"lambda": lagrange.value, "episode_cost": lagrange.window_mean()})
+    m.update(cost_metrics(exp, setup, lagrange, lam))
     return {key: (float(f"{v:.6g}") if isinstance(v, float) else v) for key, v in m.items()}, following
 
 
