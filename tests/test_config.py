@@ -70,3 +70,18 @@ def test_actors_are_kept_between_stages_on_cpu_and_never_on_gpus():
     assert not parse_config({"name": "t", "safe_rlhf": {"keep_actors": False}}, "<t>").safe_rlhf.keeps_actors
     with pytest.raises(ConfigError, match="keep_actors: true needs device cpu"):
         parse_config({"name": "t", "safe_rlhf": {"device": "cuda", "keep_actors": True}}, "<t>")
+
+
+def test_a_fits_own_lengths_default_to_the_models_and_join_the_fingerprint_only_when_set():
+    # cost.max_prompt_tokens came after runs were made (marked `added`): at its default a fit's
+    # config slice, and so its fingerprint, is as before.
+    from pipeline.config import results_view
+    from stages.fit_preference import fit_lengths
+
+    cfg = parse_config({"model": {"max_prompt_tokens": 96, "max_answer_tokens": 48},
+                        "cost": {"max_prompt_tokens": 256, "max_answer_tokens": 128}})
+    assert fit_lengths(cfg, cfg.cost) == {"max_prompt_tokens": 256, "max_answer_tokens": 128}
+    assert fit_lengths(cfg, cfg.reward) == {"max_prompt_tokens": 96, "max_answer_tokens": 48}
+    assert results_view(cfg)["cost"]["max_prompt_tokens"] == 256
+    assert "max_prompt_tokens" not in results_view(cfg)["reward"]
+    assert results_view(parse_config({}))["cost"] == results_view(parse_config({"cost": {"max_answer_tokens": None}}))["cost"]
