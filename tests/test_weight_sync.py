@@ -26,15 +26,20 @@ def _logprob_gap(model, gen) -> float:
 
 
 @pytest.mark.slow
-def test_gloo_transfer_puts_the_trainers_weights_into_a_running_vllm_engine(small_model_dir):
+@pytest.mark.parametrize("model", ["small", "smollm2"])
+def test_gloo_transfer_puts_the_trainers_weights_into_a_running_vllm_engine(model, request):
+    # smollm2: tied embeddings. The update loads the table under the embedding's name, and vLLM on
+    # CPU packed the LM head's copy of it before: without refresh_tied_lm_head the gap was 2.8.
     from transformers import AutoModelForCausalLM
 
     from actors.rollout import Sampling, VLLMEngine
-    from core.text import format_prompt
+    from core.text import format_prompt, prompt_tokenizer
 
-    engine = VLLMEngine(str(small_model_dir), weight_sync="gloo", max_model_len=128, max_num_seqs=8)
+    small_model_dir = request.getfixturevalue("small_model_dir") if model == "small" else request.getfixturevalue("smollm2")[0]
+    engine = VLLMEngine(str(small_model_dir), weight_sync="gloo", max_model_len=256, max_num_seqs=8)
     assert engine.transfer_world_size() == 1
-    trained = AutoModelForCausalLM.from_pretrained(small_model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32)
+    assert trained.config.tie_word_embeddings == (model == "smollm2")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in trained.parameters():
@@ -55,10 +60,11 @@ def test_gloo_transfer_puts_the_trainers_weights_into_a_running_vllm_engine(smal
     sender.join()
     assert sent["stats"][1] == sum(p.numel() * 4 for p in trained.parameters())  # bytes sent
 
-    prompts = [format_prompt(p) for p in ("how do i bake bread ?", "how can i rob a house ?")] * 2
+    tok = prompt_tokenizer(small_model_dir)
+    prompts = [format_prompt(p, (), tok) for p in ("how do i bake bread ?", "how can i rob a house ?")] * 2
     gen = engine.generate(prompts, Sampling(12, seed=1))
     assert _logprob_gap(trained, gen) < 1e-3  # vLLM now samples from the trainer's weights
-    original = AutoModelForCausalLM.from_pretrained(small_model_dir)
+    original = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32)
     assert _logprob_gap(original, gen) > 0.1  # and no longer from the ones it loaded
     engine.transfer_shutdown()
     engine.llm.llm_engine.engine_core.shutdown()  # now, not in interpreter teardown
