@@ -48,10 +48,14 @@ def refresh_tied_lm_head(model: Any) -> bool:
     table, which an update loads under the embedding's name: the head itself is not reloaded, and
     its packed copy kept the old table (measured: log-probability gap 2.8 to the trainer's policy;
     1.3 to the weights before the update). Packing it again from the shared, updated table makes
-    the gap 2.6e-5. -> whether there was a tied head to refresh."""
+    the gap 2.6e-5 (from a round's exported policy, whose config vLLM reads as untied: 2.3 before).
+    -> whether there was a tied head to refresh."""
     head = getattr(model, "lm_head", None)
-    if head is None or not getattr(getattr(model, "config", None), "tie_word_embeddings", False) \
-            or getattr(head, "quant_method", None) is None:
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    # Tied by storage, not by config: a policy this project exported (its safetensors hold lm_head.weight
+    # too) loads tied with config.tie_word_embeddings False in vLLM's view.
+    if head is None or embed is None or getattr(head, "quant_method", None) is None \
+            or head.weight.data_ptr() != embed.weight.data_ptr():
         return False
     head.quant_method.process_weights_after_loading(head)
     return True
