@@ -35,3 +35,9 @@ def is_operational(info: Any) -> bool:
 
 def is_added(info: Any) -> bool:
     return _mark(info, "added")
+
+
+def in_fingerprint(info: Any, value: Any) -> bool:
+    """Whether a field with this value is part of what a stage computes from: not operational, and
+    not an `added` field at its default. The one rule, for the config view and the stage graph."""
+    return not _mark(info, "operational") and not (_mark(info, "added") and value == info.default)

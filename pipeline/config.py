@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from core.schema import is_added, is_operational
+from core.schema import in_fingerprint
 from stages.run_config import RunConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -162,7 +162,7 @@ def results_view(cfg: BaseModel) -> dict:
     out = {}
     for name, info in type(cfg).model_fields.items():
         value = getattr(cfg, name)
-        if is_operational(info) or (is_added(info) and value == info.default):  # added: in it only when set
+        if not in_fingerprint(info, value):
             continue
         if isinstance(value, BaseModel):
             out[name] = results_view(value)

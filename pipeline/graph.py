@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from core.objectives import get_algorithm
-from core.schema import is_added, is_operational
+from core.schema import in_fingerprint
 from pipeline.config import RunConfig
 from stages.safe_rlhf.settings import SafeRLHFConfig
 
@@ -72,8 +72,7 @@ def _round_stage(cfg: RunConfig, name: str, k: int, before: tuple, prev: tuple, 
     # ones (baselines never do): a round made before a setting existed keeps its fingerprint.
     per_category = cfg.safe_rlhf.constraints == "per_category" and not params
     keys = tuple(f"safe_rlhf.{f}" for f, info in SafeRLHFConfig.model_fields.items()
-                 if f != "rounds" and not is_operational(info)
-                 and not (is_added(info) and getattr(cfg.safe_rlhf, f) == info.default)
+                 if f != "rounds" and in_fingerprint(info, getattr(cfg.safe_rlhf, f))
                  and (alg.group_sampling or f not in ("group_size", "group_scale"))
                  and (per_category or f != "constraints"))
     return StageSpec(name, "stages.safe_rlhf.round", deps + prev, ("seed", "model.path", "model.max_prompt_tokens")

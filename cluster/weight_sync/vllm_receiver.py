@@ -27,7 +27,6 @@ def apply(llm: Any, update_info: Mapping[str, Any], weight_version: str | None =
     records `weight_version`), then the prefix-cache reset vLLM does not do. -> (seconds, bytes)."""
     import torch
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
     from vllm.platforms import current_platform
 
     t0 = time.perf_counter()
