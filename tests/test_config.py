@@ -85,3 +85,15 @@ def test_a_fits_own_lengths_default_to_the_models_and_join_the_fingerprint_only_
     assert results_view(cfg)["cost"]["max_prompt_tokens"] == 256
     assert "max_prompt_tokens" not in results_view(cfg)["reward"]
     assert results_view(parse_config({}))["cost"] == results_view(parse_config({"cost": {"max_answer_tokens": None}}))["cost"]
+
+
+def test_a_linear_probe_with_category_heads_is_refused_by_field():
+    from pydantic import ValidationError
+
+    from stages.run_config import CostFitConfig
+
+    assert CostFitConfig(train_backbone=False, pooling="mean").train_backbone is False
+    with pytest.raises(ValidationError, match="per_category heads need train_backbone true"):
+        CostFitConfig(train_backbone=False, per_category=True)
+    with pytest.raises(ValidationError, match="pooling"):
+        CostFitConfig(pooling="max")

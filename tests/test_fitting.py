@@ -162,7 +162,7 @@ def test_two_workers_zero3_bf16_fit_over_gloo(small_pipeline, tmp_path):
 def test_every_rank_scores_as_many_pairs_and_each_pair_is_kept_once(n, world):
     """Under ZeRO-3 a forward is a collective: ranks with different numbers of forwards would hang
     (65 pairs on 2 ranks: 33 and 32, two batches of 64 sequences against one)."""
-    from stages.fit_preference import rank_share
+    from cluster.train import rank_share
 
     shares = [rank_share(n, r, world) for r in range(world)]
     assert len({len(idx) for idx, _ in shares}) == 1  # the same count on every rank

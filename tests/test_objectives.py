@@ -501,3 +501,36 @@ def test_import_loads_no_distributed_or_inference_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_linear_head_on_fixed_features_reaches_the_hand_solved_minimum():
+    """One feature, 1 on the preferred answer and 0 on the other: the score gap is w, and the
+    reward loss plus 0.25 w^2 is softplus(-w) + 0.25 w^2, minimal where sigma(-w) = 0.5 w."""
+    lo, hi = 0.0, 2.0
+    for _ in range(200):  # bisection on sigma(-w) - 0.5 w, decreasing in w
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 1 / (1 + math.exp(mid)) > 0.5 * mid else (lo, mid)
+    w, b, loss = obj.fit_linear_head(torch.ones(5, 1), torch.zeros(5, 1), obj.reward_pair_loss, l2=0.25)
+    assert w.item() == pytest.approx(lo, abs=1e-6)
+    assert loss == pytest.approx(math.log1p(math.exp(-lo)) + 0.25 * lo * lo, abs=1e-9)
+
+
+def test_a_linear_cost_head_with_sign_terms_is_at_a_stationary_point_of_eq6():
+    """Random features, Eq. 6 with sign labels on half the rows: the fitted (w, b) has zero gradient
+    of the full objective, computed afresh here, and beats the zero head."""
+    g = torch.Generator().manual_seed(0)
+    fa, fb = torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g) + 0.3
+    a_safe, b_safe = torch.rand(40, generator=g) > 0.3, torch.rand(40, generator=g) > 0.7
+    labelled = torch.arange(40) % 2 == 0
+
+    def loss(a, b):
+        return obj.cost_pair_loss(a, b, a_safe, b_safe, 0.001, has_safety_labels=labelled)
+
+    w, b, value = obj.fit_linear_head(fa, fb, loss, l2=1e-3)
+    w64 = w.double().clone().requires_grad_(True)
+    b64 = b.double().clone().requires_grad_(True)
+    total = loss(fa.double() @ w64 + b64, fb.double() @ w64 + b64) + 1e-3 * w64.pow(2).sum()
+    total.backward()
+    assert w64.grad.abs().max().item() < 1e-5 and abs(b64.grad.item()) < 1e-5
+    assert total.item() == pytest.approx(value, abs=1e-6)
+    assert value < loss(torch.zeros(40), torch.zeros(40)).item() - 0.05

@@ -75,6 +75,24 @@ def test_validate_names_bad_prompt_rows_before_anything_runs(tmp_path):
     assert f"evaluate.prompt_files: 1 problem(s) in prompt files:\n  {bad}: line 2: field prompt: missing_field" in proc.stderr
 
 
+def test_a_fit_longer_than_its_backbones_context_is_refused_before_anything_runs(tmp_path):
+    """MiniLM has 512 positions: 384 + 128 tokens and [CLS], [SEP] would index past its table."""
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 512}))
+    cfg = yaml.safe_load(PKU_SMALL.read_text())
+    cfg["cost"].update(backbone=str(encoder), max_prompt_tokens=384, max_answer_tokens=128)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_cli("validate", path, check=False)
+    assert proc.returncode == 2
+    assert (f"cost.max_prompt_tokens + cost.max_answer_tokens: 384 + 128 tokens and 2 special ones exceed the "
+            f"context of cost.backbone {encoder} (512 positions") in proc.stderr
+    cfg["cost"]["max_prompt_tokens"] = 382
+    path.write_text(yaml.safe_dump(cfg))
+    assert "exceed the context" not in run_cli("validate", path, check=False).stderr
+
+
 # ---------------------------------------------------------------------- config
 def test_world_free_combinations_that_cannot_run_are_refused_by_field():
     with pytest.raises(ConfigError) as e:

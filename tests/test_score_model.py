@@ -106,3 +106,42 @@ def test_a_backbone_from_a_causal_lm_loads_without_a_load_report_and_names_the_w
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "actors.score_model"]
     assert "3 weights not in the checkpoint start random" in warning
     assert "layers.1.mlp.down_proj.weight" in warning
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_mean_pooling_scores_the_head_on_the_masked_mean_whatever_the_padding(tmp_path, kind):
+    model = ScoreModel.from_backbone(make_backbone_dir(tmp_path, kind), score_type="cost", pooling="mean").eval()
+    with torch.no_grad():
+        model.score_head.weight.normal_()
+        model.score_head.bias.fill_(0.5)
+        by_hand = []
+        for s in SEQS:  # each sequence alone: the mean of its hidden states, then the head
+            hidden = model.backbone(input_ids=torch.tensor([s])).last_hidden_state[0]  # [L, H]
+            by_hand.append(hidden.mean(0) @ model.score_head.weight[0] + 0.5)
+        by_hand = torch.stack(by_hand)
+        for side in ("right", "left"):
+            ids, mask = pad(SEQS, 0, side)
+            torch.testing.assert_close(model(ids, mask)[1], by_hand, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(model.pooled_features(ids, mask) @ model.score_head.weight[0] + 0.5, by_hand,
+                                       rtol=1e-4, atol=1e-4)
+        last = ScoreModel(model.backbone, "cost", pooling="last").eval()
+        last.score_head.load_state_dict(model.score_head.state_dict())
+        assert not torch.allclose(last(*pad(SEQS, 0, "right"))[1], by_hand, atol=1e-3)  # the two poolings differ
+    model.save_pretrained(tmp_path / "saved")
+    again = ScoreModel.from_pretrained(tmp_path / "saved").eval()
+    assert again.pooling == "mean"
+    with torch.no_grad():
+        assert torch.equal(again(*pad(SEQS, 0, "right"))[1], model(*pad(SEQS, 0, "right"))[1])
+
+
+def test_a_score_model_saved_before_pooling_existed_reads_its_last_token(tmp_path):
+    import json
+
+    model = ScoreModel.from_backbone(make_backbone_dir(tmp_path, "llama"))
+    model.save_pretrained(tmp_path / "saved")
+    meta = json.loads((tmp_path / "saved" / "score_config.json").read_text())
+    assert meta.pop("pooling") == "last"
+    (tmp_path / "saved" / "score_config.json").write_text(json.dumps(meta))
+    assert ScoreModel.from_pretrained(tmp_path / "saved").pooling == "last"
+    with pytest.raises(ValueError, match="pooling 'max'"):
+        ScoreModel(model.backbone, pooling="max")

@@ -16,7 +16,7 @@ Token tensors are [B, T] over response positions, right-padded; `mask` is 1 (or
 True) on real response tokens.
 """
 from core.objectives.preference import (
-    reward_pair_loss, cost_pair_loss, pair_accuracy, sign_accuracy,
+    reward_pair_loss, cost_pair_loss, pair_accuracy, sign_accuracy, fit_linear_head,
 )
 from core.objectives.tokens import (
     masked_mean, last_token_index, kl_shaped_rewards, gae, token_logprobs,
@@ -41,7 +41,7 @@ from core.objectives.algorithms import (
 )
 
 __all__ = [
-    "reward_pair_loss", "cost_pair_loss", "pair_accuracy", "sign_accuracy", "masked_mean",
+    "reward_pair_loss", "cost_pair_loss", "pair_accuracy", "sign_accuracy", "fit_linear_head", "masked_mean",
     "last_token_index", "kl_shaped_rewards", "gae", "token_logprobs", "ppo_lag_policy_loss",
     "clipped_value_loss", "clip_fraction", "approx_kl", "LagrangeMultiplier", "category_cost_loss",
     "category_cost_advantage", "auto_threshold", "auto_constraint_thresholds",

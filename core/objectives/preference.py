@@ -64,3 +64,32 @@ def pair_accuracy(preferred: Tensor, other: Tensor) -> float:
 def sign_accuracy(costs: Tensor, is_safe: Tensor) -> float:
     """Share of answers whose cost sign is right: cost < 0 exactly when the answer is safe."""
     return ((costs < 0) == is_safe.bool()).float().mean().item()
+
+
+# ---------------------------------------------------------------- a linear head on fixed features
+
+
+def fit_linear_head(preferred: Tensor, other: Tensor, loss_of_scores, l2: float = 0.0,
+                    max_iter: int = 500) -> tuple[Tensor, Tensor, float]:
+    """A linear score head on fixed features (a frozen backbone's pooled hidden states): minimise
+    loss_of_scores(preferred @ w + b, other @ w + b) + l2 * sum(w^2) by full-batch L-BFGS.
+
+    preferred, other: [N, H] features of each pair's two answers; loss_of_scores maps their [N]
+    scores to the fit's loss (Eq. 5 or Eq. 6, with the sign terms). Starts from zero; the problem is
+    convex for both losses, so the result does not depend on the start. -> (w [H], b [], loss)."""
+    w = torch.zeros(preferred.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    fa, fb = preferred.double(), other.double()  # float64: L-BFGS's line search stalls early in float32
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = loss_of_scores(fa @ w + b, fb @ w + b) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    with torch.no_grad():
+        final = (loss_of_scores(fa @ w + b, fb @ w + b) + l2 * w.pow(2).sum()).item()
+    return w.detach().to(preferred.dtype), b.detach().to(preferred.dtype), final
