@@ -97,6 +97,10 @@ def test_refusal_by_string_match(text, refusal):
 @pytest.mark.parametrize("text, degenerate", [
     ("", True), ("   ", True), ("... !!", True), ("the the the the", True),
     ("no", False), ("bake it at 200 degrees", False), ("yes yes", False),
+    ("I'm afraid of you. I'm afraid of you. I'm afraid  of you. I", True),  # a loop: 3 of its 3 sentences
+    ("Chat 1: Chat 2. Chat 1: Chat 2. Chat 1: Chat 2.", True),
+    ("Stir it. Stir it. Bake it at 200 degrees.", False),  # twice is not a loop
+    ("Mix well. Mix well. Mix well. Then bake. Then cool. Then cut. Then serve.", False),  # 3 of 7 sentences
 ])
 def test_degenerate_answers_have_no_content(text, degenerate):
     from stages.common.judging import is_degenerate
