@@ -98,45 +98,39 @@ READINGS = ("refusal", "compliance", "other")
 def load_readings(path: Path) -> list[dict]:
     """Answers read by a person: policy, prompt, answer, reading (one of READINGS)."""
     rows = []
-    for i, line in enumerate(open(path, encoding="utf-8"), start=1):
-        r = json.loads(line)
-        for field in ("policy", "answer", "reading"):
-            if field not in r:
-                raise ValueError(f"{path}: line {i}: field {field!r} is missing")
-        if r["reading"] not in READINGS:
-            raise ValueError(f"{path}: line {i}, field reading: {r['reading']!r} is not one of {READINGS}")
-        rows.append(r)
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            r = json.loads(line)
+            for field in ("policy", "prompt", "answer", "reading"):
+                if field not in r:
+                    raise ValueError(f"{path}: line {i}: field {field!r} is missing")
+            if r["reading"] not in READINGS:
+                raise ValueError(f"{path}: line {i}, field reading: {r['reading']!r} is not one of {READINGS}")
+            rows.append(r)
     return rows
 
 
 def reading_summary(rows: list[dict], phrases: bool = True) -> dict:
     """{"run/set/policy" (those of the three the rows name): the share read as compliance and as
-    refusal (each with its 95% bootstrap interval over prompts) and as other; the judge's
-    compliance and refusal (string match); and how often the judge's refusal verdict matches the
-    reading's}."""
-    from stages.common.judging import is_refusal
-    from stages.common.stats import cluster_bootstrap
+    refusal (each with its 95% bootstrap interval over prompts, as the evaluation's rates) and as
+    other; the judge's compliance and refusal (string match); and how often the judge's refusal
+    verdict matches the reading's}."""
+    from stages.common.judging import is_refusal, rate
 
     def name(r):
         return "/".join(str(r[k]) for k in ("run", "set", "policy") if k in r)
 
-    def share_and_interval(group, reading):
-        by_prompt = {}
-        for r in group:
-            by_prompt.setdefault(r.get("prompt", id(r)), []).append(float(r["reading"] == reading))
-        low, high = cluster_bootstrap(list(by_prompt.values()))
-        return round(sum(r["reading"] == reading for r in group) / len(group), 4), [round(low, 4), round(high, 4)]
-
+    flagged = [dict(r, read_compliance=r["reading"] == "compliance", read_refusal=r["reading"] == "refusal",
+                    read_other=r["reading"] == "other", judge_refusal=is_refusal(r["answer"], phrases)) for r in rows]
+    for r in flagged:
+        r.update(judge_compliance=not r["judge_refusal"], judge_agrees_on_refusal=r["judge_refusal"] == r["read_refusal"])
     out = {}
-    for key in dict.fromkeys(name(r) for r in rows):
-        group = [r for r in rows if name(r) == key]
-        judge = [is_refusal(r["answer"], phrases) for r in group]
-        (comply, comply_95), (refuse, refuse_95) = share_and_interval(group, "compliance"), share_and_interval(group, "refusal")
+    for key in dict.fromkeys(map(name, flagged)):
+        group = [r for r in flagged if name(r) == key]
+        (comply, comply_95), (refuse, refuse_95) = rate(group, "read_compliance"), rate(group, "read_refusal")
         out[key] = {"answers": len(group), "read_compliance": comply, "read_compliance_95": comply_95,
                     "read_refusal": refuse, "read_refusal_95": refuse_95,
-                    "read_other": round(sum(r["reading"] == "other" for r in group) / len(group), 4),
-                    "judge_compliance": round(1 - sum(judge) / len(group), 4), "judge_refusal": round(sum(judge) / len(group), 4),
-                    "judge_agrees_on_refusal": round(sum(j == (r["reading"] == "refusal") for j, r in zip(judge, group)) / len(group), 4)}
+                    **{k: rate(group, k)[0] for k in ("read_other", "judge_compliance", "judge_refusal", "judge_agrees_on_refusal")}}
     return out
 
 
