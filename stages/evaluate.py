@@ -26,9 +26,10 @@ by helpfulness (oracle) or reward, and the 2x2 table of (safe, unsafe) x (safe, 
 
 Labelled prompt sets (`evaluate.prompt_sets`, e.g. XSTest): their prompts are answered with the
 held-out ones (same samples, length and seeds), and each set gets the figures of
-`stages.common.judging.SET_RATES` per policy, each with its interval by prompt: `unsafe_compliance_rate`
+`stages.common.judging.SET_FIGURES` per policy, each with its interval by prompt: `unsafe_compliance_rate`
 and `over_refusal_rate` (refusal by string match), the final cost model's `harmful_share_*` and the
-final reward model's `reward_mean_*` on its safe and unsafe prompts. With the world off and no
+final reward model's `reward_mean_*` on its safe and unsafe prompts, and `cost_separation`: whether
+the cost model tells compliance with an unsafe prompt from compliance with a safe one at all. With the world off and no
 `evaluate.prompt_files`, the sets' rows are also the held-out prompts of the tables above.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 from stages.base import StageResult
 from stages.common.datafiles import read_prompt_files, read_prompt_sets
 from core.files import read_jsonl, write_jsonl
-from stages.common.judging import (INTERVALS, RATES, SET_JUDGES, SET_RATES, eval_max_new_tokens, judge_models, judged_answers,
+from stages.common.judging import (INTERVALS, RATES, SET_FIGURES, SET_JUDGES, eval_max_new_tokens, judge_models, judged_answers,
                             queue_answers, rate, reward_calibration, reward_helpfulness_gap, set_summary, summarize,
                             wins_against)
 from core.stage_names import of_kind
@@ -100,7 +101,7 @@ def prompt_set_metrics(cfg, prompts: list[dict], by_set: dict[str, dict[str, lis
     described = {"prompt_sets": {s.name: {"path": s.path, "label": s.label or "per row (its label field)",
                                           "limit": s.limit, "prompts": counts[s.name]} for s in sets},
                  "prompt_set_judges": SET_JUDGES,
-                 "prompt_set_rates": {name: what for name, (_, _, what) in SET_RATES.items()}}
+                 "prompt_set_rates": SET_FIGURES}
     return described, {policy: {name: set_summary(rows) for name, rows in per_set.items()}
                        for policy, per_set in by_set.items()}
 

@@ -4,7 +4,7 @@ Tables: each policy's rates (harmful, over-refusal, benign harm, degenerate, tru
 of `stages.common.judging.RATES`) and helpfulness, each with its interval by prompt, naming the judge and
 the helpfulness measure; reward/cost under the final models, safe share, reward-helpfulness gap; the arena of each round
 against the previous policy; with `evaluate.prompt_sets`, a table per set (its file, labels and
-judges; the figures of `stages.common.judging.SET_RATES`); the reward and cost models' accuracy after each (re)fit. Plots:
+judges; the figures of `stages.common.judging.SET_FIGURES`); the reward and cost models' accuracy after each (re)fit. Plots:
 harmful rate and helpfulness by round, reward and cost distributions by round, lambda and episode
 cost over the steps.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from core.files import read_jsonl
 from core.stage_names import of_kind
 from stages.base import StageResult
-from stages.common.judging import RATES, SET_RATES
+from stages.common.judging import RATES, SET_FIGURES
 
 
 def _plots(out: Path, evaluation: dict, samples: list[dict], rounds: dict[str, list[dict]]) -> None:
@@ -101,7 +101,7 @@ def _cell(m: dict, c: str):
 
 
 def prompt_set_sections(evaluation: dict) -> list[str]:
-    """A table per labelled prompt set (evaluate.prompt_sets): every policy's SET_RATES, naming the
+    """A table per labelled prompt set (evaluate.prompt_sets): every policy's SET_FIGURES, naming the
     set's file, its labels and the judges."""
     if "prompt_sets" not in evaluation:
         return []
@@ -115,7 +115,7 @@ def prompt_set_sections(evaluation: dict) -> list[str]:
         parts += [f"### `{set_name}`", "",
                   f"File `{d['path']}`{limit}: {d['prompts']['safe']} safe and {d['prompts']['unsafe']} unsafe prompts; "
                   f"labels: {d['label']}.", "",
-                  _table(["policy", *SET_RATES], [[n] + [_cell(evaluation[n]["prompt_sets"][set_name], c) for c in SET_RATES]
+                  _table(["policy", *SET_FIGURES], [[n] + [_cell(evaluation[n]["prompt_sets"][set_name], c) for c in SET_FIGURES]
                                                   for n in names]), ""]
     return parts
 

@@ -81,3 +81,17 @@ def test_refusal_judge_reading_of_our_answers_and_its_bad_input(tmp_path):
     f.write_text(__import__("json").dumps(dict(rows[0], reading="maybe")) + "\n")
     with pytest.raises(ValueError, match=r"read.jsonl: line 1, field reading: 'maybe'"):
         judge.load_readings(f)
+
+
+def test_cost_separation_probe_fits_a_separable_label_and_ignores_noise():
+    import torch
+
+    bench = load("cost_separation")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = (x[:, 2] > 0.3).float()  # the label is one feature's sign: the head must find that feature
+    w, b = bench.fit_logistic(x, y, l2=1e-3)
+    assert float(((x @ w + b > 0).float() == y).float().mean()) > 0.97
+    assert int(w.abs().argmax()) == 2
+    w_strong, _ = bench.fit_logistic(x, y, l2=10.0)  # the L2 shrinks the weights
+    assert float(w_strong.norm()) < 0.2 * float(w.norm())

@@ -1,7 +1,7 @@
 """Evaluation precise enough to see the target: intervals, per-category rates, the summary."""
 import pytest
 
-from stages.common.stats import cluster_bootstrap, wilson
+from stages.common.stats import auc, cluster_bootstrap, cluster_bootstrap_auc, wilson
 
 
 @pytest.mark.parametrize("k, n, low, high", [
@@ -27,6 +27,34 @@ def test_cluster_bootstrap_resamples_prompts_not_answers():
     lo, hi = cluster_bootstrap([[2.0, 2.0]] * 30)
     assert lo == hi == 2.0
     assert cluster_bootstrap([[1.0], [3.0]], seed=5) == cluster_bootstrap([[1.0], [3.0]], seed=5)  # deterministic
+
+
+@pytest.mark.parametrize("high, low, expected", [
+    ([3.0, 4.0], [1.0, 2.0], 1.0),                 # every high value above every low one
+    ([1.0, 2.0], [3.0, 4.0], 0.0),
+    ([1.0, 1.0], [1.0], 0.5),                      # all tied: half
+    ([2.0, 0.0, 5.0], [1.0, 2.0], 3.5 / 6),        # pairs: (2,1) 1, (2,2) .5, (0,.) 0, (5,.) 2 -> 3.5 of 6
+])
+def test_auc_counts_pairs_by_hand(high, low, expected):
+    assert auc(high, low) == pytest.approx(expected)
+
+
+def test_auc_by_ranks_equals_counting_every_pair():
+    import random
+
+    rng = random.Random(3)
+    high, low = [rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(60)], [rng.random() - 0.2 for _ in range(45)]
+    pairs = sum(1.0 if h > lo else 0.5 if h == lo else 0.0 for h in high for lo in low) / (len(high) * len(low))
+    assert auc(high, low) == pytest.approx(pairs, abs=1e-12)
+
+
+def test_auc_interval_resamples_prompts():
+    # One high prompt and one low prompt whose values overlap nowhere: every resample gives 1.0
+    assert cluster_bootstrap_auc([[5.0, 6.0]], [[1.0, 2.0]]) == (1.0, 1.0)
+    # Two prompts a side, one of each side identical to the other side: resamples give 0.25..0.75 or so
+    lo, hi = cluster_bootstrap_auc([[0.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [1.0, 1.0]], resamples=2000, seed=1)
+    assert lo < 0.5 < hi and lo >= 0.0 and hi <= 1.0
+    assert cluster_bootstrap_auc([[1.0]], []) != cluster_bootstrap_auc([[1.0]], [])  # nan: no pairs
 
 
 def test_summary_gives_every_rate_with_an_interval_by_prompt_and_per_category():

@@ -232,7 +232,7 @@ def test_pku_small_runs_end_to_end_without_the_world(tmp_path):
     # (83 unsafe problems, XSTest's fixed 100: 50 safe, 50 unsafe); harm is the final cost model's
     # verdict (cost > 0), helpfulness the final reward model's win rate against sft's answer to the
     # same prompt and sample on the safe prompts; each set's figures by string-match refusal.
-    from stages.common.judging import SET_RATES, is_refusal
+    from stages.common.judging import SET_FIGURES, is_refusal
 
     samples = read_jsonl(tmp_path / "run" / "stages" / "evaluate" / "samples.jsonl")
     sft = [r for r in samples if r["policy"] == "sft"]
@@ -251,7 +251,7 @@ def test_pku_small_runs_end_to_end_without_the_world(tmp_path):
             assert len(answers) == f["safe_n"] + f["unsafe_n"] == 2 * n
             assert f["unsafe_compliance_rate"] == round(statistics.mean(not is_refusal(r["answer"]) for r in unsafe), 4)
             assert f["harmful_share_unsafe"] == round(statistics.mean(r["cost"] > 0 for r in unsafe), 4)
-            for figure in SET_RATES:
+            for figure in SET_FIGURES:
                 if f[figure] is not None:
                     assert f[f"{figure}_ci"][0] <= f[figure] <= f[f"{figure}_ci"][1], (policy, name, figure)
         assert m["prompt_sets"]["safe_rlhf_eval"]["over_refusal_rate"] is None  # no safe prompt in it

@@ -11,7 +11,7 @@ import yaml
 
 from core.files import read_jsonl
 from core.text import prompt_tokenizer, same_tokenizer
-from stages.common.judging import SET_RATES
+from stages.common.judging import SET_FIGURES
 from tests.conftest import REPO, RayTestCluster, run_cli
 
 FIGURES = ("unsafe_compliance_rate", "over_refusal_rate", "harmful_share_unsafe", "harmful_share_safe",
@@ -88,7 +88,7 @@ def test_the_smollm2_preset_runs_end_to_end_with_minilm_scorers(smollm2, minilm,
         assert set(sets) == {"safe_rlhf_eval", "xstest"}
         for figure in FIGURES:
             assert figure in sets["xstest"] and sets["xstest"][figure] is not None, (policy, figure)
-        for figure in SET_RATES:
+        for figure in SET_FIGURES:
             if sets["xstest"][figure] is not None:
                 low, high = sets["xstest"][f"{figure}_ci"]
                 assert low <= sets["xstest"][figure] <= high
