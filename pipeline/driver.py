@@ -103,6 +103,7 @@ class Driver:
         self.by_name = {s.name: s for s in self.graph}
         self._ray_connected = False  # this driver initialised Ray
         self._ray_checked = False
+        self._local_cpus: float | None = None  # the CPUs of the local cluster this driver started (None: joined one)
         self._ray_lock = threading.Lock()  # stages start in threads
         self._external_hashes: dict[Path, str] = {}
         self.actor_pool = None  # cluster.pool.ActorPool once Ray is up, with safe_rlhf.keep_actors
@@ -194,10 +195,14 @@ class Driver:
         with self._ray_lock:
             if not self._ray_checked:
                 from cluster.metrics import flush_pending
-                from cluster.ray_session import connect
+                from cluster.ray_session import cluster_address, connect
 
                 self._ray_connected = connect(self.cfg.ray, keep_sigterm=True)
                 self._ray_checked = True
+                if self._ray_connected and cluster_address(self.cfg.ray) is None:
+                    import ray
+
+                    self._local_cpus = ray.cluster_resources().get("CPU", 0.0)
                 if self.cfg.safe_rlhf.keeps_actors:
                     import ray
 
@@ -325,6 +330,7 @@ class Driver:
 
                     disconnect()
                     self._ray_connected = self._ray_checked = False
+                    self._local_cpus = None
 
 
     def _prestart(self, pending: list[StageSpec], running: set[str], forced: set[str]) -> None:
@@ -354,11 +360,28 @@ class Driver:
         if names:
             log(f"prestart {spec.name}'s actors ({len(names)}, no models yet) while the stages it needs finish")
 
+    def _cpus_taken(self, spec: StageSpec, running: list[StageSpec]) -> str | None:
+        """Why `spec` waits, or None: on the local cluster this driver started, a stage that holds
+        CPUs for its whole run (a Ray Train fit: `StageSpec.cpus`) starts only when the running ones
+        leave it enough. Started anyway, its workers would wait for them, and Ray Train would time
+        out and retry every minute, a traceback each time. A joined cluster may grow (an autoscaler
+        adds nodes for what waits), so there Ray decides."""
+        need = spec.cpus(self.cfg)
+        holders = [s for s in running if s.cpus(self.cfg) > 0]
+        if not need or self._local_cpus is None or not holders:
+            return None
+        held = sum(s.cpus(self.cfg) for s in holders)
+        if held + need <= self._local_cpus:
+            return None
+        return (f"{spec.name} waits for {', '.join(s.name for s in holders)}: it reserves {need:g} CPU(s), "
+                f"and {held:g} of the local cluster's {self._local_cpus:g} are taken")
+
     def _run_stages(self, stages: list[StageSpec], forced: set[str], limit: int | None) -> str:
         """Start each stage once every stage it depends on has finished as done; independent ones
         side by side in threads (the work itself is in Ray). After a failure or a stage that waits
         for a person no new stage starts; the running ones finish, then the first failure is raised."""
         pending, running = list(stages), {}
+        told: set[str] = set()  # stages whose wait for CPUs was logged
         self._prestarted = False
         failure: BaseException | None = None
         waiting = False
@@ -371,11 +394,17 @@ class Driver:
                             break
                         if any(d in busy for d in spec.deps) or any(self.status_of(d) != "done" for d in spec.deps):
                             continue
-                        pending.remove(spec)
                         if spec.needs_ray and self._will_run(spec.name, spec.name in forced):
                             # Connected from this (the main) thread: a connection made in a stage's
                             # thread, which ends, made ray.shutdown wait 15 s on its flush timeouts.
                             self._ensure_ray()
+                            held_back = self._cpus_taken(spec, list(running.values()))
+                            if held_back:
+                                if spec.name not in told:
+                                    log(held_back)
+                                    told.add(spec.name)
+                                continue
+                        pending.remove(spec)
                         running[pool.submit(self.run_stage, spec, spec.name in forced)] = spec
                 if failure is None and not waiting and not self._ray_checked and any(
                         s.needs_ray and self._will_run(s.name, s.name in forced) for s in pending):

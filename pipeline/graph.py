@@ -30,6 +30,9 @@ class StageSpec:
     # "module:function" (cfg, params, actor pool, log) -> names: starts the stage's actors ahead, with
     # no models, while the stages it needs run (cluster/pool.py); None: the stage starts its own.
     prestart: str | None = None
+    # The CPUs the stage holds for its whole run (a Ray Train fit's workers); on a local cluster the
+    # driver starts it only when they are free, instead of letting Ray Train time out waiting.
+    cpus: Callable[[RunConfig], float] = field(default=lambda cfg: 0.0)
 
     @property
     def base_name(self) -> str:
@@ -58,6 +61,11 @@ FIT_KEYS = ("seed", "model.path", "model.max_prompt_tokens", "model.max_answer_t
 def _fits(k: int) -> tuple[str, str]:
     """The reward and cost fits round k reads."""
     return ("fit_reward", "fit_cost") if k == 1 else (f"fit_reward@{k}", f"fit_cost@{k}")
+
+
+def _fit_cpus(section: str) -> Callable[[RunConfig], float]:
+    """A fit stage's `cpus`: what its config section's Ray Train run reserves."""
+    return lambda cfg: getattr(cfg, section).reserved_cpus
 
 
 def _round_stage(cfg: RunConfig, name: str, k: int, before: tuple, prev: tuple, params: tuple = ()) -> StageSpec:
@@ -98,7 +106,8 @@ def _between_rounds(cfg: RunConfig, k: int, world: tuple, sft: tuple) -> list[St
                   needs_ray=cfg.annotate.backend == "judge", params=(("round", k),)),
         StageSpec(ingest, "stages.ingest", world + tuple(f"annotate@{j}" for j in range(1, k + 1)), ("ingest",),
                   external_inputs=lambda c: [Path(s.path) for s in c.ingest.sources]),
-        *(StageSpec(name, f"stages.fit_preference:{fn}", (ingest,) + sft + (f"red_team@{k}",), FIT_KEYS + (keys,), needs_ray=True)
+        *(StageSpec(name, f"stages.fit_preference:{fn}", (ingest,) + sft + (f"red_team@{k}",), FIT_KEYS + (keys,), needs_ray=True,
+                    cpus=_fit_cpus(keys))
           for name, fn, keys in ((_fits(k + 1)[0], "run_reward", "reward"), (_fits(k + 1)[1], "run_cost", "cost"))),
     ]
 
@@ -120,9 +129,9 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
                                  "safe_rlhf.max_new_tokens") + ACTOR_KEYS, needs_ray=True))
     sft = ("sft",) if cfg.world.enabled else ()
     stages.append(StageSpec("fit_reward", "stages.fit_preference:run_reward", ("ingest",) + sft, FIT_KEYS + ("reward",),
-                            needs_ray=True))
+                            needs_ray=True, cpus=_fit_cpus("reward")))
     stages.append(StageSpec("fit_cost", "stages.fit_preference:run_cost", ("ingest",) + sft, FIT_KEYS + ("cost",),
-                            needs_ray=True))
+                            needs_ray=True, cpus=_fit_cpus("cost")))
     n_rounds = len(cfg.safe_rlhf.rounds)
     for k in range(1, n_rounds + 1):
         # the first ingest too: its held-out labelled answers are threshold auto's fixed reference set

@@ -74,20 +74,32 @@ def round_roles(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> d
 
 
 # ---------------------------------------------------------------------------- placement on GPUs
-def gpu_layout(actors: list[dict], roles: dict[str, dict], gpu_memory_gib: float) -> list[dict]:
+def gpu_layout(actors: list[dict], roles: dict[str, dict], gpu_memory_gib: float, turns: bool = False) -> list[dict]:
     """One entry per GPU with the actors on it. Rollout workers take `tensor_parallel_size` GPUs,
     learners one each (they ask for 0.8 when scorers are colocated, leaving a sliver free); a scorer
     asking for a sliver is colocated on a learner GPU (the one with the most room, biggest scorer
-    first: a best case, Ray does not place by memory)."""
+    first: a best case, Ray does not place by memory). A policy learner in its rollout worker's
+    bundle (weight_sync ipc, rollout_sleep) is on that worker's GPU: both resident, or with `turns`
+    (rollout_sleep) the engine's memory while it samples beside the learner's model state, or the
+    learner's whole while it learns, whichever is more."""
     gpus: list[dict] = []
+    owners = {a["name"] for a in actors}
     for a in actors:
-        if a["gpus"] >= 0.5:  # owns its GPU(s)
+        if a.get("shares_gpu_with") not in owners:  # a trial config may name a worker it lacks: then its own
+            a = {**a, "shares_gpu_with": None}
+        if a["gpus"] >= 0.5 and not a["shares_gpu_with"]:  # owns its GPU(s)
             k = max(1, int(round(a["gpus"])))
             for i in range(k):
                 label = f"{a['name']} (TP rank {i}/{k})" if a["role"] == "rollout" and k > 1 else a["name"]
                 label += f" (hosting {', '.join(a['hosts'])} scorer{'s' if len(a['hosts']) > 1 else ''})" if a["hosts"] else ""
                 gpus.append({"gpu": len(gpus), "actors": [label], "used_gib": a["gib"],
                              "kind": "learner" if a["role"].startswith("learner-") else a["role"]})
+    for a in actors:
+        if a.get("shares_gpu_with") in owners:
+            g = next(g for g in gpus if g["actors"][0].split(" ")[0] == a["shares_gpu_with"])
+            g["actors"].append(f"{a['name']} (sharing its GPU{', taking turns' if turns else ''})")
+            learning = roles[a["role"]]["activations_gib"] + roles[a["role"]]["logits_gib"]
+            g["used_gib"] = max(g["used_gib"] + a["gib"] - learning, a["gib"]) if turns else g["used_gib"] + a["gib"]
     learner_gpus = [g for g in gpus if g["kind"] == "learner"]
     shared = sorted((a for a in actors if 0 <= a["gpus"] < 0.5 and a["role"].startswith("scorer-")),
                     key=lambda a: -a["gib"])
@@ -120,7 +132,7 @@ def _round_actors(rl, roles: dict[str, dict]) -> list[dict]:
         guests = [roles[f"scorer-{h}"] for h in a.hosts]
         gib = roles[role]["total_gib"] + sum(g["total_gib"] - g["context_gib"] for g in guests)
         actors.append({"name": a.name, "role": role, "cpus": a.cpus, "gpus": a.total_gpus, "hosts": list(a.hosts),
-                       "gib": gib})
+                       "gib": gib, "shares_gpu_with": a.bundle_with if a.total_gpus else None})
     return actors
 
 
@@ -137,12 +149,12 @@ def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> d
            "colocate_scorers": rl.colocate_scorers, "keep_actors": rl.keeps_actors, "actors": actors,
            "total_cpus": sum(a["cpus"] for a in actors),
            # Physical GPUs: actors asking for >= 0.5 own theirs; slivers share a learner's.
-           "total_gpus": sum(max(1, round(a["gpus"])) for a in actors if a["gpus"] >= 0.5),
+           "total_gpus": sum(max(1, round(a["gpus"])) for a in actors if a["gpus"] >= 0.5 and not a["shares_gpu_with"]),
            "roles": roles, "gpus": None, "fits": None, "problems": []}
     if rl.device == "cuda":
         out["total_gpus_whole"] = math.ceil(out["total_gpus"])
         if gpu_memory_gib:
-            gpus = gpu_layout(actors, roles, gpu_memory_gib)
+            gpus = gpu_layout(actors, roles, gpu_memory_gib, turns=rl.rollout_sleep)
             over = [g for g in gpus if not g["fits"]]
             problems = ([f"{len(over)} GPU(s) over {gpu_memory_gib:g} GiB: " + ", ".join(
                 f"GPU {g['gpu']} ~{g['used_gib']:.1f} GiB ({' + '.join(a.split(' ')[0] for a in g['actors'])})" for g in over)]
@@ -175,7 +187,7 @@ def _learner_hint(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float) -> str | 
         trial = rl.model_copy(update={"learners_per_role": n, "zero_stage": zero})
         roles = round_roles(trial, model_cfg, s, gpu_memory_gib)
         actors = _round_actors(trial, roles)
-        if all(g["fits"] for g in gpu_layout(actors, roles, gpu_memory_gib) if g["kind"] == "learner"):
+        if all(g["fits"] for g in gpu_layout(actors, roles, gpu_memory_gib, rl.rollout_sleep) if g["kind"] == "learner"):
             stage = "" if zero == rl.zero_stage else f"zero_stage {zero} and "
             return (f"learners' model state fits with {stage}learners_per_role >= {n} "
                     f"({n * len(learner_roles(rl.algorithm))} learner GPUs)")
@@ -229,9 +241,14 @@ def _notes(rl, s, lm: int) -> list[str]:
     if rl.weight_sync == "nccl":
         notes.append("left out: weight_sync nccl allocates 2 x 1 GiB packed transfer buffers on policy rank 0's GPU and on "
                      "every vLLM GPU for the length of each sync, outside gpu_memory_utilization")
-    if rl.weight_sync == "ipc":
-        notes.append("weight_sync ipc: policy learner i and rollout worker i share one GPU; add their figures (and keep "
-                     "gpu_memory_utilization low enough for the learner)")
+    if rl.rollout_sleep:
+        notes.append("rollout_sleep: policy learner i and rollout worker i share one GPU, and the engine frees its weights "
+                     "and KV cache while the learner scores and learns: the GPU holds the larger of (the engine, beside the "
+                     "learner's model state) and the whole learner, plus the CUDA context and buffers vLLM keeps asleep "
+                     "(not estimated); keep gpu_memory_utilization within what the learner's model state leaves")
+    elif rl.weight_sync == "ipc":
+        notes.append("weight_sync ipc: policy learner i and rollout worker i share one GPU, both resident (its figure is "
+                     "their sum; keep gpu_memory_utilization low enough for the learner)")
     if rl.device == "cuda" and rl.engine == "vllm" and rl.tensor_parallel_size > s.num_kv_heads:
         notes.append("vLLM replicates KV heads when tensor_parallel_size > KV heads: the KV figure is a lower bound")
     if rl.device == "cpu" and rl.engine == "vllm":

@@ -90,6 +90,11 @@ class TrainConfig(Strict):
     cpus_per_worker: float = F(1.0, "CPUs reserved per worker.", gt=0, operational=True)
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass: the same gradients with the activation memory of one layer (for large models on GPUs; about a third more compute).", operational=True)
 
+    @property
+    def reserved_cpus(self) -> float:
+        """The CPUs the run holds from start to end (every worker's)."""
+        return self.num_workers * self.cpus_per_worker
+
     @model_validator(mode="after")
     def _device_precision(self) -> "TrainConfig":
         if self.device == "cpu" and self.precision == "fp16":

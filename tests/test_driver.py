@@ -202,6 +202,35 @@ def test_independent_stages_run_side_by_side(tmp_path, monkeypatch):
     assert fake_stages.CALLS == []
 
 
+@pytest.mark.parametrize("cpus_b, local_cpus, overlap", [
+    (2.0, 2.0, False),  # 1 + 2 > 2 on a local cluster: b starts when a is done
+    (1.0, 2.0, True),   # 1 + 1 fit side by side
+    (2.0, None, True),  # a joined cluster (it may grow): Ray decides
+])
+def test_a_fit_waits_for_the_cpus_a_running_fit_holds_on_a_local_cluster(tmp_path, monkeypatch, capsys, cpus_b, local_cpus, overlap):
+    import sys
+    import time
+    import types
+
+    def slow(ctx):
+        time.sleep(1.0)
+        (ctx.out_dir / "v.txt").write_text(ctx.name)
+        return fake_stages.StageResult({"v": "v.txt"})
+
+    monkeypatch.setitem(sys.modules, "tests.fake_slow", types.SimpleNamespace(run=slow))
+    g = [StageSpec("a", "tests.fake_slow", needs_ray=True, cpus=lambda cfg: 1.0),
+         StageSpec("b", "tests.fake_slow", needs_ray=True, cpus=lambda cfg: cpus_b),
+         StageSpec("c", "tests.fake_slow", needs_ray=True)]  # holds no CPUs: never waits
+    d = Driver(small_config(), tmp_path, g)
+    d._ray_checked, d._local_cpus = True, local_cpus  # as after _ensure_ray started (or joined) a cluster
+    d.run()
+    ev = {(e["stage"], e["event"]): e["time"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())}
+    assert (ev[("b", "start")] < ev[("a", "done")]) is overlap
+    assert ev[("c", "start")] < ev[("a", "done")]
+    said = "b waits for a: it reserves 2 CPU(s), and 1 of the local cluster's 2 are taken"
+    assert (said in capsys.readouterr().err) is not overlap
+
+
 def test_a_failing_stage_lets_the_running_one_finish_and_resume_picks_up_the_rest(tmp_path, monkeypatch):
     import sys
     import time
@@ -311,3 +340,13 @@ def test_the_first_round_this_run_runs_has_its_actors_started_ahead_once(tmp_pat
     monkeypatch.setitem(sys.modules, "tests.fake_prestart", types.SimpleNamespace(prestart=broken, run=slow))
     driver().run(from_stage="r1")  # a failed start ahead is a lost speed-up, not a failed run
     assert Driver(small_config(), tmp_path, g).status_of("r2") == "done"
+
+
+def test_the_fits_declare_the_cpus_their_ray_train_runs_reserve():
+    from pipeline.config import parse_config
+    from pipeline.graph import build_graph
+
+    cfg = parse_config({"name": "t", "reward": {"num_workers": 2}, "cost": {"cpus_per_worker": 1.5}})
+    cpus = {s.name: s.cpus(cfg) for s in build_graph(cfg)}
+    assert cpus["fit_reward"] == cpus["fit_reward@2"] == 2.0 and cpus["fit_cost"] == cpus["fit_cost@3"] == 1.5
+    assert {n for n, c in cpus.items() if c} == {n for n in cpus if n.startswith(("fit_reward", "fit_cost"))}

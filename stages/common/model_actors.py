@@ -30,14 +30,15 @@ def actor_env(rl: SafeRLHFConfig) -> dict[str, str]:
     return {**ACTOR_ENV, "DS_ACCELERATOR": rl.device, **threads}
 
 
-def engine_settings(cfg, engine: str, max_new_tokens: int, weight_sync: str = "checkpoint") -> dict:
-    """RolloutWorker keyword arguments from the config (the round, red teaming and evaluation)."""
+def engine_settings(cfg, engine: str, max_new_tokens: int, weight_sync: str = "checkpoint", sleep_mode: bool = False) -> dict:
+    """RolloutWorker keyword arguments from the config (the round, red teaming and evaluation).
+    sleep_mode: the round's engine under safe_rlhf.rollout_sleep."""
     rl = cfg.safe_rlhf
     kw = {"device": rl.device, "dtype": rl.precision, "max_prompt_tokens": cfg.model.max_prompt_tokens}
     if engine == "vllm":
         kw.update(max_model_len=cfg.model.max_prompt_tokens + max_new_tokens + 8, max_num_seqs=rl.max_num_seqs,
                   tensor_parallel_size=rl.tensor_parallel_size, gpu_memory_utilization=rl.gpu_memory_utilization,
-                  seed=cfg.seed, weight_sync=weight_sync)
+                  seed=cfg.seed, weight_sync=weight_sync, **({"sleep_mode": True} if sleep_mode else {}))
     return kw
 
 

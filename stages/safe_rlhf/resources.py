@@ -45,7 +45,9 @@ def resource_plan(rl: SafeRLHFConfig) -> ResourcePlan:
     """rl -> one ActorSpec per actor of the round."""
     gpu = rl.device == "cuda"
     cpu = rl.cpus_per_actor
-    ipc = gpu and rl.weight_sync == "ipc"  # policy learner i on rollout worker i's GPU (config checks TP 1, equal counts)
+    # policy learner i on rollout worker i's GPU (config checks TP 1, equal counts): for CUDA IPC, or
+    # to have the memory the rollout engine frees when it sleeps
+    ipc = gpu and (rl.weight_sync == "ipc" or rl.rollout_sleep)
     tp = rl.tensor_parallel_size if gpu and rl.engine == "vllm" else 1
     rollout_gpu = (0.5 if ipc else (1.0 if tp == 1 else 0.0)) if gpu else 0.0
     actors = [ActorSpec(f"rollout-{i}", cpu, rollout_gpu, worker_gpus=tp if tp > 1 else 0) for i in range(rl.rollout_workers)]
@@ -71,4 +73,4 @@ def cpus_to_start_ahead(cfg) -> float:
     """The cluster CPUs from which on round 1's actors start ahead, beside the reward and cost fits
     that run just before it (what those fits reserve, plus one whole CPU for the imports)."""
     fits = [cfg.reward] + ([cfg.cost] if uses_cost_model(cfg.safe_rlhf.algorithm) else [])
-    return sum(t.num_workers * t.cpus_per_worker for t in fits) + 1
+    return sum(t.reserved_cpus for t in fits) + 1

@@ -99,7 +99,7 @@ def actor_arguments(cfg: RunConfig, rl: SafeRLHFConfig, models: dict) -> tuple[d
     With `layout: colocated` the scorers are not actors: each is built inside its host learner's
     rank 0 (the `hosted` keyword), with the arguments its actor would have had."""
     path = {k: None if models.get(k) is None else str(models[k]) for k in ("policy", "reward_model", "cost_model")}
-    engine_kw = engine_settings(cfg, rl.engine, rl.max_new_tokens, weight_sync=rl.weight_sync)
+    engine_kw = engine_settings(cfg, rl.engine, rl.max_new_tokens, weight_sync=rl.weight_sync, sleep_mode=rl.rollout_sleep)
     rollout = {f"rollout-{i}": ((rl.engine, path["policy"]), engine_kw) for i in range(rl.rollout_workers)}
     scorer_model = {"reward": path["reward_model"], "reference": path["policy"], "cost": path["cost_model"]}
     # the reference scores the tempered policy the rollouts sample from (its KL is to that policy)
@@ -297,6 +297,8 @@ class RoundRoles:
                 refs = None
 
         gens = self._in_place("generate", step, call)
+        if self.rl.rollout_sleep:  # its GPU memory to the learner until the push (or a generation) wakes it
+            self._in_place("rollout sleep", step, lambda: self._get([w.sleep.remote() for w in self.rollout]))
         n = len(self.rollout)
         order = [(i, j) for j in range(max(len(p) for p in parts)) for i in range(n) if j < len(parts[i])]
         pick = lambda field: [getattr(gens[i], field)[j] for i, j in order]

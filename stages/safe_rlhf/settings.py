@@ -74,6 +74,7 @@ class SafeRLHFConfig(Strict):
     overlap_generation: bool = F(False, "Generate step t+1's rollouts while step t scores and learns, from the rollout workers' weights of step t-1 (one step stale, the step metric rollout_staleness): the PPO ratio and the KL take the sampling engine's own log-probabilities as the behaviour policy's. Hides generation behind learning where they run on different devices; changes the trajectory (one-step-off-policy PPO).")
     dispatch_together: bool = F(True, "A step's independent calls (the scorers and the learners' forwards; the three learner groups' updates) go out together and are gathered once. false: one after another in the algorithm's order: the same results to the bit (tested), slower; for isolating a role when debugging.", operational=True)
     keep_actors: bool | None = F(None, "Keep the round's actor processes between stages (cluster/pool.py): the next round, red teaming and evaluation's scorers load their models into them instead of starting new processes (on 2 cores, about 25 s of each later round's start-up). null: on with device cpu, off with cuda (a kept actor would hold the GPU the fits between the rounds need; true there is an error).", operational=True)
+    rollout_sleep: bool = F(False, "vLLM sleep mode (GPU): after each generation the rollout engine frees its GPU memory, weights and KV cache (level 2: the weight push that follows rewrites every weight), and takes them back when the push or the next generation needs them, so the policy learner that shares its GPU has that memory while it scores and learns. Puts policy learner i on rollout worker i's GPU, as weight_sync ipc does. Needs engine vllm, device cuda, tensor_parallel_size 1, rollout_workers == learners_per_role and overlap_generation false. Written against vLLM's API; never run on a GPU here.")
     weight_sync_timeout_s: float = F(60.0, "A weight transfer whose peer died fails after this many seconds (gloo), and the round handles it like any actor death.", gt=0, operational=True)
 
     @property
@@ -137,6 +138,21 @@ class SafeRLHFConfig(Strict):
         if self.keep_actors and self.device != "cpu":
             raise ValueError("keep_actors: true needs device cpu: a kept actor would hold its GPU between the rounds, "
                              "where the reward and cost fits need the GPUs (use null or false)")
+        return self
+
+    @model_validator(mode="after")
+    def _rollout_sleep(self) -> "SafeRLHFConfig":
+        if not self.rollout_sleep:
+            return self
+        wrong = [why for bad, why in (
+            (self.engine != "vllm", f"engine vllm (got {self.engine}: only vLLM sleeps)"),
+            (self.device != "cuda", f"device cuda (got {self.device}: vLLM has no sleep mode on CPU)"),
+            (self.overlap_generation, "overlap_generation false (the engine would sleep while it samples)"),
+            (self.tensor_parallel_size != 1 or self.rollout_workers != self.learners_per_role,
+             "tensor_parallel_size 1 and rollout_workers == learners_per_role (policy learner i shares rollout worker i's GPU; "
+             f"got {self.tensor_parallel_size}, {self.rollout_workers}, {self.learners_per_role})")) if bad]
+        if wrong:
+            raise ValueError("rollout_sleep needs " + "; ".join(wrong))
         return self
 
     @model_validator(mode="after")
