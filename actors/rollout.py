@@ -103,7 +103,8 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, dtype: str = "fp32", max_model_len: int = 512, max_num_seqs: int = 256,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.3, seed: int = 0,
-                 weight_sync: str = "checkpoint", max_prompt_tokens: int = 512, sleep_mode: bool = False):
+                 weight_sync: str = "checkpoint", max_prompt_tokens: int = 512, sleep_mode: bool = False,
+                 cpu_kv_cache_gib: float | None = None):
         import os
 
         from vllm.platforms import current_platform
@@ -131,6 +132,9 @@ class VLLMEngine:
             # request with its own seed is chunked; a token budget for every sequence at full
             # length means prefill is never chunked. (GPU keeps vLLM's default budget.)
             extra["max_num_batched_tokens"] = max(8192, max_num_seqs * max_model_len)
+            extra["kv_cache_memory_bytes"] = self.cpu_kv_cache_bytes(model_dir, dtype, max_num_seqs, max_model_len,
+                                                                     cpu_kv_cache_gib)
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's CPU platform would let it override the size
         elif tensor_parallel_size > 1:
             # Tensor parallel inside our placement group: vLLM's Ray workers take the single-GPU
             # bundles the round reserved for them (VLLM_RAY_BUNDLE_INDICES in this actor's env).
@@ -151,6 +155,25 @@ class VLLMEngine:
             generation_config = None
         self.stop_ids = stop_token_ids(self.tokenizer, generation_config)
         self.weight_sync = weight_sync
+
+    @staticmethod
+    def cpu_kv_cache_bytes(model_dir: str, dtype: str, max_num_seqs: int, max_model_len: int,
+                           gib: float | None) -> int:
+        """The KV cache of an engine on CPU: `gib` (safe_rlhf.cpu_kv_cache_gib) if set, else sized to
+        the engine from the model's config.json (core/kv_cache.py); 1 GiB for a config without the
+        layer and head counts."""
+        import json
+        from pathlib import Path
+
+        from core.kv_cache import CPU_KV_CACHE_CAP, cpu_kv_cache_bytes, kv_bytes_per_token_of
+
+        if gib is not None:
+            return int(gib * 2**30)
+        try:
+            per_token = kv_bytes_per_token_of(json.loads((Path(model_dir) / "config.json").read_text()), dtype)
+        except (OSError, ValueError):
+            per_token = None
+        return CPU_KV_CACHE_CAP if per_token is None else cpu_kv_cache_bytes(per_token, max_num_seqs, max_model_len)
 
     def update_weights(self, model_dir: str) -> None:
         from cluster.weight_sync.checkpoint import reload

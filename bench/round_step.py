@@ -1,6 +1,6 @@
 """One Safe RLHF step through the Ray round against the same step in one process.
 
-    .venv/bin/python bench/round_step.py [--run-dir runs/tiny] [--steps 6] [--engine vllm|hf] [--layout split|colocated] [--threads N] [--weight-sync checkpoint|gloo] [--overlap]
+    .venv/bin/python bench/round_step.py [--run-dir runs/tiny] [--steps 6] [--engine vllm|hf] [--layout split|colocated] [--threads N] [--weight-sync checkpoint|gloo] [--micro-batch-size N] [--overlap]
     .venv/bin/python bench/round_step.py --run-dir runs/smollm2 --steps 3     # at 135M (after the preset's run)
 
 Both run `stages.safe_rlhf.round.ppo_step` (the round's own code: generate, score, advantages,
@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--weight-sync", choices=["checkpoint", "gloo"], help="safe_rlhf.weight_sync of the Ray path (default: "
                     "the run's; the in-process path always pushes through a checkpoint directory)")
     ap.add_argument("--threads", type=int, help="safe_rlhf.threads_per_actor (default: the run's)")
+    ap.add_argument("--micro-batch-size", type=int, help="safe_rlhf.micro_batch_size (default: the run's)")
     ap.add_argument("--overlap", action="store_true", help="safe_rlhf.overlap_generation on (both paths; only Ray can "
                     "run generation beside learning)")
     args = ap.parse_args()
@@ -198,6 +199,7 @@ def main() -> None:
                                           **({"layout": args.layout} if args.layout else {}),
                                           **({"threads_per_actor": args.threads} if args.threads else {}),
                                           **({"weight_sync": args.weight_sync} if args.weight_sync else {}),
+                                          **({"micro_batch_size": args.micro_batch_size} if args.micro_batch_size else {}),
                                           "overlap_generation": args.overlap})
     stage = lambda n, out: run / "stages" / n / out
     # a world-free run (configs/smollm2.yaml) has no sft stage: its starting policy is model.path
@@ -209,7 +211,7 @@ def main() -> None:
         sys.exit(f"missing {missing}: run the pipeline first (e.g. `python -m pipeline run --run-dir {args.run_dir}`)")
     setup = dataclasses.replace(RoundSetup.for_inputs(cfg, rl, 1, inputs), steps=args.steps, threshold=-3.0)
     print(f"{args.steps} steps x {rl.prompts_per_step} prompts, engine {rl.engine}, {rl.device}, layout {rl.layout}, "
-          f"threads_per_actor {rl.threads_per_actor}, weight_sync {rl.weight_sync}, "
+          f"threads_per_actor {rl.threads_per_actor}, weight_sync {rl.weight_sync}, micro_batch_size {rl.micro_batch_size}, "
           f"overlap_generation {rl.overlap_generation}", flush=True)
 
     import ray

@@ -11,8 +11,9 @@ ZeRO stage s over N data-parallel ranks (`learners_per_role` for the round's lea
 `num_workers` for a Ray Train fit) divides the optimizer state by N when s >= 1, the gradients
 when s >= 2 and the weights when s == 3. Scorers and rollout workers hold weights only (at the
 config's precision); a vLLM rollout worker also holds a KV cache: `gpu_memory_utilization` x the
-GPU's memory minus its weight shard when the GPU memory is known, otherwise what
-`max_num_seqs` sequences of (max prompt + max new tokens) need.
+GPU's memory minus its weight shard when the GPU memory is known, on CPU what the engine is given
+(core/kv_cache.py, the same function the engine calls), otherwise what `max_num_seqs`
+sequences of (max prompt + max new tokens) need.
 
 Working memory on top of the model state (estimates too):
 - activations kept for backward, per learner micro-batch (Korthikanti et al. 2022, with flash
@@ -38,8 +39,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import kv_cache
+
 GIB = 2 ** 30
-WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+WEIGHT_BYTES = kv_cache.DTYPE_BYTES  # fp32 4, bf16 and fp16 2
 # AdamW state per parameter: two fp32 moments, plus an fp32 master copy when training in 16 bits.
 OPTIMIZER_BYTES = {"fp32": 8, "bf16": 12, "fp16": 12}
 LLAMA_STYLE = ("llama", "mistral")
@@ -182,4 +185,5 @@ def weights_only(params: int, precision: str, shards: int = 1) -> dict:
 
 def kv_bytes_per_token(s: LlamaShape, precision: str) -> int:
     """K and V of every layer for one token (the KV cache dtype follows the model's)."""
-    return 2 * s.num_layers * s.num_kv_heads * s.head_dim * WEIGHT_BYTES[precision]
+    return kv_cache.kv_bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, precision)
+

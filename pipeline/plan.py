@@ -12,10 +12,12 @@ import math
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+from core.kv_cache import CPU_KV_BLOCK_TOKENS, CPU_KV_CACHE_CAP, cpu_kv_cache_bytes
 from pipeline.memory_model import (GIB, OPTIMIZER_BYTES, WEIGHT_BYTES, LlamaShape, activation_gib, forward_gib,
                                    kv_bytes_per_token, llama_params, logits_gib, model_shape, score_model_params,
                                    training_memory, weights_only, with_working_memory)
 from core.objectives import get_algorithm
+from stages.common.model_actors import engine_max_model_len
 from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan
 
 if TYPE_CHECKING:
@@ -39,6 +41,14 @@ def rollout_memory(rl, model_cfg, s: LlamaShape, params: int, gpu_memory_gib: fl
         m.update(kv_cache_gib=cache, reserved_gib=reserved, total_gib=max(reserved, m["weights_gib"]),
                  kv_source=f"gpu_memory_utilization {rl.gpu_memory_utilization} x {gpu_memory_gib:g} GiB - weights",
                  full_length_sequences=int(cache * GIB // (max_len * per_token)))
+    elif vllm and rl.device == "cpu":
+        engine_len = engine_max_model_len(model_cfg.max_prompt_tokens, rl.max_new_tokens)
+        cache = (rl.cpu_kv_cache_gib if rl.cpu_kv_cache_gib is not None
+                 else cpu_kv_cache_bytes(kv_bytes_per_token(s, rl.precision), seqs, engine_len) / GIB)
+        m.update(kv_cache_gib=cache, total_gib=m["weights_gib"] + cache,
+                 kv_source=(f"cpu_kv_cache_gib {rl.cpu_kv_cache_gib:g}" if rl.cpu_kv_cache_gib is not None
+                            else f"max_num_seqs {seqs} x {engine_len} tokens in blocks of {CPU_KV_BLOCK_TOKENS}, "
+                                 f"at most {CPU_KV_CACHE_CAP / GIB:g} GiB"))
     else:
         m.update(kv_cache_gib=needed, total_gib=m["weights_gib"] + needed,
                  kv_source=(f"max_num_seqs {seqs} x {max_len} tokens" if vllm
@@ -251,9 +261,6 @@ def _notes(rl, s, lm: int) -> list[str]:
                      "their sum; keep gpu_memory_utilization low enough for the learner)")
     if rl.device == "cuda" and rl.engine == "vllm" and rl.tensor_parallel_size > s.num_kv_heads:
         notes.append("vLLM replicates KV heads when tensor_parallel_size > KV heads: the KV figure is a lower bound")
-    if rl.device == "cpu" and rl.engine == "vllm":
-        notes.append("vLLM on CPU reserves VLLM_CPU_KVCACHE_SPACE GiB of host memory for its KV cache "
-                     "(set by the round), whatever the figure above")
     return notes
 
 

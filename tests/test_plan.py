@@ -5,6 +5,7 @@ Memory accounting under test (documented in pipeline/memory_model.py): bytes per
   fp32:      weights 4, gradients 4, optimizer 8  (two fp32 moments)
 ZeRO stage >= 1 shards the optimizer state, >= 2 the gradients, 3 the weights.
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,42 @@ def test_kv_cache_without_gpu_memory_is_what_max_num_seqs_need():
     tokens = cfg.model.max_prompt_tokens + 32
     expect = 16 * tokens * 2 * s["num_layers"] * s["num_kv_heads"] * s["head_dim"] * 2 / 2 / GIB
     assert p["round"]["roles"]["rollout"]["kv_cache_gib"] == pytest.approx(expect)
+
+
+
+def test_cpu_kv_cache_holds_max_num_seqs_full_sequences_up_to_a_gib():
+    from core.kv_cache import cpu_kv_cache_bytes
+    from pipeline.memory_model import LlamaShape, kv_bytes_per_token
+
+    smollm2 = LlamaShape(49152, 576, 1536, 30, 9, 3, 64, True)
+    assert kv_bytes_per_token(smollm2, "fp32") == 46080  # 2 x 30 layers x 3 KV heads x 64 x 4 bytes
+    assert kv_bytes_per_token(smollm2, "bf16") == 23040
+    block = 128 * 46080
+    assert cpu_kv_cache_bytes(46080, 64, 152) == (64 * 2 + 1) * block  # 0.709 GiB
+    assert cpu_kv_cache_bytes(46080, 256, 152) == (2**30 // block) * block  # capped: 182 blocks
+    assert cpu_kv_cache_bytes(46080, 4, 200 * 128) == 201 * block  # one sequence beyond the cap still fits
+    tiny = plan(load_config(TINY))["round"]["roles"]["rollout"]
+    # the tiny world: 2 layers x 4 KV heads x 32 x 4 bytes = 1,024 x 2 a token; 256 sequences of one block
+    assert tiny["kv_cache_gib"] == pytest.approx((256 + 1) * 128 * 2048 / GIB)
+    cfg = parse_config({"safe_rlhf": {"cpu_kv_cache_gib": 0.25}})
+    assert plan(cfg)["round"]["roles"]["rollout"]["kv_cache_gib"] == 0.25
+
+
+def test_a_cpu_engine_sizes_its_kv_cache_from_the_models_config(tmp_path):
+    from actors.rollout import VLLMEngine
+
+    config = {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    size = lambda gib=None, dtype="fp32": VLLMEngine.cpu_kv_cache_bytes(str(tmp_path), dtype, 8, 200, gib)
+    per_token = 2 * 3 * 2 * 16 * 4  # K and V x 3 layers x 2 KV heads x head_dim 64/4 x fp32
+    assert size() == (8 * 2 + 1) * 128 * per_token
+    assert size(dtype="bf16") == size() // 2
+    assert size(gib=0.5) == 2**29  # safe_rlhf.cpu_kv_cache_gib wins
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+    assert size() == (8 * 2 + 1) * 128 * per_token  # any decoder whose config.json has the layer and head counts
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 3}))
+    assert size() == 2**30  # one without them: the 1 GiB every engine had before
 
 
 # ---------------------------------------------------------------------------- launch files

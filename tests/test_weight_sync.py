@@ -47,6 +47,10 @@ def test_gloo_transfer_puts_the_trainers_weights_into_a_running_vllm_engine(mode
         small_model_dir = tmp_path / "exported"
     engine = VLLMEngine(str(small_model_dir), weight_sync="gloo", max_model_len=256, max_num_seqs=8)
     assert engine.transfer_world_size() == 1
+    # the KV cache sized to the engine (safe_rlhf.cpu_kv_cache_gib null): 8 sequences of 2 blocks of 128
+    # tokens and vLLM's null block, not vLLM's CPU default (a share of the machine's memory)
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    assert (cache.block_size, cache.num_gpu_blocks) == (128, 8 * 2 + 1)
     trained = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32)
     assert trained.config.tie_word_embeddings == model.startswith("smollm2")
     torch.manual_seed(0)

@@ -16,9 +16,9 @@ if TYPE_CHECKING:  # a shared helper; the round's settings type only annotates i
     from stages.safe_rlhf.settings import SafeRLHFConfig
 
 # Model actors' environment: no per-load progress bars, vLLM's repeated per-reload warnings once
-# each (actors/vllm_logs.py), vLLM's CPU KV cache small, one tokenizer thread (Ray runs several
-# actors per core here).
-ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+# each (actors/vllm_logs.py), one tokenizer thread (Ray runs several actors per core here). vLLM's
+# CPU KV cache is sized per engine (safe_rlhf.cpu_kv_cache_gib), not by VLLM_CPU_KVCACHE_SPACE.
+ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error", "SAFE_RLHF_VLLM_WARNINGS_ONCE": "1"}
 
 
@@ -30,15 +30,21 @@ def actor_env(rl: SafeRLHFConfig) -> dict[str, str]:
     return {**ACTOR_ENV, "DS_ACCELERATOR": rl.device, **threads}
 
 
+def engine_max_model_len(max_prompt_tokens: int, max_new_tokens: int) -> int:
+    """vLLM's max_model_len for prompts cut to max_prompt_tokens: 8 tokens of room beyond prompt + answer."""
+    return max_prompt_tokens + max_new_tokens + 8
+
+
 def engine_settings(cfg, engine: str, max_new_tokens: int, weight_sync: str = "checkpoint", sleep_mode: bool = False) -> dict:
     """RolloutWorker keyword arguments from the config (the round, red teaming and evaluation).
     sleep_mode: the round's engine under safe_rlhf.rollout_sleep."""
     rl = cfg.safe_rlhf
     kw = {"device": rl.device, "dtype": rl.precision, "max_prompt_tokens": cfg.model.max_prompt_tokens}
     if engine == "vllm":
-        kw.update(max_model_len=cfg.model.max_prompt_tokens + max_new_tokens + 8, max_num_seqs=rl.max_num_seqs,
+        kw.update(max_model_len=engine_max_model_len(cfg.model.max_prompt_tokens, max_new_tokens), max_num_seqs=rl.max_num_seqs,
                   tensor_parallel_size=rl.tensor_parallel_size, gpu_memory_utilization=rl.gpu_memory_utilization,
-                  seed=cfg.seed, weight_sync=weight_sync, **({"sleep_mode": True} if sleep_mode else {}))
+                  cpu_kv_cache_gib=rl.cpu_kv_cache_gib, seed=cfg.seed, weight_sync=weight_sync,
+                  **({"sleep_mode": True} if sleep_mode else {}))
     return kw
 
 
