@@ -186,4 +186,3 @@ def weights_only(params: int, precision: str, shards: int = 1) -> dict:
 def kv_bytes_per_token(s: LlamaShape, precision: str) -> int:
     """K and V of every layer for one token (the KV cache dtype follows the model's)."""
     return kv_cache.kv_bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, precision)
-

@@ -278,7 +278,6 @@ def test_kv_cache_without_gpu_memory_is_what_max_num_seqs_need():
     assert p["round"]["roles"]["rollout"]["kv_cache_gib"] == pytest.approx(expect)
 
 
-
 def test_cpu_kv_cache_holds_max_num_seqs_full_sequences_up_to_a_gib():
     from core.kv_cache import cpu_kv_cache_bytes
     from pipeline.memory_model import LlamaShape, kv_bytes_per_token
