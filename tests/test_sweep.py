@@ -158,11 +158,13 @@ def oracle_rates(samples: Path) -> tuple[float, float, float]:
 
 @pytest.mark.slow
 def test_a_reward_only_trial_is_judged_by_the_cost_model_when_the_run_has_no_oracle_judge(small_pipeline, tmp_path):
-    """A ppo trial's round has no cost scorer; its judge (evaluate.judge: cost_model) gets its own."""
+    """A ppo trial's round has no cost scorer; its judge (evaluate.judge: cost_model) gets its own.
+    The trial is colocated, as configs/tiny.yaml's rounds are: no scorer actors, so the judges go to
+    the learners' bundles of the trial's placement group (the long test above sweeps split rounds)."""
     run = tmp_path / "run"
     shutil.copytree(small_pipeline["run_dir"], run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["safe_rlhf"]["engine"] = "hf"
+    cfg["safe_rlhf"].update(engine="hf", layout="colocated")
     cfg["evaluate"] = {**cfg.get("evaluate", {}), "judge": "cost_model", "samples_per_prompt": 1}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     sweep = write(tmp_path, {"name": "ppo", "base": {"steps": 1, "prompts_per_step": 8}, "grid": [{"algorithm": "ppo"}]})
