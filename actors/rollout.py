@@ -159,21 +159,20 @@ class VLLMEngine:
     @staticmethod
     def cpu_kv_cache_bytes(model_dir: str, dtype: str, max_num_seqs: int, max_model_len: int,
                            gib: float | None) -> int:
-        """The KV cache of an engine on CPU: `gib` (safe_rlhf.cpu_kv_cache_gib) if set, else sized to
-        the engine from the model's config.json (core/kv_cache.py); 1 GiB for a config without the
-        layer and head counts."""
+        """The KV cache of an engine on CPU (core/kv_cache.py), from the model's config.json unless
+        `gib` (safe_rlhf.cpu_kv_cache_gib) sets it."""
         import json
         from pathlib import Path
 
-        from core.kv_cache import CPU_KV_CACHE_CAP, cpu_kv_cache_bytes, kv_bytes_per_token_of
+        from core.kv_cache import cpu_kv_cache_bytes, kv_bytes_per_token_of
 
-        if gib is not None:
-            return int(gib * 2**30)
-        try:
-            per_token = kv_bytes_per_token_of(json.loads((Path(model_dir) / "config.json").read_text()), dtype)
-        except (OSError, ValueError):
-            per_token = None
-        return CPU_KV_CACHE_CAP if per_token is None else cpu_kv_cache_bytes(per_token, max_num_seqs, max_model_len)
+        per_token = None
+        if gib is None:
+            try:
+                per_token = kv_bytes_per_token_of(json.loads((Path(model_dir) / "config.json").read_text()), dtype)
+            except (OSError, ValueError):
+                pass  # unreadable: the 1 GiB every engine had before
+        return cpu_kv_cache_bytes(per_token, max_num_seqs, max_model_len, gib)
 
     def update_weights(self, model_dir: str) -> None:
         from cluster.weight_sync.checkpoint import reload

@@ -25,10 +25,16 @@ def kv_bytes_per_token_of(config: dict, precision: str) -> int | None:
                               config.get("head_dim") or hidden // heads, precision)
 
 
-def cpu_kv_cache_bytes(per_token: int, max_num_seqs: int, max_model_len: int) -> int:
-    """Room for `max_num_seqs` sequences at full length in whole blocks, plus the block vLLM keeps
-    aside, so it never queues a sequence for cache; at most CPU_KV_CACHE_CAP (then vLLM queues the
-    rest), at least one full-length sequence."""
+def cpu_kv_cache_bytes(per_token: int | None, max_num_seqs: int, max_model_len: int, gib: float | None = None) -> int:
+    """The KV cache of an engine on CPU, for the engine and the plan alike: `gib`
+    (safe_rlhf.cpu_kv_cache_gib) when set; else room for `max_num_seqs` sequences at full length in
+    whole blocks, plus the block vLLM keeps aside, so it never queues a sequence for cache; at most
+    CPU_KV_CACHE_CAP (then vLLM queues the rest), at least one full-length sequence. per_token None
+    (a model config without the layer and head counts): CPU_KV_CACHE_CAP."""
+    if gib is not None:
+        return int(gib * 2**30)
+    if per_token is None:
+        return CPU_KV_CACHE_CAP
     block = CPU_KV_BLOCK_TOKENS * per_token
     per_sequence = -(-max_model_len // CPU_KV_BLOCK_TOKENS)
     blocks = min(max_num_seqs * per_sequence + 1, max(CPU_KV_CACHE_CAP // block, per_sequence + 1))

@@ -43,8 +43,7 @@ def rollout_memory(rl, model_cfg, s: LlamaShape, params: int, gpu_memory_gib: fl
                  full_length_sequences=int(cache * GIB // (max_len * per_token)))
     elif vllm and rl.device == "cpu":
         engine_len = engine_max_model_len(model_cfg.max_prompt_tokens, rl.max_new_tokens)
-        cache = (rl.cpu_kv_cache_gib if rl.cpu_kv_cache_gib is not None
-                 else cpu_kv_cache_bytes(kv_bytes_per_token(s, rl.precision), seqs, engine_len) / GIB)
+        cache = cpu_kv_cache_bytes(kv_bytes_per_token(s, rl.precision), seqs, engine_len, rl.cpu_kv_cache_gib) / GIB
         m.update(kv_cache_gib=cache, total_gib=m["weights_gib"] + cache,
                  kv_source=(f"cpu_kv_cache_gib {rl.cpu_kv_cache_gib:g}" if rl.cpu_kv_cache_gib is not None
                             else f"max_num_seqs {seqs} x {engine_len} tokens in blocks of {CPU_KV_BLOCK_TOKENS}, "
