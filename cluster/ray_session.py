@@ -37,8 +37,24 @@ def connect(ray_cfg, keep_sigterm: bool = False) -> bool:
     return True
 
 
-def disconnect() -> None:
+def disconnect(final: bool = False) -> None:
+    """ray.shutdown(): the connection, and the local cluster if this process started it. final: while
+    other threads still call Ray (the driver's stages, after Ctrl-C): their calls end with SystemExit,
+    and Ray's automatic `ray.init` on the next call (their clean-up's) is turned off for this process,
+    which would start a new local cluster under them."""
     import ray
 
+    if final:
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
     if ray.is_initialized():
         ray.shutdown()
+
+
+def allow_auto_connect() -> None:
+    """Undo disconnect(final=True)'s hold on Ray's automatic `ray.init`, once the threads it guarded
+    have ended (Ray's own rule: on unless RAY_ENABLE_AUTO_CONNECT=0)."""
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = os.environ.get("RAY_ENABLE_AUTO_CONNECT", "") != "0"

@@ -19,7 +19,8 @@ make-model, import-model, sweep, serve, submit, config-doc.
     submit   [--address URL] [--no-wait] -- ARGS...  `python -m pipeline ARGS...` as a Ray job (token auth handled)
     config-doc [--out FILE]                      the configuration reference (docs/configuration.md) from the schema
 
-Exit codes: 0 done, 1 a stage failed, 2 bad input (config, paths, arguments), 3 waiting for a person.
+Exit codes: 0 done, 1 a stage failed, 2 bad input (config, paths, arguments), 3 waiting for a person,
+130 stopped by Ctrl-C (resume continues the stages it stopped from their checkpoints).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -103,14 +105,31 @@ def _run(driver, verbose: bool = False, **kw) -> int:
         if not verbose:
             console.say(f"[{time.strftime('%H:%M:%S')}] other programs' output (Ray, Ray Train, vLLM, "
                         f"DeepSpeed): {console.log_path}")
-        return code
+    if code == 130 and any(t.name.startswith("stage") and t.is_alive() for t in threading.enumerate()):
+        # A stage still in work of its own (not Ray's, which Ctrl-C shut down): Python would wait
+        # for its thread at exit. Its state is recorded; end now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run_stages(driver, **kw) -> int:
-    from pipeline.driver import StageFailed, log
+    import signal
 
+    from pipeline.driver import RunInterrupted, StageFailed, log
+
+    def interrupt(*_):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
         state = driver.run(**kw)
+    except RunInterrupted as e:
+        them = "them from their last checkpoints" if len(e.stages) > 1 else "it from its last checkpoint"
+        log(f"run stopped: {e}. `python -m pipeline resume --run-dir {driver.rd.root}` continues {them}")
+        return 130  # as a shell reports a process ended by SIGINT
     except StageFailed as e:
         log(f"run stopped: stage {e.stage} failed ({type(e.error).__name__}: {e.error}). "
             f"Fix it and `python -m pipeline resume --run-dir {driver.rd.root}`")
@@ -123,6 +142,8 @@ def _run_stages(driver, **kw) -> int:
     except Exception as e:  # e.g. another driver holds the run directory, or Ray could not start
         log(f"run stopped: {type(e).__name__}: {e}")
         return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if state == "waiting":
         return 3
     log(f"run complete: {driver.rd.root}")

@@ -5,7 +5,9 @@ inputs give, and its outputs are there. `run` executes every stage that is not d
 as the stages it depends on are done: independent stages (fit_reward@k and fit_cost@k, the
 baselines and round 1) run side by side, each asking Ray for the resources it declares (a stage
 that cannot get them waits in Ray's queue). A stage that fails or waits for a person stops new
-stages from starting; the running ones finish, and `resume` picks up the rest.
+stages from starting; the running ones finish, and `resume` picks up the rest. Ctrl-C stops the
+running ones too: they are recorded as interrupted, Ray is shut down under them (a local cluster
+the driver started, with their actors), and `resume` continues them from their checkpoints.
 `resume` does the same with the run directory's saved config; `--from-stage S` forces S and
 everything downstream of it to re-run from scratch; `--only-stage S` re-runs S alone, from
 scratch if it was done, from its checkpoints if it was interrupted (downstream stages whose
@@ -36,6 +38,18 @@ class StageFailed(Exception):
     def __init__(self, stage: str, error: BaseException):
         super().__init__(f"{stage}: {type(error).__name__}: {error}")
         self.stage, self.error = stage, error
+
+
+INTERRUPTED = "interrupted (Ctrl-C); resume continues it from its checkpoints"
+STOP_WAIT_S = 15.0  # after Ctrl-C, how long the driver waits for its stage threads once Ray is shut down
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C (KeyboardInterrupt in the driver's thread) stopped the run; `stages` were running."""
+
+    def __init__(self, stages: list[str]):
+        super().__init__(f"interrupted during {', '.join(stages) or 'no stage'}")
+        self.stages = stages
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -110,6 +124,8 @@ class Driver:
         self.progress = [0, len(self.graph), time.time()]  # stages finished (done or skipped), of how many, since
         self._progress_lock = threading.Lock()  # stages finish in threads
         self._prestarted = False  # the first round's actors were started ahead (`_prestart`)
+        self._running: dict[str, Any] = {}  # stage name -> its future (None: in the driver's thread)
+        self._interrupted = threading.Event()  # Ctrl-C: the running stages' ends are not failures
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> "Driver":
@@ -253,7 +269,8 @@ class Driver:
         ctx = StageContext(spec.name, self.cfg, out_dir, self._inputs_for(spec), self.rd.root,
                            log=lambda msg, name=spec.name: log(f"  [{name}] {msg.strip()}"),
                            params=dict(spec.params),
-                           report=lambda m: self.rd.set_state(spec.name, "running", fingerprint=fp, metrics=m),
+                           report=lambda m: None if self._interrupted.is_set() else
+                           self.rd.set_state(spec.name, "running", fingerprint=fp, metrics=m),
                            actor_pool=self.actor_pool)
         try:
             result: StageResult = spec.load()(ctx)
@@ -263,6 +280,8 @@ class Driver:
             log(f"wait  {spec.name}: {e}")
             return "waiting"
         except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) or self._interrupted.is_set():
+                raise  # Ctrl-C: `run` records the stage as interrupted, not failed
             self.rd.set_state(spec.name, "failed", fingerprint=fp, error=f"{type(e).__name__}: {e}",
                               traceback=traceback.format_exc())
             self.rd.event(stage=spec.name, event="fail", error=f"{type(e).__name__}: {e}")
@@ -308,6 +327,7 @@ class Driver:
             if name is not None and name not in self.by_name:
                 raise ValueError(f"unknown stage {name!r}; this run's stages are: {', '.join(self.by_name)}")
         check_inputs(self.cfg)
+        self._interrupted.clear()
         with self.rd.lock():
             atomic_write_text(self.rd.config_path, config_to_yaml(self.cfg))
             forced = set(downstream_of(self.graph, from_stage)) if from_stage else set()
@@ -316,12 +336,23 @@ class Driver:
                     # Done: re-run it from scratch. Interrupted: continue from its checkpoints.
                     done = self.status_of(only_stage) == "done"
                     self.progress = [0, 1, time.time()]
+                    self._running = {only_stage: None}
                     return self.run_stage(self.by_name[only_stage], force=True, fresh=done)
                 order = [s.name for s in self.graph]
                 stages = self.graph[:order.index(until) + 1] if until else self.graph
                 self.progress = [0, len(stages), time.time()]
                 return self._run_stages(stages, forced, max_parallel_stages)
+            except KeyboardInterrupt:
+                raise RunInterrupted(self._record_interrupt()) from None
             finally:
+                if self._interrupted.is_set() and self._ray_connected:
+                    # First, so that the stages' Ray calls end now (SystemExit in their threads)
+                    # instead of running to the end of the stage; the kept actors die with it.
+                    from cluster.ray_session import disconnect
+
+                    disconnect(final=True)
+                    self._ray_connected = self._ray_checked = False
+                    self._local_cpus = self.actor_pool = None
                 if self.actor_pool is not None:  # the actors kept between stages (this run's only)
                     self.actor_pool.close()
                     self.actor_pool = None
@@ -331,7 +362,26 @@ class Driver:
                     disconnect()
                     self._ray_connected = self._ray_checked = False
                     self._local_cpus = None
+                if self._interrupted.is_set():  # their last log lines before the driver's own
+                    wait([f for f in self._running.values() if f is not None], timeout=STOP_WAIT_S)
+                    from cluster.ray_session import allow_auto_connect
 
+                    allow_auto_connect()
+                self._running = {}
+
+    def _record_interrupt(self) -> list[str]:
+        """Ctrl-C: record the running stages as interrupted, keeping their fingerprints (resume
+        then continues each from its checkpoints). -> their names."""
+        self._interrupted.set()
+        names = list(self._running)
+        log(f"Ctrl-C: stopping {', '.join(names) or 'the run'} (Ctrl-C again quits at once)")
+        for name in names:
+            st = self.rd.state(name) or {}
+            if st.get("state") == "running":
+                self.rd.set_state(name, "failed", fingerprint=st.get("fingerprint"), metrics=st.get("metrics", {}),
+                                  error=INTERRUPTED)
+                self.rd.event(stage=name, event="interrupt")
+        return names
 
     def _prestart(self, pending: list[StageSpec], running: set[str], forced: set[str]) -> None:
         """With kept actors: start the actors of the first round this run will run ahead, with no
@@ -384,8 +434,9 @@ class Driver:
         told: set[str] = set()  # stages whose wait for CPUs was logged
         self._prestarted = False
         failure: BaseException | None = None
-        waiting = False
-        with ThreadPoolExecutor(max_workers=max(1, limit or len(stages)), thread_name_prefix="stage") as pool:
+        waiting = interrupted = False
+        pool = ThreadPoolExecutor(max_workers=max(1, limit or len(stages)), thread_name_prefix="stage")
+        try:
             while True:
                 if failure is None and not waiting:
                     busy = {s.name for s in pending} | {s.name for s in running.values()}
@@ -405,7 +456,8 @@ class Driver:
                                     told.add(spec.name)
                                 continue
                         pending.remove(spec)
-                        running[pool.submit(self.run_stage, spec, spec.name in forced)] = spec
+                        future = pool.submit(self.run_stage, spec, spec.name in forced)
+                        running[future], self._running[spec.name] = spec, future
                 if failure is None and not waiting and not self._ray_checked and any(
                         s.needs_ray and self._will_run(s.name, s.name in forced) for s in pending):
                     # Ray starts while the first stages (world, ingest), which do not need it, run.
@@ -416,11 +468,16 @@ class Driver:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    running.pop(future)
+                    self._running.pop(running.pop(future).name)
                     try:
                         waiting |= future.result() == "waiting"
                     except BaseException as e:  # noqa: BLE001 - re-raised once the running stages are done
                         failure = failure or e
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:  # after Ctrl-C `run` ends the running stages (it shuts Ray down under them): no wait here
+            pool.shutdown(wait=not interrupted, cancel_futures=True)
         if failure is not None:
             raise failure
         if waiting:

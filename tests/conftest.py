@@ -132,6 +132,27 @@ def small_pipeline(tmp_path_factory):
     return {"config": cfg, "run_dir": root / "run", "proc": proc, "seconds": time.time() - t0}
 
 
+def session_left(sid: int, wait_s: float = 30.0) -> list:
+    """[pid, command] of the processes still in session `sid` (a command started with
+    start_new_session, the Ray cluster it started included), waiting up to wait_s for them to end."""
+    import time
+
+    import psutil
+
+    def in_session(pid: int) -> bool:
+        try:
+            return os.getsid(pid) == sid
+        except OSError:
+            return False
+
+    deadline = time.time() + wait_s
+    while True:
+        left = [p for p in psutil.process_iter(["pid", "cmdline"]) if in_session(p.pid)]
+        if not left or time.time() > deadline:
+            return [[p.pid, " ".join((p.info["cmdline"] or [])[:3])] for p in left]
+        time.sleep(1)
+
+
 def free_port() -> int:
     import socket
 

@@ -15,6 +15,8 @@ def produce(ctx):
     ckpt.write_text(json.dumps({"step": start + 1}))
     if os.environ.get("FAKE_CRASH") == ctx.name:
         raise RuntimeError("injected crash")
+    if os.environ.get("FAKE_INTERRUPT") == ctx.name:
+        raise KeyboardInterrupt  # as Ctrl-C in the driver's thread, which runs `resume --only-stage`'s stage
     (ctx.out_dir / "value.txt").write_text(f"{ctx.cfg.world.n_pairs}")
     return StageResult({"value": "value.txt"}, {"resumed_from_step": start})
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pipeline.driver import Driver, StageFailed
+from pipeline.driver import Driver, RunInterrupted, StageFailed
 from pipeline.graph import StageSpec
 from tests import fake_stages
 from tests.conftest import small_config
@@ -24,6 +24,7 @@ def fake_modules(monkeypatch):
     monkeypatch.setitem(sys.modules, "tests.fake_consume", mod)
     fake_stages.CALLS.clear()
     monkeypatch.delenv("FAKE_CRASH", raising=False)
+    monkeypatch.delenv("FAKE_INTERRUPT", raising=False)
 
 
 def names():
@@ -350,3 +351,22 @@ def test_the_fits_declare_the_cpus_their_ray_train_runs_reserve():
     cpus = {s.name: s.cpus(cfg) for s in build_graph(cfg)}
     assert cpus["fit_reward"] == cpus["fit_reward@2"] == 2.0 and cpus["fit_cost"] == cpus["fit_cost@3"] == 1.5
     assert {n for n, c in cpus.items() if c} == {n for n in cpus if n.startswith(("fit_reward", "fit_cost"))}
+
+
+def test_ctrl_c_records_the_stage_interrupted_with_its_fingerprint_and_resume_continues_it(tmp_path, monkeypatch):
+    """Ctrl-C while `resume --only-stage a` runs a (the CLI's own path, with SIGINT to its process
+    group, is in tests/test_operations.py)."""
+    cfg = small_config()
+    monkeypatch.setenv("FAKE_INTERRUPT", "a")
+    driver = Driver(cfg, tmp_path, graph())
+    with pytest.raises(RunInterrupted) as stopped:
+        driver.run(only_stage="a")
+    assert stopped.value.stages == ["a"]
+    state = json.loads((tmp_path / "stages" / "a" / "state.json").read_text())
+    assert state["state"] == "failed" and state["error"].startswith("interrupted (Ctrl-C)")
+    assert state["fingerprint"] == driver.expected_fingerprint(driver.by_name["a"])[0]  # kept: resume uses its folder
+    events = [json.loads(l)["event"] for l in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events == ["start", "interrupt"]  # not "fail"
+    monkeypatch.delenv("FAKE_INTERRUPT")
+    Driver(cfg, tmp_path, graph()).run()
+    assert fake_stages.CALLS == [("a", False), ("a", True), ("b", False)]  # a continued from its checkpoint

@@ -159,6 +159,63 @@ def test_learner_killed_from_outside_restarts_the_round_from_its_checkpoint(smal
     assert all(m["logprob_gap"] < 1e-3 for m in steps)
 
 
+def test_ctrl_c_mid_round_stops_the_run_in_seconds_and_resume_continues_from_the_checkpoint(small_pipeline, tmp_path):
+    """As a terminal's Ctrl-C: SIGINT to the whole process group of `resume` (and of the local Ray
+    cluster it started), once round 1 has passed its first checkpoint, at whatever it is doing then.
+    The round used to run on to its end, and the command to end with a raw KeyboardInterrupt."""
+    from tests.conftest import session_left
+
+    run = tmp_path / "run"
+    shutil.copytree(small_pipeline["run_dir"], run)
+    for stage in ("safe_rlhf@1", "evaluate", "report"):
+        shutil.rmtree(run / "stages" / stage)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["safe_rlhf"].update(steps_per_round=12, layout="colocated")  # the default run's layout
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    stage = run / "stages" / "safe_rlhf@1"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--until", "safe_rlhf@1"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            lines = (stage / "metrics.jsonl").read_text().splitlines() if (stage / "metrics.jsonl").exists() else []
+            if len(lines) >= 3:  # past the checkpoint of step 2
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.time()
+        out = proc.communicate(timeout=60)[0]
+        stopped_in = time.time() - t0
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 130, out[-4000:]
+    assert stopped_in < 15, stopped_in
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
+    assert out.strip().splitlines()[-2].endswith(f"run stopped: interrupted during safe_rlhf@1. `python -m pipeline resume "
+                                                 f"--run-dir {run}` continues it from its last checkpoint"), out[-2000:]
+    assert session_left(proc.pid) == []  # the local cluster and the round's actors are gone too
+    steps = [json.loads(l)["step"] for l in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] < 12 and not (stage / "manifest.json").exists()  # the round was stopped, not run to its end
+    state = json.loads((stage / "state.json").read_text())
+    started = [e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
+               if e["stage"] == "safe_rlhf@1" and e["event"] == "start"][-1]
+    assert (state["state"], state["fingerprint"]) == ("failed", started["fingerprint"])  # kept: resume uses its folder
+    assert state["error"].startswith("interrupted (Ctrl-C)")
+    status = json.loads(run_cli("status", "--run-dir", run, "--json").stdout)
+    assert {s["name"]: s["state"] for s in status["stages"]}["safe_rlhf@1"] == "failed"
+
+    resumed = run_cli("resume", "--run-dir", run, "--until", "safe_rlhf@1", timeout=900)
+    at = int(resumed.stderr.split("resumed round 1 from its checkpoint at step ")[1].split()[0])
+    assert 2 <= at <= steps[-1]
+    assert json.loads((stage / "manifest.json").read_text())["metrics"]["steps"] == 12
+
+
 def _events(run) -> set[tuple[str, str]]:
     path = run / "events.jsonl"
     return {(e["stage"], e["event"]) for e in map(json.loads, path.read_text().splitlines())} if path.exists() else set()

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, session_left
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +200,6 @@ def test_sigterm_stops_the_service_and_leaves_no_serve_application(served):
 def test_ctrl_c_to_the_process_group_stops_a_service_with_its_own_cluster_within_30_s(small_pipeline, tmp_path):
     """As a terminal's Ctrl-C: SIGINT to the whole group, the local Ray cluster the service started
     included (it used to wait on a GCS that was already gone). Nothing of the group is left."""
-    import psutil
 
     run = tmp_path / "run"
     shutil.copytree(small_pipeline["run_dir"], run)
@@ -217,22 +216,10 @@ def test_ctrl_c_to_the_process_group_stops_a_service_with_its_own_cluster_within
         t0 = time.time()
         proc.wait(timeout=60)
         assert time.time() - t0 < 30
-        deadline = time.time() + 30  # the cluster's own processes end on their own signal; give them a moment
-        while True:
-            left = [p for p in psutil.process_iter(["pid"]) if _session(p.pid) == proc.pid]
-            if not left or time.time() > deadline:
-                break
-            time.sleep(1)
-        assert left == [], [p.cmdline()[:3] for p in left]
+        left = session_left(proc.pid)  # the cluster's own processes end on their own signal: a moment
+        assert left == [], left
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _session(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
