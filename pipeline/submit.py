@@ -63,7 +63,13 @@ def submit(address: str, args: list[str], wait: bool = True) -> int:
         async for lines in client.tail_job_logs(job_id):
             print(lines, end="", flush=True)
 
-    asyncio.run(follow())
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:  # Ctrl-C stops the following, not the job (as `ray job submit` does)
+        ray_cli = ("RAY_AUTH_MODE=token " if token else "") + "ray job"
+        print(f"\nstopped following job {job_id}; it runs on. Its log: `{ray_cli} logs --follow --address {address} "
+              f"{job_id}`; to stop it: `{ray_cli} stop --address {address} {job_id}`", file=sys.stderr, flush=True)
+        return 130
     for _ in range(60):  # the log ends a moment before the status is final
         info = client.get_job_info(job_id)
         if info.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):

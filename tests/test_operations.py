@@ -89,6 +89,36 @@ def test_ray_job_submit_of_a_short_pipeline(ray_cluster, tmp_path):
     assert [s["state"] for s in status["stages"][:2]] == ["done", "done"]
 
 
+def test_ctrl_c_on_submit_stops_following_and_the_job_runs_on(ray_cluster, tmp_path):
+    """`python -m pipeline submit` follows the job's log; Ctrl-C there (SIGINT to the client's
+    process group) ends the following, with the commands to follow or stop the job, not the job."""
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "job", "world": {"n_pairs": 200, "n_sft": 100},
+                                   "model": {"small": {"vocab_size": 600}}}))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "submit", "--address", ray_cluster.dashboard, "--", "run",
+                             "--config", str(cfg), "--run-dir", str(tmp_path / "job_run"), "--until", "ingest"],
+                            cwd=REPO, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        first = proc.stdout.readline()  # "job ID submitted to ..."
+        assert " submitted to " in first, first + proc.stderr.read()[-3000:]
+        job_id = first.split()[1]
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and f"stopped following job {job_id}; it runs on" in err, err[-3000:]
+    assert f"RAY_AUTH_MODE=token ray job stop --address {ray_cluster.dashboard} {job_id}" in err  # the cluster has token auth
+    deadline, status = time.time() + 300, ""
+    while time.time() < deadline and not any(word in status for word in ("succeeded", "failed", "stopped")):
+        time.sleep(1)
+        status = subprocess.run([ray_cluster.bin, "job", "status", "--address", ray_cluster.dashboard, job_id],
+                                env=ray_cluster.env, capture_output=True, text=True, timeout=60).stdout.lower()
+    assert f"job '{job_id.lower()}' succeeded" in status, status  # not stopped by the Ctrl-C
+
+
 # ---------------------------------------------------------------------- faults from outside
 def _round_with_a_kill(small_pipeline, ray_cluster, tmp_path, victim: str, after_step: int, weight_sync: str = "checkpoint",
                        engine: str = "hf", layout: str = "split"):
