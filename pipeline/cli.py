@@ -222,14 +222,20 @@ def cmd_ingest(args) -> int:
 def cmd_sweep(args) -> int:
     from pipeline.config import ConfigError
     from pipeline.driver import log
-    from pipeline.sweep import sweep
+    from pipeline.sweep import SweepInterrupted, sweep
 
     try:
-        summary = sweep(_default_run_dir(args.run_dir), args.sweep, resume=args.resume, from_stage=args.from_stage,
+        run_dir = _default_run_dir(args.run_dir)
+        summary = sweep(run_dir, args.sweep, resume=args.resume, from_stage=args.from_stage,
                         log=lambda m: log(f"  [sweep] {m}"))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (SweepInterrupted, KeyboardInterrupt) as e:  # Ctrl-C: in a trial (Tune stopped them), or before
+        what = str(e) if isinstance(e, SweepInterrupted) else "interrupted (Ctrl-C)"
+        log(f"sweep stopped: {what}. `python -m pipeline sweep --run-dir {run_dir} --sweep {args.sweep} --resume` "
+            "continues it (finished trials are kept)")
+        return 130
     print(json.dumps(summary))
     return 0 if summary["done"] == summary["trials"] else 1
 

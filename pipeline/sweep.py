@@ -277,6 +277,31 @@ def tuner(cfg, spec: SweepFile, trials: list[dict], env: dict, stopper: "KLStopp
                       run_config=tune.RunConfig(name="safe_rlhf_sweep", storage_path=str(storage), stop=stopper, verbose=1))
 
 
+class SweepInterrupted(Exception):
+    """Ctrl-C stopped the sweep: Tune ended its trials and saved its state; `--resume` continues it."""
+
+
+def fit_watching_ctrl_c(tuner) -> tuple[Any, bool]:
+    """(tuner.fit()'s results, whether Ctrl-C stopped it). Tune takes the first Ctrl-C itself: it
+    ends the trials, saves the experiment and puts back the SIGINT handler it found, this one, which
+    only Tune's handling of a Ctrl-C puts back (and a second Ctrl-C raises KeyboardInterrupt)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # no signals here, nor in Tune
+        return tuner.fit(), False
+
+    def again(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, again)
+    try:
+        results = tuner.fit()
+        return results, signal.getsignal(signal.SIGINT) is again
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def trial_row(result, cfg, stopper: "KLStopper") -> dict:
     """One row of trials.parquet: the trial, how it ended, and its judged figures."""
     trial, m = result.config["trial"], result.metrics or {}
@@ -320,10 +345,13 @@ def sweep(run_dir: str | Path, sweep_file: str | Path, resume: bool = False, fro
                "calibration": start["calibration"], "sft_rewards": start["sft_rewards"]}
 
         stopper = KLStopper(spec.stop.max_kl if spec.stop else None)
-        results = tuner(cfg, spec, trials, env, stopper, out, resume, log).fit()
+        results, interrupted = fit_watching_ctrl_c(tuner(cfg, spec, trials, env, stopper, out, resume, log))
     finally:
         if owns:
             disconnect()
+    if interrupted:  # no trials.parquet or front from part of the trials
+        finished = sum(bool((r.metrics or {}).get("done")) for r in results)
+        raise SweepInterrupted(f"interrupted (Ctrl-C) with {finished} of {len(trials)} trials finished")
     rows = sorted((trial_row(r, cfg, stopper) for r in results), key=lambda x: x["trial"])
     pq.write_table(pa.Table.from_pylist(rows), out / "trials.parquet")
     judged = [r for r in rows if r["harmful_rate"] is not None and r["helpfulness"] is not None]

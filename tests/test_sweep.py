@@ -160,7 +160,9 @@ def oracle_rates(samples: Path) -> tuple[float, float, float]:
 def test_a_reward_only_trial_is_judged_by_the_cost_model_when_the_run_has_no_oracle_judge(small_pipeline, tmp_path):
     """A ppo trial's round has no cost scorer; its judge (evaluate.judge: cost_model) gets its own.
     The trial is colocated, as configs/tiny.yaml's rounds are: no scorer actors, so the judges go to
-    the learners' bundles of the trial's placement group (the long test above sweeps split rounds)."""
+    the learners' bundles of the trial's placement group (the long test above sweeps split rounds).
+    The sweep is first stopped by Ctrl-C (SIGINT to its process group) as its trial starts, then
+    continued with --resume."""
     run = tmp_path / "run"
     shutil.copytree(small_pipeline["run_dir"], run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -168,7 +170,24 @@ def test_a_reward_only_trial_is_judged_by_the_cost_model_when_the_run_has_no_ora
     cfg["evaluate"] = {**cfg.get("evaluate", {}), "judge": "cost_model", "samples_per_prompt": 1}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     sweep = write(tmp_path, {"name": "ppo", "base": {"steps": 1, "prompts_per_step": 8}, "grid": [{"algorithm": "ppo"}]})
-    summary = json.loads(run_cli("sweep", "--run-dir", run, "--sweep", sweep, timeout=900).stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", "--run-dir", str(run), "--sweep", str(sweep)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not list((run / "sweeps" / "ppo" / "trials").glob("*")):  # the trial has started
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:] if proc.poll() else "timeout"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert (f"sweep stopped: interrupted (Ctrl-C) with 0 of 1 trials finished. `python -m pipeline sweep --run-dir {run} "
+            f"--sweep {sweep} --resume` continues it") in err, err[-3000:]
+    assert not (run / "sweeps" / "ppo" / "trials.parquet").exists()  # no table from part of the trials
+    resumed = run_cli("sweep", "--run-dir", run, "--sweep", sweep, "--resume", timeout=900)
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["done"] == 1
     import pyarrow.parquet as pq
 
