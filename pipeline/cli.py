@@ -371,4 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     # The console script (pyproject's [project.scripts]) and `python -m pipeline` are the same command.
     prog = "safe-rlhf" if Path(sys.argv[0]).name == "safe-rlhf" else "python -m pipeline"
     args = parser(prog).parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:  # run, resume, sweep, submit and serve say more themselves
+        print(f"\n{prog} {args.command}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 130
