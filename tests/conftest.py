@@ -85,6 +85,30 @@ def small_config(**overrides):
     return parse_config(data, "<test>")
 
 
+def ctrl_c(*args, ready, env=None, timeout=120, ready_timeout=900):
+    """`python -m pipeline ARGS` in a session of its own, as a terminal runs it; once `ready(proc)`
+    is true (polled), SIGINT to its whole process group, as a terminal's Ctrl-C sends. ->
+    (proc, stdout, stderr, seconds from the signal to the exit); the group is SIGKILLed if it lingers."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + ready_timeout
+        while not ready(proc):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:] if proc.poll() else "timeout"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.time()
+        out, err = proc.communicate(timeout=timeout)
+        return proc, out, err, time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def run_cli(*args, cwd=None, check=True, timeout=600, env=None):
     import subprocess
 

@@ -133,24 +133,10 @@ def test_ingest_command_reports_mixed_bad_rows_exactly(tmp_path):
 def test_ctrl_c_on_any_command_ends_it_with_one_line_and_exit_code_130(tmp_path):
     """make-model, as every command without its own handling: SIGINT to the process group once it
     has said what it does, mid-work; one line and exit code 130 instead of a traceback."""
-    import os
-    import signal
-    import subprocess
-    import sys
+    from tests.conftest import ctrl_c
 
-    from tests.conftest import REPO
-
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "make-model", "--out", str(tmp_path / "model"), "--data",
-                             str(HH_FILE), "--warmup-epochs", "50"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        assert proc.stderr.readline().startswith("[make-model] ")
-        time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, _, err, _ = ctrl_c("make-model", "--out", tmp_path / "model", "--data", HH_FILE, "--warmup-epochs", 50,
+                             ready=lambda p: p.stderr.readline().startswith("[make-model] ") and not time.sleep(0.5))
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == "python -m pipeline make-model: interrupted (Ctrl-C)"
     assert not (tmp_path / "model" / "model.safetensors").exists()  # 50 warm-up epochs: far from done

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, SMALL_PIPELINE, run_cli
+from tests.conftest import REPO, SMALL_PIPELINE, ctrl_c, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -95,19 +95,11 @@ def test_ctrl_c_on_submit_stops_following_and_the_job_runs_on(ray_cluster, tmp_p
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump({"name": "job", "world": {"n_pairs": 200, "n_sft": 100},
                                    "model": {"small": {"vocab_size": 600}}}))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "submit", "--address", ray_cluster.dashboard, "--", "run",
-                             "--config", str(cfg), "--run-dir", str(tmp_path / "job_run"), "--until", "ingest"],
-                            cwd=REPO, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        first = proc.stdout.readline()  # "job ID submitted to ..."
-        assert " submitted to " in first, first + proc.stderr.read()[-3000:]
-        job_id = first.split()[1]
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    first = []  # "job ID submitted to ..."
+    proc, out, err, _ = ctrl_c("submit", "--address", ray_cluster.dashboard, "--", "run", "--config", cfg, "--run-dir",
+                               tmp_path / "job_run", "--until", "ingest", env=ray_cluster.env,
+                               ready=lambda p: first.append(p.stdout.readline()) or " submitted to " in first[0])
+    job_id = first[0].split()[1]
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and f"stopped following job {job_id}; it runs on" in err, err[-3000:]
     assert f"RAY_AUTH_MODE=token ray job stop --address {ray_cluster.dashboard} {job_id}" in err  # the cluster has token auth
@@ -203,32 +195,15 @@ def test_ctrl_c_mid_round_stops_the_run_in_seconds_and_resume_continues_from_the
     cfg["safe_rlhf"].update(steps_per_round=12, layout="colocated")  # the default run's layout
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     stage = run / "stages" / "safe_rlhf@1"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--until", "safe_rlhf@1"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            lines = (stage / "metrics.jsonl").read_text().splitlines() if (stage / "metrics.jsonl").exists() else []
-            if len(lines) >= 3:  # past the checkpoint of step 2
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        os.killpg(proc.pid, signal.SIGINT)
-        t0 = time.time()
-        out = proc.communicate(timeout=60)[0]
-        stopped_in = time.time() - t0
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 130, out[-4000:]
+    metrics = stage / "metrics.jsonl"
+    proc, out, err, stopped_in = ctrl_c("resume", "--run-dir", run, "--until", "safe_rlhf@1",  # past step 2's checkpoint
+                                        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                                        ready=lambda p: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    assert proc.returncode == 130, err[-4000:]
     assert stopped_in < 15, stopped_in
-    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
-    assert out.strip().splitlines()[-2].endswith(f"run stopped: interrupted during safe_rlhf@1. `python -m pipeline resume "
-                                                 f"--run-dir {run}` continues it from its last checkpoint"), out[-2000:]
+    assert not any(word in out + err for word in ("Traceback", "KeyboardInterrupt")), (out + err)[-4000:]
+    assert err.strip().splitlines()[-2].endswith(f"run stopped: interrupted during safe_rlhf@1. `python -m pipeline resume "
+                                                 f"--run-dir {run}` continues it from its last checkpoint"), err[-2000:]
     assert session_left(proc.pid) == []  # the local cluster and the round's actors are gone too
     steps = [json.loads(l)["step"] for l in (stage / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] < 12 and not (stage / "manifest.json").exists()  # the round was stopped, not run to its end

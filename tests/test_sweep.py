@@ -15,7 +15,7 @@ import yaml
 from core.files import read_jsonl
 from pipeline.config import ConfigError, parse_config
 from pipeline.sweep import load_sweep, pareto_front
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, ctrl_c, run_cli
 
 
 def write(tmp_path, data):
@@ -170,18 +170,8 @@ def test_a_reward_only_trial_is_judged_by_the_cost_model_when_the_run_has_no_ora
     cfg["evaluate"] = {**cfg.get("evaluate", {}), "judge": "cost_model", "samples_per_prompt": 1}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     sweep = write(tmp_path, {"name": "ppo", "base": {"steps": 1, "prompts_per_step": 8}, "grid": [{"algorithm": "ppo"}]})
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", "--run-dir", str(run), "--sweep", str(sweep)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while not list((run / "sweeps" / "ppo" / "trials").glob("*")):  # the trial has started
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:] if proc.poll() else "timeout"
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    trials = run / "sweeps" / "ppo" / "trials"
+    proc, _, err, _ = ctrl_c("sweep", "--run-dir", run, "--sweep", sweep, ready=lambda p: trials.is_dir() and any(trials.iterdir()))
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert (f"sweep stopped: interrupted (Ctrl-C) with 0 of 1 trials finished. `python -m pipeline sweep --run-dir {run} "
             f"--sweep {sweep} --resume` continues it") in err, err[-3000:]
