@@ -123,7 +123,8 @@ def _run_stages(driver, **kw) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGINT, interrupt) if main_thread else None
     try:
         state = driver.run(**kw)
     except RunInterrupted as e:
@@ -143,7 +144,8 @@ def _run_stages(driver, **kw) -> int:
         log(f"run stopped: {type(e).__name__}: {e}")
         return 1
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     if state == "waiting":
         return 3
     log(f"run complete: {driver.rd.root}")
