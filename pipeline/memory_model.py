@@ -31,7 +31,11 @@ fragmentation, and host memory (Ray object store, data, the state dict gathered 
 Parameter counts are exact for Llama-style models (what transformers' LlamaForCausalLM holds):
 read from `model.path`/config.json when that is a local directory, from `model.small` when the
 path is null, or from a small table of known hub names; any other hub name is an error (point
-model.path at a local directory holding the model's config.json).
+model.path at a local directory holding the model's config.json). A reward or cost model on a
+backbone of its own (`reward.backbone`, `cost.backbone`) is counted from that backbone's
+config.json: Llama-style as above, or a BERT-style encoder (all-MiniLM-L6-v2), exactly, with its
+pooler; its shape (hidden size, layers, heads) stands in for a Llama's in the working-memory
+estimates. A per-category cost head (hidden x categories) is left out.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ WEIGHT_BYTES = kv_cache.DTYPE_BYTES  # fp32 4, bf16 and fp16 2
 # AdamW state per parameter: two fp32 moments, plus an fp32 master copy when training in 16 bits.
 OPTIMIZER_BYTES = {"fp32": 8, "bf16": 12, "fp16": 12}
 LLAMA_STYLE = ("llama", "mistral")
+ENCODER_STYLE = ("bert",)  # score-model backbones of another family (all-MiniLM-L6-v2)
 
 
 # ---------------------------------------------------------------------------- parameter counts
@@ -110,6 +115,43 @@ def shape_from_config_json(path: str | Path) -> LlamaShape:
         head_dim=c.get("head_dim") or c["hidden_size"] // heads,
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)))
+
+
+def bert_params(c: dict) -> int:
+    """Parameters of transformers' BertModel with its pooler (what `AutoModel` loads), from its config.json."""
+    h, i = c["hidden_size"], c["intermediate_size"]
+    embeddings = (c["vocab_size"] + c.get("max_position_embeddings", 512) + c.get("type_vocab_size", 2)) * h + 2 * h
+    layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h  # Q, K, V, out; the MLP; two LayerNorms
+    return embeddings + c["num_hidden_layers"] * layer + h * h + h
+
+
+@dataclass(frozen=True)
+class ScoreShape:
+    """A reward or cost model's size: its parameters (backbone + Linear(hidden, 1)), the shape its
+    working memory is estimated with, and where both came from."""
+    shape: LlamaShape
+    params: int
+    source: str
+
+
+def score_shape(backbone: str | Path | None, policy: LlamaShape) -> ScoreShape:
+    """For `reward.backbone` / `cost.backbone`; None: the policy model's backbone (the SFT model's)."""
+    if backbone is None:
+        return ScoreShape(policy, score_model_params(policy), "the policy model's backbone")
+    cj = Path(backbone).expanduser() / "config.json"
+    if not cj.is_file():
+        raise ValueError(f"score backbone {str(backbone)!r} has no config.json; the planner reads the model's shape from it")
+    c = json.loads(cj.read_text())
+    if c.get("model_type") not in ENCODER_STYLE:
+        shape = shape_from_config_json(cj)  # Llama-style, or an error naming the file
+        return ScoreShape(shape, score_model_params(shape), str(cj))
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+               if c.get(k) is None]
+    if missing:
+        raise ValueError(f"{cj}: missing {', '.join(missing)}")
+    h, heads = c["hidden_size"], c["num_attention_heads"]
+    shape = LlamaShape(c["vocab_size"], h, c["intermediate_size"], c["num_hidden_layers"], heads, heads, h // heads)
+    return ScoreShape(shape, bert_params(c) + h + 1, str(cj))
 
 
 def model_shape(model_cfg) -> tuple[LlamaShape, str]:

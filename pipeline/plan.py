@@ -13,9 +13,9 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from core.kv_cache import CPU_KV_BLOCK_TOKENS, CPU_KV_CACHE_CAP, cpu_kv_cache_bytes
-from pipeline.memory_model import (GIB, OPTIMIZER_BYTES, WEIGHT_BYTES, LlamaShape, activation_gib, forward_gib,
-                                   kv_bytes_per_token, llama_params, logits_gib, model_shape, score_model_params,
-                                   training_memory, weights_only, with_working_memory)
+from pipeline.memory_model import (GIB, OPTIMIZER_BYTES, WEIGHT_BYTES, LlamaShape, ScoreShape, activation_gib,
+                                   forward_gib, kv_bytes_per_token, llama_params, logits_gib, model_shape,
+                                   score_model_params, score_shape, training_memory, weights_only, with_working_memory)
 from core.objectives import get_algorithm
 from stages.common.model_actors import engine_max_model_len
 from stages.safe_rlhf.resources import cpus_to_start_ahead, learner_roles, resource_plan
@@ -59,26 +59,27 @@ def _role_of(actor_name: str) -> str:
     return actor_name.rsplit("-", 1)[0]  # rollout-0 -> rollout, learner-policy-1 -> learner-policy
 
 
-def round_roles(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> dict[str, dict]:
-    lm, score = llama_params(s), score_model_params(s)
+def round_roles(rl, model_cfg, s: LlamaShape, scores: dict[str, ScoreShape], gpu_memory_gib: float | None) -> dict[str, dict]:
+    """scores: the reward and cost models' sizes (their critics start from them)."""
+    lm = llama_params(s)
     n, z, p = rl.learners_per_role, rl.zero_stage, rl.precision
     cuda = rl.device == "cuda"
     tokens = model_cfg.max_prompt_tokens + rl.max_new_tokens
     micro = rl.micro_batch_size or rl.learner_shard
-    act = activation_gib(s, tokens, micro, p, rl.gradient_checkpointing)
     scorer_batch = min(128, rl.prompts_per_step)  # the scorers' batch (actors/scorer.py)
-    scoring = forward_gib(s, tokens, scorer_batch, p)
     roles = {
         "rollout": with_working_memory(rollout_memory(rl, model_cfg, s, lm, gpu_memory_gib), cuda=cuda),
-        "scorer-reward": with_working_memory(weights_only(score, p), scoring, cuda=cuda),
-        "scorer-reference": with_working_memory(weights_only(lm, p), scoring, logits_gib(
+        "scorer-reference": with_working_memory(weights_only(lm, p), forward_gib(s, tokens, scorer_batch, p), logits_gib(
             scorer_batch * rl.max_new_tokens, s.vocab_size, rl.logprob_chunk_tokens, train=False), cuda=cuda),
-        "scorer-cost": with_working_memory(weights_only(score, p), scoring, cuda=cuda),
-        "learner-policy": with_working_memory(training_memory(lm, p, z, n), act, logits_gib(
+        "learner-policy": with_working_memory(training_memory(lm, p, z, n), activation_gib(
+            s, tokens, micro, p, rl.gradient_checkpointing), logits_gib(
             micro * rl.max_new_tokens, s.vocab_size, rl.logprob_chunk_tokens, train=True), cuda=cuda),
-        "learner-reward_critic": with_working_memory(training_memory(score, p, z, n), act, cuda=cuda),
-        "learner-cost_critic": with_working_memory(training_memory(score, p, z, n), act, cuda=cuda),
     }
+    for role, score in scores.items():
+        roles[f"scorer-{role}"] = with_working_memory(weights_only(score.params, p),
+                                                      forward_gib(score.shape, tokens, scorer_batch, p), cuda=cuda)
+        roles[f"learner-{role}_critic"] = with_working_memory(training_memory(score.params, p, z, n), activation_gib(
+            score.shape, tokens, micro, p, rl.gradient_checkpointing), cuda=cuda)
     return roles  # per actor; the round keeps the roles its actors use
 
 
@@ -145,8 +146,8 @@ def _round_actors(rl, roles: dict[str, dict]) -> list[dict]:
     return actors
 
 
-def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> dict:
-    roles = round_roles(rl, model_cfg, s, gpu_memory_gib)
+def _plan_round(rl, model_cfg, s: LlamaShape, scores: dict[str, ScoreShape], gpu_memory_gib: float | None) -> dict:
+    roles = round_roles(rl, model_cfg, s, scores, gpu_memory_gib)
     actors = _round_actors(rl, roles)
     present = {a["role"] for a in actors} | {f"scorer-{h}" for a in actors for h in a["hosts"]}
     roles = {k: v for k, v in roles.items() if k in present}
@@ -176,25 +177,26 @@ def _plan_round(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None) -> d
     return out
 
 
-def _layouts(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float | None, planned: dict) -> dict[str, dict]:
+def _layouts(rl, model_cfg, s: LlamaShape, scores: dict[str, ScoreShape], gpu_memory_gib: float | None,
+             planned: dict) -> dict[str, dict]:
     """Both layouts of the round side by side: processes, GPUs, memory (the fullest GPU's on GPU,
     all actors' on CPU) and whether they fit. planned: the config's own layout's round plan."""
     out = {}
     for layout in ("split", "colocated"):
         r = planned if layout == rl.layout else _plan_round(rl.model_copy(update={"layout": layout}), model_cfg, s,
-                                                            gpu_memory_gib)
+                                                            scores, gpu_memory_gib)
         gib = max(g["used_gib"] for g in r["gpus"]) if r["gpus"] else r.get("host_gib_all_actors")
         out[layout] = {"processes": len(r["actors"]), "total_gpus": r["total_gpus"], "gib": gib, "fits": r["fits"],
                        "memory": "fullest GPU" if r["gpus"] else ("all actors, host" if rl.device == "cpu" else None)}
     return out
 
 
-def _learner_hint(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float) -> str | None:
+def _learner_hint(rl, model_cfg, s: LlamaShape, scores: dict[str, ScoreShape], gpu_memory_gib: float) -> str | None:
     """The fewest learners_per_role (ZeRO-3 when the config's stage does not shard) that fits."""
     zero = rl.zero_stage if rl.zero_stage >= 1 else 3
     for n in range(1, 65):
         trial = rl.model_copy(update={"learners_per_role": n, "zero_stage": zero})
-        roles = round_roles(trial, model_cfg, s, gpu_memory_gib)
+        roles = round_roles(trial, model_cfg, s, scores, gpu_memory_gib)
         actors = _round_actors(trial, roles)
         if all(g["fits"] for g in gpu_layout(actors, roles, gpu_memory_gib, rl.rollout_sleep) if g["kind"] == "learner"):
             stage = "" if zero == rl.zero_stage else f"zero_stage {zero} and "
@@ -206,8 +208,12 @@ def _learner_hint(rl, model_cfg, s: LlamaShape, gpu_memory_gib: float) -> str | 
 FIT_SECTIONS = (("sft", "sft", "causal LM"), ("fit_reward", "reward", "score model"), ("fit_cost", "cost", "score model"))
 
 
-def _plan_fit(stage: str, section: str, tc, kind: str, s: LlamaShape, model_cfg, gpu_memory_gib: float | None) -> dict:
-    params = llama_params(s) if kind == "causal LM" else score_model_params(s)
+def _plan_fit(stage: str, section: str, tc, kind: str, s: LlamaShape, scores: dict[str, ScoreShape], model_cfg,
+              gpu_memory_gib: float | None) -> dict:
+    """s: the policy's shape (SFT's model); a score model's fit: its own (`scores[section]`)."""
+    if kind != "causal LM":
+        s = scores[section].shape
+    params = llama_params(s) if kind == "causal LM" else scores[section].params
     cuda = tc.device == "cuda"
     # a score model's fit may encode longer pairs than the model's limits (its max_prompt_tokens, max_answer_tokens)
     tokens = ((getattr(tc, "max_prompt_tokens", None) or model_cfg.max_prompt_tokens)
@@ -289,13 +295,15 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
         raise ValueError(f"gpu_memory_gib must be positive, got {gpu_memory_gib}")
     s, source = model_shape(cfg.model)
     lm, score = llama_params(s), score_model_params(s)
-    fits = [_plan_fit(stage, sec, getattr(cfg, sec), kind, s, cfg.model, gpu_memory_gib) for stage, sec, kind in FIT_SECTIONS]
+    scores = {role: score_shape(getattr(cfg, role).backbone, s) for role in ("reward", "cost")}
+    fits = [_plan_fit(stage, sec, getattr(cfg, sec), kind, s, scores, cfg.model, gpu_memory_gib)
+            for stage, sec, kind in FIT_SECTIONS]
     rl = cfg.safe_rlhf
-    rnd = _plan_round(rl, cfg.model, s, gpu_memory_gib)
+    rnd = _plan_round(rl, cfg.model, s, scores, gpu_memory_gib)
     rnd["start_ahead_from_cpus"] = cpus_to_start_ahead(cfg) if rnd["keep_actors"] else None
-    rnd["layouts"] = _layouts(rl, cfg.model, s, gpu_memory_gib, rnd)
+    rnd["layouts"] = _layouts(rl, cfg.model, s, scores, gpu_memory_gib, rnd)
     if rnd["fits"] is False and any(not g["fits"] for g in rnd["gpus"] if g["kind"] == "learner"):
-        rnd["hint"] = _learner_hint(rl, cfg.model, s, gpu_memory_gib)
+        rnd["hint"] = _learner_hint(rl, cfg.model, s, scores, gpu_memory_gib)
     if rnd["fits"] is False and rl.layout == "split" and rnd["layouts"]["colocated"]["fits"]:
         rnd["hint"] = "safe_rlhf.layout: colocated fits (the scorers run inside the learners' processes, on their GPUs)"
 
@@ -305,7 +313,8 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
     return {
         "name": cfg.name, "gpu_memory_gib": gpu_memory_gib,
         "model": {"path": cfg.model.path, "source": source, "shape": asdict(s),
-                  "causal_lm_params": lm, "score_model_params": score},
+                  "causal_lm_params": lm, "score_model_params": score,
+                  "score_models": {role: {"params": sc.params, "source": sc.source} for role, sc in scores.items()}},
         "fits": fits, "round": rnd, "verdict": verdict, "notes": notes,
         "accounting": {"bytes_per_param": {p: {"weights": WEIGHT_BYTES[p], "gradients": WEIGHT_BYTES[p],
                                                "optimizer": OPTIMIZER_BYTES[p]} for p in WEIGHT_BYTES},

@@ -56,6 +56,35 @@ def test_llama_count_equals_transformers_numel(tmp_path, kw):
     assert p["model"]["source"].endswith("config.json")
 
 
+def test_a_score_model_on_its_own_bert_backbone_is_counted_and_sized_as_that_model(tmp_path):
+    """reward.backbone an encoder (as all-MiniLM-L6-v2 in configs/smollm2.yaml): the reward scorer,
+    critic and fit hold that model, counted against transformers' own (AutoModel: BertModel with its
+    pooler, + our Linear(hidden, 1)); the cost model, on no backbone of its own, stays the policy's."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from actors.score_model import ScoreModel
+
+    (tmp_path / "policy").mkdir(), (tmp_path / "bert").mkdir()
+    _local_llama(tmp_path / "policy")
+    bert = BertConfig(vocab_size=500, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=64)
+    bert.save_pretrained(str(tmp_path / "bert"))
+    torch.manual_seed(0)
+    n = sum(t.numel() for t in ScoreModel(BertModel(bert)).parameters())
+    p = plan(parse_config({"model": {"path": str(tmp_path / "policy")}, "reward": {"backbone": str(tmp_path / "bert")},
+                           "safe_rlhf": {"algorithm": "ppo_lag", "layout": "split", "precision": "fp32"}}))
+    assert p["model"]["score_models"]["reward"] == {"params": n, "source": str(tmp_path / "bert" / "config.json")}
+    assert p["model"]["score_models"]["cost"]["params"] == p["model"]["score_model_params"] != n
+    roles = p["round"]["roles"]
+    assert roles["scorer-reward"]["weights_gib"] == pytest.approx(4 * n / GIB)
+    assert roles["learner-reward_critic"]["optimizer_gib"] == pytest.approx(8 * n / GIB)  # fp32 AdamW: two moments
+    assert roles["scorer-cost"]["weights_gib"] == pytest.approx(4 * p["model"]["score_model_params"] / GIB)
+    fit = {f["stage"]: f for f in p["fits"]}
+    assert fit["fit_reward"]["memory_per_worker"]["weights_gib"] == pytest.approx(4 * n / GIB)
+    assert "reward model (and its critic): " in format_plan(p)
+
+
 def test_tied_embeddings_count_the_matrix_once(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     _local_llama(tmp_path / "a", tie_word_embeddings=False)
