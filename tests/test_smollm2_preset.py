@@ -42,12 +42,16 @@ def test_the_smollm2_preset_runs_end_to_end_with_minilm_scorers(smollm2, minilm,
     try:
         run_cli("run", "--config", config, "--run-dir", run, env=cluster.driver_env, timeout=1200)
         calls = [t["name"] for t in cluster.list_tasks({"Learner.score_with", "Scorer.logprobs", "Scorer.score_conversations"})]
+        engines = cluster.list_actors(name="rollout-0")
     finally:
         cluster.stop()
     # the preset's colocated round: the reference, reward and cost scorers ran in the policy learner
     # (2 rounds x 2 steps x 3 scorers), and no scorer actor scored a round's answers
     assert cfg["safe_rlhf"]["layout"] == "colocated"
     assert calls.count("Learner.score_with") >= 12 and not [c for c in calls if c.startswith("Scorer.")], calls
+    # one vLLM engine for round 1, red teaming and round 2: red teaming borrows the round's engine as
+    # the round made it (weight_sync gloo), and gives it back for round 2 (it used to start two more)
+    assert len(engines) == 1, [(a["actor_id"], a["state"]) for a in engines]
 
     status = json.loads(run_cli("status", "--run-dir", run, "--json").stdout)
     names = [s["name"] for s in status["stages"]]

@@ -80,11 +80,16 @@ def rollout_actor(cfg, model_dir: str | Path, name: str, engine: str, max_new_to
 
     from actors.rollout import RolloutWorker
 
-    tp = cfg.safe_rlhf.tensor_parallel_size if engine == "vllm" else 1
+    rl = cfg.safe_rlhf
+    tp = rl.tensor_parallel_size if engine == "vllm" else 1
     gpus = 1 if tp == 1 else 0  # tensor parallel: vLLM's own Ray workers take the GPUs, in a placement group of its own
     pooled = "rollout-0" if pool is not None else None
-    actor, reset = _lend(cfg, pool, pooled, RolloutWorker, (engine, str(model_dir)), engine_settings(cfg, engine, max_new_tokens),
-                         actor_options(cfg.safe_rlhf, name, gpus))
+    # Borrowed, it is the round's rollout-0 as the round makes it (its weight transfer and sleep mode,
+    # which any engine's reload from a directory works beside): else the pool would replace the
+    # round's engine with a new one here, and the next round this one with a new one again.
+    settings = (engine_settings(cfg, engine, max_new_tokens, weight_sync=rl.weight_sync, sleep_mode=rl.rollout_sleep)
+                if pooled else engine_settings(cfg, engine, max_new_tokens))
+    actor, reset = _lend(cfg, pool, pooled, RolloutWorker, (engine, str(model_dir)), settings, actor_options(rl, name, gpus))
     ok = False
     try:
         if reset is not None:
