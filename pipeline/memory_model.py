@@ -128,30 +128,37 @@ def bert_params(c: dict) -> int:
 @dataclass(frozen=True)
 class ScoreShape:
     """A reward or cost model's size: its parameters (backbone + Linear(hidden, 1)), the shape its
-    working memory is estimated with, and where both came from."""
+    working memory is estimated with, where both came from, and whether its critic starts from it
+    (else from the policy: stages/safe_rlhf/roles.py does so when the score model has a tokenizer
+    of its own; here, a backbone of another family or vocabulary stands for that)."""
     shape: LlamaShape
     params: int
     source: str
+    critic_from_it: bool = True
 
 
 def score_shape(backbone: str | Path | None, policy: LlamaShape) -> ScoreShape:
-    """For `reward.backbone` / `cost.backbone`; None: the policy model's backbone (the SFT model's)."""
+    """For `reward.backbone` / `cost.backbone`; None: the policy model's backbone (the SFT model's).
+    A backbone whose size cannot be read here (no local config.json yet, another family) is
+    estimated as the policy's, and the source says so."""
+    as_policy = lambda why: ScoreShape(policy, score_model_params(policy), why)
     if backbone is None:
-        return ScoreShape(policy, score_model_params(policy), "the policy model's backbone")
+        return as_policy("the policy model's backbone")
     cj = Path(backbone).expanduser() / "config.json"
     if not cj.is_file():
-        raise ValueError(f"score backbone {str(backbone)!r} has no config.json; the planner reads the model's shape from it")
+        return as_policy(f"{backbone}: no config.json here yet, estimated as the policy's backbone")
     c = json.loads(cj.read_text())
-    if c.get("model_type") not in ENCODER_STYLE:
-        shape = shape_from_config_json(cj)  # Llama-style, or an error naming the file
-        return ScoreShape(shape, score_model_params(shape), str(cj))
+    kind = c.get("model_type")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
                if c.get(k) is None]
-    if missing:
-        raise ValueError(f"{cj}: missing {', '.join(missing)}")
+    if kind not in LLAMA_STYLE + ENCODER_STYLE or missing:
+        return as_policy(f"{cj}: model_type {kind!r} not counted here, estimated as the policy's backbone")
+    if kind in LLAMA_STYLE:
+        shape = shape_from_config_json(cj)
+        return ScoreShape(shape, score_model_params(shape), str(cj), critic_from_it=shape.vocab_size == policy.vocab_size)
     h, heads = c["hidden_size"], c["num_attention_heads"]
     shape = LlamaShape(c["vocab_size"], h, c["intermediate_size"], c["num_hidden_layers"], heads, heads, h // heads)
-    return ScoreShape(shape, bert_params(c) + h + 1, str(cj))
+    return ScoreShape(shape, bert_params(c) + h + 1, str(cj), critic_from_it=False)
 
 
 def model_shape(model_cfg) -> tuple[LlamaShape, str]:

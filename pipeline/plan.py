@@ -60,7 +60,7 @@ def _role_of(actor_name: str) -> str:
 
 
 def round_roles(rl, model_cfg, s: LlamaShape, scores: dict[str, ScoreShape], gpu_memory_gib: float | None) -> dict[str, dict]:
-    """scores: the reward and cost models' sizes (their critics start from them)."""
+    """scores: the reward and cost models' sizes (their critics start from them, or from the policy)."""
     lm = llama_params(s)
     n, z, p = rl.learners_per_role, rl.zero_stage, rl.precision
     cuda = rl.device == "cuda"
@@ -78,8 +78,9 @@ def round_roles(rl, model_cfg, s: LlamaShape, scores: dict[str, ScoreShape], gpu
     for role, score in scores.items():
         roles[f"scorer-{role}"] = with_working_memory(weights_only(score.params, p),
                                                       forward_gib(score.shape, tokens, scorer_batch, p), cuda=cuda)
-        roles[f"learner-{role}_critic"] = with_working_memory(training_memory(score.params, p, z, n), activation_gib(
-            score.shape, tokens, micro, p, rl.gradient_checkpointing), cuda=cuda)
+        critic = score if score.critic_from_it else ScoreShape(s, score_model_params(s), "the policy")
+        roles[f"learner-{role}_critic"] = with_working_memory(training_memory(critic.params, p, z, n), activation_gib(
+            critic.shape, tokens, micro, p, rl.gradient_checkpointing), cuda=cuda)
     return roles  # per actor; the round keeps the roles its actors use
 
 
@@ -314,7 +315,8 @@ def plan(cfg: "RunConfig", gpu_memory_gib: float | None = None) -> dict:
         "name": cfg.name, "gpu_memory_gib": gpu_memory_gib,
         "model": {"path": cfg.model.path, "source": source, "shape": asdict(s),
                   "causal_lm_params": lm, "score_model_params": score,
-                  "score_models": {role: {"params": sc.params, "source": sc.source} for role, sc in scores.items()}},
+                  "score_models": {role: {"params": sc.params, "source": sc.source, "critic_from_it": sc.critic_from_it}
+                                   for role, sc in scores.items()}},
         "fits": fits, "round": rnd, "verdict": verdict, "notes": notes,
         "accounting": {"bytes_per_param": {p: {"weights": WEIGHT_BYTES[p], "gradients": WEIGHT_BYTES[p],
                                                "optimizer": OPTIMIZER_BYTES[p]} for p in WEIGHT_BYTES},

@@ -98,8 +98,9 @@ def format_plan(p: dict) -> str:
            f"tied embeddings {'yes' if sh['tie_word_embeddings'] else 'no'}",
            f"  parameters: causal LM {m['causal_lm_params']:,} ({_n(m['causal_lm_params'])}); "
            f"score model on it {m['score_model_params']:,} ({_n(m['score_model_params'])})",
-           *[f"  {role} model (and its critic): {sm['params']:,} ({_n(sm['params'])}) parameters, {sm['source']}"
-             for role, sm in m["score_models"].items()],
+           *[f"  {role} model: {sm['params']:,} ({_n(sm['params'])}) parameters, {sm['source']}"
+             + (("; its critic starts from " + ("it" if sm["critic_from_it"] else "the policy (another tokenizer)"))
+                if f"learner-{role}_critic" in rnd["roles"] else "") for role, sm in m["score_models"].items()],
            "  bytes/param: weights and gradients 2 (bf16/fp16) or 4 (fp32); AdamW state 12 (fp32 master + 2 moments) "
            "or 8 (fp32: 2 moments)",
            f"GPU memory: {format(p['gpu_memory_gib'], 'g') + ' GiB per GPU' if p['gpu_memory_gib'] else 'not given'}",

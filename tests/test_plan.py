@@ -57,9 +57,10 @@ def test_llama_count_equals_transformers_numel(tmp_path, kw):
 
 
 def test_a_score_model_on_its_own_bert_backbone_is_counted_and_sized_as_that_model(tmp_path):
-    """reward.backbone an encoder (as all-MiniLM-L6-v2 in configs/smollm2.yaml): the reward scorer,
-    critic and fit hold that model, counted against transformers' own (AutoModel: BertModel with its
-    pooler, + our Linear(hidden, 1)); the cost model, on no backbone of its own, stays the policy's."""
+    """reward.backbone an encoder (as all-MiniLM-L6-v2 in configs/smollm2.yaml): the reward scorer
+    and fit hold that model, counted against transformers' own (AutoModel: BertModel with its pooler,
+    + our Linear(hidden, 1)); its critic starts from the policy (another tokenizer: roles.py), as
+    the cost model, on no backbone of its own, does. A backbone not there yet is estimated as the policy's."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -74,15 +75,21 @@ def test_a_score_model_on_its_own_bert_backbone_is_counted_and_sized_as_that_mod
     n = sum(t.numel() for t in ScoreModel(BertModel(bert)).parameters())
     p = plan(parse_config({"model": {"path": str(tmp_path / "policy")}, "reward": {"backbone": str(tmp_path / "bert")},
                            "safe_rlhf": {"algorithm": "ppo_lag", "layout": "split", "precision": "fp32"}}))
-    assert p["model"]["score_models"]["reward"] == {"params": n, "source": str(tmp_path / "bert" / "config.json")}
+    assert p["model"]["score_models"]["reward"] == {"params": n, "source": str(tmp_path / "bert" / "config.json"),
+                                                    "critic_from_it": False}
     assert p["model"]["score_models"]["cost"]["params"] == p["model"]["score_model_params"] != n
     roles = p["round"]["roles"]
     assert roles["scorer-reward"]["weights_gib"] == pytest.approx(4 * n / GIB)
-    assert roles["learner-reward_critic"]["optimizer_gib"] == pytest.approx(8 * n / GIB)  # fp32 AdamW: two moments
-    assert roles["scorer-cost"]["weights_gib"] == pytest.approx(4 * p["model"]["score_model_params"] / GIB)
+    on_policy = p["model"]["score_model_params"]
+    for critic in ("learner-reward_critic", "learner-cost_critic"):  # fp32 AdamW: two moments
+        assert roles[critic]["optimizer_gib"] == pytest.approx(8 * on_policy / GIB)
+    assert roles["scorer-cost"]["weights_gib"] == pytest.approx(4 * on_policy / GIB)
     fit = {f["stage"]: f for f in p["fits"]}
     assert fit["fit_reward"]["memory_per_worker"]["weights_gib"] == pytest.approx(4 * n / GIB)
-    assert "reward model (and its critic): " in format_plan(p)
+    assert "its critic starts from the policy (another tokenizer)" in format_plan(p)
+    p = plan(parse_config({"model": {"path": str(tmp_path / "policy")}, "reward": {"backbone": str(tmp_path / "none")}}))
+    assert p["model"]["score_models"]["reward"]["params"] == on_policy
+    assert "no config.json here yet, estimated as the policy's backbone" in p["model"]["score_models"]["reward"]["source"]
 
 
 def test_tied_embeddings_count_the_matrix_once(tmp_path):
