@@ -41,10 +41,11 @@ class StageFailed(Exception):
 
 
 INTERRUPTED = "interrupted (Ctrl-C); resume continues it from its checkpoints"
-STOP_WAIT_S = 15.0  # after Ctrl-C, how long the driver waits for its stage threads once Ray is shut down
+STOP_WAIT_S = 5.0  # after Ctrl-C, how long the driver waits for its stage threads once Ray is shut down (most end
+# in a second; one caught starting a Ray Train worker group took longer than 15 s: the CLI then exits without it)
 
 
-class RunInterrupted(Exception):
+class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (KeyboardInterrupt in the driver's thread) stopped the run; `stages` were running."""
 
     def __init__(self, stages: list[str]):
@@ -124,8 +125,10 @@ class Driver:
         self.progress = [0, len(self.graph), time.time()]  # stages finished (done or skipped), of how many, since
         self._progress_lock = threading.Lock()  # stages finish in threads
         self._prestarted = False  # the first round's actors were started ahead (`_prestart`)
-        self._running: dict[str, Any] = {}  # stage name -> its future (None: in the driver's thread)
+        self._running: dict[str, Any] = {}  # stage name -> its future
         self._interrupted = threading.Event()  # Ctrl-C: the running stages' ends are not failures
+        self._state_lock = threading.Lock()  # Ctrl-C's record of the running stages, and their own writes
+        self._left_running: list = []  # futures of stages an interrupted run left (Ray not ours to stop)
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> "Driver":
@@ -209,6 +212,8 @@ class Driver:
 
     def _ensure_ray(self) -> None:
         with self._ray_lock:
+            if self._interrupted.is_set():  # a stage thread starting after Ctrl-C: no new connection or cluster
+                raise KeyboardInterrupt
             if not self._ray_checked:
                 from cluster.metrics import flush_pending
                 from cluster.ray_session import cluster_address, connect
@@ -262,15 +267,17 @@ class Driver:
         out_dir.mkdir(parents=True, exist_ok=True)
         if spec.needs_ray:
             self._ensure_ray()
-        self.rd.set_state(spec.name, "running", fingerprint=fp)
+        with self._state_lock:  # Ctrl-C's record of the running stages and this start: one, then the other
+            if self._interrupted.is_set():
+                raise KeyboardInterrupt
+            self.rd.set_state(spec.name, "running", fingerprint=fp)
         self.rd.event(stage=spec.name, event="start", fingerprint=fp)
         log(f"start {spec.name}")
         t0 = time.time()
         ctx = StageContext(spec.name, self.cfg, out_dir, self._inputs_for(spec), self.rd.root,
                            log=lambda msg, name=spec.name: log(f"  [{name}] {msg.strip()}"),
                            params=dict(spec.params),
-                           report=lambda m: None if self._interrupted.is_set() else
-                           self.rd.set_state(spec.name, "running", fingerprint=fp, metrics=m),
+                           report=lambda m: self._report(spec.name, fp, m),
                            actor_pool=self.actor_pool)
         try:
             result: StageResult = spec.load()(ctx)
@@ -291,6 +298,12 @@ class Driver:
             raise
         self._finish(spec, result, out_dir, fp, fp_inputs, round(time.time() - t0, 2))
         return "done"
+
+    def _report(self, name: str, fp: str, metrics: dict) -> None:
+        """A running stage's latest metrics (`status` shows them), unless Ctrl-C recorded it interrupted."""
+        with self._state_lock:
+            if not self._interrupted.is_set():
+                self.rd.set_state(name, "running", fingerprint=fp, metrics=metrics)
 
     def _finish(self, spec: StageSpec, result: StageResult, out_dir: Path, fp: str, fp_inputs: dict, duration: float) -> None:
         """Check a stage's declared outputs and write its manifest, last and atomically: then it is done."""
@@ -327,17 +340,21 @@ class Driver:
             if name is not None and name not in self.by_name:
                 raise ValueError(f"unknown stage {name!r}; this run's stages are: {', '.join(self.by_name)}")
         check_inputs(self.cfg)
+        if any(not f.done() for f in self._left_running):
+            raise RuntimeError("stages that Ctrl-C interrupted are still running in this process (on a Ray cluster this "
+                               "driver did not start, so it could not stop them); wait for them, or use a new process")
         self._interrupted.clear()
         with self.rd.lock():
             atomic_write_text(self.rd.config_path, config_to_yaml(self.cfg))
             forced = set(downstream_of(self.graph, from_stage)) if from_stage else set()
             try:
                 if only_stage:
-                    # Done: re-run it from scratch. Interrupted: continue from its checkpoints.
+                    # Done: re-run it from scratch. Interrupted: continue from its checkpoints. In a
+                    # thread, as every stage: in the driver's thread a Ray Train fit would take
+                    # Ctrl-C for itself (its controller's SIGINT handler).
                     done = self.status_of(only_stage) == "done"
                     self.progress = [0, 1, time.time()]
-                    self._running = {only_stage: None}
-                    return self.run_stage(self.by_name[only_stage], force=True, fresh=done)
+                    return self._run_stages([self.by_name[only_stage]], {only_stage}, None, fresh={only_stage: done})
                 order = [s.name for s in self.graph]
                 stages = self.graph[:order.index(until) + 1] if until else self.graph
                 self.progress = [0, len(stages), time.time()]
@@ -363,24 +380,26 @@ class Driver:
                     self._ray_connected = self._ray_checked = False
                     self._local_cpus = None
                 if self._interrupted.is_set():  # their last log lines before the driver's own
-                    wait([f for f in self._running.values() if f is not None], timeout=STOP_WAIT_S)
-                    from cluster.ray_session import allow_auto_connect
+                    _, self._left_running = wait(list(self._running.values()), timeout=STOP_WAIT_S)
+                    if not self._left_running:
+                        from cluster.ray_session import allow_auto_connect
 
-                    allow_auto_connect()
+                        allow_auto_connect()
                 self._running = {}
 
     def _record_interrupt(self) -> list[str]:
         """Ctrl-C: record the running stages as interrupted, keeping their fingerprints (resume
         then continues each from its checkpoints). -> their names."""
-        self._interrupted.set()
-        names = list(self._running)
+        with self._state_lock:  # no stage starts or reports between the flag and these records
+            self._interrupted.set()
+            names = list(self._running)
+            for name in names:
+                st = self.rd.state(name) or {}
+                if st.get("state") == "running":
+                    self.rd.set_state(name, "failed", fingerprint=st.get("fingerprint"), metrics=st.get("metrics", {}),
+                                      error=INTERRUPTED)
+                    self.rd.event(stage=name, event="interrupt")
         log(f"Ctrl-C: stopping {', '.join(names) or 'the run'} (Ctrl-C again quits at once)")
-        for name in names:
-            st = self.rd.state(name) or {}
-            if st.get("state") == "running":
-                self.rd.set_state(name, "failed", fingerprint=st.get("fingerprint"), metrics=st.get("metrics", {}),
-                                  error=INTERRUPTED)
-                self.rd.event(stage=name, event="interrupt")
         return names
 
     def _prestart(self, pending: list[StageSpec], running: set[str], forced: set[str]) -> None:
@@ -426,10 +445,12 @@ class Driver:
         return (f"{spec.name} waits for {', '.join(s.name for s in holders)}: it reserves {need:g} CPU(s), "
                 f"and {held:g} of the local cluster's {self._local_cpus:g} are taken")
 
-    def _run_stages(self, stages: list[StageSpec], forced: set[str], limit: int | None) -> str:
+    def _run_stages(self, stages: list[StageSpec], forced: set[str], limit: int | None,
+                    fresh: dict[str, bool] | None = None) -> str:
         """Start each stage once every stage it depends on has finished as done; independent ones
         side by side in threads (the work itself is in Ray). After a failure or a stage that waits
-        for a person no new stage starts; the running ones finish, then the first failure is raised."""
+        for a person no new stage starts; the running ones finish, then the first failure is raised.
+        fresh: run_stage's, per stage (default: a forced stage starts fresh)."""
         pending, running = list(stages), {}
         told: set[str] = set()  # stages whose wait for CPUs was logged
         self._prestarted = False
@@ -456,7 +477,7 @@ class Driver:
                                     told.add(spec.name)
                                 continue
                         pending.remove(spec)
-                        future = pool.submit(self.run_stage, spec, spec.name in forced)
+                        future = pool.submit(self.run_stage, spec, spec.name in forced, (fresh or {}).get(spec.name))
                         running[future], self._running[spec.name] = spec, future
                 if failure is None and not waiting and not self._ray_checked and any(
                         s.needs_ray and self._will_run(s.name, s.name in forced) for s in pending):

@@ -53,19 +53,19 @@ def submit(address: str, args: list[str], wait: bool = True) -> int:
             if "No available agent" not in str(e) or attempt == 29:
                 raise
             time.sleep(2)
-    print(f"job {job_id} submitted to {address} (token auth {'on' if token else 'off'}): {entrypoint}", flush=True)
-    print(f"dashboard: {address.rstrip('/')}/#/jobs/{job_id}", flush=True)
-    if not wait:
-        return 0
-    import asyncio
+    try:  # from here on Ctrl-C stops the following, not the job (as `ray job submit` does)
+        print(f"job {job_id} submitted to {address} (token auth {'on' if token else 'off'}): {entrypoint}", flush=True)
+        print(f"dashboard: {address.rstrip('/')}/#/jobs/{job_id}", flush=True)
+        if not wait:
+            return 0
+        import asyncio
 
-    async def follow():
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
+        async def follow():
+            async for lines in client.tail_job_logs(job_id):
+                print(lines, end="", flush=True)
 
-    try:
         asyncio.run(follow())
-    except KeyboardInterrupt:  # Ctrl-C stops the following, not the job (as `ray job submit` does)
+    except KeyboardInterrupt:
         ray_cli = ("RAY_AUTH_MODE=token " if token else "") + "ray job"
         print(f"\nstopped following job {job_id}; it runs on. Its log: `{ray_cli} logs --follow --address {address} "
               f"{job_id}`; to stop it: `{ray_cli} stop --address {address} {job_id}`", file=sys.stderr, flush=True)

@@ -85,28 +85,37 @@ def small_config(**overrides):
     return parse_config(data, "<test>")
 
 
-def ctrl_c(*args, ready, env=None, timeout=120, ready_timeout=900):
-    """`python -m pipeline ARGS` in a session of its own, as a terminal runs it; once `ready(proc)`
-    is true (polled), SIGINT to its whole process group, as a terminal's Ctrl-C sends. ->
-    (proc, stdout, stderr, seconds from the signal to the exit); the group is SIGKILLed if it lingers."""
+def ctrl_c(*args, ready, env=None, timeout=120, ready_timeout=900, after_s=0.0):
+    """`python -m pipeline ARGS` in a session of its own, as a terminal runs it; once
+    `ready(stdout so far, stderr so far)` is true (polled; the output goes to files, so a chatty
+    command never blocks on a full pipe), and `after_s` later, SIGINT to its whole process group,
+    as a terminal's Ctrl-C sends. -> (proc, stdout, stderr, seconds from the signal to the exit);
+    the group is SIGKILLed if it lingers."""
     import signal
     import subprocess
+    import tempfile
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + ready_timeout
-        while not ready(proc):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:] if proc.poll() else "timeout"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
-        t0 = time.time()
-        out, err = proc.communicate(timeout=timeout)
-        return proc, out, err, time.time() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [Path(tmp) / "stdout", Path(tmp) / "stderr"]
+        with open(paths[0], "w") as out, open(paths[1], "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, env=env, stdout=out,
+                                    stderr=err, text=True, start_new_session=True)
+        read = lambda: [p.read_text(errors="replace") for p in paths]
+        try:
+            deadline = time.time() + ready_timeout
+            while not ready(*read()):
+                assert proc.poll() is None, f"exited {proc.returncode} before it was ready:\n{read()[1][-3000:]}"
+                assert time.time() < deadline, f"not ready in {ready_timeout} s:\n{read()[1][-3000:]}"
+                time.sleep(0.05)
+            time.sleep(after_s)
+            os.killpg(proc.pid, signal.SIGINT)
+            t0 = time.time()
+            proc.wait(timeout=timeout)
+            return (proc, *read(), time.time() - t0)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_cli(*args, cwd=None, check=True, timeout=600, env=None):

@@ -15,8 +15,13 @@ def produce(ctx):
     ckpt.write_text(json.dumps({"step": start + 1}))
     if os.environ.get("FAKE_CRASH") == ctx.name:
         raise RuntimeError("injected crash")
-    if os.environ.get("FAKE_INTERRUPT") == ctx.name:
-        raise KeyboardInterrupt  # as Ctrl-C in the driver's thread, which runs `resume --only-stage`'s stage
+    if os.environ.get("FAKE_INTERRUPT") == ctx.name:  # Ctrl-C now: SIGINT reaches the driver's (main) thread
+        import signal
+        import time
+
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)
+        raise SystemExit(0)  # as Ray's calls in a stage end once the driver has shut Ray down
     (ctx.out_dir / "value.txt").write_text(f"{ctx.cfg.world.n_pairs}")
     return StageResult({"value": "value.txt"}, {"resumed_from_step": start})
 

@@ -136,7 +136,7 @@ def test_ctrl_c_on_any_command_ends_it_with_one_line_and_exit_code_130(tmp_path)
     from tests.conftest import ctrl_c
 
     proc, _, err, _ = ctrl_c("make-model", "--out", tmp_path / "model", "--data", HH_FILE, "--warmup-epochs", 50,
-                             ready=lambda p: p.stderr.readline().startswith("[make-model] ") and not time.sleep(0.5))
+                             ready=lambda out, err: "[make-model] " in err, after_s=0.5)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == "python -m pipeline make-model: interrupted (Ctrl-C)"
     assert not (tmp_path / "model" / "model.safetensors").exists()  # 50 warm-up epochs: far from done

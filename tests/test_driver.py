@@ -354,8 +354,8 @@ def test_the_fits_declare_the_cpus_their_ray_train_runs_reserve():
 
 
 def test_ctrl_c_records_the_stage_interrupted_with_its_fingerprint_and_resume_continues_it(tmp_path, monkeypatch):
-    """Ctrl-C while `resume --only-stage a` runs a (the CLI's own path, with SIGINT to its process
-    group, is in tests/test_operations.py)."""
+    """Ctrl-C (SIGINT to this process) while `resume --only-stage a` runs a, in a thread of its own
+    as every stage (the CLI's path, SIGINT to its process group mid-round, is in test_operations.py)."""
     cfg = small_config()
     monkeypatch.setenv("FAKE_INTERRUPT", "a")
     driver = Driver(cfg, tmp_path, graph())

@@ -95,11 +95,10 @@ def test_ctrl_c_on_submit_stops_following_and_the_job_runs_on(ray_cluster, tmp_p
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump({"name": "job", "world": {"n_pairs": 200, "n_sft": 100},
                                    "model": {"small": {"vocab_size": 600}}}))
-    first = []  # "job ID submitted to ..."
     proc, out, err, _ = ctrl_c("submit", "--address", ray_cluster.dashboard, "--", "run", "--config", cfg, "--run-dir",
                                tmp_path / "job_run", "--until", "ingest", env=ray_cluster.env,
-                               ready=lambda p: first.append(p.stdout.readline()) or " submitted to " in first[0])
-    job_id = first[0].split()[1]
+                               ready=lambda out, err: "\ndashboard: " in out)  # "job ID submitted to ...", then its page
+    job_id = out.split()[1]
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and f"stopped following job {job_id}; it runs on" in err, err[-3000:]
     assert f"RAY_AUTH_MODE=token ray job stop --address {ray_cluster.dashboard} {job_id}" in err  # the cluster has token auth
@@ -198,7 +197,7 @@ def test_ctrl_c_mid_round_stops_the_run_in_seconds_and_resume_continues_from_the
     metrics = stage / "metrics.jsonl"
     proc, out, err, stopped_in = ctrl_c("resume", "--run-dir", run, "--until", "safe_rlhf@1",  # past step 2's checkpoint
                                         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-                                        ready=lambda p: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+                                        ready=lambda out, err: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
     assert proc.returncode == 130, err[-4000:]
     assert stopped_in < 15, stopped_in
     assert not any(word in out + err for word in ("Traceback", "KeyboardInterrupt")), (out + err)[-4000:]

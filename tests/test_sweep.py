@@ -171,7 +171,7 @@ def test_a_reward_only_trial_is_judged_by_the_cost_model_when_the_run_has_no_ora
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     sweep = write(tmp_path, {"name": "ppo", "base": {"steps": 1, "prompts_per_step": 8}, "grid": [{"algorithm": "ppo"}]})
     trials = run / "sweeps" / "ppo" / "trials"
-    proc, _, err, _ = ctrl_c("sweep", "--run-dir", run, "--sweep", sweep, ready=lambda p: trials.is_dir() and any(trials.iterdir()))
+    proc, _, err, _ = ctrl_c("sweep", "--run-dir", run, "--sweep", sweep, ready=lambda out, err: trials.is_dir() and any(trials.iterdir()))
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert (f"sweep stopped: interrupted (Ctrl-C) with 0 of 1 trials finished. `python -m pipeline sweep --run-dir {run} "
             f"--sweep {sweep} --resume` continues it") in err, err[-3000:]
