@@ -206,6 +206,7 @@ def _learner_hint(rl, model_cfg, s: LlamaShape, scores: dict[str, ScoreShape], g
     return None
 
 
+PROBE_PAIRS = 32  # a linear probe's feature batch (stages/common/linear_probe._features)
 FIT_SECTIONS = (("sft", "sft", "causal LM"), ("fit_reward", "reward", "score model"), ("fit_cost", "cost", "score model"))
 
 
@@ -222,16 +223,23 @@ def _plan_fit(stage: str, section: str, tc, kind: str, s: LlamaShape, scores: di
     # SFT: one sequence per example, the loss over every token's logits (transformers' own); a
     # preference fit scores both answers of each pair.
     seqs = tc.per_device_batch_size * (1 if kind == "causal LM" else 2)
-    act = activation_gib(s, tokens, seqs, tc.precision, tc.gradient_checkpointing)
-    logits = logits_gib(seqs * tokens, s.vocab_size, None, train=True) if kind == "causal LM" else 0.0
-    mem = with_working_memory(training_memory(params, tc.precision, tc.zero_stage, tc.num_workers), act, logits, cuda)
+    probe = kind != "causal LM" and not getattr(tc, "train_backbone", True)
+    if probe:  # stages/common/linear_probe.py: the frozen backbone's forward over batches of 32 pairs, no optimizer
+        mem = with_working_memory(weights_only(params, tc.precision), forward_gib(s, tokens, 2 * PROBE_PAIRS, tc.precision),
+                                  cuda=cuda)
+    else:
+        act = activation_gib(s, tokens, seqs, tc.precision, tc.gradient_checkpointing)
+        logits = logits_gib(seqs * tokens, s.vocab_size, None, train=True) if kind == "causal LM" else 0.0
+        mem = with_working_memory(training_memory(params, tc.precision, tc.zero_stage, tc.num_workers), act, logits, cuda)
     fit = {"stage": stage, "section": section, "workers": tc.num_workers, "device": tc.device,
-           "precision": tc.precision, "zero_stage": tc.zero_stage, "model": kind,
+           "precision": tc.precision, "zero_stage": tc.zero_stage, "model": kind + (" (linear probe)" if probe else ""),
            "cpus": tc.num_workers * tc.cpus_per_worker, "gpus": tc.num_workers if cuda else 0,
            "memory_per_worker": mem, "fits": None}
     if cuda and gpu_memory_gib:
         fit["fits"] = mem["total_gib"] <= gpu_memory_gib
-        if not fit["fits"]:
+        if not fit["fits"] and probe:
+            fit["hint"] = "the frozen backbone and one batch's forward do not fit: a smaller backbone"
+        elif not fit["fits"]:
             zero = tc.zero_stage if tc.zero_stage >= 1 else 3
             extra = mem["total_gib"] - training_memory(params, tc.precision, tc.zero_stage, tc.num_workers)["total_gib"]
             n = next((n for n in range(1, 257)

@@ -92,6 +92,19 @@ def test_a_score_model_on_its_own_bert_backbone_is_counted_and_sized_as_that_mod
     assert "no config.json here yet, estimated as the policy's backbone" in p["model"]["score_models"]["reward"]["source"]
 
 
+def test_a_linear_probe_fit_holds_its_frozen_backbone_and_no_training_state(tmp_path):
+    """cost.train_backbone false (configs/smollm2.yaml's cost model): no gradients or AdamW state,
+    where a trained fit of the same model holds both."""
+    _local_llama(tmp_path)
+    p = plan(parse_config({"model": {"path": str(tmp_path)}, "cost": {"train_backbone": False}}))
+    fit = {f["stage"]: f for f in p["fits"]}
+    probe, trained = fit["fit_cost"], fit["fit_reward"]
+    assert probe["model"] == "score model (linear probe)" and trained["model"] == "score model"
+    m = probe["memory_per_worker"]
+    assert m["weights_gib"] == pytest.approx(4 * p["model"]["score_model_params"] / GIB)  # fp32, the default
+    assert (m["gradients_gib"], m["optimizer_gib"]) == (0, 0) and trained["memory_per_worker"]["optimizer_gib"] > 0
+
+
 def test_tied_embeddings_count_the_matrix_once(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     _local_llama(tmp_path / "a", tie_word_embeddings=False)
