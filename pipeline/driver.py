@@ -125,10 +125,10 @@ class Driver:
         self.progress = [0, len(self.graph), time.time()]  # stages finished (done or skipped), of how many, since
         self._progress_lock = threading.Lock()  # stages finish in threads
         self._prestarted = False  # the first round's actors were started ahead (`_prestart`)
-        self._running: dict[str, Any] = {}  # stage name -> its future
+        self._running: dict[Any, StageSpec] = {}  # the running stages: future -> spec (`_run_stages`)
         self._interrupted = threading.Event()  # Ctrl-C: the running stages' ends are not failures
         self._state_lock = threading.Lock()  # Ctrl-C's record of the running stages, and their own writes
-        self._left_running: list = []  # futures of stages an interrupted run left (Ray not ours to stop)
+        self._left_running: set = set()  # futures of stages an interrupted run left (Ray not ours to stop)
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> "Driver":
@@ -362,25 +362,22 @@ class Driver:
             except KeyboardInterrupt:
                 raise RunInterrupted(self._record_interrupt()) from None
             finally:
-                if self._interrupted.is_set() and self._ray_connected:
-                    # First, so that the stages' Ray calls end now (SystemExit in their threads)
-                    # instead of running to the end of the stage; the kept actors die with it.
-                    from cluster.ray_session import disconnect
-
-                    disconnect(final=True)
-                    self._ray_connected = self._ray_checked = False
-                    self._local_cpus = self.actor_pool = None
+                interrupted = self._interrupted.is_set()
+                if interrupted and self._ray_connected:
+                    self.actor_pool = None  # the kept actors die with the connection, below
                 if self.actor_pool is not None:  # the actors kept between stages (this run's only)
                     self.actor_pool.close()
                     self.actor_pool = None
                 if self._ray_connected:
                     from cluster.ray_session import disconnect
 
-                    disconnect()
+                    # after Ctrl-C: the stages' Ray calls end now (SystemExit in their threads),
+                    # not at the end of the stage
+                    disconnect(final=interrupted)
                     self._ray_connected = self._ray_checked = False
                     self._local_cpus = None
-                if self._interrupted.is_set():  # their last log lines before the driver's own
-                    _, self._left_running = wait(list(self._running.values()), timeout=STOP_WAIT_S)
+                if interrupted:  # their last log lines before the driver's own
+                    _, self._left_running = wait(list(self._running), timeout=STOP_WAIT_S)
                     if not self._left_running:
                         from cluster.ray_session import allow_auto_connect
 
@@ -392,7 +389,7 @@ class Driver:
         then continues each from its checkpoints). -> their names."""
         with self._state_lock:  # no stage starts or reports between the flag and these records
             self._interrupted.set()
-            names = list(self._running)
+            names = [spec.name for spec in self._running.values()]
             for name in names:
                 st = self.rd.state(name) or {}
                 if st.get("state") == "running":
@@ -451,7 +448,8 @@ class Driver:
         side by side in threads (the work itself is in Ray). After a failure or a stage that waits
         for a person no new stage starts; the running ones finish, then the first failure is raised.
         fresh: run_stage's, per stage (default: a forced stage starts fresh)."""
-        pending, running = list(stages), {}
+        pending = list(stages)
+        running = self._running = {}  # `run` reads it after Ctrl-C
         told: set[str] = set()  # stages whose wait for CPUs was logged
         self._prestarted = False
         failure: BaseException | None = None
@@ -477,8 +475,7 @@ class Driver:
                                     told.add(spec.name)
                                 continue
                         pending.remove(spec)
-                        future = pool.submit(self.run_stage, spec, spec.name in forced, (fresh or {}).get(spec.name))
-                        running[future], self._running[spec.name] = spec, future
+                        running[pool.submit(self.run_stage, spec, spec.name in forced, (fresh or {}).get(spec.name))] = spec
                 if failure is None and not waiting and not self._ray_checked and any(
                         s.needs_ray and self._will_run(s.name, s.name in forced) for s in pending):
                     # Ray starts while the first stages (world, ingest), which do not need it, run.
@@ -489,7 +486,7 @@ class Driver:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    self._running.pop(running.pop(future).name)
+                    running.pop(future)
                     try:
                         waiting |= future.result() == "waiting"
                     except BaseException as e:  # noqa: BLE001 - re-raised once the running stages are done

@@ -51,6 +51,7 @@ WEIGHT_BYTES = kv_cache.DTYPE_BYTES  # fp32 4, bf16 and fp16 2
 OPTIMIZER_BYTES = {"fp32": 8, "bf16": 12, "fp16": 12}
 LLAMA_STYLE = ("llama", "mistral")
 ENCODER_STYLE = ("bert",)  # score-model backbones of another family (all-MiniLM-L6-v2)
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")  # config.json's
 
 
 # ---------------------------------------------------------------------------- parameter counts
@@ -104,8 +105,7 @@ def shape_from_config_json(path: str | Path) -> LlamaShape:
     if c.get("model_type") not in LLAMA_STYLE:
         raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not Llama-style ({', '.join(LLAMA_STYLE)}); "
                          "the planner counts parameters of Llama-style models only")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-               if c.get(k) is None]
+    missing = [k for k in SHAPE_KEYS if c.get(k) is None]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
     heads = c["num_attention_heads"]
@@ -149,8 +149,7 @@ def score_shape(backbone: str | Path | None, policy: LlamaShape) -> ScoreShape:
         return as_policy(f"{backbone}: no config.json here yet, estimated as the policy's backbone")
     c = json.loads(cj.read_text())
     kind = c.get("model_type")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-               if c.get(k) is None]
+    missing = [k for k in SHAPE_KEYS if c.get(k) is None]
     if kind not in LLAMA_STYLE + ENCODER_STYLE or missing:
         return as_policy(f"{cj}: model_type {kind!r} not counted here, estimated as the policy's backbone")
     if kind in LLAMA_STYLE:

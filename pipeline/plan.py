@@ -213,9 +213,7 @@ FIT_SECTIONS = (("sft", "sft", "causal LM"), ("fit_reward", "reward", "score mod
 def _plan_fit(stage: str, section: str, tc, kind: str, s: LlamaShape, scores: dict[str, ScoreShape], model_cfg,
               gpu_memory_gib: float | None) -> dict:
     """s: the policy's shape (SFT's model); a score model's fit: its own (`scores[section]`)."""
-    if kind != "causal LM":
-        s = scores[section].shape
-    params = llama_params(s) if kind == "causal LM" else scores[section].params
+    s, params = (s, llama_params(s)) if kind == "causal LM" else (scores[section].shape, scores[section].params)
     cuda = tc.device == "cuda"
     # a score model's fit may encode longer pairs than the model's limits (its max_prompt_tokens, max_answer_tokens)
     tokens = ((getattr(tc, "max_prompt_tokens", None) or model_cfg.max_prompt_tokens)
