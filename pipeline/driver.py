@@ -110,6 +110,17 @@ def _select(cfg_dump: dict, dotted: str) -> Any:
     return node
 
 
+def config_slice(view: dict, spec: StageSpec) -> dict:
+    """The part of the config view (results_view) a stage's fingerprint covers: its config_keys,
+    less its config_skip fields (e.g. reward.refit, which the first reward fit does not read)."""
+    out = {k: _select(view, k) for k in spec.config_keys}
+    for dotted in spec.config_skip:
+        section, _, name = dotted.rpartition(".")
+        if isinstance(out.get(section), dict):
+            out[section] = {f: v for f, v in out[section].items() if f != name}
+    return out
+
+
 class Driver:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, graph: list[StageSpec] | None = None):
         self.cfg = cfg
@@ -151,7 +162,7 @@ class Driver:
         memo = {} if _memo is None else _memo
         if "config view" not in memo:
             memo["config view"] = results_view(self.cfg)
-        cfg_slice = {k: _select(memo["config view"], k) for k in spec.config_keys}
+        cfg_slice = config_slice(memo["config view"], spec)
         inputs: dict[str, str] = {}
         for dep in spec.deps:
             if self.status_of(dep, memo) != "done":

@@ -33,6 +33,8 @@ class StageSpec:
     # The CPUs the stage holds for its whole run (a Ray Train fit's workers); on a local cluster the
     # driver starts it only when they are free, instead of letting Ray Train time out waiting.
     cpus: Callable[[RunConfig], float] = field(default=lambda cfg: 0.0)
+    # Fields of config_keys' sections the stage does not read (section.field): left out of its fingerprint.
+    config_skip: tuple[str, ...] = ()
 
     @property
     def base_name(self) -> str:
@@ -106,10 +108,22 @@ def _between_rounds(cfg: RunConfig, k: int, world: tuple, sft: tuple) -> list[St
                   needs_ray=cfg.annotate.backend == "judge", params=(("round", k),)),
         StageSpec(ingest, "stages.ingest", world + tuple(f"annotate@{j}" for j in range(1, k + 1)), ("ingest",),
                   external_inputs=lambda c: [Path(s.path) for s in c.ingest.sources]),
-        *(StageSpec(name, f"stages.fit_preference:{fn}", (ingest,) + sft + (f"red_team@{k}",), FIT_KEYS + (keys,), needs_ray=True,
-                    cpus=_fit_cpus(keys))
-          for name, fn, keys in ((_fits(k + 1)[0], "run_reward", "reward"), (_fits(k + 1)[1], "run_cost", "cost"))),
+        *(StageSpec(name, f"stages.fit_preference:{fn}", (ingest,) + sft + (f"red_team@{k}",) + _warm_from(cfg, keys, k, i),
+                    FIT_KEYS + (keys,), needs_ray=True, cpus=_fit_cpus(keys))
+          for i, name, fn, keys in ((0, _fits(k + 1)[0], "run_reward", "reward"), (1, _fits(k + 1)[1], "run_cost", "cost"))),
     ]
+
+
+def _warm_from(cfg: RunConfig, section: str, k: int, which: int) -> tuple[str, ...]:
+    """What a warm refit after round k reads beyond a fit from scratch: the last fit (its model)
+    and the ingest that fit trained on (which pairs are new)."""
+    if getattr(cfg, section).refit != "warm":
+        return ()
+    return (_fits(k)[which], "ingest" if k == 1 else f"ingest@{k - 1}")
+
+
+# The first fits do not read how later ones refit: switching refit leaves them done.
+REFIT_FIELDS = ("refit", "refit_replay", "refit_lr")
 
 
 def build_graph(cfg: RunConfig) -> list[StageSpec]:
@@ -128,10 +142,9 @@ def build_graph(cfg: RunConfig) -> list[StageSpec]:
                                 ("seed", "sft", "model.max_prompt_tokens", "model.max_answer_tokens",
                                  "safe_rlhf.max_new_tokens") + ACTOR_KEYS, needs_ray=True))
     sft = ("sft",) if cfg.world.enabled else ()
-    stages.append(StageSpec("fit_reward", "stages.fit_preference:run_reward", ("ingest",) + sft, FIT_KEYS + ("reward",),
-                            needs_ray=True, cpus=_fit_cpus("reward")))
-    stages.append(StageSpec("fit_cost", "stages.fit_preference:run_cost", ("ingest",) + sft, FIT_KEYS + ("cost",),
-                            needs_ray=True, cpus=_fit_cpus("cost")))
+    for kind in ("reward", "cost"):
+        stages.append(StageSpec(f"fit_{kind}", f"stages.fit_preference:run_{kind}", ("ingest",) + sft, FIT_KEYS + (kind,),
+                                needs_ray=True, cpus=_fit_cpus(kind), config_skip=tuple(f"{kind}.{f}" for f in REFIT_FIELDS)))
     n_rounds = len(cfg.safe_rlhf.rounds)
     for k in range(1, n_rounds + 1):
         # the first ingest too: its held-out labelled answers are threshold auto's fixed reference set

@@ -211,9 +211,13 @@ def preference_loop(config: dict) -> None:
     kind, tc = config["kind"], config["train"]
     tok = AutoTokenizer.from_pretrained(config["backbone"])
     train = _items(pq.read_table(config["train_data"]).to_pylist(), kind, tok, config)
-    categories = category_heads(train, tc["min_category_pairs"])[0] if kind == "cost" and tc["per_category"] else []
-    model = ScoreModel.from_backbone(config["backbone"], score_type=kind, seed=config["seed"], categories=tuple(categories),
-                                     pooling=tc["pooling"])
+    if config.get("init_model"):  # a warm refit: the last fit's model, its heads and categories
+        model = ScoreModel.from_pretrained(config["init_model"])
+        categories = list(model.categories)
+    else:
+        categories = category_heads(train, tc["min_category_pairs"])[0] if kind == "cost" and tc["per_category"] else []
+        model = ScoreModel.from_backbone(config["backbone"], score_type=kind, seed=config["seed"], categories=tuple(categories),
+                                         pooling=tc["pooling"])
     if tc["gradient_checkpointing"] and tc["train_backbone"]:
         enable_gradient_checkpointing(model)
     held_out = _items(pq.read_table(config["eval_data"]).to_pylist(), kind, tok, config)
@@ -254,7 +258,8 @@ def preference_loop(config: dict) -> None:
     if tc["train_backbone"]:
         fit(task)
     else:
-        fit_probe(task, scores_loss(kind, tc, train), pad_id=tok.pad_token_id)
+        fit_probe(task, scores_loss(kind, tc, train), pad_id=tok.pad_token_id, reuse_from=config.get("features_from"),
+                  save_to=config["features_path"] if tc["refit"] == "warm" else None)
 
 
 def _histogram(path: Path, kind: str, scores: dict) -> None:
@@ -289,6 +294,59 @@ def policy_pairs(kind: str, rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r[tie]]
 
 
+def refit_rows(rows: list[dict], earlier_ids: set, kind: str, replay: float, seed: int) -> tuple[list[dict], int, int]:
+    """A warm refit's training pairs: those of `kind` (labelled for it) not among `earlier_ids` (the
+    pairs the last fit trained on), and `replay` times as many of the earlier ones, drawn without
+    replacement by `seed`, in their file order. Returns (rows, new, replayed)."""
+    import random
+
+    label = "better_response_id" if kind == "reward" else "safer_response_id"
+    labelled = [r for r in rows if r[label] is not None]
+    new = [i for i, r in enumerate(labelled) if r["pair_id"] not in earlier_ids]
+    earlier = [i for i, r in enumerate(labelled) if r["pair_id"] in earlier_ids]
+    drawn = random.Random(seed).sample(earlier, min(len(earlier), round(replay * len(new))))
+    keep = sorted(set(new) | set(drawn))
+    return [labelled[i] for i in keep], len(new), len(drawn)
+
+
+def _warm_start(ctx, kind: str, tc, loop_config: dict) -> str | None:
+    """refit warm, after a round: start from the last fit's model, on the new pairs and a replay of
+    earlier ones (refit_rows, written to the stage's refit_train.parquet); a linear probe: from the
+    last probe's features (stages/common/linear_probe.py). Returns the last fit's name; None for a
+    fit from the backbone."""
+    from core.stage_names import of_kind
+
+    fits, ingests = of_kind(ctx.inputs, f"fit_{kind}"), of_kind(ctx.inputs, "ingest")
+    if tc.refit != "warm" or not fits:
+        return None
+    if not tc.train_backbone:
+        saved = ctx.inputs[fits[-1]].get(FEATURES)
+        loop_config["features_from"] = str(saved) if saved else None
+        ctx.log(f"  warm refit: the probe's features of {fits[-1]} where a pair has them" if saved else
+                f"  warm refit: {fits[-1]} saved no features (it ran with refit scratch): every pair's are computed")
+        return fits[-1] if saved else None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    earlier = set(pq.read_table(ctx.input(ingests[-2], "train"), columns=["pair_id"]).column("pair_id").to_pylist())
+    rows, new, replayed = refit_rows(pq.read_table(loop_config["train_data"]).to_pylist(), earlier, kind,
+                                     tc.refit_replay, ctx.cfg.seed)
+    if not new:  # e.g. every red-team pair a tie: the fit from the backbone, on every pair, is the refit
+        ctx.log(f"  warm refit: no {kind} pairs that {ingests[-2]} did not have: a fit from the backbone on every pair")
+        return None
+    path = ctx.out_dir / "refit_train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(loop_config["train_data"])), path)
+    loop_config.update(train_data=str(path), init_model=str(ctx.input(fits[-1], "model")))
+    if tc.refit_lr is not None:
+        loop_config["train"]["lr"] = tc.refit_lr
+    ctx.log(f"  warm refit from {fits[-1]}: {new} new {kind} pairs and {replayed} earlier ones "
+            f"(refit_replay {tc.refit_replay:g}), {tc.epochs} epoch(s) at lr {loop_config['train']['lr']:g}")
+    return fits[-1]
+
+
+FEATURES = "probe_features"  # a linear probe's saved features (refit warm), the next refit's input
+
+
 def fit_lengths(cfg, tc) -> dict[str, int]:
     """The prompt and answer tokens a fit encodes per pair: its section's, else the model's."""
     return {"max_prompt_tokens": tc.max_prompt_tokens or cfg.model.max_prompt_tokens,
@@ -305,11 +363,17 @@ def _run(ctx, kind: str) -> StageResult:
     loop_config = {"kind": kind, "backbone": str(backbone), "train_data": str(ctx.input(ingest, "train")),
                    "eval_data": str(ctx.input(ingest, "eval")), "output_dir": str(out_model),
                    "log_path": str(log_path), "scores_path": str(scores_path), "seed": cfg.seed,
-                   "train": tc.model_dump(), **fit_lengths(cfg, tc), "policy_pairs": None}
+                   "train": tc.model_dump(), **fit_lengths(cfg, tc), "policy_pairs": None,
+                   "features_path": str(ctx.out_dir / "probe_features.pt")}
+    Path(loop_config["features_path"]).unlink(missing_ok=True)  # an earlier attempt's, perhaps of another config
+    warm_from = _warm_start(ctx, kind, tc, loop_config)
     source = fresh_pairs_stage(ctx.inputs)
     if source is not None:
         loop_config["policy_pairs"] = str(ctx.input(source, "policy_pairs"))
-    if tc.train_backbone:
+    if warm_from and tc.train_backbone:
+        ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}; "
+                f"warm from {warm_from}")
+    elif tc.train_backbone:
         ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}; "
                 f"backbone {backbone}, {'last-token' if tc.pooling == 'last' else 'mean-pooled'} score")
     else:
@@ -334,6 +398,8 @@ def _run(ctx, kind: str) -> StageResult:
                    restarts=end["restarts"], resumed_from_steps=end["resumed_from_steps"])
     outputs = {"model": "model", "train_log": "train_log.jsonl", "eval_scores": "eval_scores.json",
                "histogram": "score_hist.png"}
+    if Path(loop_config["features_path"]).exists():
+        outputs[FEATURES] = "probe_features.pt"
     if "policy_accuracy" in metrics:
         metrics["policy_accuracy_curve"] = [h.get("policy_accuracy") for h in history]
     ctx.log(f"  {kind} model: eval_accuracy={metrics.get('eval_accuracy')}, policy_accuracy={metrics.get('policy_accuracy')}"

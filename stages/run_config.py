@@ -119,6 +119,10 @@ class ScoreFitConfig(TrainConfig):
     pooling: Literal["last", "mean"] = F("last", "What a sequence's score is read from: last (the head at the last real token: the paper's choice, a causal LM's summary of what came before) or mean (the head on the mean of the hidden states over every token: an encoder's usual sentence summary, e.g. all-MiniLM-L6-v2's). Kept in the model's score_config.json: every later use of the model scores the same way.", added=True)
     train_backbone: bool = F(True, "false: a linear probe. The backbone stays as loaded; each training pair's pooled features are computed once (sharded over the workers) and the head alone is fitted to them by full-batch L-BFGS on the same loss (Eq. 5, or Eq. 6 with its sign terms), with weight_decay as the head's L2 (weight_decay * sum(w^2)). Seconds after one forward pass over the pairs, where training the backbone costs a forward and a backward per epoch; epochs, lr, warmup_ratio, batch sizes and checkpoints do not apply.", added=True)
 
+    refit: Literal["scratch", "warm"] = F("scratch", "The fits after round k (fit_reward@k+1, fit_cost@k+1). scratch: a new model from the backbone on every pair so far (the paper's retraining). warm: the last fit's model trained further on the pairs the last round added (red teaming's) and refit_replay times as many earlier pairs drawn at random, so that it keeps what it knew: epochs passes over that set, a fraction of the whole (docs/benchmarks.md). A linear probe (train_backbone false) refitted warm reads the last probe's features of the pairs it saw (its backbone is the same frozen one) and computes only the new pairs', then fits the head on every pair as from scratch.", added=True)
+    refit_replay: float = F(4.0, "refit warm: earlier pairs drawn per new pair (0: the new pairs alone).", ge=0, added=True)
+    refit_lr: float | None = F(None, "refit warm: the peak learning rate of a warm refit (cosine decay after warmup, as the fit's). null: lr.", gt=0, added=True)
+
     @model_validator(mode="after")
     def _probe(self) -> "ScoreFitConfig":
         if not self.train_backbone and getattr(self, "per_category", False):

@@ -179,3 +179,87 @@ def test_refits_measure_policy_accuracy_on_the_latest_red_teams_pairs():
     assert fresh_pairs_stage({"ingest": {}, "sft": pairs}) == "sft"
     assert fresh_pairs_stage({"ingest@1": {}, "red_team@1": {"pairs": "x"}, "sft": pairs}) == "sft"  # world off: no pairs
     assert fresh_pairs_stage({"ingest": {}}) is None
+
+
+def test_a_warm_refit_trains_on_the_new_pairs_and_a_seeded_replay_of_earlier_ones():
+    from stages.fit_preference import refit_rows
+
+    rows = [{"pair_id": f"p{i}", "better_response_id": None if i == 3 else i % 2, "safer_response_id": 0} for i in range(10)]
+    earlier = {f"p{i}" for i in range(7)}  # p7-p9 are new; p3 has no helpfulness label
+    picked, new, replayed = refit_rows(rows, earlier, "reward", replay=1.0, seed=0)
+    ids = [r["pair_id"] for r in picked]
+    assert (new, replayed) == (3, 3) and len(ids) == 6
+    assert ids[-3:] == ["p7", "p8", "p9"] and "p3" not in ids and ids == sorted(ids)  # file order
+    assert refit_rows(rows, earlier, "reward", 1.0, seed=0)[0] == picked  # the seed decides the draw
+    draws = {tuple(r["pair_id"] for r in refit_rows(rows, earlier, "reward", 1.0, seed=s)[0]) for s in range(10)}
+    assert len(draws) > 1  # and it is a draw, not the first earlier pairs
+    assert [r["pair_id"] for r in refit_rows(rows, earlier, "reward", 0.0, 0)[0]] == ["p7", "p8", "p9"]
+    everything, _, replayed = refit_rows(rows, earlier, "cost", 10.0, 0)  # capped at the earlier pairs there are
+    assert replayed == 7 and len(everything) == 10  # the cost label is on every row, p3 included
+
+
+def test_refit_warm_reads_the_last_fit_and_leaves_the_first_fits_fingerprint_alone():
+    from pipeline.config import parse_config, results_view
+    from pipeline.driver import config_slice
+    from pipeline.graph import build_graph
+
+    two = {"safe_rlhf": {"rounds": [{}, {}, {}]}}
+    scratch, warm = parse_config(two), parse_config({**two, "reward": {"refit": "warm"}})
+    specs = {s.name: s for s in build_graph(warm)}
+    assert set(specs["fit_reward@2"].deps) == {"ingest@1", "sft", "red_team@1", "fit_reward", "ingest"}
+    assert set(specs["fit_reward@3"].deps) == {"ingest@2", "sft", "red_team@2", "fit_reward@2", "ingest@1"}
+    assert set(specs["fit_cost@2"].deps) == {"ingest@1", "sft", "red_team@1"}  # cost refits from scratch
+    view = {"scratch": results_view(scratch), "warm": results_view(warm)}
+    first, refit = specs["fit_reward"], specs["fit_reward@2"]
+    assert config_slice(view["scratch"], first) == config_slice(view["warm"], first)
+    assert config_slice(view["scratch"], refit) != config_slice(view["warm"], refit)
+    assert "refit" not in config_slice(view["scratch"], refit)["reward"]  # at its default: old runs keep their fingerprints
+
+
+def test_a_warm_probe_refit_computes_only_the_new_pairs_features(tmp_path):
+    """The saved features come back by pair (its token ids), in the new items' order, whatever the
+    earlier order; only the pairs the earlier probe did not see are left to compute."""
+    import torch
+
+    from stages.common.linear_probe import all_features, load_features, pair_key
+
+    earlier = [{"a": [1, 2], "b": [3]}, {"a": [4], "b": [5, 6]}, {"a": [7], "b": [8]}]
+    feats = {pair_key(i): (torch.full((2,), float(n)), torch.full((2,), -float(n))) for n, i in enumerate(earlier)}
+    torch.save({"keys": list(feats), "a": torch.stack([v[0] for v in feats.values()]),
+                "b": torch.stack([v[1] for v in feats.values()])}, tmp_path / "f.pt")
+    known = load_features(str(tmp_path / "f.pt"))
+    items = [earlier[2], {"a": [9], "b": [9, 9]}, earlier[0], {"a": [1, 2], "b": [4]}]  # two new pairs
+    keys = [pair_key(i) for i in items]
+    todo = [k for k, key in enumerate(keys) if key not in known]
+    assert todo == [1, 3] and load_features(None) == {}
+    fa, fb = all_features(keys, known, todo, torch.tensor([[10.0, 10.0], [30.0, 30.0]]), torch.zeros(2, 2))
+    assert fa[:, 0].tolist() == [2.0, 10.0, 0.0, 30.0] and fb[:, 0].tolist() == [-2.0, 0.0, 0.0, 0.0]
+
+
+def test_warm_start_writes_the_refits_pairs_or_falls_back_to_scratch_with_nothing_new(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import parse_config
+    from stages.base import StageContext
+    from stages.fit_preference import _warm_start
+
+    def pair(i):
+        return {"pair_id": f"p{i}", "better_response_id": 0, "safer_response_id": None}
+
+    for name, n in (("ingest", 20), ("ingest@1", 23), ("same", 20)):
+        pq.write_table(pa.Table.from_pylist([pair(i) for i in range(n)]), tmp_path / f"{name}.parquet")
+    cfg = parse_config({"reward": {"refit": "warm", "refit_replay": 2.0, "refit_lr": 1e-4}})
+    inputs = {"ingest": {"train": tmp_path / "ingest.parquet"}, "ingest@1": {"train": tmp_path / "ingest@1.parquet"},
+              "fit_reward": {"model": tmp_path / "last_model"}}
+    ctx = StageContext("fit_reward@2", cfg, tmp_path, inputs, tmp_path, log=lambda msg: None)
+    loop = {"train_data": str(tmp_path / "ingest@1.parquet"), "train": cfg.reward.model_dump()}
+    assert _warm_start(ctx, "reward", cfg.reward, loop) == "fit_reward"
+    rows = pq.read_table(loop["train_data"]).to_pylist()
+    assert loop["train_data"].endswith("refit_train.parquet") and loop["init_model"] == str(tmp_path / "last_model")
+    assert len(rows) == 3 + 6 and {"p20", "p21", "p22"} <= {r["pair_id"] for r in rows} and loop["train"]["lr"] == 1e-4
+    assert _warm_start(ctx, "cost", cfg.cost, dict(loop)) is None  # cost refits from scratch here
+    # no reward pair that the last fit did not have: a fit from the backbone, on every pair
+    ctx.inputs["ingest@1"]["train"] = tmp_path / "same.parquet"
+    loop = {"train_data": str(tmp_path / "same.parquet"), "train": cfg.reward.model_dump()}
+    assert _warm_start(ctx, "reward", cfg.reward, loop) is None and "init_model" not in loop

@@ -22,6 +22,7 @@ def _two_round_config(tmp_path, **annotate):
     cfg["safe_rlhf"]["rounds"].append({"threshold": "auto", "lambda_init": 0.5, "lambda_lr": 0.5, "steps": 3})
     cfg["red_team"] = {"prompts": 32}
     cfg["annotate"] = {"backend": "files", **annotate}
+    cfg["reward"].update(refit="warm", refit_lr=5e-4)  # the cost model refits from scratch: both ways after a round
     path = tmp_path / "two_rounds.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -67,6 +68,21 @@ def test_files_annotation_hand_off_then_resume_runs_round_two_evaluate_and_repor
     assert set(evaluation["arena"]) == {"safe_rlhf@1 vs sft", "safe_rlhf@2 vs safe_rlhf@1"}
     ingest1 = json.loads((run / "stages" / "ingest@1" / "manifest.json").read_text())["metrics"]
     assert ingest1["read"] == 1000 + len(done)  # all data so far: the world's pairs and the new labels
+    # the reward model refits warm: from fit_reward's model, on the labelled pairs and 4x as many earlier ones
+    import pyarrow.parquet as pq
+
+    def reward_pairs(stage):
+        rows = pq.read_table(run / "stages" / stage / "train.parquet").to_pylist()
+        return {r["pair_id"] for r in rows if r["better_response_id"] is not None}
+
+    new_ids = reward_pairs("ingest@1") - reward_pairs("ingest")  # the labelled pairs that reached training
+    refit = [r["pair_id"] for r in pq.read_table(run / "stages" / "fit_reward@2" / "refit_train.parquet").to_pylist()]
+    assert new_ids and new_ids <= set(refit) and len(refit) == 5 * len(new_ids) == len(set(refit))
+    assert (f"warm refit from fit_reward: {len(new_ids)} new reward pairs and {4 * len(new_ids)} earlier ones "
+            f"(refit_replay 4), 2 epoch(s) at lr 0.0005") in final.stderr  # refit_lr, not the fit's 1e-3
+    log = [json.loads(l) for l in (run / "stages" / "fit_reward@2" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["total_steps"] == 2 * max(1, len(refit) // 32)  # two epochs of the refit's pairs, not of all
+    assert not (run / "stages" / "fit_cost@2" / "refit_train.parquet").exists()  # scratch: every pair
     report = (run / "report.md").read_text()
     assert "| safe_rlhf@2 |" in report and "fit_cost@2" in report
     for png in ("harm_helpfulness.png", "score_distributions.png", "lambda_episode_cost.png"):

@@ -71,6 +71,20 @@ def test_the_smollm2_preset_runs_end_to_end_with_minilm_scorers(smollm2, minilm,
         assert json.loads((stages / fit / "model" / "score_config.json").read_text())["pooling"] == "mean"
         fitted = AutoModel.from_pretrained(stages / fit / "model").state_dict()
         assert fitted.keys() == shipped.keys() and all(torch.equal(fitted[k], shipped[k]) for k in shipped)
+    # refit warm (the preset's): fit_cost@2's probe computed features only for the pairs fit_cost had not
+    # seen, and fit_reward@2 went on from fit_reward's model on the new pairs and 4x as many earlier ones
+    import pyarrow.parquet as pq
+
+    def pairs(stage, label):
+        return {r["pair_id"] for r in pq.read_table(stages / stage / "train.parquet").to_pylist() if r[label] is not None}
+
+    new_cost = pairs("ingest@1", "safer_response_id") - pairs("ingest", "safer_response_id")
+    probe = json.loads((stages / "fit_cost@2" / "manifest.json").read_text())["metrics"]
+    assert new_cost and probe["features_reused"] == len(pairs("ingest@1", "safer_response_id")) - len(new_cost)
+    assert (stages / "fit_cost" / "probe_features.pt").exists()
+    new_reward = pairs("ingest@1", "better_response_id") - pairs("ingest", "better_response_id")
+    refit = [r["pair_id"] for r in pq.read_table(stages / "fit_reward@2" / "refit_train.parquet").to_pylist()]
+    assert new_reward and new_reward <= set(refit) and len(refit) == 5 * len(new_reward)
     # the round scored text: rewards and costs vary across answers (token ids of another vocabulary
     # would have been refused or scored as noise), and grpo_lag ran without critics
     for k in (1, 2):
