@@ -19,6 +19,7 @@ backward pass, and exports gather one parameter at a time onto rank 0 in the tra
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, fields
 
 import torch
@@ -134,8 +135,12 @@ class Learner:
         import deepspeed
 
         without_inference_shm_op()
+        # One rank: a file rendezvous. A TCP one binds the port master_address picked, which another
+        # process may take in between (EADDRINUSE seen after a node was lost); groups of several keep TCP.
+        alone = dict(init_method=f"file://{tempfile.mkdtemp(prefix='learner-rendezvous-')}/store", rank=0,
+                     world_size=1) if self.world_size == 1 else {}
         deepspeed.init_distributed(dist_backend="gloo" if self.settings.device == "cpu" else "nccl",
-                                   verbose=False)
+                                   verbose=False, **alone)
         torch.manual_seed(self.settings.seed + self.rank)
         ds = deepspeed_config({"per_device_batch_size": self.micro, "gradient_accumulation": self.accumulation,
                                "lr": self.settings.lr, "weight_decay": 0.0, "device": self.settings.device,
