@@ -370,12 +370,10 @@ def _run(ctx, kind: str) -> StageResult:
     source = fresh_pairs_stage(ctx.inputs)
     if source is not None:
         loop_config["policy_pairs"] = str(ctx.input(source, "policy_pairs"))
-    if warm_from and tc.train_backbone:
-        ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}; "
-                f"warm from {warm_from}")
-    elif tc.train_backbone:
-        ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}; "
-                f"backbone {backbone}, {'last-token' if tc.pooling == 'last' else 'mean-pooled'} score")
+    if tc.train_backbone:
+        start = f"warm from {warm_from}" if warm_from else \
+            f"backbone {backbone}, {'last-token' if tc.pooling == 'last' else 'mean-pooled'} score"
+        ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}; {start}")
     else:
         ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}; a linear probe of the frozen backbone {backbone} "
                 f"({tc.pooling}-pooled features, L-BFGS, L2 {tc.weight_decay:g})")
