@@ -19,14 +19,13 @@ backward pass, and exports gather one parameter at a time onto rank 0 in the tra
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, fields
 
 import torch
 
 from actors.experience import CriticMinibatch, PolicyMinibatch, SequenceBatch
 from actors.models import enable_gradient_checkpointing, import_ahead, response_logprobs, response_values, torch_dtype
-from cluster.deepspeed_setup import deepspeed_config, full_state_dict, gathered_parameters, without_inference_shm_op
+from cluster.deepspeed_setup import deepspeed_config, full_state_dict, gathered_parameters, join_alone, without_inference_shm_op
 from cluster.network import host_and_free_port
 from cluster.restarts import refuse_if_restarted
 from cluster.weight_sync import make_sender
@@ -121,6 +120,22 @@ class Learner:
     def reset(self, *args, **kwargs) -> None:
         self.__init__(*args, **kwargs)  # drops the engine (weights, optimizer state)
 
+    def run_fit(self, loop, loop_config: dict, storage_dir: str, name: str, threads: int, fault: str | None = None) -> None:
+        """A fit's worker loop (SFT, a reward or cost model: stages/common/fit_runner.py) in this
+        process, kept between stages, where Ray Train would start a controller and a worker process
+        for it: cluster.train.run_in_process, rank 0 of 1. Between a round's stages, so the learner
+        holds no engine meanwhile: the last round's is dropped first, and `reset` builds the next."""
+        import gc
+
+        from cluster.train import run_in_process
+
+        self.engine, self.hosted, self._zero3_config = None, {}, None
+        gc.collect()  # the last engine's weights and optimizer state, before the fit allocates its own
+        try:
+            run_in_process(loop, loop_config, storage_dir, name, self.settings.device, threads, fault)
+        finally:
+            gc.collect()  # the fit's engine, before the next stage loads its model here
+
     def master_address(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the group's rendezvous."""
         return host_and_free_port()
@@ -135,12 +150,10 @@ class Learner:
         import deepspeed
 
         without_inference_shm_op()
-        # One rank: a file rendezvous. A TCP one binds the port master_address picked, which another
-        # process may take in between (EADDRINUSE seen after a node was lost); groups of several keep TCP.
-        alone = dict(init_method=f"file://{tempfile.mkdtemp(prefix='learner-rendezvous-')}/store", rank=0,
-                     world_size=1) if self.world_size == 1 else {}
-        deepspeed.init_distributed(dist_backend="gloo" if self.settings.device == "cpu" else "nccl",
-                                   verbose=False, **alone)
+        if self.world_size == 1:  # a file rendezvous (join_alone); groups of several keep TCP
+            join_alone(self.settings.device)
+        else:
+            deepspeed.init_distributed(dist_backend="gloo" if self.settings.device == "cpu" else "nccl", verbose=False)
         torch.manual_seed(self.settings.seed + self.rank)
         ds = deepspeed_config({"per_device_batch_size": self.micro, "gradient_accumulation": self.accumulation,
                                "lr": self.settings.lr, "weight_decay": 0.0, "device": self.settings.device,

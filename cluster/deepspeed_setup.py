@@ -35,6 +35,26 @@ def without_inference_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def join_alone(device: str) -> None:
+    """Join a process group of one rank (rank 0 of 1), unless this process is in one already (a
+    kept learner's). Through a file rendezvous: a TCP one binds a port picked earlier, which another
+    process may take in between (EADDRINUSE seen after a node was lost)."""
+    import tempfile
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import os
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # what DeepSpeed reads of a launcher's
+    without_inference_shm_op()
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False, auto_mpi_discovery=False,
+                               init_method=f"file://{tempfile.mkdtemp(prefix='learner-rendezvous-')}/store",
+                               rank=0, world_size=1)
+
+
 def gathered_parameters(engine, remove_duplicate: bool = True):
     """(name, full tensor) per parameter of the engine's module. Under ZeRO-3 each is gathered in
     turn (a collective: every rank must iterate to the end) and the tensor is valid only until the

@@ -71,7 +71,7 @@ class ActorPool:
         else:
             for p, (name, _, _) in zip(parked, items):
                 if p is not None:
-                    _kill_and_wait(name, p[1])
+                    kill_and_wait(name, p[1])
             out = []
             try:
                 for _, _, create in items:
@@ -219,7 +219,7 @@ def _usable(handle, timeout_s: float | None) -> bool:
     return False
 
 
-def _kill_and_wait(name: str, handle, timeout_s: float = 30.0) -> None:
+def kill_and_wait(name: str, handle, timeout_s: float = 30.0) -> None:
     """Kill a parked actor and wait until Ray has released its name for the next one."""
     import ray
 

@@ -8,15 +8,23 @@ a worker crash (`FailureConfig`) or when the stage is resumed (same run name and
 Worker side: a stage describes its work as a `FitTask` (model, items, loss, eval, export);
 `fit` runs the loop. Checkpoint state (epoch, step within epoch, global step, history) is saved
 beside DeepSpeed's own checkpoint, so a restart continues the same trajectory.
+
+In a process of our own: `run_in_process` runs the same worker loop as rank 0 of 1 in the calling
+process (a learner kept between stages, stages/common/fit_runner.py), with no Ray Train controller
+or worker processes. Its `LocalSession` writes checkpoints as Ray Train lays them out
+(`<storage>/<name>/checkpoint_<time>`, the newest two kept) and restores the newest, whichever wrote it.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,24 +94,122 @@ class FitTask:
     log_path: Path | None = None  # rank 0 appends one JSON line per logged step/epoch
 
 
-def _report(engine, state: dict, metrics: dict, rank: int) -> None:
-    """Save a DeepSpeed checkpoint plus our loop state, and report it to Ray Train (all ranks)."""
-    import ray.train
+class RayTrainSession:
+    """Where `fit` runs by default: a Ray Train worker (its rank, device and checkpoints are Ray Train's)."""
 
+    def rank_world(self) -> tuple[int, int]:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self):
+        from ray.train.torch import get_device
+
+        return get_device()
+
+    @contextmanager
+    def latest_checkpoint(self):
+        """The directory of the checkpoint to restore, or None."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+    def report(self, metrics: dict, directory: str) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+class LocalSession:
+    """`fit` as rank 0 of 1 in a process of our own (`run_in_process`). Checkpoints are directories
+    `checkpoint_<time>` under `storage` (Ray Train's layout and names, so that each restores the
+    other's), written whole under a temporary name and renamed, the newest `keep` kept."""
+
+    def __init__(self, storage: Path, device: str, keep: int = 2):
+        self.storage, self.keep = Path(storage), keep
+        self._device = device
+
+    def rank_world(self) -> tuple[int, int]:
+        return 0, 1
+
+    def device(self):
+        import torch
+
+        return torch.device("cuda", torch.cuda.current_device()) if self._device == "cuda" else torch.device("cpu")
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(p for p in self.storage.glob("checkpoint_*") if p.is_dir() and (p / "loop_state.json").exists())
+
+    @contextmanager
+    def latest_checkpoint(self):
+        found = self.checkpoints()
+        yield found[-1] if found else None
+
+    def report(self, metrics: dict, directory: str) -> None:
+        self.storage.mkdir(parents=True, exist_ok=True)
+        final = self.storage / f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
+        partial = final.with_name(f".{final.name}.partial")
+        shutil.copytree(directory, partial)
+        os.rename(partial, final)  # a checkpoint is whole or absent, also when the process is killed here
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        print(f"fit checkpoint {final}, metrics={metrics}", flush=True)  # the live view's progress (pipeline/console.py)
+
+
+_SESSION: LocalSession | None = None  # set by run_in_process for the loop it runs
+
+
+def session() -> RayTrainSession | LocalSession:
+    return _SESSION or RayTrainSession()
+
+
+def run_in_process(loop: Callable[[dict], None], loop_config: dict, storage_dir: Path, name: str, device: str,
+                   threads: int, fault: str | None = None) -> None:
+    """Run `loop(loop_config)` here as rank 0 of 1, as `run_trainer` runs it on one Ray Train
+    worker: checkpoints under storage_dir/name (a run again continues from the newest), `threads`
+    torch threads (Ray Train's worker has its CPUs' worth), the process group of one rank joined
+    when it has none. fault: the SAFE_RLHF_FAULT test hook's value, which a kept process did not
+    start with. The previous threads and hook are restored after."""
+    global _SESSION
+    import torch
+
+    from cluster.deepspeed_setup import join_alone
+
+    join_alone(device)
+    threads_before, fault_before = torch.get_num_threads(), os.environ.pop(FAULT_ENV, None)
+    if fault:
+        os.environ[FAULT_ENV] = fault
+    torch.set_num_threads(threads)
+    _SESSION = LocalSession(Path(storage_dir) / name, device)
+    try:
+        loop({**loop_config, "run_name": name})
+    finally:
+        _SESSION = None
+        torch.set_num_threads(threads_before)
+        os.environ.pop(FAULT_ENV, None)
+        if fault_before is not None:
+            os.environ[FAULT_ENV] = fault_before
+
+
+def _report(engine, state: dict, metrics: dict, rank: int) -> None:
+    """Save a DeepSpeed checkpoint plus our loop state, and report it (Ray Train's or ours; all ranks)."""
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG)
         if rank == 0:
             Path(tmp, "loop_state.json").write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        session().report(metrics, tmp)
 
 
 def _restore(engine) -> dict | None:
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
+    with session().latest_checkpoint() as d:
+        if d is None:
+            return None
         engine.load_checkpoint(d, tag=CKPT_TAG)
         return json.loads(Path(d, "loop_state.json").read_text())
 
@@ -140,11 +246,9 @@ def _start_engine(task: FitTask, world: int, total_steps: int):
 
 def fit(task: FitTask) -> None:
     """The training loop of one worker: epochs of sharded micro-batches under DeepSpeed."""
-    import ray.train
     import torch
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session().rank_world()
     tc = task.tc
     torch.manual_seed(task.seed + rank)
     micro, accum = tc["per_device_batch_size"], tc["gradient_accumulation"]

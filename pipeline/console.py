@@ -149,8 +149,9 @@ class RunConsole:
 STAGE_LINE = re.compile(r"^\[[\d:]+\] (start|done|skip|FAIL|wait|resume)\s+(\S+?)(?::| in ([\d.]+)s| |$)")
 FINISHED = re.compile(r" \[(\d+)/(\d+), \d+m\d\ds\]")  # the driver's count on a done or skip line
 STEP_LINE = re.compile(r"\[(\S+)\] step (\d+)/(\d+) \((\d+)s\) ?(.*)$")
-# Ray Train's report of a fit's checkpoint (another program's line: a fit's progress, read where it is there)
-FIT_REPORT = re.compile(r"Reporting training result .*/stages/([^/]+)/ray_train/.*metrics=\{([^}]*)\}")
+# A fit's checkpoint report, Ray Train's or a kept learner's (cluster/train.py LocalSession; another
+# program's line: a fit's progress, read where it is there)
+FIT_REPORT = re.compile(r"(?:Reporting training result|fit checkpoint) .*/stages/([^/]+)/ray_train/.*metrics=\{([^}]*)\}")
 SYMBOL = {"pending": "[dim]·[/]", "running": "[yellow]▶[/]", "done": "[green]✓[/]", "skip": "[green]=[/]",
           "FAIL": "[red]✗[/]", "wait": "[magenta]…[/]", "resume": "[yellow]▶[/]"}
 

@@ -289,7 +289,7 @@ class Driver:
                            log=lambda msg, name=spec.name: log(f"  [{name}] {msg.strip()}"),
                            params=dict(spec.params),
                            report=lambda m: self._report(spec.name, fp, m),
-                           actor_pool=self.actor_pool)
+                           actor_pool=self.actor_pool, stopping=self._interrupted.is_set)
         try:
             result: StageResult = spec.load()(ctx)
         except StageWaiting as e:

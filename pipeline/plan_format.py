@@ -104,7 +104,8 @@ def format_plan(p: dict) -> str:
            "  bytes/param: weights and gradients 2 (bf16/fp16) or 4 (fp32); AdamW state 12 (fp32 master + 2 moments) "
            "or 8 (fp32: 2 moments)",
            f"GPU memory: {format(p['gpu_memory_gib'], 'g') + ' GiB per GPU' if p['gpu_memory_gib'] else 'not given'}",
-           "", "Ray Train fits (one at a time; each worker: model state per ZeRO shard, activations, logits, context)"]
+           "", "Fits (one at a time; each worker, Ray Train's or a kept learner's (runner auto): model state per ZeRO shard, "
+           "activations, logits, context)"]
     rows = [["stage", "workers", "device", "precision", "ZeRO", "CPUs", "GPUs", "model", "weights", "grads", "optim",
              "activ", "logits", "GiB/worker", "fits"]]
     for f in p["fits"]:

@@ -42,6 +42,8 @@ class StageContext:
     actor_prefix: str = ""
     # The driver's cluster.pool.ActorPool (safe_rlhf.keep_actors): actors kept between stages; None: none.
     actor_pool: ActorPool | None = None
+    # Whether the driver is stopping the run (Ctrl-C): an actor that dies now is not a fault to retry.
+    stopping: Callable[[], bool] = field(default=lambda: False)
 
     def latest(self, base: str) -> str:
         """The newest input stage named `base` or `base@k` (e.g. ingest@2 over ingest)."""

@@ -1,7 +1,8 @@
 """The `fit_reward` and `fit_cost` stages: score models on preference pairs, with the paper's losses.
 
 Both start from the SFT model (the critics of the Safe RLHF round start from them) and run as Ray
-Train `TorchTrainer` jobs with a DeepSpeed engine per worker (cluster/train.py).
+Train `TorchTrainer` jobs with a DeepSpeed engine per worker (cluster/train.py), or in the round's
+kept critic learners (stages/common/fit_runner.py, `reward.runner`, `cost.runner`).
 
 - reward: pairs with a `better_response_id`; loss `reward_pair_loss` (core/objectives).
 - cost: pairs with a `safer_response_id`; loss `cost_pair_loss`, with the sign terms on rows that
@@ -27,11 +28,12 @@ import json
 from pathlib import Path
 
 from actors.score_model import end_scores
-from cluster.train import FitTask, fit, gather_objects, rank_share, run_trainer
+from cluster.train import FitTask, fit, gather_objects, rank_share
 from core.files import read_jsonl
 from core.objectives import pair_accuracy, sign_accuracy
 from core.text import encode_conversation
 from stages.base import StageResult
+from stages.common.fit_runner import describe, kept_learner, run_fit
 from stages.common.linear_probe import fit_probe
 
 
@@ -200,7 +202,7 @@ def _scored(engine, rank: int, world: int, pairs: list[dict], score=score_pairs,
 
 
 def preference_loop(config: dict) -> None:
-    """One Ray Train worker of a reward or cost fit."""
+    """One worker of a reward or cost fit (Ray Train's, or a kept learner: stages/common/fit_runner.py)."""
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoTokenizer
@@ -370,12 +372,14 @@ def _run(ctx, kind: str) -> StageResult:
     source = fresh_pairs_stage(ctx.inputs)
     if source is not None:
         loop_config["policy_pairs"] = str(ctx.input(source, "policy_pairs"))
+    learner = kept_learner(ctx, tc, kind)
+    where = describe(learner, tc)
     if tc.train_backbone:
         start = f"warm from {warm_from}" if warm_from else \
             f"backbone {backbone}, {'last-token' if tc.pooling == 'last' else 'mean-pooled'} score"
-        ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}; {start}")
+        ctx.log(f"  {where}, {tc.device}, {tc.precision}, ZeRO-{tc.zero_stage}; {start}")
     else:
-        ctx.log(f"  Ray Train: {tc.num_workers} worker(s), {tc.device}; a linear probe of the frozen backbone {backbone} "
+        ctx.log(f"  {where}, {tc.device}; a linear probe of the frozen backbone {backbone} "
                 f"({tc.pooling}-pooled features, L-BFGS, L2 {tc.weight_decay:g})")
     if kind == "cost" and tc.per_category:
         import pyarrow.parquet as pq
@@ -385,7 +389,7 @@ def _run(ctx, kind: str) -> StageResult:
         ctx.log(f"  cost heads per category ({len(heads)}): {', '.join(heads) or 'none'}"
                 + (f"; on the shared head (under {tc.min_category_pairs} ranking pairs): "
                    + ", ".join(f"{c} ({n})" for c, n in rare.items()) if rare else ""))
-    run_trainer(preference_loop, loop_config, tc, ctx.out_dir / "ray_train", ctx.name.replace("@", "-"))
+    run_fit(ctx, learner, preference_loop, loop_config, tc, ctx.name.replace("@", "-"))
     end = [e for e in read_jsonl(log_path) if e["event"] == "end"][-1]
     history = end["history"]
     scores = json.loads(scores_path.read_text())

@@ -72,7 +72,7 @@ class IngestConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """Shared by SFT and the reward/cost fits: one Ray Train run of DeepSpeed workers."""
+    """Shared by SFT and the reward/cost fits: DeepSpeed workers, on Ray Train or in a kept learner (`runner`)."""
 
     num_workers: int = F(1, "Ray Train workers (data-parallel ranks).", ge=1)
     device: Device = F("cpu", "cpu: gloo backend; cuda: nccl backend, one GPU per worker.")
@@ -85,10 +85,11 @@ class TrainConfig(Strict):
     weight_decay: float = F(0.0, "AdamW weight decay.", ge=0)
     warmup_ratio: float = F(0.03, "Share of steps spent in linear warmup.", ge=0, lt=1)
     regularization: float = F(0.001, "Score-model L2 on scores: reg * mean(score^2) (paper's code: 0.001).", ge=0)
-    checkpoint_every_steps: int = F(50, "Report a checkpoint to Ray Train every this many optimizer steps.", ge=1, operational=True)
+    checkpoint_every_steps: int = F(50, "Report a checkpoint (to Ray Train, or a kept learner's own) every this many optimizer steps.", ge=1, operational=True)
     max_failures: int = F(1, "Worker crashes tolerated per run; each restarts from the last checkpoint.", ge=0, operational=True)
     cpus_per_worker: float = F(1.0, "CPUs reserved per worker.", gt=0, operational=True)
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass: the same gradients with the activation memory of one layer (for large models on GPUs; about a third more compute).", operational=True)
+    runner: Literal["auto", "ray_train"] = F("auto", "Where the fit's worker loop runs. auto: a one-worker fit runs in the learner the next round borrows (SFT in learner-policy-0, the reward and cost models in the critics' learners) when the driver keeps actors (safe_rlhf.keep_actors, on with device cpu): no Ray Train processes to start, the same loop, checkpoints and restarts (stages/common/fit_runner.py); else Ray Train. ray_train: always a Ray Train TorchTrainer.", operational=True)
 
     @property
     def reserved_cpus(self) -> float:

@@ -1,8 +1,10 @@
 """The `sft` stage: causal-LM fine-tuning on prompt + answer, prompt tokens masked out of the loss.
 
-Runs as a Ray Train `TorchTrainer` with a DeepSpeed engine per worker (cluster/train.py). In the
+Runs as a Ray Train `TorchTrainer` with a DeepSpeed engine per worker (cluster/train.py), or in
+the round's kept policy learner (stages/common/fit_runner.py, `sft.runner`). In the
 built-in world the demonstrations include harmful compliance, so the SFT model is helpful but
-unsafe, as Alpaca-7B was in the paper. A quick check in a rollout actor measures that with the
+unsafe, as Alpaca-7B was in the paper. A quick check in a rollout actor (the rounds' engine; the
+round's kept rollout-0 where the driver keeps actors) measures that with the
 oracle judge (one answer per held-out prompt: `check_harmful_rate`, `check_helpfulness`; the
 `evaluate` stage's figures are the reference), and writes fresh pairs of the model's own samples,
 labelled by the oracle, for the fits' `policy_accuracy`.
@@ -12,10 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.launch import RemoteEngine
-from cluster.train import FitTask, fit, gather_objects, run_trainer
+from cluster.train import FitTask, fit, gather_objects
 from core.files import read_jsonl, write_jsonl
 from core.text import encode_conversation
 from stages.base import StageResult
+from stages.common.fit_runner import describe, kept_learner, run_fit
 from stages.common.judging import answer, judge_with_oracle, oracle_policy_pairs, summarize
 from stages.common.model_actors import rollout_actor
 
@@ -23,7 +26,7 @@ EVAL_SHARE = 0.05  # last 5% of demonstrations: held-out loss
 
 
 def sft_loop(config: dict) -> None:
-    """One Ray Train worker."""
+    """One worker (Ray Train's, or a kept learner: stages/common/fit_runner.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,16 +87,18 @@ def run(ctx) -> StageResult:
     loop_config = {"base_model": str(base), "data": str(ctx.input("world", "sft")), "output_dir": str(out_model),
                    "log_path": str(log_path), "seed": cfg.seed, "train": cfg.sft.model_dump(),
                    "max_prompt_tokens": cfg.model.max_prompt_tokens, "max_answer_tokens": cfg.model.max_answer_tokens}
-    ctx.log(f"  Ray Train: {cfg.sft.num_workers} worker(s), {cfg.sft.device}, {cfg.sft.precision}, ZeRO-{cfg.sft.zero_stage}")
-    run_trainer(sft_loop, loop_config, cfg.sft, ctx.out_dir / "ray_train", "sft")
+    learner = kept_learner(ctx, cfg.sft, "sft")
+    ctx.log(f"  {describe(learner, cfg.sft)}, {cfg.sft.device}, {cfg.sft.precision}, ZeRO-{cfg.sft.zero_stage}")
+    run_fit(ctx, learner, sft_loop, loop_config, cfg.sft, "sft")
     end = [e for e in read_jsonl(log_path) if e["event"] == "end"][-1]
     history = end["history"]
 
     # The SFT policy, in a rollout actor: one answer per held-out prompt judged by the oracle, and
-    # fresh oracle-labelled pairs of its own samples.
+    # fresh oracle-labelled pairs of its own samples. The rounds' engine; with kept actors the
+    # round's own rollout-0, which round 1 then finds up with this model loaded.
     prompts = read_jsonl(ctx.input("world", "eval_prompts"))
     max_new = cfg.safe_rlhf.max_new_tokens
-    with rollout_actor(cfg, out_model, "sft-check-rollout", "hf", max_new) as actor:
+    with rollout_actor(cfg, out_model, "sft-check-rollout", cfg.safe_rlhf.engine, max_new, pool=ctx.actor_pool) as actor:
         engine = RemoteEngine(actor)
         rows = answer(engine, prompts, samples=1, max_new_tokens=max_new, seed=cfg.seed,
                       temperature=cfg.safe_rlhf.temperature)

@@ -82,4 +82,10 @@ def test_the_live_view_shows_each_stage_and_the_rounds_steps_from_the_drivers_li
     screen = Console(width=120, record=True, file=io.StringIO())
     screen.print(view)
     assert "fit_cost@2  epoch 1  global_step 89  train_loss 2.804  eval_loss 0.9469" in screen.export_text()
+    # and a kept learner's (cluster/train.py LocalSession.report)
+    view.read_other("\x1b[36m(Learner pid=2)\x1b[0m fit checkpoint /r/stages/fit_cost@2/ray_train/fit_cost-2/checkpoint_2026-12-06"
+                    "_03-00-00.000001, metrics={'global_step': 100, 'loss': 0.25}")
+    screen = Console(width=120, record=True, file=io.StringIO())
+    screen.print(view)
+    assert "fit_cost@2  epoch 1  global_step 100  loss 0.25" in screen.export_text()
     assert view.state["safe_rlhf@1"] == "done" and not view.steps

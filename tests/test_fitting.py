@@ -1,4 +1,5 @@
-"""SFT, reward and cost fitting on Ray Train + DeepSpeed: quality, metrics, faults and resume."""
+"""SFT, reward and cost fitting (in kept learners by default, or on Ray Train) with DeepSpeed: quality,
+metrics, faults and resume."""
 import json
 import os
 import shutil
@@ -96,20 +97,93 @@ def _copy_run(small_pipeline, tmp_path):
     return dst
 
 
-def test_crashed_worker_restarts_from_last_checkpoint(small_pipeline, tmp_path):
+def test_a_learner_killed_during_its_fit_is_replaced_and_goes_on_from_the_last_checkpoint(small_pipeline, ray_cluster, tmp_path):
+    """The default path (reward.runner auto, kept actors on CPU): the fit runs in the round's kept
+    critic learner. SIGKILLed from outside by its PID (Ray's actor table) once a checkpoint is
+    written, it is replaced by a new learner, which goes on from the newest checkpoint and trains
+    the same model as the uninterrupted fit."""
     run = _copy_run(small_pipeline, tmp_path)
-    env = {**os.environ, "SAFE_RLHF_FAULT": "fit_reward:25"}  # hard-exit the worker after step 25
+    ckpts = run / "stages" / "fit_reward" / "ray_train" / "fit_reward"
+    shutil.rmtree(ckpts)  # the copied run's: the fit below writes its own
+    before = {a["actor_id"] for a in ray_cluster.list_actors()}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--only-stage", "fit_reward"],
+                            cwd=REPO, env=ray_cluster.driver_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, pids = time.time() + 600, []
+        while not pids and time.time() < deadline:  # its PID first (the table is slow to ask), then the moment
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            pids = [int(a["pid"]) for a in ray_cluster.list_actors() if a["actor_id"] not in before
+                    and a["name"] == "learner-reward_critic-0" and a["state"] == "ALIVE"]
+        assert len(pids) == 1, pids
+        while time.time() < deadline and not list(ckpts.glob("checkpoint_*")):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        os.kill(pids[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "in the kept learner learner-reward_critic-0" in err and "learner-reward_critic-0 died during the fit" in err
+    m = manifest(run, "fit_reward")["metrics"]
+    uninterrupted = manifest(small_pipeline["run_dir"], "fit_reward")["metrics"]
+    assert m["restarts"] == 1 and len(m["resumed_from_steps"]) == 1 and m["resumed_from_steps"][0] % 10 == 0
+    assert m["global_step"] == uninterrupted["global_step"]  # and it finished the same number of steps
+    assert (m["eval_accuracy"], m["train_loss"]) == (uninterrupted["eval_accuracy"], uninterrupted["train_loss"])
+
+
+def test_ray_train_fits_the_same_model_as_a_kept_learner_and_restarts_a_crashed_worker(small_pipeline, tmp_path):
+    """reward.runner ray_train (operational: the fit's fingerprint is the same): the fit on a Ray
+    Train worker, crashed once at step 25, gives the model the kept learner gave, weight for weight."""
+    import yaml
+    from safetensors.torch import load_file
+
+    run = _copy_run(small_pipeline, tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["reward"]["runner"] = "ray_train"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "SAFE_RLHF_FAULT": "fit_reward:25"}
     proc = subprocess.run([sys.executable, "-m", "pipeline", "resume", "--run-dir", str(run), "--only-stage", "fit_reward"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Ray Train: 1 worker(s), cpu, fp32, ZeRO-0" in proc.stderr and "kept learner" not in proc.stderr
+    assert list((run / "stages" / "fit_reward" / "ray_train" / "fit_reward").glob("checkpoint_manager_snapshot*"))  # Ray Train's
     m = manifest(run, "fit_reward")["metrics"]
     before = manifest(small_pipeline["run_dir"], "fit_reward")["metrics"]
     assert m["restarts"] == 1
-    # Checkpoints every 10 steps; Ray Train registers a report asynchronously, so a crash soon after
-    # the step-20 report may restore step 10. From scratch would show no resumed step at all.
+    # Ray Train registers a report asynchronously, so a crash soon after the step-20 report may restore step 10
     assert m["resumed_from_steps"] in ([10], [20])
-    assert m["global_step"] == before["global_step"]  # and it finished the same number of steps
-    assert m["eval_accuracy"] > 0.75
+    assert {k: m[k] for k in ("global_step", "eval_accuracy", "policy_accuracy", "train_loss")} == \
+        {k: before[k] for k in ("global_step", "eval_accuracy", "policy_accuracy", "train_loss")}
+    ours, theirs = (load_file(r / "stages" / "fit_reward" / "model" / "model.safetensors")
+                    for r in (run, Path(small_pipeline["run_dir"])))
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+
+
+def test_local_session_checkpoints_are_whole_the_newest_two_and_restored_newest_first(tmp_path, capsys):
+    """cluster.train.LocalSession (a kept learner's fit): each report copies the checkpoint in under
+    a temporary name and renames it, keeps the newest two, and restores the newest with a loop state;
+    a half-written one (a process killed mid-copy) is never restored."""
+    from cluster.train import LocalSession
+
+    s = LocalSession(tmp_path / "fit_reward", "cpu")
+    with s.latest_checkpoint() as d:
+        assert d is None
+    for step in (10, 20, 30):
+        src = tmp_path / f"src{step}"
+        src.mkdir()
+        (src / "loop_state.json").write_text(json.dumps({"step": step}))
+        s.report({"global_step": step}, str(src))
+    kept = sorted(p.name for p in (tmp_path / "fit_reward").iterdir())
+    assert len(kept) == 2 and all(k.startswith("checkpoint_") for k in kept)
+    with s.latest_checkpoint() as d:
+        assert json.loads((d / "loop_state.json").read_text()) == {"step": 30}
+    (tmp_path / "fit_reward" / "checkpoint_9999-12-31_00-00-00.000000").mkdir()  # no loop state: partial
+    (tmp_path / "fit_reward" / ".checkpoint_9999-12-31_00-00-01.000000.partial").mkdir()
+    with s.latest_checkpoint() as d:
+        assert json.loads((d / "loop_state.json").read_text()) == {"step": 30}
+    assert "fit checkpoint " in capsys.readouterr().out  # the live view's progress line
+    assert s.rank_world() == (0, 1) and str(s.device()) == "cpu"
 
 
 def test_interrupted_fit_resumes_from_its_checkpoint(small_pipeline, tmp_path):

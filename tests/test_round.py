@@ -41,13 +41,16 @@ def test_round_runs_ppo_lagrangian_with_vllm_rollouts(small_pipeline):
     assert {"lambda", "episode_cost", "time_generate_mean", "time_setup", "round_restarts"} <= set(manifest["metrics"])
     # The round reports training figures only: harm is measured once, by `evaluate` (one name, one number).
     assert "harmful_rate" not in manifest["metrics"]
-    # The user's default (keep_actors on CPU): round 1's seven actors were started ahead, while the
-    # fits ran, and the round borrowed every one of them.
+    # The user's default (keep_actors on CPU): the three learners are the ones SFT and the fits ran
+    # in (reward/cost/sft.runner auto), rollout-0 the one SFT's check answered in, the three scorers
+    # were started ahead while the fits ran, and the round borrowed all seven.
     err = small_pipeline["proc"].stderr
-    assert (manifest["metrics"]["actors_started_ahead"], manifest["metrics"]["actors_kept"]) == (7, 0)
-    ahead = err.index("prestart safe_rlhf@1's actors (7, no models yet)")
+    assert (manifest["metrics"]["actors_started_ahead"], manifest["metrics"]["actors_kept"]) == (3, 4)
+    ahead = err.index("prestart safe_rlhf@1's actors (3, no models yet)")
     assert err.index("done  sft") < ahead < err.index("start safe_rlhf@1")
-    assert "(7 started ahead)" in err
+    assert "(4 kept from the last stage, 3 started ahead)" in err
+    for stage, learner in (("sft", "policy"), ("fit_reward", "reward_critic"), ("fit_cost", "cost_critic")):
+        assert f"[{stage}] in the kept learner learner-{learner}-0 (no Ray Train processes)" in err
 
 
 def test_lambda_moves_with_episode_cost_against_threshold(small_pipeline):

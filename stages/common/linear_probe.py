@@ -9,7 +9,8 @@ run the backbone once per epoch to approach the same minimum.
 
 It writes the same train log (`start`, one `epoch`, `end`) and calls the same `evaluate` and
 `export` as `cluster.train.fit`, so the stage reads both alike. It reports no checkpoint: after a
-worker crash Ray Train starts it again, and it recomputes the features.
+crash its worker (Ray Train's, or a kept learner's replacement) starts it again, and it recomputes
+the features.
 
 With `refit: warm` a probe saves its features (`save_to`), keyed by each pair's token ids, and the
 next round's refit reads them (`reuse_from`): the backbone is the same frozen one, so it computes
@@ -74,15 +75,13 @@ def fit_probe(task: FitTask, loss_of_scores, *, pad_id: int, reuse_from: str | N
               save_to: str | None = None) -> None:
     """The worker loop of a linear probe: features once, the head by L-BFGS, evaluate, export.
     reuse_from: an earlier probe's saved features (the same backbone); save_to: where rank 0 saves these."""
-    import ray.train
     import torch
-    from ray.train.torch import get_device
 
+    from cluster.train import session
     from core.objectives import fit_linear_head
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = get_device()
+    rank, world = session().rank_world()
+    device = session().device()
     model = task.model.to(device).eval()
     for p in model.backbone.parameters():
         p.requires_grad_(False)
