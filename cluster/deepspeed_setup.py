@@ -39,6 +39,7 @@ def join_alone(device: str) -> None:
     """Join a process group of one rank (rank 0 of 1), unless this process is in one already (a
     kept learner's). Through a file rendezvous: a TCP one binds a port picked earlier, which another
     process may take in between (EADDRINUSE seen after a node was lost)."""
+    import os
     import tempfile
 
     import deepspeed
@@ -46,8 +47,6 @@ def join_alone(device: str) -> None:
 
     if dist.is_initialized():
         return
-    import os
-
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # what DeepSpeed reads of a launcher's
     without_inference_shm_op()
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False, auto_mpi_discovery=False,

@@ -174,15 +174,15 @@ def run_in_process(loop: Callable[[dict], None], loop_config: dict, storage_dir:
     """Run `loop(loop_config)` here as rank 0 of 1, as `run_trainer` runs it on one Ray Train
     worker: checkpoints under storage_dir/name (a run again continues from the newest), `threads`
     torch threads (Ray Train's worker has its CPUs' worth), the process group of one rank joined
-    when it has none. fault: the SAFE_RLHF_FAULT test hook's value, which a kept process did not
-    start with. The previous threads and hook are restored after."""
+    when it has none. fault: the SAFE_RLHF_FAULT test hook's value for this loop (a kept process
+    did not start with the driver's environment). The previous threads are restored after."""
     global _SESSION
     import torch
 
     from cluster.deepspeed_setup import join_alone
 
     join_alone(device)
-    threads_before, fault_before = torch.get_num_threads(), os.environ.pop(FAULT_ENV, None)
+    threads_before = torch.get_num_threads()
     if fault:
         os.environ[FAULT_ENV] = fault
     torch.set_num_threads(threads)
@@ -193,8 +193,6 @@ def run_in_process(loop: Callable[[dict], None], loop_config: dict, storage_dir:
         _SESSION = None
         torch.set_num_threads(threads_before)
         os.environ.pop(FAULT_ENV, None)
-        if fault_before is not None:
-            os.environ[FAULT_ENV] = fault_before
 
 
 def _report(engine, state: dict, metrics: dict, rank: int) -> None:
